@@ -1,0 +1,99 @@
+//! `tasks.v1.Admin`.
+
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use super::{ServiceError, task_service::finish};
+use crate::{
+    domain::FieldViolation,
+    proto::tasks_v1::{CleanupRequest, CleanupResponse, admin_server::Admin},
+    storage::PgStore,
+};
+
+/// The longest `older_than` accepted: 100 years.
+const MAX_OLDER_THAN: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// The Admin implementation.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    store: PgStore,
+    retention: Duration,
+    batch_size: i64,
+}
+
+impl AdminApi {
+    /// Cleanup deletes in batches of `batch_size`; an unset `older_than`
+    /// means `retention`.
+    pub fn new(store: PgStore, retention: Duration, batch_size: i64) -> Self {
+        Self {
+            store,
+            retention,
+            batch_size: batch_size.max(1),
+        }
+    }
+
+    async fn cleanup(&self, request: CleanupRequest) -> Result<CleanupResponse, ServiceError> {
+        let older_than = match request.older_than {
+            None => self.retention,
+            Some(d) => duration(d)?,
+        };
+        tracing::Span::current().record(
+            "older_than",
+            humantime::format_duration(older_than).to_string(),
+        );
+        let deleted = self
+            .store
+            .delete_keys_older_than(older_than, self.batch_size)
+            .await?;
+        tracing::Span::current().record("deleted", deleted);
+        Ok(CleanupResponse {
+            deleted: i64::try_from(deleted).unwrap_or(i64::MAX),
+        })
+    }
+}
+
+fn duration(d: prost_types::Duration) -> Result<Duration, ServiceError> {
+    let invalid = |description: String| {
+        ServiceError::InvalidRequest(vec![FieldViolation {
+            field: "older_than".into(),
+            description,
+        }])
+    };
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err(invalid(format!(
+            "older_than is negative ({}s {}ns); send a positive duration or leave it unset for the retention",
+            d.seconds, d.nanos
+        )));
+    }
+    if d.nanos >= 1_000_000_000 {
+        return Err(invalid(format!(
+            "older_than has {} nanos; at most 999999999 are allowed",
+            d.nanos
+        )));
+    }
+    let value = Duration::new(d.seconds as u64, d.nanos as u32);
+    if value > MAX_OLDER_THAN {
+        return Err(invalid("older_than is longer than 100 years".into()));
+    }
+    Ok(value)
+}
+
+#[tonic::async_trait]
+impl Admin for AdminApi {
+    #[tracing::instrument(
+        name = "Cleanup",
+        skip_all,
+        fields(rpc.method = "Cleanup", outcome, older_than, deleted)
+    )]
+    async fn cleanup(
+        &self,
+        request: Request<CleanupRequest>,
+    ) -> Result<Response<CleanupResponse>, Status> {
+        let result = AdminApi::cleanup(self, request.into_inner()).await;
+        if result.is_ok() {
+            tracing::Span::current().record("outcome", "ok");
+        }
+        finish(result.map(Response::new))
+    }
+}

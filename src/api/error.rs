@@ -1,0 +1,143 @@
+//! The service error and its one mapping to `tonic::Status`.
+
+use std::{collections::HashMap, time::Duration};
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::{domain::FieldViolation, idempotency::KeyError, storage::StorageError};
+
+/// The `domain` of every `ErrorInfo` oncely returns.
+pub const ERROR_DOMAIN: &str = "oncely";
+
+/// How long a caller is asked to wait before retrying a request whose key is
+/// still in use.
+pub const IN_PROGRESS_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// Everything an RPC can fail with. Each variant has one gRPC code.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// CreateTask without `idempotency-key` metadata.
+    #[error(
+        "the idempotency-key request metadata is required: generate a UUID v4 before the first attempt and send it on every retry"
+    )]
+    KeyMissing,
+    /// A malformed key.
+    #[error("{0}")]
+    KeyInvalid(#[from] KeyError),
+    /// A request that breaks the field rules.
+    #[error("the request is invalid: {}", summary(.0))]
+    InvalidRequest(Vec<FieldViolation>),
+    /// The key was used before with a different request.
+    #[error(
+        "this idempotency-key was already used with a different request; use a new key for a new request"
+    )]
+    KeyReused,
+    /// Another request with the same key is still running.
+    #[error(
+        "a request with this idempotency-key is still in progress; retry with the same key shortly"
+    )]
+    InProgress,
+    /// The thing asked for does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The database cannot be reached or is failing.
+    #[error("the service is temporarily unavailable; retry with the same idempotency-key")]
+    Unavailable(#[source] StorageError),
+    /// A bug or corrupt data.
+    #[error("internal error")]
+    Internal(#[source] StorageError),
+}
+
+fn summary(violations: &[FieldViolation]) -> String {
+    violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl ServiceError {
+    /// The outcome recorded in the RPC's span.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::KeyMissing | Self::KeyInvalid(_) | Self::InvalidRequest(_) => "invalid",
+            Self::KeyReused => "mismatch",
+            Self::InProgress => "in_progress",
+            Self::NotFound(_) => "not_found",
+            Self::Unavailable(_) => "unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<StorageError> for ServiceError {
+    fn from(error: StorageError) -> Self {
+        match error {
+            StorageError::LockTimeout(_) => Self::InProgress,
+            StorageError::Unavailable(_) => Self::Unavailable(error),
+            StorageError::Internal(_) | StorageError::Corrupt(_) => Self::Internal(error),
+        }
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(error: ServiceError) -> Self {
+        let message = error.to_string();
+        let info = |reason: &str| {
+            ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::<String, String>::new())
+        };
+        match error {
+            ServiceError::KeyMissing => Status::with_error_details(
+                Code::InvalidArgument,
+                message,
+                info("IDEMPOTENCY_KEY_MISSING"),
+            ),
+            ServiceError::KeyInvalid(_) => {
+                let mut details = info("IDEMPOTENCY_KEY_INVALID");
+                details.add_bad_request_violation("idempotency-key", message.clone());
+                Status::with_error_details(Code::InvalidArgument, message, details)
+            }
+            ServiceError::InvalidRequest(violations) => {
+                let mut details = info("INVALID_REQUEST");
+                for v in violations {
+                    details.add_bad_request_violation(v.field, v.description);
+                }
+                Status::with_error_details(Code::InvalidArgument, message, details)
+            }
+            ServiceError::KeyReused => Status::with_error_details(
+                Code::FailedPrecondition,
+                message,
+                info("IDEMPOTENCY_KEY_REUSED"),
+            ),
+            ServiceError::InProgress => {
+                let mut details = info("IDEMPOTENCY_REQUEST_IN_PROGRESS");
+                details.set_retry_info(Some(IN_PROGRESS_RETRY_DELAY));
+                Status::with_error_details(Code::Aborted, message, details)
+            }
+            ServiceError::NotFound(_) => Status::not_found(message),
+            ServiceError::Unavailable(source) => {
+                tracing::warn!(error = %chain(&source), "database unavailable");
+                let mut details = info("DATABASE_UNAVAILABLE");
+                details.set_retry_info(Some(IN_PROGRESS_RETRY_DELAY));
+                Status::with_error_details(Code::Unavailable, message, details)
+            }
+            ServiceError::Internal(source) => {
+                tracing::error!(error = %chain(&source), "internal error");
+                Status::internal(message)
+            }
+        }
+    }
+}
+
+/// An error and all its causes on one line.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,93 @@
+//! The interceptor that reads `idempotency-key` before any work is done.
+//!
+//! It is a tower layer rather than a `tonic::Interceptor` because only
+//! CreateTask needs a key: GetTask and ListTasks ignore it, and a tonic
+//! interceptor cannot see which method is called.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use tonic::{Status, body::Body, server::NamedService};
+use tower::{Layer, Service};
+
+use super::ServiceError;
+use crate::idempotency::{IdempotencyKey, KeyError};
+
+/// The request metadata that carries the key.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+
+/// The methods that need a key, by HTTP/2 path.
+const KEYED_PATHS: &[&str] = &["/tasks.v1.TaskService/CreateTask"];
+
+/// Adds [`RequireIdempotencyKey`] around a service.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequireIdempotencyKeyLayer;
+
+impl<S> Layer<S> for RequireIdempotencyKeyLayer {
+    type Service = RequireIdempotencyKey<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequireIdempotencyKey { inner }
+    }
+}
+
+/// For keyed methods, parses `idempotency-key` into an [`IdempotencyKey`] in
+/// the request's extensions, or answers INVALID_ARGUMENT without calling the
+/// service.
+#[derive(Debug, Clone)]
+pub struct RequireIdempotencyKey<S> {
+    inner: S,
+}
+
+impl<S: NamedService> NamedService for RequireIdempotencyKey<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> Service<http::Request<B>> for RequireIdempotencyKey<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        if KEYED_PATHS.contains(&request.uri().path()) {
+            match key_from_headers(request.headers()) {
+                Ok(key) => {
+                    request.extensions_mut().insert(key);
+                }
+                Err(error) => {
+                    tracing::info!(
+                        rpc.method = request.uri().path(),
+                        outcome = error.outcome(),
+                        error = %error,
+                        "request refused"
+                    );
+                    let response = Status::from(error).into_http();
+                    return Box::pin(async move { Ok(response) });
+                }
+            }
+        }
+        Box::pin(self.inner.call(request))
+    }
+}
+
+fn key_from_headers(headers: &http::HeaderMap) -> Result<IdempotencyKey, ServiceError> {
+    let values = headers.get_all(IDEMPOTENCY_KEY_HEADER);
+    let first = values.iter().next().ok_or(ServiceError::KeyMissing)?;
+    // Two keys leave it ambiguous which one the client reuses on retry.
+    let count = values.iter().count();
+    if count > 1 {
+        return Err(KeyError::Repeated(count).into());
+    }
+    Ok(IdempotencyKey::parse(first.as_bytes())?)
+}

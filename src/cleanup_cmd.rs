@@ -1,0 +1,83 @@
+//! `oncely cleanup`: asks a running server to delete expired idempotency
+//! records, prints one summary line, and exits non-zero on failure.
+
+use std::time::Duration;
+
+use clap::Args;
+use tonic::transport::Endpoint;
+
+use crate::proto::tasks_v1::{CleanupRequest, admin_client::AdminClient};
+
+/// The cleanup subcommand's flags.
+#[derive(Debug, Clone, Args)]
+pub struct CleanupArgs {
+    /// The server to call.
+    #[arg(long, env = "ONCELY_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+    /// Delete records older than this, such as 24h; the server's retention
+    /// when unset.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub older_than: Option<Duration>,
+    /// Give up after this long.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// Why cleanup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    /// The server address is not a valid URI.
+    #[error("invalid server address {0:?}")]
+    Address(String),
+    /// The server could not be reached.
+    #[error("cannot connect to {server}: {source}")]
+    Connect {
+        /// The address.
+        server: String,
+        /// The cause.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The server answered with an error.
+    #[error("the server refused: {code:?}: {message}", code = .0.code(), message = .0.message())]
+    Rpc(tonic::Status),
+    /// No answer within the timeout.
+    #[error("no answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+}
+
+/// Runs cleanup and returns how many records were deleted.
+pub async fn run(args: &CleanupArgs) -> Result<i64, CleanupError> {
+    let server = if args.server.contains("://") {
+        args.server.clone()
+    } else {
+        format!("http://{}", args.server)
+    };
+    let endpoint = Endpoint::from_shared(server.clone())
+        .map_err(|_| CleanupError::Address(args.server.clone()))?
+        .connect_timeout(args.timeout.min(Duration::from_secs(10)))
+        .timeout(args.timeout);
+    let call = async {
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|source| CleanupError::Connect {
+                server: server.clone(),
+                source,
+            })?;
+        let request = CleanupRequest {
+            older_than: args.older_than.map(|d| prost_types::Duration {
+                seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                nanos: d.subsec_nanos() as i32,
+            }),
+        };
+        AdminClient::new(channel)
+            .cleanup(request)
+            .await
+            .map(|response| response.into_inner().deleted)
+            .map_err(CleanupError::Rpc)
+    };
+    tokio::time::timeout(args.timeout, call)
+        .await
+        .map_err(|_| CleanupError::Timeout(args.timeout))?
+}

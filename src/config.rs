@@ -1,0 +1,193 @@
+//! Configuration from flags and environment variables.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{cleanup_cmd::CleanupArgs, domain::Limits, storage::DatabaseSettings};
+
+/// The database used when `DATABASE_URL` is unset: the local PostgreSQL.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/oncely";
+
+/// oncely: idempotent task creation for agents that retry.
+#[derive(Debug, Parser)]
+#[command(name = "oncely", version, about, long_about = None)]
+pub struct Cli {
+    /// Server settings, used when no subcommand is given.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// What to do; serving when none is given.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the gRPC API (the default).
+    Serve,
+    /// Ask a running server to delete expired idempotency records (for cron).
+    Cleanup(CleanupArgs),
+}
+
+/// The server's flags; each can also be set by the environment variable
+/// named beside it.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// PostgreSQL URL; the database is created if it does not exist.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true, hide_default_value = false)]
+    pub database_url: String,
+    /// Address to listen on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:50051")]
+    pub listen_addr: SocketAddr,
+    /// How long a key is remembered, such as 24h or 90s; older records are
+    /// treated as absent and deleted by cleanup.
+    #[arg(long, env = "IDEMPOTENCY_RETENTION", default_value = "24h", value_parser = positive_duration)]
+    pub idempotency_retention: Duration,
+    /// How long a request waits for a concurrent request with the same key
+    /// before answering ABORTED.
+    #[arg(long, env = "IN_FLIGHT_WAIT", default_value = "5s", value_parser = positive_duration)]
+    pub in_flight_wait: Duration,
+    /// The most database connections.
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub db_pool_size: u32,
+    /// How long a request waits for a database connection before answering
+    /// UNAVAILABLE.
+    #[arg(long, env = "DB_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = positive_duration)]
+    pub db_acquire_timeout: Duration,
+    /// Create the database if it does not exist (true or false).
+    #[arg(long, env = "CREATE_DATABASE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub create_database: bool,
+    /// The largest request message accepted, in bytes.
+    #[arg(long, env = "MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u32).range(1024..))]
+    pub max_request_bytes: u32,
+    /// The largest `parameters` accepted, in bytes of canonical JSON.
+    #[arg(long, env = "MAX_PARAMETERS_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(2..))]
+    pub max_parameters_bytes: u32,
+    /// How many records cleanup deletes per transaction.
+    #[arg(long, env = "CLEANUP_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub cleanup_batch_size: u32,
+    /// How often health checks ask the database whether it answers.
+    #[arg(long, env = "HEALTH_CHECK_INTERVAL", default_value = "1s", value_parser = positive_duration)]
+    pub health_check_interval: Duration,
+    /// How long shutdown waits for in-flight requests before exiting anyway.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = positive_duration)]
+    pub shutdown_grace: Duration,
+}
+
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text)
+        .map_err(|e| format!("{e}; write a duration such as 24h, 90s or 500ms"))?;
+    if duration.is_zero() {
+        return Err("the duration must be longer than zero".into());
+    }
+    Ok(duration)
+}
+
+/// Everything the server needs, resolved from [`ServeArgs`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where to listen (used by [`crate::run`]; [`crate::serve`] takes a bound
+    /// listener instead).
+    pub listen_addr: SocketAddr,
+    /// The database.
+    pub database: DatabaseSettings,
+    /// Key records older than this are treated as absent.
+    pub retention: Duration,
+    /// Request field limits.
+    pub limits: Limits,
+    /// The largest request message, in bytes.
+    pub max_request_bytes: usize,
+    /// Cleanup's batch size.
+    pub cleanup_batch_size: i64,
+    /// The health check period.
+    pub health_check_interval: Duration,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace: Duration,
+}
+
+impl From<ServeArgs> for Settings {
+    fn from(args: ServeArgs) -> Self {
+        Self {
+            listen_addr: args.listen_addr,
+            database: DatabaseSettings {
+                url: args.database_url,
+                max_connections: args.db_pool_size,
+                acquire_timeout: args.db_acquire_timeout,
+                in_flight_wait: args.in_flight_wait,
+                create_database: args.create_database,
+            },
+            retention: args.idempotency_retention,
+            limits: Limits {
+                max_parameters_bytes: args.max_parameters_bytes as usize,
+            },
+            max_request_bytes: args.max_request_bytes as usize,
+            cleanup_batch_size: i64::from(args.cleanup_batch_size),
+            health_check_interval: args.health_check_interval,
+            shutdown_grace: args.shutdown_grace,
+        }
+    }
+}
+
+impl Settings {
+    /// The defaults, as if no flag or variable were set, with `database_url`.
+    pub fn with_database_url(database_url: impl Into<String>) -> Self {
+        let mut args = Cli::parse_from(["oncely"]).serve;
+        args.database_url = database_url.into();
+        args.into()
+    }
+}
+
+/// A database URL with its password replaced by `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://app:s3cr:et@db:5432/oncely?sslmode=require"),
+            "postgres://app:***@db:5432/oncely?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://app@db/oncely"),
+            "postgres://app@db/oncely"
+        );
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn settings_debug_output_holds_no_password() {
+        let settings = Settings::with_database_url("postgres://app:hunter2@db/oncely");
+        assert!(!format!("{settings:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn durations_are_human() {
+        assert_eq!(positive_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(positive_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert!(positive_duration("0s").is_err());
+        assert!(positive_duration("soon").is_err());
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

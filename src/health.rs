@@ -1,0 +1,49 @@
+//! Health that reflects reality: SERVING only while the database answers.
+
+use std::time::Duration;
+
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::storage::PgStore;
+
+/// The names whose status is reported: the whole server and each service.
+pub const SERVICES: &[&str] = &["", "tasks.v1.TaskService", "tasks.v1.Admin"];
+
+/// Sets every name in [`SERVICES`] to `status`.
+pub async fn set_all(reporter: HealthReporter, status: ServingStatus) {
+    for name in SERVICES.iter().copied() {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Pings the database every `interval` and reports SERVING or NOT_SERVING.
+/// Runs until aborted.
+pub async fn watch_database(store: PgStore, reporter: HealthReporter, interval: Duration) {
+    let timeout = interval.max(Duration::from_secs(1));
+    let mut last = None;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let status = match tokio::time::timeout(timeout, store.ping()).await {
+            Ok(Ok(())) => ServingStatus::Serving,
+            Ok(Err(error)) => {
+                if last != Some(ServingStatus::NotServing) {
+                    tracing::warn!(error = %crate::api::chain(&error), "database health check failed");
+                }
+                ServingStatus::NotServing
+            }
+            Err(_) => {
+                if last != Some(ServingStatus::NotServing) {
+                    tracing::warn!(?timeout, "database health check timed out");
+                }
+                ServingStatus::NotServing
+            }
+        };
+        if last != Some(status) {
+            tracing::info!(status = ?status, "health changed");
+            set_all(reporter.clone(), status).await;
+            last = Some(status);
+        }
+    }
+}

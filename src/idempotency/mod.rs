@@ -1,0 +1,113 @@
+//! The idempotency domain: keys, fingerprints, and the decision between
+//! creating, replaying and refusing.
+//!
+//! The flow for a keyed CreateTask:
+//! 1. One indexed read of the key (and the database clock). A live record
+//!    answers at once: the stored response when the fingerprints match (a
+//!    replay, no write), a refusal when they differ.
+//! 2. Otherwise one statement claims the key and inserts the task together.
+//!    If a concurrent request claimed the key first, the statement waits for
+//!    that request's outcome and writes nothing; the read is then repeated
+//!    and answers as a retry would.
+
+pub mod canonical_json;
+mod fingerprint;
+mod key;
+
+use std::time::Duration;
+
+use prost::Message;
+use uuid::Uuid;
+
+pub use fingerprint::Fingerprint;
+pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
+
+use crate::{
+    domain::{NewTask, json_to_struct},
+    proto::tasks_v1::{Task, TaskStatus},
+    storage::{ClaimOutcome, NewKeyedTask, PgStore, StorageError},
+};
+
+/// The scope of keys sent to CreateTask: its full gRPC method name.
+pub const CREATE_TASK_SCOPE: &str = "tasks.v1.TaskService/CreateTask";
+
+/// How often a request re-reads after losing a claim race before it reports
+/// contention. Losing twice in a row needs cleanup deleting the winner's
+/// record between two statements.
+const MAX_CLAIM_ATTEMPTS: usize = 3;
+
+/// What an idempotent create came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The key was new: this task was created and its response stored.
+    Created(Task),
+    /// The key was used before with the same request: the stored response.
+    Replayed(Vec<u8>),
+    /// The key was used before with a different request.
+    Mismatch,
+    /// The key kept changing hands; the caller should retry shortly.
+    Contended,
+}
+
+impl Outcome {
+    /// The outcome's name in logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Created(_) => "created",
+            Outcome::Replayed(_) => "replayed",
+            Outcome::Mismatch => "mismatch",
+            Outcome::Contended => "in_progress",
+        }
+    }
+}
+
+/// Creates the task for `key` exactly once, or answers as the first request
+/// with that key was answered.
+pub async fn create_task(
+    store: &PgStore,
+    key: &IdempotencyKey,
+    task: &NewTask,
+    retention: Duration,
+) -> Result<Outcome, StorageError> {
+    let fingerprint = Fingerprint::of_new_task(CREATE_TASK_SCOPE, task);
+    for _ in 0..MAX_CLAIM_ATTEMPTS {
+        let lookup = store
+            .find_key(CREATE_TASK_SCOPE, key.as_str(), retention)
+            .await?;
+        if let Some(stored) = lookup.record {
+            return Ok(if stored.fingerprint == fingerprint.as_bytes() {
+                Outcome::Replayed(stored.response)
+            } else {
+                Outcome::Mismatch
+            });
+        }
+
+        let task_id = Uuid::new_v4();
+        let response = Task {
+            task_id: task_id.to_string(),
+            agent_id: task.agent_id.clone(),
+            action: task.action.clone(),
+            parameters: Some(json_to_struct(&task.parameters)),
+            status: TaskStatus::Queued as i32,
+            create_time: Some(crate::api::timestamp(lookup.now)),
+            result: None,
+        };
+        let encoded = response.encode_to_vec();
+        let claim = NewKeyedTask {
+            scope: CREATE_TASK_SCOPE,
+            key: key.as_str(),
+            fingerprint: &fingerprint,
+            task,
+            task_id,
+            status: TaskStatus::Queued as i16,
+            create_time: lookup.now,
+            response: &encoded,
+            retention,
+        };
+        match store.claim_key_and_insert_task(&claim).await? {
+            ClaimOutcome::Claimed => return Ok(Outcome::Created(response)),
+            ClaimOutcome::AlreadyClaimed => continue,
+        }
+    }
+    Ok(Outcome::Contended)
+}

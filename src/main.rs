@@ -1,0 +1,37 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use oncely::{
+    api::chain,
+    cleanup_cmd,
+    config::{Cli, Command},
+};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    oncely::telemetry::init();
+    match cli.command {
+        None | Some(Command::Serve) => match oncely::run(cli.serve.into()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                tracing::error!(error = %chain(&error), "oncely stopped");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Cleanup(args)) => match cleanup_cmd::run(&args).await {
+            Ok(deleted) => {
+                let scope = match args.older_than {
+                    Some(d) => format!("older than {}", humantime::format_duration(d)),
+                    None => "older than the server's retention".to_owned(),
+                };
+                println!("oncely cleanup: deleted {deleted} idempotency records {scope}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("oncely cleanup: failed: {}", chain(&error));
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

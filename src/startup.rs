@@ -1,0 +1,177 @@
+//! Wiring: connect the store, build the services, serve until shutdown.
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tower::Layer;
+
+use crate::{
+    api::{AdminApi, RequireIdempotencyKeyLayer, TaskApi},
+    config::{Settings, redact_url},
+    health,
+    proto::{
+        FILE_DESCRIPTOR_SET,
+        tasks_v1::{admin_server::AdminServer, task_service_server::TaskServiceServer},
+    },
+    storage::{PgStore, StorageError},
+};
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database could not be prepared.
+    #[error("cannot prepare the database at {url}")]
+    Database {
+        /// The redacted URL.
+        url: String,
+        /// The cause.
+        #[source]
+        source: StorageError,
+    },
+    /// Reflection could not load the descriptors.
+    #[error("cannot build server reflection")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("the gRPC server failed")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Binds `settings.listen_addr` and serves until SIGTERM or SIGINT.
+pub async fn run(settings: Settings) -> Result<(), StartupError> {
+    let addr = settings.listen_addr;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartupError::Bind { addr, source })?;
+    serve(listener, settings, shutdown_signal()).await
+}
+
+/// Serves on an already-bound listener until `shutdown` completes; then
+/// reports NOT_SERVING, stops accepting and finishes in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartupError> {
+    let store = PgStore::connect(&settings.database)
+        .await
+        .map_err(|source| StartupError::Database {
+            url: redact_url(&settings.database.url),
+            source,
+        })?;
+    tracing::info!(
+        store = "postgres",
+        url = %redact_url(&settings.database.url),
+        "database ready"
+    );
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    health::set_all(reporter.clone(), ServingStatus::NotServing).await;
+    let watcher = tokio::spawn(health::watch_database(
+        store.clone(),
+        reporter.clone(),
+        settings.health_check_interval,
+    ));
+
+    let watcher_abort = watcher.abort_handle();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let tasks = TaskServiceServer::new(TaskApi::new(
+        store.clone(),
+        settings.retention,
+        settings.limits,
+    ))
+    .max_decoding_message_size(settings.max_request_bytes);
+    let admin = AdminServer::new(AdminApi::new(
+        store,
+        settings.retention,
+        settings.cleanup_batch_size,
+    ))
+    .max_decoding_message_size(settings.max_request_bytes);
+
+    match listener.local_addr() {
+        Ok(addr) => tracing::info!(%addr, "serving tasks.v1.TaskService and tasks.v1.Admin"),
+        Err(error) => tracing::warn!(%error, "serving on a listener without a local address"),
+    }
+    // Signalled when shutdown starts, to bound how long in-flight requests
+    // (and endless streams such as Health/Watch) may hold the exit.
+    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(RequireIdempotencyKeyLayer.layer(tasks))
+        .add_service(admin)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            watcher_abort.abort();
+            health::set_all(reporter, ServingStatus::NotServing).await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            let _ = draining_tx.send(());
+        });
+    let grace = settings.shutdown_grace;
+    let deadline = async move {
+        if draining_rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = tokio::select! {
+        result = server => result,
+        () = deadline => {
+            tracing::warn!(?grace, "requests still open after the shutdown grace period; stopping anyway");
+            Ok(())
+        }
+    };
+    watcher.abort();
+    result?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("received SIGINT"),
+        () = terminate => tracing::info!("received SIGTERM"),
+    }
+}

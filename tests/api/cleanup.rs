@@ -1,0 +1,215 @@
+//! Retention and Cleanup.
+
+use std::time::Duration;
+
+use oncely::proto::tasks_v1::CleanupRequest;
+use tonic::Code;
+
+use crate::helpers::{
+    TestApp, TestDb, assert_status, email_request, new_key, replayed, test_settings,
+    violated_fields,
+};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn older_than(d: Duration) -> CleanupRequest {
+    CleanupRequest {
+        older_than: Some(prost_types::Duration {
+            seconds: d.as_secs() as i64,
+            nanos: 0,
+        }),
+    }
+}
+
+#[tokio::test]
+async fn cleanup_deletes_only_older_records_and_never_tasks() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    let old_key = new_key();
+    app.create(Some(&old_key), email_request())
+        .await
+        .expect("create");
+    db.age_keys(2 * HOUR).await;
+    let fresh_key = new_key();
+    app.create(Some(&fresh_key), email_request())
+        .await
+        .expect("create");
+
+    let response = app
+        .admin
+        .clone()
+        .cleanup(older_than(HOUR))
+        .await
+        .expect("cleanup");
+
+    assert_eq!(response.into_inner().deleted, 1);
+    let left: Vec<String> = sqlx::query_scalar("SELECT key FROM idempotency_keys")
+        .fetch_all(&db.pool)
+        .await
+        .expect("keys");
+    assert_eq!(left, [fresh_key]);
+    assert_eq!(db.count("tasks").await, 2);
+}
+
+#[tokio::test]
+async fn a_deleted_key_executes_afresh() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    let key = new_key();
+    let first = app
+        .create(Some(&key), email_request())
+        .await
+        .expect("create")
+        .into_inner();
+
+    let deleted = app
+        .admin
+        .clone()
+        .cleanup(older_than(Duration::ZERO))
+        .await
+        .expect("cleanup")
+        .into_inner()
+        .deleted;
+    let again = app
+        .create(Some(&key), email_request())
+        .await
+        .expect("create again");
+
+    assert_eq!(deleted, 1);
+    assert_eq!(replayed(&again), Some("false"));
+    assert_ne!(again.into_inner().task_id, first.task_id);
+    assert_eq!(db.count("tasks").await, 2);
+}
+
+#[tokio::test]
+async fn cleanup_works_in_batches_until_all_old_records_are_gone() {
+    let db = TestDb::new().await;
+    let mut settings = test_settings(&db.url);
+    settings.cleanup_batch_size = 2;
+    let app = TestApp::spawn_with(settings).await;
+    for _ in 0..5 {
+        app.create(Some(&new_key()), email_request())
+            .await
+            .expect("create");
+    }
+    db.age_keys(2 * HOUR).await;
+
+    let deleted = app
+        .admin
+        .clone()
+        .cleanup(older_than(HOUR))
+        .await
+        .expect("cleanup")
+        .into_inner()
+        .deleted;
+
+    assert_eq!(deleted, 5);
+    assert_eq!(db.count("idempotency_keys").await, 0);
+}
+
+#[tokio::test]
+async fn cleanup_without_older_than_uses_the_retention() {
+    let db = TestDb::new().await;
+    let mut settings = test_settings(&db.url);
+    settings.retention = 3 * HOUR;
+    let app = TestApp::spawn_with(settings).await;
+    app.create(Some(&new_key()), email_request())
+        .await
+        .expect("create");
+    db.age_keys(2 * HOUR).await;
+    app.create(Some(&new_key()), email_request())
+        .await
+        .expect("create");
+    db.age_keys(2 * HOUR).await;
+
+    let deleted = app
+        .admin
+        .clone()
+        .cleanup(CleanupRequest { older_than: None })
+        .await
+        .expect("cleanup")
+        .into_inner()
+        .deleted;
+
+    assert_eq!(deleted, 1, "only the record aged 4h is past a 3h retention");
+    assert_eq!(db.count("idempotency_keys").await, 1);
+}
+
+#[tokio::test]
+async fn a_negative_older_than_is_invalid() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    app.create(Some(&new_key()), email_request())
+        .await
+        .expect("create");
+
+    let status = assert_status(
+        app.admin
+            .clone()
+            .cleanup(CleanupRequest {
+                older_than: Some(prost_types::Duration {
+                    seconds: -60,
+                    nanos: 0,
+                }),
+            })
+            .await,
+        Code::InvalidArgument,
+        Some("INVALID_REQUEST"),
+    );
+
+    assert_eq!(violated_fields(&status), ["older_than"]);
+    assert_eq!(db.count("idempotency_keys").await, 1);
+}
+
+#[tokio::test]
+async fn a_record_older_than_the_retention_is_treated_as_absent_before_cleanup() {
+    let db = TestDb::new().await;
+    let mut settings = test_settings(&db.url);
+    settings.retention = HOUR;
+    let app = TestApp::spawn_with(settings).await;
+    let key = new_key();
+    let first = app
+        .create(Some(&key), email_request())
+        .await
+        .expect("create")
+        .into_inner();
+    db.age_keys(2 * HOUR).await;
+
+    let again = app
+        .create(Some(&key), email_request())
+        .await
+        .expect("executes afresh");
+    let retry = app
+        .create(Some(&key), email_request())
+        .await
+        .expect("replays the new task");
+
+    assert_eq!(replayed(&again), Some("false"));
+    let again = again.into_inner();
+    assert_ne!(again.task_id, first.task_id);
+    assert_eq!(replayed(&retry), Some("true"));
+    assert_eq!(retry.into_inner(), again);
+    assert_eq!(db.count("tasks").await, 2);
+    assert_eq!(db.count("idempotency_keys").await, 1);
+}
+
+#[tokio::test]
+async fn an_expired_record_does_not_refuse_a_different_request() {
+    let db = TestDb::new().await;
+    let mut settings = test_settings(&db.url);
+    settings.retention = HOUR;
+    let app = TestApp::spawn_with(settings).await;
+    let key = new_key();
+    app.create(Some(&key), email_request())
+        .await
+        .expect("create");
+    db.age_keys(2 * HOUR).await;
+
+    let other = crate::helpers::request("agent-7", "send_sms", serde_json::json!({}));
+    let response = app
+        .create(Some(&key), other)
+        .await
+        .expect("a new request under an expired key");
+
+    assert_eq!(replayed(&response), Some("false"));
+}

@@ -1,0 +1,102 @@
+//! Real concurrency: many calls released together at a barrier.
+
+use std::sync::Arc;
+
+use futures::future::join_all;
+use tokio::sync::Barrier;
+
+use crate::helpers::{TestApp, TestDb, email_request, new_key, replayed, test_settings};
+
+const CALLS: usize = 64;
+
+/// Fires `CALLS` CreateTask calls with `key` spread over `apps`, all released
+/// at once, and returns the task ids of the successes and the replay count.
+async fn race(apps: &[&TestApp], key: &str) -> (Vec<String>, usize) {
+    let barrier = Arc::new(Barrier::new(CALLS));
+    let calls = (0..CALLS).map(|i| {
+        let mut client = apps[i % apps.len()].tasks.clone();
+        let barrier = barrier.clone();
+        let key = key.to_owned();
+        tokio::spawn(async move {
+            barrier.wait().await;
+            client
+                .create_task(crate::helpers::keyed(Some(&key), email_request()))
+                .await
+        })
+    });
+    let mut ids = Vec::new();
+    let mut replays = 0;
+    for result in join_all(calls).await {
+        let response = result.expect("join").expect("every call succeeds");
+        if replayed(&response) == Some("true") {
+            replays += 1;
+        }
+        ids.push(response.into_inner().task_id);
+    }
+    (ids, replays)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_calls_with_one_key_create_exactly_one_task() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    let key = new_key();
+
+    let (ids, replays) = race(&[&app], &key).await;
+
+    assert_eq!(ids.len(), CALLS);
+    assert!(
+        ids.iter().all(|id| *id == ids[0]),
+        "different task ids: {ids:?}"
+    );
+    assert_eq!(replays, CALLS - 1);
+    assert_eq!(db.count("tasks").await, 1);
+    assert_eq!(db.count("idempotency_keys").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_calls_across_two_instances_create_exactly_one_task() {
+    let db = TestDb::new().await;
+    // Both instances start together on a fresh database: migrations race too.
+    let (one, two) = tokio::join!(
+        TestApp::spawn_with(test_settings(&db.url)),
+        TestApp::spawn_with(test_settings(&db.url))
+    );
+    let key = new_key();
+
+    let (ids, replays) = race(&[&one, &two], &key).await;
+
+    assert!(
+        ids.iter().all(|id| *id == ids[0]),
+        "different task ids: {ids:?}"
+    );
+    assert_eq!(replays, CALLS - 1);
+    assert_eq!(db.count("tasks").await, 1);
+    assert_eq!(db.count("idempotency_keys").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_calls_with_different_keys_each_create_a_task() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    let barrier = Arc::new(Barrier::new(CALLS));
+
+    let calls = (0..CALLS).map(|_| {
+        let mut client = app.tasks.clone();
+        let barrier = barrier.clone();
+        tokio::spawn(async move {
+            barrier.wait().await;
+            client
+                .create_task(crate::helpers::keyed(Some(&new_key()), email_request()))
+                .await
+        })
+    });
+    let results = join_all(calls).await;
+
+    for result in results {
+        let response = result.expect("join").expect("create");
+        assert_eq!(replayed(&response), Some("false"));
+    }
+    assert_eq!(db.count("tasks").await, CALLS as i64);
+    assert_eq!(db.count("idempotency_keys").await, CALLS as i64);
+}

@@ -1,0 +1,370 @@
+//! The idempotency contract, row by row.
+
+use oncely::proto::tasks_v1::{CreateTaskRequest, TaskStatus};
+use prost::Message;
+use prost_types::{Struct, Value, value::Kind};
+use serde_json::json;
+use tonic::{Code, metadata::MetadataValue};
+
+use crate::helpers::{
+    CREATE_TASK_PATH, TestApp, TestDb, assert_status, email_request, keyed, new_key, replayed,
+    request, test_settings, violated_fields,
+};
+
+#[tokio::test]
+async fn first_request_creates_a_queued_task_and_its_key_record_together() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    let key = new_key();
+
+    let response = app
+        .create(Some(&key), email_request())
+        .await
+        .expect("create");
+
+    assert_eq!(replayed(&response), Some("false"));
+    let task = response.into_inner();
+    assert!(uuid::Uuid::parse_str(&task.task_id).is_ok());
+    assert_eq!(task.status(), TaskStatus::Queued);
+    assert_eq!(task.agent_id, "agent-7");
+    assert_eq!(task.action, "send_email");
+    assert_eq!(task.parameters, email_request().parameters);
+    assert!(task.create_time.is_some());
+    assert!(task.result.is_none());
+    let (stored_task, response): (uuid::Uuid, Vec<u8>) = sqlx::query_as(
+        "SELECT k.task_id, k.response FROM idempotency_keys k JOIN tasks t USING (task_id) \
+         WHERE k.scope = 'tasks.v1.TaskService/CreateTask' AND k.key = $1",
+    )
+    .bind(&key)
+    .fetch_one(&db.pool)
+    .await
+    .expect("the key record and its task");
+    assert_eq!(stored_task.to_string(), task.task_id);
+    assert_eq!(response, task.encode_to_vec());
+    assert_eq!(db.count("tasks").await, 1);
+}
+
+#[tokio::test]
+async fn retry_with_same_key_returns_the_first_response_byte_for_byte() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    let key = new_key();
+    let body = email_request().encode_to_vec();
+
+    let first = app
+        .raw_call(CREATE_TASK_PATH, Some(&key), body.clone())
+        .await
+        .expect("first");
+    let retry = app
+        .raw_call(CREATE_TASK_PATH, Some(&key), body)
+        .await
+        .expect("retry");
+
+    assert_eq!(replayed(&first), Some("false"));
+    assert_eq!(replayed(&retry), Some("true"));
+    assert_eq!(retry.get_ref(), first.get_ref());
+    assert_eq!(db.count("tasks").await, 1);
+    assert_eq!(db.count("idempotency_keys").await, 1);
+}
+
+#[tokio::test]
+async fn same_key_with_a_different_request_is_refused_and_the_original_still_replays() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    let key = new_key();
+    let original = app
+        .create(Some(&key), email_request())
+        .await
+        .expect("create")
+        .into_inner();
+    let record_before: (Vec<u8>, Vec<u8>, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT fingerprint, response, created_at FROM idempotency_keys")
+            .fetch_one(&db.pool)
+            .await
+            .expect("record");
+
+    let changes = [
+        CreateTaskRequest {
+            agent_id: "agent-8".into(),
+            ..email_request()
+        },
+        CreateTaskRequest {
+            action: "send_sms".into(),
+            ..email_request()
+        },
+        request(
+            "agent-7",
+            "send_email",
+            json!({"to": "ada@example.com", "subject": "hello", "attempt": 2}),
+        ),
+        CreateTaskRequest {
+            parameters: None,
+            ..email_request()
+        },
+    ];
+    for changed in changes {
+        assert_status(
+            app.create(Some(&key), changed).await,
+            Code::FailedPrecondition,
+            Some("IDEMPOTENCY_KEY_REUSED"),
+        );
+    }
+
+    let record_after: (Vec<u8>, Vec<u8>, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT fingerprint, response, created_at FROM idempotency_keys")
+            .fetch_one(&db.pool)
+            .await
+            .expect("record");
+    assert_eq!(record_after, record_before);
+    let replay = app
+        .create(Some(&key), email_request())
+        .await
+        .expect("replay");
+    assert_eq!(replayed(&replay), Some("true"));
+    assert_eq!(replay.into_inner(), original);
+    assert_eq!(db.count("tasks").await, 1);
+}
+
+#[tokio::test]
+async fn create_without_a_key_is_invalid_and_stores_nothing() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+
+    assert_status(
+        app.create(None, email_request()).await,
+        Code::InvalidArgument,
+        Some("IDEMPOTENCY_KEY_MISSING"),
+    );
+
+    assert_eq!(db.count("tasks").await, 0);
+    assert_eq!(db.count("idempotency_keys").await, 0);
+}
+
+#[tokio::test]
+async fn malformed_keys_are_invalid_and_store_nothing() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    let long = "k".repeat(256);
+    let malformed: Vec<&[u8]> = vec![
+        b"",
+        long.as_bytes(),
+        b"has space",
+        b"tab\there",
+        "é".as_bytes(),
+        b"\x80abc",
+    ];
+
+    for key in malformed {
+        let mut req = tonic::Request::new(email_request());
+        req.metadata_mut().insert(
+            "idempotency-key",
+            MetadataValue::try_from(key).expect("a legal header value"),
+        );
+        let status = assert_status(
+            app.tasks.clone().create_task(req).await,
+            Code::InvalidArgument,
+            Some("IDEMPOTENCY_KEY_INVALID"),
+        );
+        assert_eq!(violated_fields(&status), ["idempotency-key"], "key {key:?}");
+    }
+    let mut two_keys = tonic::Request::new(email_request());
+    two_keys
+        .metadata_mut()
+        .append("idempotency-key", new_key().parse().unwrap());
+    two_keys
+        .metadata_mut()
+        .append("idempotency-key", new_key().parse().unwrap());
+    assert_status(
+        app.tasks.clone().create_task(two_keys).await,
+        Code::InvalidArgument,
+        Some("IDEMPOTENCY_KEY_INVALID"),
+    );
+
+    assert_eq!(db.count("tasks").await, 0);
+    assert_eq!(db.count("idempotency_keys").await, 0);
+}
+
+#[tokio::test]
+async fn keys_at_the_limits_of_the_rules_are_accepted() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+
+    for key in ["!".to_owned(), "~".repeat(255), "a".repeat(255)] {
+        app.create(Some(&key), email_request())
+            .await
+            .expect("a valid key");
+    }
+
+    assert_eq!(db.count("idempotency_keys").await, 3);
+}
+
+fn value(kind: Kind) -> Value {
+    Value { kind: Some(kind) }
+}
+
+#[tokio::test]
+async fn invalid_requests_name_the_field_and_leave_the_key_unused() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    let key = new_key();
+    let nan = Struct {
+        fields: [("amount".to_string(), value(Kind::NumberValue(f64::NAN)))].into(),
+    };
+    let no_kind = Struct {
+        fields: [("x".to_string(), Value { kind: None })].into(),
+    };
+    let cases = [
+        (
+            CreateTaskRequest {
+                agent_id: String::new(),
+                ..email_request()
+            },
+            vec!["agent_id"],
+        ),
+        (
+            CreateTaskRequest {
+                action: String::new(),
+                ..email_request()
+            },
+            vec!["action"],
+        ),
+        (
+            CreateTaskRequest {
+                agent_id: "a".repeat(256),
+                ..email_request()
+            },
+            vec!["agent_id"],
+        ),
+        (
+            CreateTaskRequest {
+                action: "a".repeat(256),
+                ..email_request()
+            },
+            vec!["action"],
+        ),
+        (
+            CreateTaskRequest {
+                parameters: Some(nan),
+                ..email_request()
+            },
+            vec!["parameters.amount"],
+        ),
+        (
+            CreateTaskRequest {
+                parameters: Some(no_kind),
+                ..email_request()
+            },
+            vec!["parameters.x"],
+        ),
+        (
+            CreateTaskRequest {
+                agent_id: String::new(),
+                action: String::new(),
+                parameters: None,
+            },
+            vec!["agent_id", "action"],
+        ),
+    ];
+
+    for (bad, fields) in cases {
+        let status = assert_status(
+            app.create(Some(&key), bad).await,
+            Code::InvalidArgument,
+            Some("INVALID_REQUEST"),
+        );
+        assert_eq!(violated_fields(&status), fields);
+    }
+    assert_eq!(db.count("tasks").await, 0);
+    assert_eq!(db.count("idempotency_keys").await, 0);
+
+    let created = app
+        .create(Some(&key), email_request())
+        .await
+        .expect("the key is unused");
+    assert_eq!(replayed(&created), Some("false"));
+}
+
+#[tokio::test]
+async fn requests_over_the_size_limits_are_refused_and_the_server_keeps_serving() {
+    let db = TestDb::new().await;
+    let mut settings = test_settings(&db.url);
+    settings.limits.max_parameters_bytes = 100;
+    settings.max_request_bytes = 4096;
+    let app = TestApp::spawn_with(settings).await;
+    let key = new_key();
+
+    let big_params = request("agent-7", "send_email", json!({"body": "x".repeat(200)}));
+    let status = assert_status(
+        app.create(Some(&key), big_params).await,
+        Code::InvalidArgument,
+        Some("INVALID_REQUEST"),
+    );
+    assert_eq!(violated_fields(&status), ["parameters"]);
+    let huge_message = request("agent-7", "send_email", json!({"body": "x".repeat(5000)}));
+    let status = app
+        .create(Some(&key), huge_message)
+        .await
+        .expect_err("too large");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+
+    assert_eq!(db.count("idempotency_keys").await, 0);
+    app.create(Some(&key), email_request())
+        .await
+        .expect("still serving, key unused");
+}
+
+#[tokio::test]
+async fn a_request_without_parameters_is_the_same_as_empty_parameters() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    let key = new_key();
+
+    let first = app
+        .create(
+            Some(&key),
+            CreateTaskRequest {
+                parameters: None,
+                ..email_request()
+            },
+        )
+        .await
+        .expect("create");
+    let retry = app
+        .create(
+            Some(&key),
+            CreateTaskRequest {
+                parameters: Some(Struct::default()),
+                ..email_request()
+            },
+        )
+        .await
+        .expect("retry");
+
+    assert_eq!(replayed(&retry), Some("true"));
+    assert_eq!(retry.into_inner(), first.into_inner());
+}
+
+#[tokio::test]
+async fn get_and_list_ignore_the_key() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    let task = app
+        .create(Some(&new_key()), email_request())
+        .await
+        .expect("create")
+        .into_inner();
+
+    let got = app
+        .tasks
+        .clone()
+        .get_task(keyed(
+            Some("not a valid key"),
+            oncely::proto::tasks_v1::GetTaskRequest {
+                task_id: task.task_id.clone(),
+            },
+        ))
+        .await
+        .expect("GetTask does not look at the key");
+
+    assert_eq!(got.into_inner(), task);
+}

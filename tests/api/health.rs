@@ -1,0 +1,139 @@
+//! Health follows the database; shutdown is graceful.
+
+use std::time::Duration;
+
+use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::helpers::{
+    PgProxy, TestApp, TestDb, assert_status, email_request, new_key, replayed, test_settings,
+};
+
+#[tokio::test]
+async fn health_is_serving_for_the_server_and_each_service() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+
+    for service in ["", "tasks.v1.TaskService", "tasks.v1.Admin"] {
+        assert_eq!(
+            app.health(service).await.expect("check"),
+            ServingStatus::Serving,
+            "{service:?}"
+        );
+    }
+    let unknown = app
+        .health("no.such.Service")
+        .await
+        .expect_err("unknown service");
+    assert_eq!(unknown.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn health_flips_when_the_database_goes_away_and_comes_back() {
+    let db = TestDb::new().await;
+    let proxy = PgProxy::start(&db).await;
+    let app = TestApp::spawn_with(test_settings(&db.url_via(&proxy))).await;
+
+    proxy.cut();
+    app.wait_for_health(ServingStatus::NotServing).await;
+    assert_eq!(
+        app.health("tasks.v1.TaskService").await.expect("check"),
+        ServingStatus::NotServing
+    );
+    proxy.restore();
+    app.wait_for_health(ServingStatus::Serving).await;
+
+    assert_eq!(
+        app.health("tasks.v1.TaskService").await.expect("check"),
+        ServingStatus::Serving
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_unavailable_and_a_retry_later_executes_afresh() {
+    let db = TestDb::new().await;
+    let proxy = PgProxy::start(&db).await;
+    let app = TestApp::spawn_with(test_settings(&db.url_via(&proxy))).await;
+    let key = new_key();
+
+    proxy.cut();
+    assert_status(
+        app.create(Some(&key), email_request()).await,
+        Code::Unavailable,
+        Some("DATABASE_UNAVAILABLE"),
+    );
+    assert_eq!(db.count("idempotency_keys").await, 0);
+    proxy.restore();
+    app.wait_for_health(ServingStatus::Serving).await;
+    let mut retry = app.create(Some(&key), email_request()).await;
+    if retry.as_ref().is_err_and(|s| s.code() == Code::Unavailable) {
+        // A pooled connection cut by the proxy may fail once more.
+        retry = app.create(Some(&key), email_request()).await;
+    }
+
+    assert_eq!(replayed(&retry.expect("retry")), Some("false"));
+    assert_eq!(db.count("tasks").await, 1);
+    assert_eq!(db.count("idempotency_keys").await, 1);
+}
+
+#[tokio::test]
+async fn shutdown_reports_not_serving_and_finishes_in_flight_requests() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    let mut watch = HealthClient::new(app.channel.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    assert_eq!(
+        watch
+            .message()
+            .await
+            .expect("first")
+            .expect("status")
+            .status(),
+        ServingStatus::Serving
+    );
+    // Hold a row lock so a request is in flight when shutdown starts.
+    let mut lock = db.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE tasks IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let in_flight = tokio::spawn({
+        let mut tasks = app.tasks.clone();
+        async move {
+            tasks
+                .create_task(crate::helpers::keyed(Some(&new_key()), email_request()))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let stopped = tokio::spawn(app.shutdown());
+    let status = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("a health update")
+        .expect("stream")
+        .expect("status");
+    assert_eq!(status.status(), ServingStatus::NotServing);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!in_flight.is_finished());
+    lock.commit().await.expect("commit");
+
+    let response = in_flight
+        .await
+        .expect("join")
+        .expect("the in-flight request completes");
+    assert_eq!(replayed(&response), Some("false"));
+    tokio::time::timeout(Duration::from_secs(15), stopped)
+        .await
+        .expect("the server stops")
+        .expect("join")
+        .expect("clean exit");
+    assert_eq!(db.count("tasks").await, 1);
+}

@@ -1,0 +1,146 @@
+//! GetTask and ListTasks.
+
+use oncely::proto::tasks_v1::{GetTaskRequest, ListTasksRequest, ListTasksResponse, Task};
+use serde_json::json;
+use tonic::Code;
+
+use crate::helpers::{TestApp, TestDb, assert_status, new_key, request, violated_fields};
+
+async fn create_tasks(app: &TestApp, agent: &str, count: usize) -> Vec<Task> {
+    let mut tasks = Vec::new();
+    for i in 0..count {
+        let response = app
+            .create(Some(&new_key()), request(agent, "step", json!({"i": i})))
+            .await
+            .expect("create");
+        tasks.push(response.into_inner());
+    }
+    tasks
+}
+
+async fn list(
+    app: &TestApp,
+    agent: &str,
+    page_size: i32,
+    page_token: &str,
+) -> Result<ListTasksResponse, tonic::Status> {
+    app.tasks
+        .clone()
+        .list_tasks(ListTasksRequest {
+            agent_id: agent.into(),
+            page_size,
+            page_token: page_token.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn get_task_returns_the_created_task() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    let created = create_tasks(&app, "agent-1", 1).await.remove(0);
+
+    let got = app
+        .tasks
+        .clone()
+        .get_task(GetTaskRequest {
+            task_id: created.task_id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+
+    assert_eq!(got, created);
+}
+
+#[tokio::test]
+async fn get_task_explains_unknown_and_malformed_ids() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+
+    assert_status(
+        app.tasks
+            .clone()
+            .get_task(GetTaskRequest {
+                task_id: uuid::Uuid::new_v4().to_string(),
+            })
+            .await,
+        Code::NotFound,
+        None,
+    );
+    let status = assert_status(
+        app.tasks
+            .clone()
+            .get_task(GetTaskRequest {
+                task_id: "42".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+        Some("INVALID_REQUEST"),
+    );
+    assert_eq!(violated_fields(&status), ["task_id"]);
+}
+
+#[tokio::test]
+async fn list_tasks_pages_one_agents_tasks_in_creation_order() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    let mine = create_tasks(&app, "agent-1", 7).await;
+    create_tasks(&app, "agent-2", 2).await;
+
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = list(&app, "agent-1", 3, &token).await.expect("page");
+        pages += 1;
+        assert!(page.tasks.len() <= 3);
+        seen.extend(page.tasks);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+
+    assert_eq!(pages, 3);
+    assert_eq!(seen, mine);
+}
+
+#[tokio::test]
+async fn list_tasks_defaults_to_fifty_and_clamps_to_a_thousand() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    create_tasks(&app, "agent-1", 51).await;
+
+    let default_page = list(&app, "agent-1", 0, "").await.expect("default page");
+    let clamped = list(&app, "agent-1", 5000, "").await.expect("clamped page");
+    let exact = list(&app, "agent-1", 51, "").await.expect("exact page");
+
+    assert_eq!(default_page.tasks.len(), 50);
+    assert!(!default_page.next_page_token.is_empty());
+    assert_eq!(clamped.tasks.len(), 51);
+    assert!(clamped.next_page_token.is_empty());
+    assert!(exact.next_page_token.is_empty());
+    let unknown = list(&app, "nobody", 0, "").await.expect("empty");
+    assert!(unknown.tasks.is_empty() && unknown.next_page_token.is_empty());
+}
+
+#[tokio::test]
+async fn list_tasks_refuses_bad_arguments_with_the_field_named() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+
+    for (agent, size, token, field) in [
+        ("", 10, "", "agent_id"),
+        ("agent-1", -1, "", "page_size"),
+        ("agent-1", 10, "garbage!", "page_token"),
+    ] {
+        let status = assert_status(
+            list(&app, agent, size, token).await,
+            Code::InvalidArgument,
+            Some("INVALID_REQUEST"),
+        );
+        assert_eq!(violated_fields(&status), [field]);
+    }
+}
