@@ -30,7 +30,7 @@ pub enum CleanupError {
     #[error("invalid server address {0:?}")]
     Address(String),
     /// The server could not be reached.
-    #[error("cannot connect to {server}: {source}")]
+    #[error("cannot connect to {server}")]
     Connect {
         /// The address.
         server: String,

@@ -85,14 +85,8 @@ pub async fn serve(
     ));
 
     let watcher_abort = watcher.abort_handle();
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let tasks = TaskServiceServer::new(TaskApi::new(
         store.clone(),
@@ -146,6 +140,15 @@ pub async fn serve(
     result?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reflection over our protos, the health protocol, and the `google.rpc`
+/// error details, so grpcurl can describe services and decode `ErrorInfo`.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
 }
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C).

@@ -133,10 +133,16 @@ impl From<ServiceError> for Status {
 /// An error and all its causes on one line.
 pub fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
+    let mut last = text.clone();
     let mut source = error.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let message = cause.to_string();
+        // Some errors repeat their source's message in their own; say it once.
+        if !last.ends_with(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        last = message;
         source = cause.source();
     }
     text

@@ -60,7 +60,6 @@ impl TaskApi {
         tracing::Span::current().record("agent_id", task.agent_id.as_str());
 
         let outcome = idempotency::create_task(&self.store, &key, &task, self.retention).await?;
-        tracing::Span::current().record("outcome", outcome.as_str());
         let (task, replayed) = match outcome {
             Outcome::Created(task) => (task, false),
             Outcome::Replayed(bytes) => (
@@ -71,7 +70,9 @@ impl TaskApi {
             Outcome::Mismatch => return Err(ServiceError::KeyReused),
             Outcome::Contended => return Err(ServiceError::InProgress),
         };
-        tracing::Span::current().record("task_id", task.task_id.as_str());
+        let span = tracing::Span::current();
+        span.record("outcome", if replayed { "replayed" } else { "created" });
+        span.record("task_id", task.task_id.as_str());
         let mut response = Response::new(task);
         response.metadata_mut().insert(
             REPLAYED_HEADER,

@@ -49,18 +49,6 @@ pub enum Outcome {
     Contended,
 }
 
-impl Outcome {
-    /// The outcome's name in logs.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Outcome::Created(_) => "created",
-            Outcome::Replayed(_) => "replayed",
-            Outcome::Mismatch => "mismatch",
-            Outcome::Contended => "in_progress",
-        }
-    }
-}
-
 /// Creates the task for `key` exactly once, or answers as the first request
 /// with that key was answered.
 pub async fn create_task(
