@@ -16,6 +16,15 @@ pub async fn set_all(reporter: HealthReporter, status: ServingStatus) {
     }
 }
 
+/// Forgets every name in [`SERVICES`], which ends open `Health/Watch`
+/// streams (after they deliver the last status) so they do not hold up a
+/// graceful shutdown.
+pub async fn clear_all(mut reporter: HealthReporter) {
+    for name in SERVICES.iter().copied() {
+        reporter.clear_service_status(name).await;
+    }
+}
+
 /// Pings the database every `interval` and reports SERVING or NOT_SERVING.
 /// Runs until aborted.
 pub async fn watch_database(store: PgStore, reporter: HealthReporter, interval: Duration) {

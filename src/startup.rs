@@ -117,7 +117,8 @@ pub async fn serve(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;
             watcher_abort.abort();
-            health::set_all(reporter, ServingStatus::NotServing).await;
+            health::set_all(reporter.clone(), ServingStatus::NotServing).await;
+            health::clear_all(reporter).await;
             tracing::info!("shutting down: finishing in-flight requests");
             let _ = draining_tx.send(());
         });

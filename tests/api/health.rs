@@ -81,7 +81,10 @@ async fn an_unreachable_database_is_unavailable_and_a_retry_later_executes_afres
 #[tokio::test]
 async fn shutdown_reports_not_serving_and_finishes_in_flight_requests() {
     let db = TestDb::new().await;
-    let app = TestApp::spawn(&db).await;
+    let mut settings = test_settings(&db.url);
+    // Long enough that only a prompt, clean stop passes the timeout below.
+    settings.shutdown_grace = Duration::from_secs(120);
+    let app = TestApp::spawn_with(settings).await;
     let mut watch = HealthClient::new(app.channel.clone())
         .watch(HealthCheckRequest {
             service: String::new(),
@@ -121,6 +124,11 @@ async fn shutdown_reports_not_serving_and_finishes_in_flight_requests() {
         .expect("stream")
         .expect("status");
     assert_eq!(status.status(), ServingStatus::NotServing);
+    // The watch stream ends so it does not hold up the shutdown.
+    let end = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("stream ends");
+    assert!(matches!(end, Ok(None)), "{end:?}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!in_flight.is_finished());
     lock.commit().await.expect("commit");
@@ -136,4 +144,39 @@ async fn shutdown_reports_not_serving_and_finishes_in_flight_requests() {
         .expect("join")
         .expect("clean exit");
     assert_eq!(db.count("tasks").await, 1);
+}
+
+#[tokio::test]
+async fn shutdown_stops_after_the_grace_period_even_if_a_request_hangs() {
+    let db = TestDb::new().await;
+    let mut settings = test_settings(&db.url);
+    settings.shutdown_grace = Duration::from_millis(500);
+    settings.database.in_flight_wait = Duration::from_secs(60);
+    let app = TestApp::spawn_with(settings).await;
+    let mut lock = db.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE tasks IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let hanging = tokio::spawn({
+        let mut tasks = app.tasks.clone();
+        async move {
+            tasks
+                .create_task(crate::helpers::keyed(Some(&new_key()), email_request()))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let stopped = tokio::time::timeout(Duration::from_secs(4), app.shutdown()).await;
+
+    stopped
+        .expect("the server stops within the grace period")
+        .expect("clean exit");
+    assert!(
+        hanging.await.expect("join").is_err(),
+        "the hanging request was cut off"
+    );
+    lock.rollback().await.expect("rollback");
+    assert_eq!(db.count("tasks").await, 0);
 }
