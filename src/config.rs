@@ -42,11 +42,11 @@ pub struct ServeArgs {
     pub listen_addr: SocketAddr,
     /// How long a key is remembered, such as 24h or 90s; older records are
     /// treated as absent and deleted by cleanup.
-    #[arg(long, env = "IDEMPOTENCY_RETENTION", default_value = "24h", value_parser = positive_duration)]
+    #[arg(long, env = "IDEMPOTENCY_RETENTION", default_value = "24h", value_parser = retention_duration)]
     pub idempotency_retention: Duration,
     /// How long a request waits for a concurrent request with the same key
     /// before answering ABORTED.
-    #[arg(long, env = "IN_FLIGHT_WAIT", default_value = "5s", value_parser = positive_duration)]
+    #[arg(long, env = "IN_FLIGHT_WAIT", default_value = "5s", value_parser = wait_duration)]
     pub in_flight_wait: Duration,
     /// The most database connections.
     #[arg(long, env = "DB_POOL_SIZE", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
@@ -75,11 +75,36 @@ pub struct ServeArgs {
     pub shutdown_grace: Duration,
 }
 
+/// The longest duration any setting accepts: ten years.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 fn positive_duration(text: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(text)
         .map_err(|e| format!("{e}; write a duration such as 24h, 90s or 500ms"))?;
-    if duration.is_zero() {
-        return Err("the duration must be longer than zero".into());
+    if duration < Duration::from_millis(1) {
+        return Err("the duration must be at least 1ms".into());
+    }
+    if duration > MAX_DURATION {
+        return Err("the duration must be at most ten years".into());
+    }
+    // The database counts in microseconds.
+    Ok(Duration::from_micros(duration.as_micros() as u64))
+}
+
+/// A wait that PostgreSQL's `lock_timeout` can hold: at most one hour.
+fn wait_duration(text: &str) -> Result<Duration, String> {
+    let duration = positive_duration(text)?;
+    if duration > Duration::from_secs(3600) {
+        return Err("the wait must be at most 1h".into());
+    }
+    Ok(duration)
+}
+
+/// A retention of at least one second.
+fn retention_duration(text: &str) -> Result<Duration, String> {
+    let duration = positive_duration(text)?;
+    if duration < Duration::from_secs(1) {
+        return Err("the retention must be at least 1s".into());
     }
     Ok(duration)
 }
@@ -138,20 +163,38 @@ impl Settings {
     }
 }
 
-/// A database URL with its password replaced by `***`, for logs.
+/// A database URL with its password replaced by `***`, for logs: both the
+/// `user:password@` form and a `password=` query parameter.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
+    let (before_query, query) = match rest.split_once('?') {
+        Some((before, query)) => (before, Some(query)),
+        None => (rest, None),
+    };
+    let authority_end = before_query.find('/').unwrap_or(before_query.len());
+    let (authority, path) = before_query.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => authority.to_owned(),
         },
-        None => url.to_owned(),
+        None => authority.to_owned(),
+    };
+    let mut redacted = format!("{scheme}://{authority}{path}");
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _)) if name.eq_ignore_ascii_case("password") => format!("{name}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        redacted.push('?');
+        redacted.push_str(&pairs.join("&"));
     }
+    redacted
 }
 
 #[cfg(test)]
@@ -160,6 +203,10 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://db/oncely?user=app&password=hunter2&sslmode=require"),
+            "postgres://db/oncely?user=app&password=***&sslmode=require"
+        );
         assert_eq!(
             redact_url("postgres://app:s3cr:et@db:5432/oncely?sslmode=require"),
             "postgres://app:***@db:5432/oncely?sslmode=require"
@@ -182,6 +229,10 @@ mod tests {
         assert_eq!(positive_duration("90s"), Ok(Duration::from_secs(90)));
         assert_eq!(positive_duration("24h"), Ok(Duration::from_secs(86400)));
         assert!(positive_duration("0s").is_err());
+        assert_eq!(positive_duration("1500us"), Ok(Duration::from_micros(1500)));
+        assert!(positive_duration("20years").is_err());
+        assert!(retention_duration("500ms").is_err());
+        assert!(wait_duration("2h").is_err());
         assert!(positive_duration("soon").is_err());
     }
 

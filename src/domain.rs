@@ -12,6 +12,17 @@ pub const MAX_NAME_BYTES: usize = 255;
 /// How deeply `parameters` may nest lists and objects.
 pub const MAX_PARAMETERS_DEPTH: usize = 32;
 
+/// Why NUL is refused: PostgreSQL text and JSON cannot hold it.
+const NUL: &str = "holds a NUL character (U+0000), which cannot be stored; remove it";
+
+/// Checks an `agent_id`-like field: required, no NUL, at most
+/// [`MAX_NAME_BYTES`]. Used by every RPC that takes one.
+pub fn check_agent_id(value: &str) -> Result<(), FieldViolation> {
+    let mut violations = Vec::new();
+    check_name("agent_id", value, &mut violations);
+    violations.pop().map_or(Ok(()), Err)
+}
+
 /// Request size limits that come from configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -103,6 +114,8 @@ impl NewTask {
 fn check_name(field: &str, value: &str, violations: &mut Vec<FieldViolation>) {
     if value.is_empty() {
         violations.push(FieldViolation::new(field, format!("{field} is required")));
+    } else if value.contains('\0') {
+        violations.push(FieldViolation::new(field, format!("{field} {NUL}")));
     } else if value.len() > MAX_NAME_BYTES {
         violations.push(FieldViolation::new(
             field,
@@ -136,6 +149,12 @@ fn fields_to_json(
         .fields
         .iter()
         .map(|(name, v)| {
+            if name.contains('\0') {
+                return Err(FieldViolation::new(
+                    path,
+                    format!("the member name {name:?} {NUL}"),
+                ));
+            }
             let member = value_to_json(v, &format!("{path}.{name}"), depth)?;
             Ok((name.clone(), member))
         })
@@ -152,6 +171,9 @@ fn value_to_json(value: &ProtoValue, path: &str, depth: usize) -> Result<Value, 
         }
         Some(Kind::NullValue(_)) => Value::Null,
         Some(Kind::BoolValue(b)) => Value::Bool(*b),
+        Some(Kind::StringValue(s)) if s.contains('\0') => {
+            return Err(FieldViolation::new(path, format!("the string {NUL}")));
+        }
         Some(Kind::StringValue(s)) => Value::String(s.clone()),
         Some(Kind::NumberValue(x)) => Value::Number(Number::from_f64(*x).ok_or_else(|| {
             FieldViolation::new(path, format!("{x} has no JSON form; send a finite number"))

@@ -38,6 +38,18 @@ impl AdminApi {
             None => self.retention,
             Some(d) => duration(d)?,
         };
+        if older_than < self.retention {
+            // A live record is what makes a retry safe; deleting one would let
+            // the next retry with its key run the side effect again.
+            return Err(ServiceError::InvalidRequest(vec![FieldViolation {
+                field: "older_than".into(),
+                description: format!(
+                    "older_than is {}, shorter than the retention of {}: records younger than the retention still protect retries; send at least the retention or leave older_than unset",
+                    humantime::format_duration(older_than),
+                    humantime::format_duration(self.retention)
+                ),
+            }]));
+        }
         tracing::Span::current().record(
             "older_than",
             humantime::format_duration(older_than).to_string(),
@@ -72,7 +84,8 @@ fn duration(d: prost_types::Duration) -> Result<Duration, ServiceError> {
             d.nanos
         )));
     }
-    let value = Duration::new(d.seconds as u64, d.nanos as u32);
+    // Whole microseconds: the database's resolution.
+    let value = Duration::new(d.seconds as u64, (d.nanos as u32 / 1000) * 1000);
     if value > MAX_OLDER_THAN {
         return Err(invalid("older_than is longer than 100 years".into()));
     }

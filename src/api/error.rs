@@ -74,8 +74,9 @@ impl ServiceError {
 impl From<StorageError> for ServiceError {
     fn from(error: StorageError) -> Self {
         match error {
-            StorageError::LockTimeout(_) => Self::InProgress,
-            StorageError::Unavailable(_) => Self::Unavailable(error),
+            // Only a claim's lock wait means "a request with this key is in
+            // flight"; idempotency::create_task maps that one itself.
+            StorageError::LockTimeout(_) | StorageError::Unavailable(_) => Self::Unavailable(error),
             StorageError::Internal(_) | StorageError::Corrupt(_) => Self::Internal(error),
         }
     }

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::{ServiceError, timestamp};
 use crate::{
-    domain::{FieldViolation, Limits, NewTask, json_to_struct},
+    domain::{FieldViolation, Limits, NewTask, check_agent_id, json_to_struct},
     idempotency::{self, IdempotencyKey, Outcome},
     proto::tasks_v1::{
         CreateTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse, Task,
@@ -68,7 +68,7 @@ impl TaskApi {
                 true,
             ),
             Outcome::Mismatch => return Err(ServiceError::KeyReused),
-            Outcome::Contended => return Err(ServiceError::InProgress),
+            Outcome::InFlight => return Err(ServiceError::InProgress),
         };
         let span = tracing::Span::current();
         span.record("outcome", if replayed { "replayed" } else { "created" });
@@ -91,8 +91,8 @@ impl TaskApi {
 
     async fn list(&self, request: ListTasksRequest) -> Result<ListTasksResponse, ServiceError> {
         let mut violations = Vec::new();
-        if request.agent_id.is_empty() {
-            violations.push(violation("agent_id", "agent_id is required"));
+        if let Err(v) = check_agent_id(&request.agent_id) {
+            violations.push(v);
         }
         let page_size = match request.page_size {
             0 => DEFAULT_PAGE_SIZE,

@@ -45,8 +45,9 @@ pub enum Outcome {
     Replayed(Vec<u8>),
     /// The key was used before with a different request.
     Mismatch,
-    /// The key kept changing hands; the caller should retry shortly.
-    Contended,
+    /// Another request with the key was still in flight after the wait
+    /// bound, or the key kept changing hands; the caller should retry shortly.
+    InFlight,
 }
 
 /// Creates the task for `key` exactly once, or answers as the first request
@@ -92,10 +93,14 @@ pub async fn create_task(
             response: &encoded,
             retention,
         };
-        match store.claim_key_and_insert_task(&claim).await? {
-            ClaimOutcome::Claimed => return Ok(Outcome::Created(response)),
-            ClaimOutcome::AlreadyClaimed => continue,
+        match store.claim_key_and_insert_task(&claim).await {
+            Ok(ClaimOutcome::Claimed) => return Ok(Outcome::Created(response)),
+            Ok(ClaimOutcome::AlreadyClaimed) => continue,
+            // The claim waited the whole bound for a concurrent request
+            // holding this key.
+            Err(StorageError::LockTimeout(_)) => return Ok(Outcome::InFlight),
+            Err(error) => return Err(error),
         }
     }
-    Ok(Outcome::Contended)
+    Ok(Outcome::InFlight)
 }

@@ -47,6 +47,7 @@ impl fmt::Debug for DatabaseSettings {
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    health_pool: PgPool,
 }
 
 /// A live idempotency record.
@@ -129,8 +130,11 @@ impl PgStore {
         if settings.create_database && !sqlx::Postgres::database_exists(&settings.url).await? {
             match sqlx::Postgres::create_database(&settings.url).await {
                 Ok(()) => tracing::info!(url = %redact_url(&settings.url), "created the database"),
-                // Another instance created it first.
-                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+                // Another instance created it at the same moment (PostgreSQL
+                // reports that as 42P04 or as a unique violation).
+                Err(e) if sqlx::Postgres::database_exists(&settings.url).await? => {
+                    tracing::debug!(error = %e, "another instance created the database");
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -154,10 +158,17 @@ impl PgStore {
             .acquire_timeout(settings.acquire_timeout)
             .connect_lazy_with(
                 options
+                    .clone()
                     .options([("lock_timeout", lock_timeout.as_str())])
                     .application_name("oncely"),
             );
-        Ok(Self { pool })
+        // Health has a connection of its own, so a pool busy with waiting
+        // requests does not look like a dead database.
+        let health_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_lazy_with(options.application_name("oncely-health"));
+        Ok(Self { pool, health_pool })
     }
 
     /// The connection pool, for health checks and tests.
@@ -324,7 +335,7 @@ impl PgStore {
 
     /// Checks that the database answers.
     pub async fn ping(&self) -> Result<(), StorageError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1").execute(&self.health_pool).await?;
         Ok(())
     }
 }

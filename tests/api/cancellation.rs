@@ -46,6 +46,13 @@ async fn cancelled_requests_leave_no_half_written_state_and_traffic_goes_on() {
     .await
     .expect("orphans");
     assert_eq!(orphans, 0);
+    let tasks_without_key: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tasks t LEFT JOIN idempotency_keys k USING (task_id) WHERE k.task_id IS NULL",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("tasks without key");
+    assert_eq!(tasks_without_key, 0);
     let survived = db.count("tasks").await;
     assert!(survived < keys.len() as i64, "no request was cancelled");
     assert_eq!(survived, db.count("idempotency_keys").await);

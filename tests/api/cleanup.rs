@@ -61,11 +61,12 @@ async fn a_deleted_key_executes_afresh() {
         .await
         .expect("create")
         .into_inner();
+    db.age_keys(2 * HOUR).await;
 
     let deleted = app
         .admin
         .clone()
-        .cleanup(older_than(Duration::ZERO))
+        .cleanup(older_than(HOUR))
         .await
         .expect("cleanup")
         .into_inner()
@@ -76,9 +77,58 @@ async fn a_deleted_key_executes_afresh() {
         .expect("create again");
 
     assert_eq!(deleted, 1);
+    assert_eq!(db.count("idempotency_keys").await, 1);
     assert_eq!(replayed(&again), Some("false"));
     assert_ne!(again.into_inner().task_id, first.task_id);
     assert_eq!(db.count("tasks").await, 2);
+}
+
+#[tokio::test]
+async fn cleanup_refuses_to_delete_records_younger_than_the_retention() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    app.create(Some(&new_key()), email_request())
+        .await
+        .expect("create");
+
+    let status = assert_status(
+        app.admin
+            .clone()
+            .cleanup(older_than(Duration::from_secs(60)))
+            .await,
+        Code::InvalidArgument,
+        Some("INVALID_REQUEST"),
+    );
+
+    assert_eq!(violated_fields(&status), ["older_than"]);
+    assert!(status.message().contains("retention"), "{status:?}");
+    assert_eq!(db.count("idempotency_keys").await, 1);
+}
+
+#[tokio::test]
+async fn cleanup_accepts_durations_with_nanoseconds() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    app.create(Some(&new_key()), email_request())
+        .await
+        .expect("create");
+    db.age_keys(2 * HOUR).await;
+
+    let deleted = app
+        .admin
+        .clone()
+        .cleanup(CleanupRequest {
+            older_than: Some(prost_types::Duration {
+                seconds: HOUR.as_secs() as i64,
+                nanos: 1,
+            }),
+        })
+        .await
+        .expect("cleanup")
+        .into_inner()
+        .deleted;
+
+    assert_eq!(deleted, 1);
 }
 
 #[tokio::test]

@@ -100,3 +100,22 @@ async fn concurrent_calls_with_different_keys_each_create_a_task() {
     assert_eq!(db.count("tasks").await, CALLS as i64);
     assert_eq!(db.count("idempotency_keys").await, CALLS as i64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_starting_together_create_a_missing_database_once() {
+    let db = TestDb::uncreated().await;
+    let mut settings = test_settings(&db.url);
+    settings.database.create_database = true;
+
+    let (one, two) = tokio::join!(
+        TestApp::spawn_with(settings.clone()),
+        TestApp::spawn_with(settings)
+    );
+
+    one.create(Some(&new_key()), email_request())
+        .await
+        .expect("the first instance serves");
+    two.create(Some(&new_key()), email_request())
+        .await
+        .expect("the second instance serves");
+}

@@ -264,6 +264,28 @@ async fn invalid_requests_name_the_field_and_leave_the_key_unused() {
             },
             vec!["agent_id", "action"],
         ),
+        (
+            CreateTaskRequest {
+                agent_id: "nul\0".into(),
+                ..email_request()
+            },
+            vec!["agent_id"],
+        ),
+        (
+            CreateTaskRequest {
+                action: "nul\0".into(),
+                ..email_request()
+            },
+            vec!["action"],
+        ),
+        (
+            request("agent-7", "send_email", json!({"key\0": 1})),
+            vec!["parameters"],
+        ),
+        (
+            request("agent-7", "send_email", json!({"list": ["ok", "nul\0"]})),
+            vec!["parameters.list[1]"],
+        ),
     ];
 
     for (bad, fields) in cases {

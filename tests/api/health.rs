@@ -31,6 +31,39 @@ async fn health_is_serving_for_the_server_and_each_service() {
 }
 
 #[tokio::test]
+async fn health_stays_serving_while_requests_hold_every_pooled_connection() {
+    let db = TestDb::new().await;
+    let mut settings = test_settings(&db.url);
+    settings.database.max_connections = 2;
+    let app = TestApp::spawn_with(settings).await;
+    let mut lock = db.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE tasks IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let mut tasks = app.tasks.clone();
+            tokio::spawn(async move {
+                tasks
+                    .create_task(crate::helpers::keyed(Some(&new_key()), email_request()))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    for _ in 0..8 {
+        assert_eq!(app.health("").await.expect("check"), ServingStatus::Serving);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    lock.commit().await.expect("commit");
+    for call in waiting {
+        call.await.expect("join").expect("create");
+    }
+}
+
+#[tokio::test]
 async fn health_flips_when_the_database_goes_away_and_comes_back() {
     let db = TestDb::new().await;
     let proxy = PgProxy::start(&db).await;

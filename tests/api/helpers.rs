@@ -94,6 +94,32 @@ impl TestDb {
         }
     }
 
+    /// A name and URL for a database that does not exist yet; the caller's
+    /// server is expected to create it.
+    pub(crate) async fn uncreated() -> Self {
+        let db = Self::new().await;
+        db.pool.close().await;
+        let mut admin = PgConnection::connect(&db.base).await.expect("connect");
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {}", db.name)))
+            .execute(&mut admin)
+            .await
+            .expect("drop the test database");
+        db
+    }
+
+    /// Inserts `count` tasks for `agent_id` directly, for paging tests.
+    pub(crate) async fn insert_tasks(&self, agent_id: &str, count: i64) {
+        sqlx::query(
+            "INSERT INTO tasks (task_id, agent_id, action, parameters, status, create_time) \
+             SELECT gen_random_uuid(), $1, 'step', '{}'::jsonb, 1, now() FROM generate_series(1, $2)",
+        )
+        .bind(agent_id)
+        .bind(count)
+        .execute(&self.pool)
+        .await
+        .expect("insert tasks");
+    }
+
     pub(crate) async fn count(&self, table: &str) -> i64 {
         sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
             .fetch_one(&self.pool)
@@ -166,6 +192,7 @@ pub(crate) fn test_settings(url: &str) -> Settings {
     let mut settings = Settings::with_database_url(url);
     settings.database.acquire_timeout = Duration::from_secs(2);
     settings.database.create_database = false;
+    settings.retention = Duration::from_secs(3600);
     settings.health_check_interval = Duration::from_millis(200);
     settings
 }

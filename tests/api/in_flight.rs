@@ -117,6 +117,10 @@ async fn a_different_request_waits_for_the_first_and_is_then_refused() {
         }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !other.is_finished(),
+        "the request should wait for the first"
+    );
     tx.commit().await.expect("commit");
 
     assert_status(

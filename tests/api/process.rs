@@ -36,6 +36,7 @@ impl Server {
         let child = Command::new(BINARY)
             .env("DATABASE_URL", &db.url)
             .env("LISTEN_ADDR", &addr)
+            .env("IDEMPOTENCY_RETENTION", "1h")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(if std::env::var_os("TEST_LOG").is_some() {

@@ -127,6 +127,47 @@ async fn list_tasks_defaults_to_fifty_and_clamps_to_a_thousand() {
 }
 
 #[tokio::test]
+async fn list_tasks_clamps_the_page_size_to_a_thousand() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    db.insert_tasks("bulk", 1005).await;
+
+    let first = list(&app, "bulk", 5000, "").await.expect("first page");
+    let rest = list(&app, "bulk", 5000, &first.next_page_token)
+        .await
+        .expect("second page");
+
+    assert_eq!(first.tasks.len(), 1000);
+    assert!(!first.next_page_token.is_empty());
+    assert_eq!(rest.tasks.len(), 5);
+    assert!(rest.next_page_token.is_empty());
+}
+
+#[tokio::test]
+async fn a_lock_wait_outside_a_claim_is_unavailable_not_in_progress() {
+    let db = TestDb::new().await;
+    let mut settings = crate::helpers::test_settings(&db.url);
+    settings.database.in_flight_wait = std::time::Duration::from_millis(300);
+    let app = TestApp::spawn_with(settings).await;
+    let mut lock = db.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+
+    let result = app
+        .tasks
+        .clone()
+        .get_task(GetTaskRequest {
+            task_id: uuid::Uuid::new_v4().to_string(),
+        })
+        .await;
+
+    assert_status(result, Code::Unavailable, Some("DATABASE_UNAVAILABLE"));
+    lock.rollback().await.expect("rollback");
+}
+
+#[tokio::test]
 async fn list_tasks_refuses_bad_arguments_with_the_field_named() {
     let db = TestDb::new().await;
     let app = TestApp::spawn(&db).await;
@@ -135,6 +176,7 @@ async fn list_tasks_refuses_bad_arguments_with_the_field_named() {
         ("", 10, "", "agent_id"),
         ("agent-1", -1, "", "page_size"),
         ("agent-1", 10, "garbage!", "page_token"),
+        ("agent\0", 10, "", "agent_id"),
     ] {
         let status = assert_status(
             list(&app, agent, size, token).await,
