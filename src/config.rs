@@ -6,8 +6,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{cleanup_cmd::CleanupArgs, domain::Limits, storage::DatabaseSettings};
 
-/// The database used when `DATABASE_URL` is unset: the local PostgreSQL.
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/oncely";
+/// The database used when `DATABASE_URL` is unset: the embedded SQLite
+/// store, in a file in the working directory.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://oncely.db";
 
 /// oncely: idempotent task creation for agents that retry.
 #[derive(Debug, Parser)]
@@ -34,7 +35,8 @@ pub enum Command {
 /// named beside it.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// PostgreSQL URL; the database is created if it does not exist.
+    /// Where to keep data: sqlite://PATH (the embedded store, one process) or
+    /// postgres://... (production, several instances). Created if missing.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true, hide_default_value = false)]
     pub database_url: String,
     /// Address to listen on.

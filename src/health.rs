@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::storage::PgStore;
+use crate::storage::Store;
 
 /// The names whose status is reported: the whole server and each service.
 pub const SERVICES: &[&str] = &["", "tasks.v1.TaskService", "tasks.v1.Admin"];
@@ -27,7 +27,7 @@ pub async fn clear_all(mut reporter: HealthReporter) {
 
 /// Pings the database every `interval` and reports SERVING or NOT_SERVING.
 /// Runs until aborted.
-pub async fn watch_database(store: PgStore, reporter: HealthReporter, interval: Duration) {
+pub async fn watch_database<S: Store>(store: S, reporter: HealthReporter, interval: Duration) {
     let timeout = interval.max(Duration::from_secs(1));
     let mut last = None;
     let mut ticker = tokio::time::interval(interval);

@@ -16,7 +16,7 @@ use crate::{
         FILE_DESCRIPTOR_SET,
         tasks_v1::{admin_server::AdminServer, task_service_server::TaskServiceServer},
     },
-    storage::{PgStore, StorageError},
+    storage::{PgStore, SqliteStore, StorageError, Store},
 };
 
 /// Why the server could not start or stopped with an error.
@@ -40,6 +40,9 @@ pub enum StartupError {
         #[source]
         source: StorageError,
     },
+    /// The database URL names no known store.
+    #[error("DATABASE_URL {0:?} names no store oncely knows; use postgres://... or sqlite://PATH")]
+    UnknownDatabase(String),
     /// Reflection could not load the descriptors.
     #[error("cannot build server reflection")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -57,24 +60,65 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
     serve(listener, settings, shutdown_signal()).await
 }
 
+/// Which store a database URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `postgres://` or `postgresql://`.
+    Postgres,
+    /// `sqlite:`, the embedded store.
+    Sqlite,
+}
+
+impl Backend {
+    /// The backend for `url`, by its scheme.
+    pub fn of_url(url: &str) -> Option<Self> {
+        let scheme = url.split(':').next()?.to_ascii_lowercase();
+        match scheme.as_str() {
+            "postgres" | "postgresql" => Some(Self::Postgres),
+            "sqlite" => Some(Self::Sqlite),
+            _ => None,
+        }
+    }
+}
+
 /// Serves on an already-bound listener until `shutdown` completes; then
 /// reports NOT_SERVING, stops accepting and finishes in-flight requests.
+/// The store is picked by the database URL's scheme.
 pub async fn serve(
     listener: TcpListener,
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartupError> {
-    let store = PgStore::connect(&settings.database)
-        .await
-        .map_err(|source| StartupError::Database {
-            url: redact_url(&settings.database.url),
-            source,
-        })?;
-    tracing::info!(
-        store = "postgres",
-        url = %redact_url(&settings.database.url),
-        "database ready"
-    );
+    let url = &settings.database.url;
+    let database_error = |source| StartupError::Database {
+        url: redact_url(url),
+        source,
+    };
+    match Backend::of_url(url) {
+        Some(Backend::Postgres) => {
+            let store = PgStore::connect(&settings.database)
+                .await
+                .map_err(database_error)?;
+            serve_with(store, listener, settings, shutdown).await
+        }
+        Some(Backend::Sqlite) => {
+            let store = SqliteStore::connect(&settings.database)
+                .await
+                .map_err(database_error)?;
+            serve_with(store, listener, settings, shutdown).await
+        }
+        None => Err(StartupError::UnknownDatabase(redact_url(url))),
+    }
+}
+
+/// Serves `store`; see [`serve`].
+async fn serve_with<S: Store>(
+    store: S,
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartupError> {
+    tracing::info!(store = %store.describe(), "database ready");
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::set_all(reporter.clone(), ServingStatus::NotServing).await;

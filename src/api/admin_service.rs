@@ -8,7 +8,7 @@ use super::{ServiceError, task_service::finish};
 use crate::{
     domain::FieldViolation,
     proto::tasks_v1::{CleanupRequest, CleanupResponse, admin_server::Admin},
-    storage::PgStore,
+    storage::Store,
 };
 
 /// The longest `older_than` accepted: 100 years.
@@ -16,16 +16,16 @@ const MAX_OLDER_THAN: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// The Admin implementation.
 #[derive(Debug, Clone)]
-pub struct AdminApi {
-    store: PgStore,
+pub struct AdminApi<S> {
+    store: S,
     retention: Duration,
     batch_size: i64,
 }
 
-impl AdminApi {
+impl<S: Store> AdminApi<S> {
     /// Cleanup deletes in batches of `batch_size`; an unset `older_than`
     /// means `retention`.
-    pub fn new(store: PgStore, retention: Duration, batch_size: i64) -> Self {
+    pub fn new(store: S, retention: Duration, batch_size: i64) -> Self {
         Self {
             store,
             retention,
@@ -93,7 +93,7 @@ fn duration(d: prost_types::Duration) -> Result<Duration, ServiceError> {
 }
 
 #[tonic::async_trait]
-impl Admin for AdminApi {
+impl<S: Store> Admin for AdminApi<S> {
     #[tracing::instrument(
         name = "Cleanup",
         skip_all,

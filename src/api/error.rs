@@ -76,8 +76,12 @@ impl From<StorageError> for ServiceError {
         match error {
             // Only a claim's lock wait means "a request with this key is in
             // flight"; idempotency::create_task maps that one itself.
-            StorageError::LockTimeout(_) | StorageError::Unavailable(_) => Self::Unavailable(error),
-            StorageError::Internal(_) | StorageError::Corrupt(_) => Self::Internal(error),
+            StorageError::LockTimeout(_)
+            | StorageError::WriterBusy(_)
+            | StorageError::Unavailable(_) => Self::Unavailable(error),
+            StorageError::Internal(_) | StorageError::Corrupt(_) | StorageError::Config(_) => {
+                Self::Internal(error)
+            }
         }
     }
 }

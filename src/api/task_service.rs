@@ -15,7 +15,7 @@ use crate::{
         CreateTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse, Task,
         task_service_server::TaskService,
     },
-    storage::{PgStore, StorageError, TaskRow},
+    storage::{StorageError, Store, TaskRow},
 };
 
 /// The response metadata that marks a replayed response.
@@ -28,16 +28,16 @@ const MAX_PAGE_SIZE: i32 = 1000;
 
 /// The TaskService implementation.
 #[derive(Debug, Clone)]
-pub struct TaskApi {
-    store: PgStore,
+pub struct TaskApi<S> {
+    store: S,
     retention: Duration,
     limits: Limits,
 }
 
-impl TaskApi {
+impl<S: Store> TaskApi<S> {
     /// A service over `store` that treats key records older than `retention`
     /// as absent.
-    pub fn new(store: PgStore, retention: Duration, limits: Limits) -> Self {
+    pub fn new(store: S, retention: Duration, limits: Limits) -> Self {
         Self {
             store,
             retention,
@@ -143,7 +143,7 @@ impl TaskApi {
 }
 
 #[tonic::async_trait]
-impl TaskService for TaskApi {
+impl<S: Store> TaskService for TaskApi<S> {
     #[tracing::instrument(
         name = "CreateTask",
         skip_all,

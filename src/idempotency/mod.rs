@@ -25,7 +25,7 @@ pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 use crate::{
     domain::{NewTask, json_to_struct},
     proto::tasks_v1::{Task, TaskStatus},
-    storage::{ClaimOutcome, NewKeyedTask, PgStore, StorageError},
+    storage::{ClaimOutcome, NewKeyedTask, StorageError, Store},
 };
 
 /// The scope of keys sent to CreateTask: its full gRPC method name.
@@ -52,8 +52,8 @@ pub enum Outcome {
 
 /// Creates the task for `key` exactly once, or answers as the first request
 /// with that key was answered.
-pub async fn create_task(
-    store: &PgStore,
+pub async fn create_task<S: Store>(
+    store: &S,
     key: &IdempotencyKey,
     task: &NewTask,
     retention: Duration,
@@ -98,7 +98,9 @@ pub async fn create_task(
             Ok(ClaimOutcome::AlreadyClaimed) => continue,
             // The claim waited the whole bound for a concurrent request
             // holding this key.
-            Err(StorageError::LockTimeout(_)) => return Ok(Outcome::InFlight),
+            Err(StorageError::LockTimeout(_) | StorageError::WriterBusy(_)) => {
+                return Ok(Outcome::InFlight);
+            }
             Err(error) => return Err(error),
         }
     }

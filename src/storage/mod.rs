@@ -1,13 +1,177 @@
-//! The storage layer: every SQL statement oncely runs lives here.
+//! The storage layer: every SQL statement oncely runs lives here, behind the
+//! [`Store`] trait, with one implementation per backend: [`PgStore`]
+//! (PostgreSQL, for production and several instances) and [`SqliteStore`]
+//! (an embedded file, the zero-setup default for one process).
 //!
 //! Query style: runtime-checked `sqlx::query` with binds, so building needs no
-//! database; the integration tests exercise every statement against a real
-//! PostgreSQL.
+//! database; the integration tests exercise every statement on both backends.
 
 mod error;
 mod postgres;
+mod sqlite;
+
+use std::{fmt, future::Future, time::Duration};
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
 
 pub use error::StorageError;
-pub use postgres::{
-    ClaimOutcome, DatabaseSettings, KeyLookup, NewKeyedTask, PgStore, StoredKey, TaskRow,
-};
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+use crate::{config::redact_url, domain::NewTask, idempotency::Fingerprint};
+
+/// What the service needs from a database. Every method is one short unit
+/// of work; `claim_key_and_insert_task` is the only write that must be
+/// atomic, and each backend makes it so.
+pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
+    /// Which backend this is and where, for logs (no secrets).
+    fn describe(&self) -> String;
+
+    /// Looks up a live key record (younger than `retention`) with one indexed
+    /// read, and reads the database clock.
+    fn find_key(
+        &self,
+        scope: &str,
+        key: &str,
+        retention: Duration,
+    ) -> impl Future<Output = Result<KeyLookup, StorageError>> + Send;
+
+    /// Claims the key and inserts its task atomically. A record older than
+    /// the retention is replaced; a live one is left untouched. Waits at most
+    /// the in-flight bound for a concurrent claim of the same key, then fails
+    /// with [`StorageError::LockTimeout`].
+    fn claim_key_and_insert_task(
+        &self,
+        new: &NewKeyedTask<'_>,
+    ) -> impl Future<Output = Result<ClaimOutcome, StorageError>> + Send;
+
+    /// Reads one task.
+    fn get_task(
+        &self,
+        task_id: Uuid,
+    ) -> impl Future<Output = Result<Option<TaskRow>, StorageError>> + Send;
+
+    /// Reads up to `limit` of an agent's tasks created after `after_seq`,
+    /// oldest first.
+    fn list_tasks(
+        &self,
+        agent_id: &str,
+        after_seq: i64,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<TaskRow>, StorageError>> + Send;
+
+    /// Deletes idempotency records created more than `older_than` ago, in
+    /// batches of `batch_size`, each its own short transaction. Never deletes
+    /// tasks. Returns how many records were deleted.
+    fn delete_keys_older_than(
+        &self,
+        older_than: Duration,
+        batch_size: i64,
+    ) -> impl Future<Output = Result<u64, StorageError>> + Send;
+
+    /// Checks that the database answers.
+    fn ping(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
+}
+
+/// How to reach the database and how to use it.
+#[derive(Clone)]
+pub struct DatabaseSettings {
+    /// A `postgres://` or `sqlite://` URL; may hold a password, so never
+    /// logged as is.
+    pub url: String,
+    /// The most connections the pool opens.
+    pub max_connections: u32,
+    /// How long a request waits for a pooled connection (and for a new
+    /// connection to open) before it fails as UNAVAILABLE.
+    pub acquire_timeout: Duration,
+    /// How long a statement waits for a lock, in particular for a concurrent
+    /// request holding the same idempotency key, before giving up.
+    pub in_flight_wait: Duration,
+    /// Create the database (or SQLite file) named in `url` when it does not
+    /// exist yet.
+    pub create_database: bool,
+}
+
+impl fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("url", &redact_url(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("in_flight_wait", &self.in_flight_wait)
+            .field("create_database", &self.create_database)
+            .finish()
+    }
+}
+
+/// A live idempotency record.
+#[derive(Debug, Clone)]
+pub struct StoredKey {
+    /// The fingerprint of the request that claimed the key.
+    pub fingerprint: Vec<u8>,
+    /// The encoded response given to that request.
+    pub response: Vec<u8>,
+}
+
+/// The result of looking a key up.
+#[derive(Debug, Clone)]
+pub struct KeyLookup {
+    /// The key's record, if one exists and is younger than the retention.
+    pub record: Option<StoredKey>,
+    /// The database's clock at the time of the lookup.
+    pub now: DateTime<Utc>,
+}
+
+/// Everything needed to claim a key and create its task in one go.
+#[derive(Debug)]
+pub struct NewKeyedTask<'a> {
+    /// The key's scope: the RPC method.
+    pub scope: &'a str,
+    /// The client's key.
+    pub key: &'a str,
+    /// The request's fingerprint.
+    pub fingerprint: &'a Fingerprint,
+    /// The validated request.
+    pub task: &'a NewTask,
+    /// The new task's id.
+    pub task_id: Uuid,
+    /// The new task's status.
+    pub status: i16,
+    /// The new task's creation time.
+    pub create_time: DateTime<Utc>,
+    /// The encoded response to store for replays.
+    pub response: &'a [u8],
+    /// Records older than this count as absent and may be replaced.
+    pub retention: Duration,
+}
+
+/// Whether a claim took the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// The key and the task were committed together.
+    Claimed,
+    /// A live record for the key already exists; nothing was written.
+    AlreadyClaimed,
+}
+
+/// One row of `tasks`.
+#[derive(Debug, Clone)]
+pub struct TaskRow {
+    /// Creation order, used for paging.
+    pub seq: i64,
+    /// The task's id.
+    pub task_id: Uuid,
+    /// The owning agent.
+    pub agent_id: String,
+    /// The action.
+    pub action: String,
+    /// The parameters as a JSON object.
+    pub parameters: serde_json::Value,
+    /// The `TaskStatus` number.
+    pub status: i16,
+    /// The result, once something completed the task.
+    pub result: Option<serde_json::Value>,
+    /// When the task was created.
+    pub create_time: DateTime<Utc>,
+}

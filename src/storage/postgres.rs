@@ -1,6 +1,6 @@
 //! The PostgreSQL store.
 
-use std::{fmt, str::FromStr, time::Duration};
+use std::{str::FromStr, time::Duration};
 
 use chrono::{DateTime, Utc};
 use sqlx::{
@@ -11,114 +11,18 @@ use sqlx::{
 };
 use uuid::Uuid;
 
-use super::StorageError;
-use crate::{config::redact_url, domain::NewTask, idempotency::Fingerprint};
-
-/// How to reach the database and how to use it.
-#[derive(Clone)]
-pub struct DatabaseSettings {
-    /// A `postgres://` URL; may hold a password, so never logged as is.
-    pub url: String,
-    /// The most connections the pool opens.
-    pub max_connections: u32,
-    /// How long a request waits for a pooled connection (and for a new
-    /// connection to open) before it fails as UNAVAILABLE.
-    pub acquire_timeout: Duration,
-    /// How long a statement waits for a lock, in particular for a concurrent
-    /// request holding the same idempotency key, before giving up.
-    pub in_flight_wait: Duration,
-    /// Create the database named in `url` when it does not exist yet.
-    pub create_database: bool,
-}
-
-impl fmt::Debug for DatabaseSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DatabaseSettings")
-            .field("url", &redact_url(&self.url))
-            .field("max_connections", &self.max_connections)
-            .field("acquire_timeout", &self.acquire_timeout)
-            .field("in_flight_wait", &self.in_flight_wait)
-            .field("create_database", &self.create_database)
-            .finish()
-    }
-}
+use super::{
+    ClaimOutcome, DatabaseSettings, KeyLookup, NewKeyedTask, StorageError, Store, StoredKey,
+    TaskRow,
+};
+use crate::config::redact_url;
 
 /// The PostgreSQL-backed store: a connection pool and the statements.
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
     health_pool: PgPool,
-}
-
-/// A live idempotency record.
-#[derive(Debug, Clone)]
-pub struct StoredKey {
-    /// The fingerprint of the request that claimed the key.
-    pub fingerprint: Vec<u8>,
-    /// The encoded response given to that request.
-    pub response: Vec<u8>,
-}
-
-/// The result of looking a key up.
-#[derive(Debug, Clone)]
-pub struct KeyLookup {
-    /// The key's record, if one exists and is younger than the retention.
-    pub record: Option<StoredKey>,
-    /// The database's clock at the time of the lookup.
-    pub now: DateTime<Utc>,
-}
-
-/// Everything needed to claim a key and create its task in one go.
-#[derive(Debug)]
-pub struct NewKeyedTask<'a> {
-    /// The key's scope: the RPC method.
-    pub scope: &'a str,
-    /// The client's key.
-    pub key: &'a str,
-    /// The request's fingerprint.
-    pub fingerprint: &'a Fingerprint,
-    /// The validated request.
-    pub task: &'a NewTask,
-    /// The new task's id.
-    pub task_id: Uuid,
-    /// The new task's status.
-    pub status: i16,
-    /// The new task's creation time.
-    pub create_time: DateTime<Utc>,
-    /// The encoded response to store for replays.
-    pub response: &'a [u8],
-    /// Records older than this count as absent and may be replaced.
-    pub retention: Duration,
-}
-
-/// Whether a claim took the key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClaimOutcome {
-    /// The key and the task were committed together.
-    Claimed,
-    /// A live record for the key already exists; nothing was written.
-    AlreadyClaimed,
-}
-
-/// One row of `tasks`.
-#[derive(Debug, Clone)]
-pub struct TaskRow {
-    /// Creation order, used for paging.
-    pub seq: i64,
-    /// The task's id.
-    pub task_id: Uuid,
-    /// The owning agent.
-    pub agent_id: String,
-    /// The action.
-    pub action: String,
-    /// The parameters as a JSON object.
-    pub parameters: serde_json::Value,
-    /// The `TaskStatus` number.
-    pub status: i16,
-    /// The result, once something completed the task.
-    pub result: Option<serde_json::Value>,
-    /// When the task was created.
-    pub create_time: DateTime<Utc>,
+    description: String,
 }
 
 impl PgStore {
@@ -168,18 +72,28 @@ impl PgStore {
             .max_connections(1)
             .acquire_timeout(settings.acquire_timeout)
             .connect_lazy_with(options.application_name("oncely-health"));
-        Ok(Self { pool, health_pool })
+        Ok(Self {
+            pool,
+            health_pool,
+            description: format!("postgres at {}", redact_url(&settings.url)),
+        })
     }
 
     /// The connection pool, for health checks and tests.
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+}
+
+impl Store for PgStore {
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
 
     /// Looks up a live key record with one indexed read, and reads the
     /// database clock in the same statement.
     #[tracing::instrument(skip_all)]
-    pub async fn find_key(
+    async fn find_key(
         &self,
         scope: &str,
         key: &str,
@@ -218,7 +132,7 @@ impl PgStore {
     /// untouched. A concurrent uncommitted claim of the same key makes this
     /// statement wait for its outcome, at most `lock_timeout`.
     #[tracing::instrument(skip_all, fields(task_id = %new.task_id))]
-    pub async fn claim_key_and_insert_task(
+    async fn claim_key_and_insert_task(
         &self,
         new: &NewKeyedTask<'_>,
     ) -> Result<ClaimOutcome, StorageError> {
@@ -257,7 +171,7 @@ impl PgStore {
 
     /// Reads one task.
     #[tracing::instrument(skip_all)]
-    pub async fn get_task(&self, task_id: Uuid) -> Result<Option<TaskRow>, StorageError> {
+    async fn get_task(&self, task_id: Uuid) -> Result<Option<TaskRow>, StorageError> {
         sqlx::query(
             "SELECT seq, task_id, agent_id, action, parameters, status, result, create_time \
              FROM tasks WHERE task_id = $1",
@@ -272,7 +186,7 @@ impl PgStore {
     /// Reads up to `limit` of an agent's tasks created after `after_seq`,
     /// oldest first.
     #[tracing::instrument(skip_all)]
-    pub async fn list_tasks(
+    async fn list_tasks(
         &self,
         agent_id: &str,
         after_seq: i64,
@@ -297,7 +211,7 @@ impl PgStore {
     /// table is never locked for long. Rows locked by others are skipped.
     /// Returns how many were deleted. Tasks are never deleted.
     #[tracing::instrument(skip_all, fields(deleted))]
-    pub async fn delete_keys_older_than(
+    async fn delete_keys_older_than(
         &self,
         older_than: Duration,
         batch_size: i64,
@@ -333,8 +247,7 @@ impl PgStore {
         Ok(deleted)
     }
 
-    /// Checks that the database answers.
-    pub async fn ping(&self) -> Result<(), StorageError> {
+    async fn ping(&self) -> Result<(), StorageError> {
         sqlx::query("SELECT 1").execute(&self.health_pool).await?;
         Ok(())
     }
