@@ -1,5 +1,7 @@
 //! Retention and Cleanup.
 
+use crate::helpers::Backend;
+
 use std::time::Duration;
 
 use oncely::proto::tasks_v1::CleanupRequest;
@@ -21,9 +23,8 @@ fn older_than(d: Duration) -> CleanupRequest {
     }
 }
 
-#[tokio::test]
-async fn cleanup_deletes_only_older_records_and_never_tasks() {
-    let db = TestDb::new().await;
+async fn cleanup_deletes_only_older_records_and_never_tasks(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     let old_key = new_key();
     app.create(Some(&old_key), email_request())
@@ -43,17 +44,13 @@ async fn cleanup_deletes_only_older_records_and_never_tasks() {
         .expect("cleanup");
 
     assert_eq!(response.into_inner().deleted, 1);
-    let left: Vec<String> = sqlx::query_scalar("SELECT key FROM idempotency_keys")
-        .fetch_all(&db.pool)
-        .await
-        .expect("keys");
+    let left = db.keys().await;
     assert_eq!(left, [fresh_key]);
     assert_eq!(db.count("tasks").await, 2);
 }
 
-#[tokio::test]
-async fn a_deleted_key_executes_afresh() {
-    let db = TestDb::new().await;
+async fn a_deleted_key_executes_afresh(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     let key = new_key();
     let first = app
@@ -83,9 +80,8 @@ async fn a_deleted_key_executes_afresh() {
     assert_eq!(db.count("tasks").await, 2);
 }
 
-#[tokio::test]
-async fn cleanup_refuses_to_delete_records_younger_than_the_retention() {
-    let db = TestDb::new().await;
+async fn cleanup_refuses_to_delete_records_younger_than_the_retention(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     app.create(Some(&new_key()), email_request())
         .await
@@ -105,9 +101,8 @@ async fn cleanup_refuses_to_delete_records_younger_than_the_retention() {
     assert_eq!(db.count("idempotency_keys").await, 1);
 }
 
-#[tokio::test]
-async fn cleanup_accepts_durations_with_nanoseconds() {
-    let db = TestDb::new().await;
+async fn cleanup_accepts_durations_with_nanoseconds(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     app.create(Some(&new_key()), email_request())
         .await
@@ -131,9 +126,8 @@ async fn cleanup_accepts_durations_with_nanoseconds() {
     assert_eq!(deleted, 1);
 }
 
-#[tokio::test]
-async fn cleanup_works_in_batches_until_all_old_records_are_gone() {
-    let db = TestDb::new().await;
+async fn cleanup_works_in_batches_until_all_old_records_are_gone(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
     settings.cleanup_batch_size = 2;
     let app = TestApp::spawn_with(settings).await;
@@ -157,9 +151,8 @@ async fn cleanup_works_in_batches_until_all_old_records_are_gone() {
     assert_eq!(db.count("idempotency_keys").await, 0);
 }
 
-#[tokio::test]
-async fn cleanup_without_older_than_uses_the_retention() {
-    let db = TestDb::new().await;
+async fn cleanup_without_older_than_uses_the_retention(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
     settings.retention = 3 * HOUR;
     let app = TestApp::spawn_with(settings).await;
@@ -185,9 +178,8 @@ async fn cleanup_without_older_than_uses_the_retention() {
     assert_eq!(db.count("idempotency_keys").await, 1);
 }
 
-#[tokio::test]
-async fn a_negative_older_than_is_invalid() {
-    let db = TestDb::new().await;
+async fn a_negative_older_than_is_invalid(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     app.create(Some(&new_key()), email_request())
         .await
@@ -211,9 +203,8 @@ async fn a_negative_older_than_is_invalid() {
     assert_eq!(db.count("idempotency_keys").await, 1);
 }
 
-#[tokio::test]
-async fn a_record_older_than_the_retention_is_treated_as_absent_before_cleanup() {
-    let db = TestDb::new().await;
+async fn a_record_older_than_the_retention_is_treated_as_absent_before_cleanup(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
     settings.retention = HOUR;
     let app = TestApp::spawn_with(settings).await;
@@ -243,9 +234,8 @@ async fn a_record_older_than_the_retention_is_treated_as_absent_before_cleanup()
     assert_eq!(db.count("idempotency_keys").await, 1);
 }
 
-#[tokio::test]
-async fn an_expired_record_does_not_refuse_a_different_request() {
-    let db = TestDb::new().await;
+async fn an_expired_record_does_not_refuse_a_different_request(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
     settings.retention = HOUR;
     let app = TestApp::spawn_with(settings).await;
@@ -263,3 +253,15 @@ async fn an_expired_record_does_not_refuse_a_different_request() {
 
     assert_eq!(replayed(&response), Some("false"));
 }
+
+conformance!(
+    cleanup_deletes_only_older_records_and_never_tasks,
+    a_deleted_key_executes_afresh,
+    cleanup_refuses_to_delete_records_younger_than_the_retention,
+    cleanup_accepts_durations_with_nanoseconds,
+    cleanup_works_in_batches_until_all_old_records_are_gone,
+    cleanup_without_older_than_uses_the_retention,
+    a_negative_older_than_is_invalid,
+    a_record_older_than_the_retention_is_treated_as_absent_before_cleanup,
+    an_expired_record_does_not_refuse_a_different_request,
+);

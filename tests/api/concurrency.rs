@@ -1,5 +1,7 @@
 //! Real concurrency: many calls released together at a barrier.
 
+use crate::helpers::Backend;
+
 use std::sync::Arc;
 
 use futures::future::join_all;
@@ -36,9 +38,8 @@ async fn race(apps: &[&TestApp], key: &str) -> (Vec<String>, usize) {
     (ids, replays)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_calls_with_one_key_create_exactly_one_task() {
-    let db = TestDb::new().await;
+async fn concurrent_calls_with_one_key_create_exactly_one_task(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     let key = new_key();
 
@@ -56,7 +57,7 @@ async fn concurrent_calls_with_one_key_create_exactly_one_task() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_calls_across_two_instances_create_exactly_one_task() {
-    let db = TestDb::new().await;
+    let db = TestDb::new(Backend::Postgres).await;
     // Both instances start together on a fresh database: migrations race too.
     let (one, two) = tokio::join!(
         TestApp::spawn_with(test_settings(&db.url)),
@@ -75,9 +76,8 @@ async fn concurrent_calls_across_two_instances_create_exactly_one_task() {
     assert_eq!(db.count("idempotency_keys").await, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_calls_with_different_keys_each_create_a_task() {
-    let db = TestDb::new().await;
+async fn concurrent_calls_with_different_keys_each_create_a_task(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     let barrier = Arc::new(Barrier::new(CALLS));
 
@@ -103,7 +103,7 @@ async fn concurrent_calls_with_different_keys_each_create_a_task() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn instances_starting_together_create_a_missing_database_once() {
-    let db = TestDb::uncreated().await;
+    let db = TestDb::uncreated_postgres().await;
     let mut settings = test_settings(&db.url);
     settings.database.create_database = true;
 
@@ -119,3 +119,8 @@ async fn instances_starting_together_create_a_missing_database_once() {
         .await
         .expect("the second instance serves");
 }
+
+conformance!(
+    concurrent_calls_with_one_key_create_exactly_one_task,
+    concurrent_calls_with_different_keys_each_create_a_task,
+);

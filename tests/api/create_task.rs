@@ -1,5 +1,7 @@
 //! The idempotency contract, row by row.
 
+use crate::helpers::Backend;
+
 use oncely::proto::tasks_v1::{CreateTaskRequest, TaskStatus};
 use prost::Message;
 use prost_types::{Struct, Value, value::Kind};
@@ -11,9 +13,8 @@ use crate::helpers::{
     request, test_settings, violated_fields,
 };
 
-#[tokio::test]
-async fn first_request_creates_a_queued_task_and_its_key_record_together() {
-    let db = TestDb::new().await;
+async fn first_request_creates_a_queued_task_and_its_key_record_together(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     let key = new_key();
 
@@ -31,22 +32,15 @@ async fn first_request_creates_a_queued_task_and_its_key_record_together() {
     assert_eq!(task.parameters, email_request().parameters);
     assert!(task.create_time.is_some());
     assert!(task.result.is_none());
-    let (stored_task, response): (uuid::Uuid, Vec<u8>) = sqlx::query_as(
-        "SELECT k.task_id, k.response FROM idempotency_keys k JOIN tasks t USING (task_id) \
-         WHERE k.scope = 'tasks.v1.TaskService/CreateTask' AND k.key = $1",
-    )
-    .bind(&key)
-    .fetch_one(&db.pool)
-    .await
-    .expect("the key record and its task");
-    assert_eq!(stored_task.to_string(), task.task_id);
+    let (stored_task, _, response, _) = db.key_record(&key).await.expect("the key record");
+    assert_eq!(stored_task, task.task_id);
     assert_eq!(response, task.encode_to_vec());
+    assert_eq!(db.orphans().await, (0, 0));
     assert_eq!(db.count("tasks").await, 1);
 }
 
-#[tokio::test]
-async fn retry_with_same_key_returns_the_first_response_byte_for_byte() {
-    let db = TestDb::new().await;
+async fn retry_with_same_key_returns_the_first_response_byte_for_byte(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     let key = new_key();
     let body = email_request().encode_to_vec();
@@ -67,9 +61,10 @@ async fn retry_with_same_key_returns_the_first_response_byte_for_byte() {
     assert_eq!(db.count("idempotency_keys").await, 1);
 }
 
-#[tokio::test]
-async fn same_key_with_a_different_request_is_refused_and_the_original_still_replays() {
-    let db = TestDb::new().await;
+async fn same_key_with_a_different_request_is_refused_and_the_original_still_replays(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     let key = new_key();
     let original = app
@@ -77,11 +72,7 @@ async fn same_key_with_a_different_request_is_refused_and_the_original_still_rep
         .await
         .expect("create")
         .into_inner();
-    let record_before: (Vec<u8>, Vec<u8>, chrono::DateTime<chrono::Utc>) =
-        sqlx::query_as("SELECT fingerprint, response, created_at FROM idempotency_keys")
-            .fetch_one(&db.pool)
-            .await
-            .expect("record");
+    let record_before = db.key_record(&key).await.expect("record");
 
     let changes = [
         CreateTaskRequest {
@@ -110,11 +101,7 @@ async fn same_key_with_a_different_request_is_refused_and_the_original_still_rep
         );
     }
 
-    let record_after: (Vec<u8>, Vec<u8>, chrono::DateTime<chrono::Utc>) =
-        sqlx::query_as("SELECT fingerprint, response, created_at FROM idempotency_keys")
-            .fetch_one(&db.pool)
-            .await
-            .expect("record");
+    let record_after = db.key_record(&key).await.expect("record");
     assert_eq!(record_after, record_before);
     let replay = app
         .create(Some(&key), email_request())
@@ -125,9 +112,8 @@ async fn same_key_with_a_different_request_is_refused_and_the_original_still_rep
     assert_eq!(db.count("tasks").await, 1);
 }
 
-#[tokio::test]
-async fn create_without_a_key_is_invalid_and_stores_nothing() {
-    let db = TestDb::new().await;
+async fn create_without_a_key_is_invalid_and_stores_nothing(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
 
     assert_status(
@@ -140,9 +126,8 @@ async fn create_without_a_key_is_invalid_and_stores_nothing() {
     assert_eq!(db.count("idempotency_keys").await, 0);
 }
 
-#[tokio::test]
-async fn malformed_keys_are_invalid_and_store_nothing() {
-    let db = TestDb::new().await;
+async fn malformed_keys_are_invalid_and_store_nothing(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     let long = "k".repeat(256);
     let malformed: Vec<&[u8]> = vec![
@@ -184,9 +169,8 @@ async fn malformed_keys_are_invalid_and_store_nothing() {
     assert_eq!(db.count("idempotency_keys").await, 0);
 }
 
-#[tokio::test]
-async fn keys_at_the_limits_of_the_rules_are_accepted() {
-    let db = TestDb::new().await;
+async fn keys_at_the_limits_of_the_rules_are_accepted(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
 
     for key in ["!".to_owned(), "~".repeat(255), "a".repeat(255)] {
@@ -202,9 +186,8 @@ fn value(kind: Kind) -> Value {
     Value { kind: Some(kind) }
 }
 
-#[tokio::test]
-async fn invalid_requests_name_the_field_and_leave_the_key_unused() {
-    let db = TestDb::new().await;
+async fn invalid_requests_name_the_field_and_leave_the_key_unused(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     let key = new_key();
     let nan = Struct {
@@ -306,9 +289,8 @@ async fn invalid_requests_name_the_field_and_leave_the_key_unused() {
     assert_eq!(replayed(&created), Some("false"));
 }
 
-#[tokio::test]
-async fn requests_over_the_size_limits_are_refused_and_the_server_keeps_serving() {
-    let db = TestDb::new().await;
+async fn requests_over_the_size_limits_are_refused_and_the_server_keeps_serving(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
     settings.limits.max_parameters_bytes = 100;
     settings.max_request_bytes = 4096;
@@ -335,9 +317,8 @@ async fn requests_over_the_size_limits_are_refused_and_the_server_keeps_serving(
         .expect("still serving, key unused");
 }
 
-#[tokio::test]
-async fn a_request_without_parameters_is_the_same_as_empty_parameters() {
-    let db = TestDb::new().await;
+async fn a_request_without_parameters_is_the_same_as_empty_parameters(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     let key = new_key();
 
@@ -366,9 +347,8 @@ async fn a_request_without_parameters_is_the_same_as_empty_parameters() {
     assert_eq!(retry.into_inner(), first.into_inner());
 }
 
-#[tokio::test]
-async fn get_and_list_ignore_the_key() {
-    let db = TestDb::new().await;
+async fn get_and_list_ignore_the_key(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     let task = app
         .create(Some(&new_key()), email_request())
@@ -390,3 +370,16 @@ async fn get_and_list_ignore_the_key() {
 
     assert_eq!(got.into_inner(), task);
 }
+
+conformance!(
+    first_request_creates_a_queued_task_and_its_key_record_together,
+    retry_with_same_key_returns_the_first_response_byte_for_byte,
+    same_key_with_a_different_request_is_refused_and_the_original_still_replays,
+    create_without_a_key_is_invalid_and_stores_nothing,
+    malformed_keys_are_invalid_and_store_nothing,
+    keys_at_the_limits_of_the_rules_are_accepted,
+    invalid_requests_name_the_field_and_leave_the_key_unused,
+    requests_over_the_size_limits_are_refused_and_the_server_keeps_serving,
+    a_request_without_parameters_is_the_same_as_empty_parameters,
+    get_and_list_ignore_the_key,
+);

@@ -1,5 +1,7 @@
 //! Health follows the database; shutdown is graceful.
 
+use crate::helpers::Backend;
+
 use std::time::Duration;
 
 use tonic::Code;
@@ -11,9 +13,8 @@ use crate::helpers::{
     PgProxy, TestApp, TestDb, assert_status, email_request, new_key, replayed, test_settings,
 };
 
-#[tokio::test]
-async fn health_is_serving_for_the_server_and_each_service() {
-    let db = TestDb::new().await;
+async fn health_is_serving_for_the_server_and_each_service(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
 
     for service in ["", "tasks.v1.TaskService", "tasks.v1.Admin"] {
@@ -32,15 +33,11 @@ async fn health_is_serving_for_the_server_and_each_service() {
 
 #[tokio::test]
 async fn health_stays_serving_while_requests_hold_every_pooled_connection() {
-    let db = TestDb::new().await;
+    let db = TestDb::new(Backend::Postgres).await;
     let mut settings = test_settings(&db.url);
     settings.database.max_connections = 2;
     let app = TestApp::spawn_with(settings).await;
-    let mut lock = db.pool.begin().await.expect("begin");
-    sqlx::query("LOCK TABLE tasks IN EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .expect("lock");
+    let lock = db.hold_writes().await;
     let waiting: Vec<_> = (0..2)
         .map(|_| {
             let mut tasks = app.tasks.clone();
@@ -57,7 +54,7 @@ async fn health_stays_serving_while_requests_hold_every_pooled_connection() {
         assert_eq!(app.health("").await.expect("check"), ServingStatus::Serving);
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    lock.commit().await.expect("commit");
+    lock.commit().await;
     for call in waiting {
         call.await.expect("join").expect("create");
     }
@@ -65,7 +62,7 @@ async fn health_stays_serving_while_requests_hold_every_pooled_connection() {
 
 #[tokio::test]
 async fn health_flips_when_the_database_goes_away_and_comes_back() {
-    let db = TestDb::new().await;
+    let db = TestDb::new(Backend::Postgres).await;
     let proxy = PgProxy::start(&db).await;
     let app = TestApp::spawn_with(test_settings(&db.url_via(&proxy))).await;
 
@@ -86,7 +83,7 @@ async fn health_flips_when_the_database_goes_away_and_comes_back() {
 
 #[tokio::test]
 async fn an_unreachable_database_is_unavailable_and_a_retry_later_executes_afresh() {
-    let db = TestDb::new().await;
+    let db = TestDb::new(Backend::Postgres).await;
     let proxy = PgProxy::start(&db).await;
     let app = TestApp::spawn_with(test_settings(&db.url_via(&proxy))).await;
     let key = new_key();
@@ -111,9 +108,8 @@ async fn an_unreachable_database_is_unavailable_and_a_retry_later_executes_afres
     assert_eq!(db.count("idempotency_keys").await, 1);
 }
 
-#[tokio::test]
-async fn shutdown_reports_not_serving_and_finishes_in_flight_requests() {
-    let db = TestDb::new().await;
+async fn shutdown_reports_not_serving_and_finishes_in_flight_requests(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
     // Long enough that only a prompt, clean stop passes the timeout below.
     settings.shutdown_grace = Duration::from_secs(120);
@@ -135,11 +131,7 @@ async fn shutdown_reports_not_serving_and_finishes_in_flight_requests() {
         ServingStatus::Serving
     );
     // Hold a row lock so a request is in flight when shutdown starts.
-    let mut lock = db.pool.begin().await.expect("begin");
-    sqlx::query("LOCK TABLE tasks IN EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .expect("lock");
+    let lock = db.hold_writes().await;
     let in_flight = tokio::spawn({
         let mut tasks = app.tasks.clone();
         async move {
@@ -164,7 +156,7 @@ async fn shutdown_reports_not_serving_and_finishes_in_flight_requests() {
     assert!(matches!(end, Ok(None)), "{end:?}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!in_flight.is_finished());
-    lock.commit().await.expect("commit");
+    lock.commit().await;
 
     let response = in_flight
         .await
@@ -179,18 +171,13 @@ async fn shutdown_reports_not_serving_and_finishes_in_flight_requests() {
     assert_eq!(db.count("tasks").await, 1);
 }
 
-#[tokio::test]
-async fn shutdown_stops_after_the_grace_period_even_if_a_request_hangs() {
-    let db = TestDb::new().await;
+async fn shutdown_stops_after_the_grace_period_even_if_a_request_hangs(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
     settings.shutdown_grace = Duration::from_millis(500);
     settings.database.in_flight_wait = Duration::from_secs(60);
     let app = TestApp::spawn_with(settings).await;
-    let mut lock = db.pool.begin().await.expect("begin");
-    sqlx::query("LOCK TABLE tasks IN EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .expect("lock");
+    let lock = db.hold_writes().await;
     let hanging = tokio::spawn({
         let mut tasks = app.tasks.clone();
         async move {
@@ -209,5 +196,11 @@ async fn shutdown_stops_after_the_grace_period_even_if_a_request_hangs() {
     // In a process, exiting ends the request; here its task is still waiting.
     assert!(!hanging.is_finished());
     hanging.abort();
-    lock.rollback().await.expect("rollback");
+    lock.rollback().await;
 }
+
+conformance!(
+    health_is_serving_for_the_server_and_each_service,
+    shutdown_reports_not_serving_and_finishes_in_flight_requests,
+    shutdown_stops_after_the_grace_period_even_if_a_request_hangs,
+);

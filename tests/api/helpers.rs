@@ -2,7 +2,6 @@
 //! gRPC clients, and a switchable TCP proxy in front of PostgreSQL.
 
 use std::{
-    str::FromStr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -19,7 +18,6 @@ use oncely::{
     },
     startup::StartupError,
 };
-use sqlx::{Connection, PgConnection, PgPool, postgres::PgConnectOptions};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::oneshot,
@@ -35,142 +33,9 @@ use tonic_health::pb::{
 };
 use tonic_types::StatusExt;
 
-/// The server used when `DATABASE_URL` is unset.
-const DEFAULT_BASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-
 pub(crate) const CREATE_TASK_PATH: &str = "/tasks.v1.TaskService/CreateTask";
 
-fn base_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_BASE_URL.to_owned())
-}
-
-/// `url` pointing at database `name` (and at `host:port` when given).
-fn url_for(url: &str, name: &str, host_port: Option<(&str, u16)>) -> String {
-    let (scheme, rest) = url.split_once("://").expect("DATABASE_URL has a scheme");
-    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-    let query = tail.find('?').map(|i| &tail[i..]).unwrap_or("");
-    let authority = match host_port {
-        None => authority.to_owned(),
-        Some((host, port)) => match authority.rsplit_once('@') {
-            Some((userinfo, _)) => format!("{userinfo}@{host}:{port}"),
-            None => format!("{host}:{port}"),
-        },
-    };
-    format!("{scheme}://{authority}/{name}{query}")
-}
-
-/// A database of its own for one test, dropped when the test ends.
-pub(crate) struct TestDb {
-    pub(crate) name: String,
-    pub(crate) url: String,
-    pub(crate) pool: PgPool,
-    base: String,
-}
-
-impl TestDb {
-    pub(crate) async fn new() -> Self {
-        let base = base_url();
-        let mut admin = PgConnection::connect(&base).await.unwrap_or_else(|e| {
-            panic!(
-                "cannot reach PostgreSQL at {base} ({e}). The tests need a real server: start the \
-                 local one with `pg_ctlcluster --skip-systemctl-redirect 15 main start`, or set \
-                 DATABASE_URL to a server where this role may create databases."
-            )
-        });
-        let name = format!("oncely_test_{}", uuid::Uuid::new_v4().simple());
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut admin)
-            .await
-            .expect("create the test database");
-        let url = url_for(&base, &name, None);
-        let pool = PgPool::connect(&url)
-            .await
-            .expect("connect to the test database");
-        Self {
-            name,
-            url,
-            pool,
-            base,
-        }
-    }
-
-    /// A name and URL for a database that does not exist yet; the caller's
-    /// server is expected to create it.
-    pub(crate) async fn uncreated() -> Self {
-        let db = Self::new().await;
-        db.pool.close().await;
-        let mut admin = PgConnection::connect(&db.base).await.expect("connect");
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {}", db.name)))
-            .execute(&mut admin)
-            .await
-            .expect("drop the test database");
-        db
-    }
-
-    /// Inserts `count` tasks for `agent_id` directly, for paging tests.
-    pub(crate) async fn insert_tasks(&self, agent_id: &str, count: i64) {
-        sqlx::query(
-            "INSERT INTO tasks (task_id, agent_id, action, parameters, status, create_time) \
-             SELECT gen_random_uuid(), $1, 'step', '{}'::jsonb, 1, now() FROM generate_series(1, $2)",
-        )
-        .bind(agent_id)
-        .bind(count)
-        .execute(&self.pool)
-        .await
-        .expect("insert tasks");
-    }
-
-    pub(crate) async fn count(&self, table: &str) -> i64 {
-        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
-            .fetch_one(&self.pool)
-            .await
-            .expect("count rows")
-    }
-
-    /// Pretends every key record was created `age` earlier than it was.
-    pub(crate) async fn age_keys(&self, age: Duration) {
-        sqlx::query("UPDATE idempotency_keys SET created_at = created_at - $1::interval")
-            .bind(age)
-            .execute(&self.pool)
-            .await
-            .expect("age key records");
-    }
-
-    /// The host and port of the PostgreSQL server.
-    pub(crate) fn server(&self) -> (String, u16) {
-        let options = PgConnectOptions::from_str(&self.base).expect("valid DATABASE_URL");
-        (options.get_host().to_owned(), options.get_port())
-    }
-
-    /// This database reached through `proxy`.
-    pub(crate) fn url_via(&self, proxy: &PgProxy) -> String {
-        url_for(&self.base, &self.name, Some(("127.0.0.1", proxy.port)))
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let base = self.base.clone();
-        let name = self.name.clone();
-        // Drop runs inside the test's runtime; use a runtime of our own.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                if let Ok(mut admin) = PgConnection::connect(&base).await {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
-                    .execute(&mut admin)
-                    .await;
-                }
-            });
-        })
-        .join();
-    }
-}
+pub(crate) use crate::test_db::{Backend, TestDb};
 
 /// A running server and clients for it.
 pub(crate) struct TestApp {
@@ -191,7 +56,8 @@ pub(crate) fn init_tracing() {
 pub(crate) fn test_settings(url: &str) -> Settings {
     let mut settings = Settings::with_database_url(url);
     settings.database.acquire_timeout = Duration::from_secs(2);
-    settings.database.create_database = false;
+    // PostgreSQL test databases exist already; SQLite files do not.
+    settings.database.create_database = url.starts_with("sqlite:");
     settings.retention = Duration::from_secs(3600);
     settings.health_check_interval = Duration::from_millis(200);
     settings
@@ -205,9 +71,22 @@ impl TestApp {
     }
 
     pub(crate) async fn spawn_with(settings: Settings) -> Self {
-        let app = Self::start(settings).await;
-        app.wait_for_health(ServingStatus::Serving).await;
-        app
+        let mut app = Self::start(settings).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            if app.server.as_ref().is_some_and(|s| s.is_finished()) {
+                let result = app.server.take().expect("server handle").await;
+                panic!("the server stopped while starting: {result:?}");
+            }
+            if matches!(app.health("").await, Ok(ServingStatus::Serving)) {
+                return app;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the server never became SERVING"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Starts a server without waiting for it.

@@ -1,6 +1,8 @@
 //! The real binary: configuration from the environment, SIGTERM, SIGKILL and
 //! the `cleanup` subcommand.
 
+use crate::helpers::Backend;
+
 use std::{
     process::{Child, Command, Stdio},
     time::Duration,
@@ -120,9 +122,8 @@ impl Drop for Server {
     }
 }
 
-#[tokio::test]
-async fn the_binary_serves_from_environment_settings_and_exits_zero_on_sigterm() {
-    let db = TestDb::new().await;
+async fn the_binary_serves_from_environment_settings_and_exits_zero_on_sigterm(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let mut server = Server::start(&db, free_port()).await;
     let channel = Endpoint::from_shared(server.url())
         .expect("url")
@@ -145,9 +146,8 @@ async fn the_binary_serves_from_environment_settings_and_exits_zero_on_sigterm()
     assert_eq!(db.count("tasks").await, 1);
 }
 
-#[tokio::test]
-async fn a_retry_after_sigkill_and_restart_replays_the_first_response() {
-    let db = TestDb::new().await;
+async fn a_retry_after_sigkill_and_restart_replays_the_first_response(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let port = free_port();
     let key = new_key();
     let mut first_server = Server::start(&db, port).await;
@@ -163,9 +163,8 @@ async fn a_retry_after_sigkill_and_restart_replays_the_first_response() {
     assert_eq!(db.count("tasks").await, 1);
 }
 
-#[tokio::test]
-async fn the_cleanup_subcommand_prints_what_it_deleted_and_fails_loudly() {
-    let db = TestDb::new().await;
+async fn the_cleanup_subcommand_prints_what_it_deleted_and_fails_loudly(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let server = Server::start(&db, free_port()).await;
     server.create_raw(&new_key()).await;
     db.age_keys(Duration::from_secs(7200)).await;
@@ -195,4 +194,45 @@ async fn the_cleanup_subcommand_prints_what_it_deleted_and_fails_loudly() {
         .expect("run cleanup");
     assert!(!unreachable.status.success());
     assert!(String::from_utf8_lossy(&unreachable.stderr).contains("oncely cleanup: failed"));
+}
+
+conformance!(
+    the_binary_serves_from_environment_settings_and_exits_zero_on_sigterm,
+    a_retry_after_sigkill_and_restart_replays_the_first_response,
+    the_cleanup_subcommand_prints_what_it_deleted_and_fails_loudly,
+);
+
+#[tokio::test]
+async fn without_database_url_the_binary_keeps_its_data_in_an_embedded_file() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = Command::new(BINARY)
+        .current_dir(dir.path())
+        .env_remove("DATABASE_URL")
+        .env("LISTEN_ADDR", &addr)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the binary");
+    let mut server = Server { child, addr };
+    server.wait_until_serving().await;
+    let key = new_key();
+
+    let first = server.create_raw(&key).await;
+    let retry = server.create_raw(&key).await;
+
+    assert_eq!(replayed(&first), Some("false"));
+    assert_eq!(replayed(&retry), Some("true"));
+    assert_eq!(retry.get_ref(), first.get_ref());
+    assert!(dir.path().join("oncely.db").is_file());
+    let kill = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .expect("send SIGTERM");
+    assert!(kill.success());
+    assert_eq!(
+        server.wait_for_exit(Duration::from_secs(20)).code(),
+        Some(0)
+    );
 }

@@ -1,5 +1,7 @@
 //! GetTask and ListTasks.
 
+use crate::helpers::Backend;
+
 use oncely::proto::tasks_v1::{GetTaskRequest, ListTasksRequest, ListTasksResponse, Task};
 use serde_json::json;
 use tonic::Code;
@@ -35,9 +37,8 @@ async fn list(
         .map(|r| r.into_inner())
 }
 
-#[tokio::test]
-async fn get_task_returns_the_created_task() {
-    let db = TestDb::new().await;
+async fn get_task_returns_the_created_task(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     let created = create_tasks(&app, "agent-1", 1).await.remove(0);
 
@@ -54,9 +55,8 @@ async fn get_task_returns_the_created_task() {
     assert_eq!(got, created);
 }
 
-#[tokio::test]
-async fn get_task_explains_unknown_and_malformed_ids() {
-    let db = TestDb::new().await;
+async fn get_task_explains_unknown_and_malformed_ids(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
 
     assert_status(
@@ -82,9 +82,8 @@ async fn get_task_explains_unknown_and_malformed_ids() {
     assert_eq!(violated_fields(&status), ["task_id"]);
 }
 
-#[tokio::test]
-async fn list_tasks_pages_one_agents_tasks_in_creation_order() {
-    let db = TestDb::new().await;
+async fn list_tasks_pages_one_agents_tasks_in_creation_order(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     let mine = create_tasks(&app, "agent-1", 7).await;
     create_tasks(&app, "agent-2", 2).await;
@@ -107,9 +106,8 @@ async fn list_tasks_pages_one_agents_tasks_in_creation_order() {
     assert_eq!(seen, mine);
 }
 
-#[tokio::test]
-async fn list_tasks_defaults_to_fifty_and_clamps_to_a_thousand() {
-    let db = TestDb::new().await;
+async fn list_tasks_defaults_to_fifty_and_clamps_to_a_thousand(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     create_tasks(&app, "agent-1", 51).await;
 
@@ -126,9 +124,8 @@ async fn list_tasks_defaults_to_fifty_and_clamps_to_a_thousand() {
     assert!(unknown.tasks.is_empty() && unknown.next_page_token.is_empty());
 }
 
-#[tokio::test]
-async fn list_tasks_clamps_the_page_size_to_a_thousand() {
-    let db = TestDb::new().await;
+async fn list_tasks_clamps_the_page_size_to_a_thousand(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     db.insert_tasks("bulk", 1005).await;
 
@@ -145,11 +142,11 @@ async fn list_tasks_clamps_the_page_size_to_a_thousand() {
 
 #[tokio::test]
 async fn a_lock_wait_outside_a_claim_is_unavailable_not_in_progress() {
-    let db = TestDb::new().await;
+    let db = TestDb::new(Backend::Postgres).await;
     let mut settings = crate::helpers::test_settings(&db.url);
     settings.database.in_flight_wait = std::time::Duration::from_millis(300);
     let app = TestApp::spawn_with(settings).await;
-    let mut lock = db.pool.begin().await.expect("begin");
+    let mut lock = db.pg_pool().begin().await.expect("begin");
     sqlx::query("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *lock)
         .await
@@ -167,9 +164,8 @@ async fn a_lock_wait_outside_a_claim_is_unavailable_not_in_progress() {
     lock.rollback().await.expect("rollback");
 }
 
-#[tokio::test]
-async fn list_tasks_refuses_bad_arguments_with_the_field_named() {
-    let db = TestDb::new().await;
+async fn list_tasks_refuses_bad_arguments_with_the_field_named(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
 
     for (agent, size, token, field) in [
@@ -186,3 +182,12 @@ async fn list_tasks_refuses_bad_arguments_with_the_field_named() {
         assert_eq!(violated_fields(&status), [field]);
     }
 }
+
+conformance!(
+    get_task_returns_the_created_task,
+    get_task_explains_unknown_and_malformed_ids,
+    list_tasks_pages_one_agents_tasks_in_creation_order,
+    list_tasks_defaults_to_fifty_and_clamps_to_a_thousand,
+    list_tasks_clamps_the_page_size_to_a_thousand,
+    list_tasks_refuses_bad_arguments_with_the_field_named,
+);

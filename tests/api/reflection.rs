@@ -1,5 +1,7 @@
 //! Server reflection, as grpcurl uses it: list services, describe methods.
 
+use crate::helpers::Backend;
+
 use prost::Message;
 use prost_types::FileDescriptorProto;
 use tonic_reflection::pb::{v1, v1alpha};
@@ -12,9 +14,8 @@ const EXPECTED: &[&str] = &[
     "tasks.v1.TaskService",
 ];
 
-#[tokio::test]
-async fn reflection_v1_lists_the_services_and_describes_create_task() {
-    let db = TestDb::new().await;
+async fn reflection_v1_lists_the_services_and_describes_create_task(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     let mut client = v1::server_reflection_client::ServerReflectionClient::new(app.channel.clone());
     use v1::{
@@ -83,9 +84,8 @@ async fn reflection_v1_lists_the_services_and_describes_create_task() {
     assert_eq!(create.output_type(), ".tasks.v1.Task");
 }
 
-#[tokio::test]
-async fn reflection_v1alpha_lists_the_services_and_serves_imported_files() {
-    let db = TestDb::new().await;
+async fn reflection_v1alpha_lists_the_services_and_serves_imported_files(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     let mut client =
         v1alpha::server_reflection_client::ServerReflectionClient::new(app.channel.clone());
@@ -138,3 +138,8 @@ async fn reflection_v1alpha_lists_the_services_and_serves_imported_files() {
         FileDescriptorProto::decode(files.file_descriptor_proto[0].as_slice()).expect("descriptor");
     assert_eq!(file.name(), "google/protobuf/struct.proto");
 }
+
+conformance!(
+    reflection_v1_lists_the_services_and_describes_create_task,
+    reflection_v1alpha_lists_the_services_and_serves_imported_files,
+);

@@ -1,11 +1,14 @@
 //! Replays survive a crash: the record lives in PostgreSQL, not in memory.
 
+use crate::helpers::Backend;
+
 use crate::helpers::{CREATE_TASK_PATH, TestApp, TestDb, email_request, new_key, replayed};
 use prost::Message;
 
-#[tokio::test]
-async fn a_retry_after_the_server_crashed_and_restarted_replays_the_first_response() {
-    let db = TestDb::new().await;
+async fn a_retry_after_the_server_crashed_and_restarted_replays_the_first_response(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
     let key = new_key();
     let body = email_request().encode_to_vec();
     let before = TestApp::spawn(&db).await;
@@ -25,3 +28,5 @@ async fn a_retry_after_the_server_crashed_and_restarted_replays_the_first_respon
     assert_eq!(retry.get_ref(), first.get_ref());
     assert_eq!(db.count("tasks").await, 1);
 }
+
+conformance!(a_retry_after_the_server_crashed_and_restarted_replays_the_first_response,);
