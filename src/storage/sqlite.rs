@@ -10,7 +10,15 @@
 //! SQLite is for one process: several instances on one file would contend
 //! for its lock. Use PostgreSQL for more than one instance.
 
-use std::{path::Path, str::FromStr, time::Duration};
+use std::{
+    path::Path,
+    str::FromStr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use sqlx::{
@@ -34,7 +42,12 @@ const WRITE_QUEUE: usize = 1024;
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     readers: SqlitePool,
+    /// A reader of its own for health checks, so busy readers do not look
+    /// like a dead database.
+    health: SqlitePool,
     writer: mpsc::Sender<Command>,
+    /// False while the writer has no working connection.
+    writer_ok: Arc<AtomicBool>,
     /// How long a write may wait for the writer, queue included.
     in_flight_wait: Duration,
     description: String,
@@ -51,6 +64,8 @@ enum Command {
         batch_size: i64,
         reply: Reply<u64>,
     },
+    /// Checks (and if need be reopens) the writer's connection.
+    Ping(Reply<()>),
 }
 
 /// An owned [`NewKeyedTask`], to cross into the writer task.
@@ -81,7 +96,9 @@ impl SqliteStore {
             .map_err(StorageError::Internal)?
             .create_if_missing(settings.create_database)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            // FULL: a commit the client was told about survives power loss,
+            // or a retry after it would run the side effect again.
+            .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(settings.in_flight_wait);
         let path = options.get_filename().to_owned();
@@ -111,15 +128,27 @@ impl SqliteStore {
 
         let connection = SqliteConnection::connect_with(&options).await?;
         let (writer, commands) = mpsc::channel(WRITE_QUEUE);
-        tokio::spawn(run_writer(connection, commands));
+        let writer_ok = Arc::new(AtomicBool::new(true));
+        tokio::spawn(run_writer(
+            options.clone(),
+            connection,
+            commands,
+            writer_ok.clone(),
+        ));
         let readers = SqlitePoolOptions::new()
             .max_connections(settings.max_connections)
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_lazy_with(options.clone());
+        let health = SqlitePoolOptions::new()
+            .max_connections(1)
             .acquire_timeout(settings.acquire_timeout)
             .connect_lazy_with(options);
         let shown = std::path::absolute(&path).unwrap_or(path);
         Ok(Self {
             readers,
+            health,
             writer,
+            writer_ok,
             in_flight_wait: settings.in_flight_wait,
             description: format!("sqlite at {}", shown.display()),
         })
@@ -144,42 +173,128 @@ impl SqliteStore {
     }
 }
 
-/// Runs writes one at a time until every sender is gone.
-async fn run_writer(mut connection: SqliteConnection, mut commands: mpsc::Receiver<Command>) {
+/// Runs writes one at a time until every sender is gone. After a failed
+/// write it makes sure no transaction is left open; a connection that no
+/// longer works is dropped and reopened for the next command.
+async fn run_writer(
+    options: SqliteConnectOptions,
+    connection: SqliteConnection,
+    mut commands: mpsc::Receiver<Command>,
+    writer_ok: Arc<AtomicBool>,
+) {
+    let mut connection = Some(connection);
     while let Some(command) = commands.recv().await {
-        match command {
-            Command::Claim(claim, reply) => {
-                // A caller that gave up no longer needs the work done; its
-                // retry executes afresh.
-                if reply.is_closed() {
+        if command.abandoned() {
+            continue;
+        }
+        let conn = match connection.as_mut() {
+            Some(conn) => conn,
+            None => match SqliteConnection::connect_with(&options).await {
+                Ok(conn) => connection.insert(conn),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot reopen the SQLite writer connection");
+                    writer_ok.store(false, Ordering::SeqCst);
+                    command.fail(error.into());
                     continue;
                 }
-                let _ = reply.send(claim_in_transaction(&mut connection, &claim).await);
+            },
+        };
+        let ok = command.run(conn).await;
+        let healthy = ok || recover(conn).await;
+        if !healthy {
+            tracing::warn!("the SQLite writer connection is broken; reopening it");
+            if let Some(conn) = connection.take() {
+                let _ = conn.close().await;
+            }
+        }
+        writer_ok.store(healthy, Ordering::SeqCst);
+    }
+    if let Some(conn) = connection {
+        let _ = conn.close().await;
+    }
+}
+
+/// After a failed write: leaves no transaction open and checks that the
+/// connection still answers. SQLite may already have rolled back by itself
+/// (after I/O errors or a full disk), in which case ROLLBACK fails with
+/// SQLITE_ERROR, "no transaction is active", which is fine.
+async fn recover(connection: &mut SqliteConnection) -> bool {
+    match sqlx::query("ROLLBACK").execute(&mut *connection).await {
+        Ok(_) => {}
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("1") => {}
+        Err(_) => return false,
+    }
+    sqlx::query("SELECT 1")
+        .execute(&mut *connection)
+        .await
+        .is_ok()
+}
+
+impl Command {
+    /// Whether the caller has given up waiting: its work need not be done,
+    /// since nothing was written and a retry executes afresh.
+    fn abandoned(&self) -> bool {
+        match self {
+            Command::Claim(_, reply) => reply.is_closed(),
+            Command::DeleteBatch { reply, .. } => reply.is_closed(),
+            Command::Ping(reply) => reply.is_closed(),
+        }
+    }
+
+    fn fail(self, error: StorageError) {
+        match self {
+            Command::Claim(_, reply) => drop(reply.send(Err(error))),
+            Command::DeleteBatch { reply, .. } => drop(reply.send(Err(error))),
+            Command::Ping(reply) => drop(reply.send(Err(error))),
+        }
+    }
+
+    /// Runs the command and answers it; returns whether it succeeded.
+    async fn run(self, connection: &mut SqliteConnection) -> bool {
+        match self {
+            Command::Claim(claim, reply) => {
+                let result = claim_in_transaction(connection, &claim).await;
+                let ok = result.is_ok();
+                let _ = reply.send(result);
+                ok
             }
             Command::DeleteBatch {
                 cutoff,
                 batch_size,
                 reply,
             } => {
-                let deleted = sqlx::query(
+                let result = sqlx::query(
                     "DELETE FROM idempotency_keys WHERE rowid IN ( \
                          SELECT rowid FROM idempotency_keys WHERE created_at < ?1 \
                          ORDER BY created_at LIMIT ?2)",
                 )
                 .bind(cutoff)
                 .bind(batch_size)
-                .execute(&mut connection)
+                .execute(&mut *connection)
                 .await
                 .map(|done| done.rows_affected())
                 .map_err(StorageError::from);
-                let _ = reply.send(deleted);
+                let ok = result.is_ok();
+                let _ = reply.send(result);
+                ok
+            }
+            Command::Ping(reply) => {
+                let result = sqlx::query("SELECT 1")
+                    .execute(&mut *connection)
+                    .await
+                    .map(drop)
+                    .map_err(StorageError::from);
+                let ok = result.is_ok();
+                let _ = reply.send(result);
+                ok
             }
         }
     }
-    let _ = connection.close().await;
 }
 
-/// Claims the key and inserts its task in one IMMEDIATE transaction.
+/// Claims the key and inserts its task in one IMMEDIATE transaction. On any
+/// failure the statement's error is returned; the writer loop then makes
+/// sure the transaction is gone.
 async fn claim_in_transaction(
     connection: &mut SqliteConnection,
     claim: &Claim,
@@ -189,17 +304,13 @@ async fn claim_in_transaction(
     sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut *connection)
         .await?;
-    let outcome = claim_statements(connection, claim).await;
+    let outcome = claim_statements(connection, claim).await?;
     let end = match outcome {
-        Ok(ClaimOutcome::Claimed) => "COMMIT",
-        Ok(ClaimOutcome::AlreadyClaimed) | Err(_) => "ROLLBACK",
+        ClaimOutcome::Claimed => "COMMIT",
+        ClaimOutcome::AlreadyClaimed => "ROLLBACK",
     };
-    if let Err(error) = sqlx::query(end).execute(&mut *connection).await {
-        // Never leave the writer's connection inside a transaction.
-        let _ = sqlx::query("ROLLBACK").execute(&mut *connection).await;
-        return Err(error.into());
-    }
-    outcome
+    sqlx::query(end).execute(&mut *connection).await?;
+    Ok(outcome)
 }
 
 async fn claim_statements(
@@ -368,8 +479,13 @@ impl Store for SqliteStore {
         if self.writer.is_closed() {
             return Err(StorageError::Unavailable(sqlx::Error::WorkerCrashed));
         }
+        if !self.writer_ok.load(Ordering::SeqCst) {
+            // Only when the writer is known broken: ask it to reopen its
+            // connection, so health recovers without waiting for traffic.
+            self.write(Command::Ping).await?;
+        }
         sqlx::query("SELECT 1 FROM idempotency_keys LIMIT 1")
-            .execute(&self.readers)
+            .execute(&self.health)
             .await?;
         Ok(())
     }

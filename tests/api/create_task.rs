@@ -371,7 +371,33 @@ async fn get_and_list_ignore_the_key(backend: Backend) {
     assert_eq!(got.into_inner(), task);
 }
 
+async fn a_failing_write_stores_nothing_reveals_no_internals_and_the_next_request_works(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let key = new_key();
+    db.rename_table("tasks", "tasks_away").await;
+
+    let status = assert_status(
+        app.create(Some(&key), email_request()).await,
+        Code::Internal,
+        None,
+    );
+    db.rename_table("tasks_away", "tasks").await;
+
+    assert_eq!(status.message(), "internal error");
+    assert_eq!(db.count("idempotency_keys").await, 0);
+    let created = app
+        .create(Some(&key), email_request())
+        .await
+        .expect("the key is unused and writes work again");
+    assert_eq!(replayed(&created), Some("false"));
+    assert_eq!(db.orphans().await, (0, 0));
+}
+
 conformance!(
+    a_failing_write_stores_nothing_reveals_no_internals_and_the_next_request_works,
     first_request_creates_a_queued_task_and_its_key_record_together,
     retry_with_same_key_returns_the_first_response_byte_for_byte,
     same_key_with_a_different_request_is_refused_and_the_original_still_replays,

@@ -251,6 +251,16 @@ impl TestDb {
         .expect("read the key record")
     }
 
+    /// Renames a table, to make the server's statements fail.
+    pub(crate) async fn rename_table(&self, from: &str, to: &str) {
+        let sql = sqlx::AssertSqlSafe(format!("ALTER TABLE {from} RENAME TO {to}"));
+        match &self.pool {
+            Pool::Postgres { pool, .. } => sqlx::query(sql).execute(pool).await.map(drop),
+            Pool::Sqlite { pool, .. } => sqlx::query(sql).execute(pool).await.map(drop),
+        }
+        .expect("rename table");
+    }
+
     /// Every stored key.
     pub(crate) async fn keys(&self) -> Vec<String> {
         let sql = "SELECT key FROM idempotency_keys ORDER BY key";
