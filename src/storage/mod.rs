@@ -61,14 +61,43 @@ pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
         limit: i64,
     ) -> impl Future<Output = Result<Vec<TaskRow>, StorageError>> + Send;
 
+    /// The database clock minus `older_than`: the cutoff for cleanup.
+    fn cleanup_cutoff(
+        &self,
+        older_than: Duration,
+    ) -> impl Future<Output = Result<DateTime<Utc>, StorageError>> + Send;
+
+    /// Deletes at most `limit` idempotency records created before `cutoff`,
+    /// in one short transaction; returns how many.
+    fn delete_keys_created_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: i64,
+    ) -> impl Future<Output = Result<u64, StorageError>> + Send;
+
     /// Deletes idempotency records created more than `older_than` ago, in
-    /// batches of `batch_size`, each its own short transaction. Never deletes
-    /// tasks. Returns how many records were deleted.
+    /// batches of `batch_size`, each its own short transaction, so a large
+    /// table is never locked for long. Never deletes tasks. Returns how many
+    /// records were deleted.
     fn delete_keys_older_than(
         &self,
         older_than: Duration,
         batch_size: i64,
-    ) -> impl Future<Output = Result<u64, StorageError>> + Send;
+    ) -> impl Future<Output = Result<u64, StorageError>> + Send {
+        async move {
+            // One cutoff for the whole run, so it ends even under steady
+            // traffic.
+            let cutoff = self.cleanup_cutoff(older_than).await?;
+            let mut deleted = 0;
+            loop {
+                let batch = self.delete_keys_created_before(cutoff, batch_size).await?;
+                deleted += batch;
+                if batch < batch_size as u64 {
+                    return Ok(deleted);
+                }
+            }
+        }
+    }
 
     /// Checks that the database answers.
     fn ping(&self) -> impl Future<Output = Result<(), StorageError>> + Send;

@@ -206,45 +206,35 @@ impl Store for PgStore {
         .collect()
     }
 
-    /// Deletes idempotency records created more than `older_than` ago, in
-    /// batches of `batch_size`, each its own short transaction, so a large
-    /// table is never locked for long. Rows locked by others are skipped.
-    /// Returns how many were deleted. Tasks are never deleted.
-    #[tracing::instrument(skip_all, fields(deleted))]
-    async fn delete_keys_older_than(
-        &self,
-        older_than: Duration,
-        batch_size: i64,
-    ) -> Result<u64, StorageError> {
-        // One cutoff for the whole run, so it ends even under steady traffic.
-        let cutoff: DateTime<Utc> = sqlx::query_scalar("SELECT now() - $1::interval")
+    async fn cleanup_cutoff(&self, older_than: Duration) -> Result<DateTime<Utc>, StorageError> {
+        Ok(sqlx::query_scalar("SELECT now() - $1::interval")
             .bind(older_than)
             .fetch_one(&self.pool)
-            .await?;
-        let mut deleted = 0;
-        loop {
-            let batch = sqlx::query(
-                "DELETE FROM idempotency_keys AS k USING ( \
-                     SELECT scope, key FROM idempotency_keys \
-                     WHERE created_at < $1 \
-                     ORDER BY created_at \
-                     LIMIT $2 \
-                     FOR UPDATE SKIP LOCKED \
-                 ) AS doomed \
-                 WHERE k.scope = doomed.scope AND k.key = doomed.key",
-            )
-            .bind(cutoff)
-            .bind(batch_size)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-            deleted += batch;
-            if batch < batch_size as u64 {
-                break;
-            }
-        }
-        tracing::Span::current().record("deleted", deleted);
-        Ok(deleted)
+            .await?)
+    }
+
+    /// Rows locked by in-flight requests are skipped.
+    #[tracing::instrument(skip_all)]
+    async fn delete_keys_created_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<u64, StorageError> {
+        Ok(sqlx::query(
+            "DELETE FROM idempotency_keys AS k USING ( \
+                 SELECT scope, key FROM idempotency_keys \
+                 WHERE created_at < $1 \
+                 ORDER BY created_at \
+                 LIMIT $2 \
+                 FOR UPDATE SKIP LOCKED \
+             ) AS doomed \
+             WHERE k.scope = doomed.scope AND k.key = doomed.key",
+        )
+        .bind(cutoff)
+        .bind(limit)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
     }
 
     async fn ping(&self) -> Result<(), StorageError> {

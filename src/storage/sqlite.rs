@@ -444,35 +444,28 @@ impl Store for SqliteStore {
         .collect()
     }
 
-    #[tracing::instrument(skip_all, fields(deleted))]
-    async fn delete_keys_older_than(
-        &self,
-        older_than: Duration,
-        batch_size: i64,
-    ) -> Result<u64, StorageError> {
-        // One cutoff for the whole run, so it ends even under steady traffic;
-        // each batch is its own write, so claims interleave with cleanup.
+    async fn cleanup_cutoff(&self, older_than: Duration) -> Result<DateTime<Utc>, StorageError> {
         let cutoff: i64 =
             sqlx::query_scalar("SELECT CAST(unixepoch('subsec') * 1000000 AS INTEGER) - ?1")
                 .bind(micros(older_than))
                 .fetch_one(&self.readers)
                 .await?;
-        let mut deleted = 0;
-        loop {
-            let batch = self
-                .write(|reply| Command::DeleteBatch {
-                    cutoff,
-                    batch_size,
-                    reply,
-                })
-                .await?;
-            deleted += batch;
-            if batch < batch_size as u64 {
-                break;
-            }
-        }
-        tracing::Span::current().record("deleted", deleted);
-        Ok(deleted)
+        time(cutoff)
+    }
+
+    /// A write of its own, so claims interleave with cleanup.
+    #[tracing::instrument(skip_all)]
+    async fn delete_keys_created_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<u64, StorageError> {
+        self.write(|reply| Command::DeleteBatch {
+            cutoff: cutoff.timestamp_micros(),
+            batch_size: limit,
+            reply,
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<(), StorageError> {

@@ -39,14 +39,7 @@ async fn health_stays_serving_while_requests_hold_every_pooled_connection() {
     let app = TestApp::spawn_with(settings).await;
     let lock = db.hold_writes().await;
     let waiting: Vec<_> = (0..2)
-        .map(|_| {
-            let mut tasks = app.tasks.clone();
-            tokio::spawn(async move {
-                tasks
-                    .create_task(crate::helpers::keyed(Some(&new_key()), email_request()))
-                    .await
-            })
-        })
+        .map(|_| app.spawn_create(&new_key(), email_request()))
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -132,14 +125,7 @@ async fn shutdown_reports_not_serving_and_finishes_in_flight_requests(backend: B
     );
     // Hold a row lock so a request is in flight when shutdown starts.
     let lock = db.hold_writes().await;
-    let in_flight = tokio::spawn({
-        let mut tasks = app.tasks.clone();
-        async move {
-            tasks
-                .create_task(crate::helpers::keyed(Some(&new_key()), email_request()))
-                .await
-        }
-    });
+    let in_flight = app.spawn_create(&new_key(), email_request());
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let stopped = tokio::spawn(app.shutdown());
@@ -178,14 +164,7 @@ async fn shutdown_stops_after_the_grace_period_even_if_a_request_hangs(backend: 
     settings.database.in_flight_wait = Duration::from_secs(60);
     let app = TestApp::spawn_with(settings).await;
     let lock = db.hold_writes().await;
-    let hanging = tokio::spawn({
-        let mut tasks = app.tasks.clone();
-        async move {
-            tasks
-                .create_task(crate::helpers::keyed(Some(&new_key()), email_request()))
-                .await
-        }
-    });
+    let hanging = app.spawn_create(&new_key(), email_request());
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let stopped = tokio::time::timeout(Duration::from_secs(4), app.shutdown()).await;

@@ -147,6 +147,17 @@ impl TestApp {
         self.tasks.clone().create_task(keyed(key, request)).await
     }
 
+    /// CreateTask with `key`, running in the background.
+    pub(crate) fn spawn_create(
+        &self,
+        key: &str,
+        request: CreateTaskRequest,
+    ) -> JoinHandle<Result<Response<Task>, Status>> {
+        let mut tasks = self.tasks.clone();
+        let request = keyed(Some(key), request);
+        tokio::spawn(async move { tasks.create_task(request).await })
+    }
+
     /// Sends already-encoded bytes to `path` and returns the raw response.
     pub(crate) async fn raw_call(
         &self,

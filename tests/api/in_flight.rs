@@ -22,16 +22,7 @@ async fn a_duplicate_waits_for_the_first_request_and_then_replays_it(backend: Ba
     let key = new_key();
     let (tx, first) = db.begin_in_flight(&key, &email_request()).await;
 
-    let duplicate = tokio::spawn({
-        let tasks = app.tasks.clone();
-        let key = key.clone();
-        async move {
-            tasks
-                .clone()
-                .create_task(crate::helpers::keyed(Some(&key), email_request()))
-                .await
-        }
-    });
+    let duplicate = app.spawn_create(&key, email_request());
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         !duplicate.is_finished(),
@@ -51,17 +42,7 @@ async fn a_different_request_waits_for_the_first_and_is_then_refused(backend: Ba
     let key = new_key();
     let (tx, _) = db.begin_in_flight(&key, &email_request()).await;
 
-    let other = tokio::spawn({
-        let tasks = app.tasks.clone();
-        let key = key.clone();
-        async move {
-            let other = request("agent-7", "send_sms", serde_json::json!({}));
-            tasks
-                .clone()
-                .create_task(crate::helpers::keyed(Some(&key), other))
-                .await
-        }
-    });
+    let other = app.spawn_create(&key, request("agent-7", "send_sms", serde_json::json!({})));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !other.is_finished(),
@@ -83,16 +64,7 @@ async fn when_the_first_request_fails_the_waiting_duplicate_executes(backend: Ba
     let key = new_key();
     let (tx, first) = db.begin_in_flight(&key, &email_request()).await;
 
-    let duplicate = tokio::spawn({
-        let tasks = app.tasks.clone();
-        let key = key.clone();
-        async move {
-            tasks
-                .clone()
-                .create_task(crate::helpers::keyed(Some(&key), email_request()))
-                .await
-        }
-    });
+    let duplicate = app.spawn_create(&key, email_request());
     tokio::time::sleep(Duration::from_millis(300)).await;
     tx.rollback().await;
 
