@@ -4,7 +4,10 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{cleanup_cmd::CleanupArgs, domain::Limits, storage::DatabaseSettings};
+use crate::{
+    cleanup_cmd::CleanupArgs, domain::Limits, idempotency::MissingKeyPolicy,
+    storage::DatabaseSettings,
+};
 
 /// The database used when `DATABASE_URL` is unset: the embedded SQLite
 /// store, in a file in the working directory.
@@ -46,6 +49,14 @@ pub struct ServeArgs {
     /// treated as absent and deleted by cleanup.
     #[arg(long, env = "IDEMPOTENCY_RETENTION", default_value = "24h", value_parser = retention_duration)]
     pub idempotency_retention: Duration,
+    /// What to do with a CreateTask without idempotency-key: reject it, or
+    /// deduplicate it by fingerprint within --dedup-window.
+    #[arg(long, env = "MISSING_KEY_POLICY", value_enum, default_value_t = MissingKeyPolicy::Reject)]
+    pub missing_key_policy: MissingKeyPolicy,
+    /// Under the fingerprint policy: how long an identical keyless request
+    /// counts as a repeat, such as 5m.
+    #[arg(long, env = "DEDUP_WINDOW", default_value = "5m", value_parser = retention_duration)]
+    pub dedup_window: Duration,
     /// How long a request waits for a concurrent request with the same key
     /// before answering ABORTED.
     #[arg(long, env = "IN_FLIGHT_WAIT", default_value = "5s", value_parser = wait_duration)]
@@ -121,6 +132,10 @@ pub struct Settings {
     pub database: DatabaseSettings,
     /// Key records older than this are treated as absent.
     pub retention: Duration,
+    /// What a missing key means.
+    pub missing_key_policy: MissingKeyPolicy,
+    /// Keyless records older than this are treated as absent.
+    pub dedup_window: Duration,
     /// Request field limits.
     pub limits: Limits,
     /// The largest request message, in bytes.
@@ -145,6 +160,8 @@ impl From<ServeArgs> for Settings {
                 create_database: args.create_database,
             },
             retention: args.idempotency_retention,
+            missing_key_policy: args.missing_key_policy,
+            dedup_window: args.dedup_window,
             limits: Limits {
                 max_parameters_bytes: args.max_parameters_bytes as usize,
             },
@@ -236,6 +253,24 @@ mod tests {
         assert!(retention_duration("500ms").is_err());
         assert!(wait_duration("2h").is_err());
         assert!(positive_duration("soon").is_err());
+    }
+
+    #[test]
+    fn the_missing_key_policy_and_window_parse_from_flags() {
+        let cli = Cli::try_parse_from([
+            "oncely",
+            "--missing-key-policy",
+            "fingerprint",
+            "--dedup-window",
+            "90s",
+        ])
+        .unwrap();
+        assert_eq!(cli.serve.missing_key_policy, MissingKeyPolicy::Fingerprint);
+        assert_eq!(cli.serve.dedup_window, Duration::from_secs(90));
+        let default = Cli::try_parse_from(["oncely"]).unwrap();
+        assert_eq!(default.serve.missing_key_policy, MissingKeyPolicy::Reject);
+        assert_eq!(default.serve.dedup_window, Duration::from_secs(300));
+        assert!(Cli::try_parse_from(["oncely", "--missing-key-policy", "allow"]).is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use crate::{
     api::{AdminApi, RequireIdempotencyKeyLayer, TaskApi},
     config::{Settings, redact_url},
     health,
+    idempotency::KeyPolicy,
     proto::{
         FILE_DESCRIPTOR_SET,
         tasks_v1::{admin_server::AdminServer, task_service_server::TaskServiceServer},
@@ -132,18 +133,15 @@ async fn serve_with<S: Store>(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let tasks = TaskServiceServer::new(TaskApi::new(
-        store.clone(),
-        settings.retention,
-        settings.limits,
-    ))
-    .max_decoding_message_size(settings.max_request_bytes);
-    let admin = AdminServer::new(AdminApi::new(
-        store,
-        settings.retention,
-        settings.cleanup_batch_size,
-    ))
-    .max_decoding_message_size(settings.max_request_bytes);
+    let policy = KeyPolicy {
+        retention: settings.retention,
+        missing_key: settings.missing_key_policy,
+        dedup_window: settings.dedup_window,
+    };
+    let tasks = TaskServiceServer::new(TaskApi::new(store.clone(), policy, settings.limits))
+        .max_decoding_message_size(settings.max_request_bytes);
+    let admin = AdminServer::new(AdminApi::new(store, policy, settings.cleanup_batch_size))
+        .max_decoding_message_size(settings.max_request_bytes);
 
     match listener.local_addr() {
         Ok(addr) => tracing::info!(%addr, "serving tasks.v1.TaskService and tasks.v1.Admin"),
@@ -156,7 +154,7 @@ async fn serve_with<S: Store>(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(RequireIdempotencyKeyLayer.layer(tasks))
+        .add_service(RequireIdempotencyKeyLayer::new(policy.missing_key).layer(tasks))
         .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;

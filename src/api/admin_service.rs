@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use super::{ServiceError, task_service::finish};
 use crate::{
     domain::FieldViolation,
+    idempotency::{KEYLESS_CREATE_TASK_SCOPE, KeyPolicy},
     proto::tasks_v1::{CleanupRequest, CleanupResponse, admin_server::Admin},
     storage::Store,
 };
@@ -18,27 +19,28 @@ const MAX_OLDER_THAN: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 #[derive(Debug, Clone)]
 pub struct AdminApi<S> {
     store: S,
-    retention: Duration,
+    policy: KeyPolicy,
     batch_size: i64,
 }
 
 impl<S: Store> AdminApi<S> {
     /// Cleanup deletes in batches of `batch_size`; an unset `older_than`
-    /// means `retention`.
-    pub fn new(store: S, retention: Duration, batch_size: i64) -> Self {
+    /// means the policy's retention.
+    pub fn new(store: S, policy: KeyPolicy, batch_size: i64) -> Self {
         Self {
             store,
-            retention,
+            policy,
             batch_size: batch_size.max(1),
         }
     }
 
     async fn cleanup(&self, request: CleanupRequest) -> Result<CleanupResponse, ServiceError> {
         let older_than = match request.older_than {
-            None => self.retention,
+            None => self.policy.retention,
             Some(d) => duration(d)?,
         };
-        if older_than < self.retention {
+        let retention = self.policy.retention;
+        if older_than < retention {
             // A live record is what makes a retry safe; deleting one would let
             // the next retry with its key run the side effect again.
             return Err(ServiceError::InvalidRequest(vec![FieldViolation {
@@ -46,7 +48,7 @@ impl<S: Store> AdminApi<S> {
                 description: format!(
                     "older_than is {}, shorter than the retention of {}: records younger than the retention still protect retries; send at least the retention or leave older_than unset",
                     humantime::format_duration(older_than),
-                    humantime::format_duration(self.retention)
+                    humantime::format_duration(retention)
                 ),
             }]));
         }
@@ -54,10 +56,21 @@ impl<S: Store> AdminApi<S> {
             "older_than",
             humantime::format_duration(older_than).to_string(),
         );
-        let deleted = self
+        // Keyless records expire with the dedup window, which is usually
+        // shorter than the retention; then every record past `older_than`.
+        let keyless = self
             .store
-            .delete_keys_older_than(older_than, self.batch_size)
+            .delete_keys_older_than(
+                self.policy.dedup_window,
+                self.batch_size,
+                Some(KEYLESS_CREATE_TASK_SCOPE),
+            )
             .await?;
+        let deleted = keyless
+            + self
+                .store
+                .delete_keys_older_than(older_than, self.batch_size, None)
+                .await?;
         tracing::Span::current().record("deleted", deleted);
         Ok(CleanupResponse {
             deleted: i64::try_from(deleted).unwrap_or(i64::MAX),

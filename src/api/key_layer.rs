@@ -14,7 +14,7 @@ use tonic::{Status, body::Body, server::NamedService};
 use tower::{Layer, Service};
 
 use super::ServiceError;
-use crate::idempotency::{IdempotencyKey, KeyError};
+use crate::idempotency::{IdempotencyKey, KeyError, MissingKeyPolicy};
 
 /// The request metadata that carries the key.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
@@ -24,13 +24,26 @@ const KEYED_PATHS: &[&str] = &["/tasks.v1.TaskService/CreateTask"];
 
 /// Adds [`RequireIdempotencyKey`] around a service.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct RequireIdempotencyKeyLayer;
+pub struct RequireIdempotencyKeyLayer {
+    missing_key: MissingKeyPolicy,
+}
+
+impl RequireIdempotencyKeyLayer {
+    /// A layer that treats a missing key as `missing_key` says; malformed
+    /// keys are always refused.
+    pub fn new(missing_key: MissingKeyPolicy) -> Self {
+        Self { missing_key }
+    }
+}
 
 impl<S> Layer<S> for RequireIdempotencyKeyLayer {
     type Service = RequireIdempotencyKey<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RequireIdempotencyKey { inner }
+        RequireIdempotencyKey {
+            inner,
+            missing_key: self.missing_key,
+        }
     }
 }
 
@@ -40,6 +53,7 @@ impl<S> Layer<S> for RequireIdempotencyKeyLayer {
 #[derive(Debug, Clone)]
 pub struct RequireIdempotencyKey<S> {
     inner: S,
+    missing_key: MissingKeyPolicy,
 }
 
 impl<S: NamedService> NamedService for RequireIdempotencyKey<S> {
@@ -62,17 +76,28 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         if KEYED_PATHS.contains(&request.uri().path()) {
             match key_from_headers(request.headers()) {
-                Ok(key) => {
+                Ok(Some(key)) => {
                     request.extensions_mut().insert(key);
                 }
-                Err(error) => {
+                // Deduplicated by fingerprint in the service.
+                Ok(None) if self.missing_key == MissingKeyPolicy::Fingerprint => {}
+                result => {
+                    let error = result.err().unwrap_or(ServiceError::KeyMissing);
                     tracing::info!(
                         rpc.method = request.uri().path(),
                         outcome = error.outcome(),
                         error = %error,
                         "request refused"
                     );
-                    let response = Status::from(error).into_http();
+                    let keyed = !matches!(error, ServiceError::KeyMissing);
+                    let mut status = Status::from(error);
+                    if keyed {
+                        status.metadata_mut().insert(
+                            super::KEY_SOURCE_HEADER,
+                            tonic::metadata::MetadataValue::from_static("header"),
+                        );
+                    }
+                    let response = status.into_http();
                     return Box::pin(async move { Ok(response) });
                 }
             }
@@ -81,13 +106,16 @@ where
     }
 }
 
-fn key_from_headers(headers: &http::HeaderMap) -> Result<IdempotencyKey, ServiceError> {
+/// The request's key: `None` when it has none, an error when it is malformed.
+fn key_from_headers(headers: &http::HeaderMap) -> Result<Option<IdempotencyKey>, ServiceError> {
     let values = headers.get_all(IDEMPOTENCY_KEY_HEADER);
-    let first = values.iter().next().ok_or(ServiceError::KeyMissing)?;
+    let Some(first) = values.iter().next() else {
+        return Ok(None);
+    };
     // Two keys leave it ambiguous which one the client reuses on retry.
     let count = values.iter().count();
     if count > 1 {
         return Err(KeyError::Repeated(count).into());
     }
-    Ok(IdempotencyKey::parse(first.as_bytes())?)
+    Ok(Some(IdempotencyKey::parse(first.as_bytes())?))
 }

@@ -9,7 +9,7 @@ mod task_service;
 pub use admin_service::AdminApi;
 pub use error::{ERROR_DOMAIN, IN_PROGRESS_RETRY_DELAY, ServiceError, chain};
 pub use key_layer::{IDEMPOTENCY_KEY_HEADER, RequireIdempotencyKey, RequireIdempotencyKeyLayer};
-pub use task_service::{REPLAYED_HEADER, TaskApi};
+pub use task_service::{KEY_SOURCE_HEADER, REPLAYED_HEADER, TaskApi};
 
 use chrono::{DateTime, Utc};
 

@@ -1,7 +1,5 @@
 //! `tasks.v1.TaskService`.
 
-use std::time::Duration;
-
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use prost::Message;
 use tonic::{Request, Response, Status, metadata::MetadataValue};
@@ -10,7 +8,7 @@ use uuid::Uuid;
 use super::{ServiceError, timestamp};
 use crate::{
     domain::{FieldViolation, Limits, NewTask, check_agent_id, json_to_struct},
-    idempotency::{self, IdempotencyKey, Outcome},
+    idempotency::{self, IdempotencyKey, KeyPolicy, KeySource, MissingKeyPolicy, Outcome},
     proto::tasks_v1::{
         CreateTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse, Task,
         task_service_server::TaskService,
@@ -21,6 +19,10 @@ use crate::{
 /// The response metadata that marks a replayed response.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 
+/// The response metadata that says which rule deduplicated a CreateTask:
+/// `header` (the `idempotency-key`) or `fingerprint` (no key).
+pub const KEY_SOURCE_HEADER: &str = "idempotency-key-source";
+
 /// The page size used when a request asks for 0.
 const DEFAULT_PAGE_SIZE: i32 = 50;
 /// The largest page; larger requests are clamped to it.
@@ -30,36 +32,32 @@ const MAX_PAGE_SIZE: i32 = 1000;
 #[derive(Debug, Clone)]
 pub struct TaskApi<S> {
     store: S,
-    retention: Duration,
+    policy: KeyPolicy,
     limits: Limits,
 }
 
 impl<S: Store> TaskApi<S> {
-    /// A service over `store` that treats key records older than `retention`
-    /// as absent.
-    pub fn new(store: S, retention: Duration, limits: Limits) -> Self {
+    /// A service over `store` that remembers requests as `policy` says.
+    pub fn new(store: S, policy: KeyPolicy, limits: Limits) -> Self {
         Self {
             store,
-            retention,
+            policy,
             limits,
         }
     }
 
     async fn create(
         &self,
-        request: Request<CreateTaskRequest>,
+        source: KeySource<'_>,
+        request: CreateTaskRequest,
     ) -> Result<Response<Task>, ServiceError> {
-        // The key layer puts the key there; without the layer, there is none.
-        let key = request
-            .extensions()
-            .get::<IdempotencyKey>()
-            .cloned()
-            .ok_or(ServiceError::KeyMissing)?;
-        let task = NewTask::parse(request.into_inner(), &self.limits)
-            .map_err(ServiceError::InvalidRequest)?;
+        if source == KeySource::Fingerprint && self.policy.missing_key == MissingKeyPolicy::Reject {
+            return Err(ServiceError::KeyMissing);
+        }
+        let task = NewTask::parse(request, &self.limits).map_err(ServiceError::InvalidRequest)?;
         tracing::Span::current().record("agent_id", task.agent_id.as_str());
 
-        let outcome = idempotency::create_task(&self.store, &key, &task, self.retention).await?;
+        let outcome = idempotency::create_task(&self.store, source, &task, &self.policy).await?;
         let (task, replayed) = match outcome {
             Outcome::Created(task) => (task, false),
             Outcome::Replayed(bytes) => (
@@ -147,14 +145,35 @@ impl<S: Store> TaskService for TaskApi<S> {
     #[tracing::instrument(
         name = "CreateTask",
         skip_all,
-        fields(rpc.method = "CreateTask", outcome, agent_id, task_id)
+        fields(rpc.method = "CreateTask", key_source, outcome, agent_id, task_id)
     )]
     async fn create_task(
         &self,
         request: Request<CreateTaskRequest>,
     ) -> Result<Response<Task>, Status> {
-        let result = self.create(request).await;
-        finish(result)
+        // The key layer puts a valid key there, or none when the policy lets
+        // keyless requests through.
+        let key = request.extensions().get::<IdempotencyKey>().cloned();
+        let source = key
+            .as_ref()
+            .map_or(KeySource::Fingerprint, KeySource::Header);
+        tracing::Span::current().record("key_source", source.as_str());
+        let result = finish(self.create(source, request.into_inner()).await);
+        let source_value = MetadataValue::from_static(source.as_str());
+        match result {
+            Ok(mut response) => {
+                response
+                    .metadata_mut()
+                    .insert(KEY_SOURCE_HEADER, source_value);
+                Ok(response)
+            }
+            Err(mut status) => {
+                status
+                    .metadata_mut()
+                    .insert(KEY_SOURCE_HEADER, source_value);
+                Err(status)
+            }
+        }
     }
 
     #[tracing::instrument(name = "GetTask", skip_all, fields(rpc.method = "GetTask", outcome))]

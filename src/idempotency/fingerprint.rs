@@ -27,6 +27,11 @@ impl Fingerprint {
         Self(Sha256::digest(document.as_bytes()).into())
     }
 
+    /// The digest in lowercase hex.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// The raw digest.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
@@ -35,11 +40,7 @@ impl Fingerprint {
 
 impl fmt::Debug for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Fingerprint(")?;
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        write!(f, ")")
+        write!(f, "Fingerprint({})", self.to_hex())
     }
 }
 

@@ -31,6 +31,51 @@ use crate::{
 /// The scope of keys sent to CreateTask: its full gRPC method name.
 pub const CREATE_TASK_SCOPE: &str = "tasks.v1.TaskService/CreateTask";
 
+/// The scope of records for keyless CreateTask calls deduplicated by
+/// fingerprint. A scope of its own, so keyed and keyless records never
+/// answer for each other.
+pub const KEYLESS_CREATE_TASK_SCOPE: &str = "tasks.v1.TaskService/CreateTask#fingerprint";
+
+/// What to do with a CreateTask that carries no `idempotency-key`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum MissingKeyPolicy {
+    /// Refuse it with INVALID_ARGUMENT (the default).
+    #[default]
+    Reject,
+    /// Deduplicate it against identical requests within the dedup window.
+    Fingerprint,
+}
+
+/// How long records answer for retries, and what a missing key means.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyPolicy {
+    /// Keyed records older than this are treated as absent.
+    pub retention: Duration,
+    /// What to do without a key.
+    pub missing_key: MissingKeyPolicy,
+    /// Keyless records older than this are treated as absent.
+    pub dedup_window: Duration,
+}
+
+/// Where the record that answers a request comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource<'a> {
+    /// The client's `idempotency-key`.
+    Header(&'a IdempotencyKey),
+    /// No key: the request's own fingerprint, within the dedup window.
+    Fingerprint,
+}
+
+impl KeySource<'_> {
+    /// The value of the `idempotency-key-source` response metadata.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            KeySource::Header(_) => "header",
+            KeySource::Fingerprint => "fingerprint",
+        }
+    }
+}
+
 /// How often a request re-reads after losing a claim race before it reports
 /// contention. Losing twice in a row needs cleanup deleting the winner's
 /// record between two statements.
@@ -50,19 +95,30 @@ pub enum Outcome {
     InFlight,
 }
 
-/// Creates the task for `key` exactly once, or answers as the first request
-/// with that key was answered.
+/// Creates the task for `source` exactly once, or answers as the first
+/// request with that key (or, keyless, that fingerprint within the window)
+/// was answered.
 pub async fn create_task<S: Store>(
     store: &S,
-    key: &IdempotencyKey,
+    source: KeySource<'_>,
     task: &NewTask,
-    retention: Duration,
+    policy: &KeyPolicy,
 ) -> Result<Outcome, StorageError> {
     let fingerprint = Fingerprint::of_new_task(CREATE_TASK_SCOPE, task);
+    let hex_fingerprint;
+    let (scope, key, retention) = match source {
+        KeySource::Header(key) => (CREATE_TASK_SCOPE, key.as_str(), policy.retention),
+        KeySource::Fingerprint => {
+            hex_fingerprint = fingerprint.to_hex();
+            (
+                KEYLESS_CREATE_TASK_SCOPE,
+                hex_fingerprint.as_str(),
+                policy.dedup_window,
+            )
+        }
+    };
     for _ in 0..MAX_CLAIM_ATTEMPTS {
-        let lookup = store
-            .find_key(CREATE_TASK_SCOPE, key.as_str(), retention)
-            .await?;
+        let lookup = store.find_key(scope, key, retention).await?;
         if let Some(stored) = lookup.record {
             return Ok(if stored.fingerprint == fingerprint.as_bytes() {
                 Outcome::Replayed(stored.response)
@@ -83,8 +139,8 @@ pub async fn create_task<S: Store>(
         };
         let encoded = response.encode_to_vec();
         let claim = NewKeyedTask {
-            scope: CREATE_TASK_SCOPE,
-            key: key.as_str(),
+            scope,
+            key,
             fingerprint: &fingerprint,
             task,
             task_id,

@@ -219,11 +219,12 @@ impl Store for PgStore {
         &self,
         cutoff: DateTime<Utc>,
         limit: i64,
+        scope: Option<&str>,
     ) -> Result<u64, StorageError> {
         Ok(sqlx::query(
             "DELETE FROM idempotency_keys AS k USING ( \
                  SELECT scope, key FROM idempotency_keys \
-                 WHERE created_at < $1 \
+                 WHERE created_at < $1 AND ($3::text IS NULL OR scope = $3) \
                  ORDER BY created_at \
                  LIMIT $2 \
                  FOR UPDATE SKIP LOCKED \
@@ -232,6 +233,7 @@ impl Store for PgStore {
         )
         .bind(cutoff)
         .bind(limit)
+        .bind(scope)
         .execute(&self.pool)
         .await?
         .rows_affected())

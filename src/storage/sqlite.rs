@@ -62,6 +62,7 @@ enum Command {
     DeleteBatch {
         cutoff: i64,
         batch_size: i64,
+        scope: Option<String>,
         reply: Reply<u64>,
     },
     /// Checks (and if need be reopens) the writer's connection.
@@ -261,15 +262,18 @@ impl Command {
             Command::DeleteBatch {
                 cutoff,
                 batch_size,
+                scope,
                 reply,
             } => {
                 let result = sqlx::query(
                     "DELETE FROM idempotency_keys WHERE rowid IN ( \
-                         SELECT rowid FROM idempotency_keys WHERE created_at < ?1 \
+                         SELECT rowid FROM idempotency_keys \
+                         WHERE created_at < ?1 AND (?3 IS NULL OR scope = ?3) \
                          ORDER BY created_at LIMIT ?2)",
                 )
                 .bind(cutoff)
                 .bind(batch_size)
+                .bind(scope)
                 .execute(&mut *connection)
                 .await
                 .map(|done| done.rows_affected())
@@ -459,10 +463,13 @@ impl Store for SqliteStore {
         &self,
         cutoff: DateTime<Utc>,
         limit: i64,
+        scope: Option<&str>,
     ) -> Result<u64, StorageError> {
+        let scope = scope.map(str::to_owned);
         self.write(|reply| Command::DeleteBatch {
             cutoff: cutoff.timestamp_micros(),
             batch_size: limit,
+            scope,
             reply,
         })
         .await

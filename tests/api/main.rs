@@ -34,6 +34,7 @@ mod fingerprint;
 mod health;
 mod helpers;
 mod in_flight;
+mod keyless;
 mod process;
 mod read_tasks;
 mod reflection;
