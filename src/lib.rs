@@ -12,11 +12,13 @@
 //! - [`storage`]: every SQL statement, over PostgreSQL with sqlx.
 //! - [`config`]: flags and environment; [`startup`]: wiring and serving;
 //!   [`health`]: the database-backed health status; [`cleanup_cmd`]: the
-//!   `cleanup` subcommand for cron.
+//!   `cleanup` subcommand for cron; [`client`]: a retrying client for agents
+//!   written in Rust.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod cleanup_cmd;
+pub mod client;
 pub mod config;
 pub mod domain;
 pub mod health;

@@ -42,6 +42,7 @@ pub(crate) struct TestApp {
     pub(crate) channel: Channel,
     pub(crate) tasks: TaskServiceClient<Channel>,
     pub(crate) admin: AdminClient<Channel>,
+    pub(crate) addr: std::net::SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<Result<(), StartupError>>>,
 }
@@ -102,6 +103,7 @@ impl TestApp {
             .expect("endpoint")
             .connect_lazy();
         Self {
+            addr,
             tasks: TaskServiceClient::new(channel.clone()),
             admin: AdminClient::new(channel.clone()),
             channel,

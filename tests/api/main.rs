@@ -28,6 +28,7 @@ macro_rules! conformance {
 
 mod cancellation;
 mod cleanup;
+mod client;
 mod concurrency;
 mod create_task;
 mod fingerprint;

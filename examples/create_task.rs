@@ -1,0 +1,71 @@
+//! An agent's side effect, made safe: create a task with a key generated
+//! once for this logical call, retrying transient failures with that key.
+//!
+//! Run against a running server (see the README):
+//!
+//! ```sh
+//! cargo run --example create_task -- http://127.0.0.1:50051
+//! ```
+
+use std::process::ExitCode;
+
+use oncely::{
+    client::{ClientError, OncelyClient},
+    domain::json_to_struct,
+    proto::tasks_v1::CreateTaskRequest,
+};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let server = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "http://127.0.0.1:50051".to_owned());
+    let client = match OncelyClient::connect(server) {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let parameters = serde_json::json!({"to": "ada@example.com", "subject": "hello"});
+    let request = CreateTaskRequest {
+        agent_id: "example-agent".into(),
+        action: "send_email".into(),
+        parameters: parameters.as_object().map(json_to_struct),
+    };
+
+    // One logical call: the client generates the key and reuses it on every
+    // retry of this call.
+    let created = match client.create_task(request.clone()).await {
+        Ok(created) => created,
+        Err(ClientError::Rejected(status)) => {
+            eprintln!("the request must change: {}", status.message());
+            return ExitCode::FAILURE;
+        }
+        Err(error) => {
+            eprintln!("not created, safe to retry later with the same key: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "created task {} with key {} in {} attempt(s)",
+        created.task.task_id, created.key, created.attempts
+    );
+
+    // Asking again with the same key (say, after the agent itself crashed)
+    // returns the same task, marked as a replay.
+    match client.create_task_with_key(&created.key, request).await {
+        Ok(again) if again.task == created.task && again.replayed => {
+            println!("asked again with the same key: same task, replayed");
+            ExitCode::SUCCESS
+        }
+        Ok(again) => {
+            eprintln!("unexpected answer: {again:?}");
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! The Rust client: one key per logical call, safe retries, and the retry
+//! loop proven against a connection that breaks after the server answered.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use oncely::client::{ClientError, Created, OncelyClient, RetryPolicy};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
+use tonic::Code;
+
+use crate::helpers::{
+    Backend, PgProxy, TestApp, TestDb, email_request, new_key, request, test_settings,
+};
+
+/// A TCP proxy in front of the server that cuts its first `drops`
+/// connections at the moment the server starts sending a response: the
+/// server has done the work, the client never sees the answer.
+struct DroppingProxy {
+    addr: SocketAddr,
+    dropped: Arc<AtomicUsize>,
+    accept: JoinHandle<()>,
+}
+
+impl DroppingProxy {
+    async fn start(upstream: SocketAddr, drops: usize) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let to_drop = Arc::new(AtomicUsize::new(drops));
+        let accept = tokio::spawn({
+            let dropped = dropped.clone();
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let cut = to_drop
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok();
+                    tokio::spawn(relay(client, upstream, cut, dropped.clone()));
+                }
+            }
+        });
+        Self {
+            addr,
+            dropped,
+            accept,
+        }
+    }
+}
+
+impl Drop for DroppingProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Relays one connection. Server-to-client bytes are read as HTTP/2 frames;
+/// when `cut`, the first HEADERS or DATA frame of a stream (a response) ends
+/// the connection instead of being forwarded.
+async fn relay(client: TcpStream, upstream: SocketAddr, cut: bool, dropped: Arc<AtomicUsize>) {
+    let Ok(server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let requests =
+        tokio::spawn(async move { tokio::io::copy(&mut client_read, &mut server_write).await });
+    loop {
+        let mut header = [0u8; 9];
+        if server_read.read_exact(&mut header).await.is_err() {
+            break;
+        }
+        let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let frame_type = header[3];
+        let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0; length];
+        if server_read.read_exact(&mut payload).await.is_err() {
+            break;
+        }
+        if cut && stream != 0 && (frame_type == 0 || frame_type == 1) {
+            dropped.fetch_add(1, Ordering::SeqCst);
+            break;
+        }
+        if client_write.write_all(&header).await.is_err()
+            || client_write.write_all(&payload).await.is_err()
+        {
+            break;
+        }
+    }
+    requests.abort();
+}
+
+fn quick_policy() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 5,
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(200),
+        attempt_timeout: Duration::from_secs(10),
+        total_timeout: Duration::from_secs(30),
+    }
+}
+
+fn client_for(addr: SocketAddr) -> OncelyClient {
+    OncelyClient::connect(format!("http://{addr}"))
+        .expect("address")
+        .with_retry_policy(quick_policy())
+}
+
+async fn a_response_lost_on_the_way_is_retried_with_the_same_key_and_replayed(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let proxy = DroppingProxy::start(app.addr, 1).await;
+    let client = client_for(proxy.addr);
+
+    let created = client.create_task(email_request()).await.expect("created");
+
+    assert_eq!(
+        proxy.dropped.load(Ordering::SeqCst),
+        1,
+        "no response was dropped"
+    );
+    assert_eq!(created.attempts, 2);
+    assert!(created.replayed, "the retry should get the stored response");
+    assert_eq!(db.count("tasks").await, 1);
+    let (stored_task, ..) = db.key_record(&created.key).await.expect("record");
+    assert_eq!(stored_task, created.task.task_id);
+}
+
+async fn the_client_reports_whether_an_answer_was_a_replay(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let client = client_for(app.addr);
+
+    let first = client.create_task(email_request()).await.expect("create");
+    let again = client
+        .create_task_with_key(&first.key, email_request())
+        .await
+        .expect("again");
+
+    assert!(!first.replayed);
+    assert_eq!(first.attempts, 1);
+    assert!(uuid::Uuid::parse_str(&first.key).is_ok_and(|k| k.get_version_num() == 4));
+    assert_eq!(
+        again,
+        Created {
+            replayed: true,
+            ..first
+        }
+    );
+    assert_eq!(db.count("tasks").await, 1);
+}
+
+async fn the_client_never_retries_invalid_argument_or_failed_precondition(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let client = client_for(app.addr);
+    let first = client.create_task(email_request()).await.expect("create");
+
+    let invalid = client
+        .create_task(request("", "send_email", serde_json::json!({})))
+        .await
+        .expect_err("invalid");
+    let reused = client
+        .create_task_with_key(
+            &first.key,
+            request("agent-7", "send_sms", serde_json::json!({})),
+        )
+        .await
+        .expect_err("reused");
+
+    assert!(
+        matches!(&invalid, ClientError::Rejected(s) if s.code() == Code::InvalidArgument),
+        "{invalid:?}"
+    );
+    assert!(
+        matches!(&reused, ClientError::Rejected(s) if s.code() == Code::FailedPrecondition),
+        "{reused:?}"
+    );
+    assert_eq!(db.count("tasks").await, 1);
+}
+
+async fn the_client_waits_out_a_request_in_progress_as_retry_info_asks(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut settings = test_settings(&db.url);
+    settings.database.in_flight_wait = Duration::from_millis(200);
+    let app = TestApp::spawn_with(settings).await;
+    let key = new_key();
+    let (in_flight, first) = db.begin_in_flight(&key, &email_request()).await;
+    let finish = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        in_flight.commit().await;
+    });
+    let client = client_for(app.addr);
+    let started = std::time::Instant::now();
+
+    let created = client
+        .create_task_with_key(&key, email_request())
+        .await
+        .expect("replayed after the wait");
+
+    finish.await.expect("commit");
+    assert!(created.replayed);
+    assert_eq!(created.task, first);
+    assert_eq!(created.attempts, 2);
+    // The server's RetryInfo asks for at least a second between attempts.
+    assert!(started.elapsed() >= Duration::from_secs(1));
+}
+
+async fn the_client_gives_up_after_its_attempts(backend: Backend) {
+    let _ = backend;
+    let nothing = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let client = OncelyClient::connect(format!("http://{nothing}"))
+        .expect("address")
+        .with_retry_policy(RetryPolicy {
+            max_attempts: 3,
+            ..quick_policy()
+        });
+
+    let error = client
+        .create_task(email_request())
+        .await
+        .expect_err("no server");
+
+    assert!(
+        matches!(&error, ClientError::GaveUp { attempts: 3, last } if last.code() == Code::Unavailable),
+        "{error:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_client_retries_while_the_database_is_down_and_creates_once_it_returns() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let proxy = PgProxy::start(&db).await;
+    let app = TestApp::spawn_with(test_settings(&db.url_via(&proxy))).await;
+    let client = client_for(app.addr).with_retry_policy(RetryPolicy {
+        max_attempts: 30,
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_millis(300),
+        ..quick_policy()
+    });
+    proxy.cut();
+    let restore = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        proxy.restore();
+        proxy
+    });
+
+    let created = client.create_task(email_request()).await.expect("created");
+
+    let _proxy = restore.await.expect("restore");
+    assert!(
+        created.attempts >= 2,
+        "the first attempt should have failed"
+    );
+    assert_eq!(db.count("tasks").await, 1);
+}
+
+conformance!(
+    a_response_lost_on_the_way_is_retried_with_the_same_key_and_replayed,
+    the_client_reports_whether_an_answer_was_a_replay,
+    the_client_never_retries_invalid_argument_or_failed_precondition,
+    the_client_waits_out_a_request_in_progress_as_retry_info_asks,
+    the_client_gives_up_after_its_attempts,
+);
