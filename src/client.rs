@@ -23,8 +23,8 @@
 //! every attempt, so however often the call is retried the server creates
 //! one task. Transient failures are retried with exponential backoff and full
 //! jitter: `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `ABORTED` (waiting at least
-//! the server's `RetryInfo`), and connections that broke before an answer
-//! arrived. Every other error is returned at once: `INVALID_ARGUMENT` and
+//! the server's `RetryInfo`), `CANCELLED`, and connections that broke before
+//! an answer arrived. Every other error is returned at once: `INVALID_ARGUMENT` and
 //! `FAILED_PRECONDITION` in particular mean the request must change, and a
 //! retry would fail the same way. Attempts and total time are bounded by the
 //! [`RetryPolicy`].
@@ -116,6 +116,10 @@ impl OncelyClient {
         let channel = Channel::from_shared(address.clone())
             .map_err(|_| ClientError::Address(address))?
             .connect_timeout(Duration::from_secs(5))
+            // Notice a connection that went silent, rather than wait on it.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
             .connect_lazy();
         Ok(Self::new(channel))
     }
@@ -167,8 +171,15 @@ impl OncelyClient {
             let mut call = Request::new(request.clone());
             call.metadata_mut()
                 .insert(IDEMPOTENCY_KEY_HEADER, key_value.clone());
-            call.set_timeout(policy.attempt_timeout.min(remaining));
-            let status = match self.tasks.clone().create_task(call).await {
+            let limit = policy.attempt_timeout.min(remaining);
+            call.set_timeout(limit);
+            // The gRPC deadline covers the wait for the response headers;
+            // this bounds the whole attempt, body and trailers included.
+            let mut tasks = self.tasks.clone();
+            let outcome = tokio::time::timeout(limit, tasks.create_task(call))
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded("the attempt timed out")));
+            let status = match outcome {
                 Ok(response) => {
                     let replayed = response
                         .metadata()
@@ -202,13 +213,13 @@ impl OncelyClient {
 /// Whether a failed attempt may succeed if repeated with the same key.
 pub fn is_transient(status: &Status) -> bool {
     match status.code() {
-        Code::Unavailable | Code::DeadlineExceeded | Code::Aborted => true,
+        // CANCELLED: the server gave up on the deadline, or the call was cut;
+        // repeating it with the same key is always safe.
+        Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::Cancelled => true,
         // A status with a source was made on this side from a transport
         // error (a connection that broke before the answer arrived), not
         // sent by the server.
-        Code::Unknown | Code::Internal | Code::Cancelled => {
-            std::error::Error::source(status).is_some()
-        }
+        Code::Unknown | Code::Internal => std::error::Error::source(status).is_some(),
         _ => false,
     }
 }
@@ -239,6 +250,9 @@ mod tests {
         assert!(is_transient(&Status::unavailable("down")));
         assert!(is_transient(&Status::aborted("in progress")));
         assert!(is_transient(&Status::deadline_exceeded("slow")));
+        assert!(is_transient(&Status::cancelled(
+            "deadline reached on the server"
+        )));
         assert!(!is_transient(&Status::invalid_argument("bad")));
         assert!(!is_transient(&Status::failed_precondition("reused")));
         assert!(!is_transient(&Status::internal("bug")));

@@ -62,6 +62,10 @@ def generate_stubs():
 class Rejected(Exception):
     """The server refused the request; retrying it unchanged cannot help."""
 
+    def __init__(self, code, details):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+
 
 class GaveUp(Exception):
     """Every attempt failed transiently, or time ran out."""
@@ -99,7 +103,7 @@ def create_task(stub, request, key=None, max_attempts=6, initial_backoff=0.1,
             return task, headers.get("idempotent-replayed") == "true", key, attempt
         except grpc.RpcError as error:
             if error.code() not in RETRYABLE:
-                raise Rejected(f"{error.code().name}: {error.details()}") from error
+                raise Rejected(error.code(), error.details()) from error
             ceiling = min(max_backoff, initial_backoff * 2 ** (attempt - 1))
             wait = max(random.uniform(0, ceiling), retry_delay(error))
             if attempt >= max_attempts or time.monotonic() + wait >= deadline:
@@ -130,6 +134,8 @@ def main():
             create_task(stub, other, key=key)
             sys.exit("a reused key with a different request should be refused")
         except Rejected as refused:
+            if refused.code != grpc.StatusCode.FAILED_PRECONDITION:
+                sys.exit(f"expected FAILED_PRECONDITION for a reused key, got {refused}")
             print(f"reusing the key for another request is refused: {refused}")
 
 

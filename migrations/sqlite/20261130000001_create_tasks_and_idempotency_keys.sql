@@ -30,5 +30,6 @@ CREATE TABLE idempotency_keys (
     PRIMARY KEY (scope, key)
 ) STRICT;
 
--- Cleanup deletes by age in batches.
-CREATE INDEX idempotency_keys_created_at ON idempotency_keys (created_at);
+-- Cleanup deletes each scope's records by age in batches (keyless records
+-- have a shorter window than keyed ones).
+CREATE INDEX idempotency_keys_scope_created_at ON idempotency_keys (scope, created_at);

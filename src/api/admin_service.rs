@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use super::{ServiceError, task_service::finish};
 use crate::{
     domain::FieldViolation,
-    idempotency::{KEYLESS_CREATE_TASK_SCOPE, KeyPolicy},
+    idempotency::{CREATE_TASK_SCOPE, KEYLESS_CREATE_TASK_SCOPE, KeyPolicy},
     proto::tasks_v1::{CleanupRequest, CleanupResponse, admin_server::Admin},
     storage::Store,
 };
@@ -56,21 +56,21 @@ impl<S: Store> AdminApi<S> {
             "older_than",
             humantime::format_duration(older_than).to_string(),
         );
-        // Keyless records expire with the dedup window, which is usually
-        // shorter than the retention; then every record past `older_than`.
+        // Keyed records go once past `older_than`; keyless ones once past
+        // the dedup window, and never earlier, whatever the two durations.
+        let keyed = self
+            .store
+            .delete_keys_older_than(CREATE_TASK_SCOPE, older_than, self.batch_size)
+            .await?;
         let keyless = self
             .store
             .delete_keys_older_than(
+                KEYLESS_CREATE_TASK_SCOPE,
                 self.policy.dedup_window,
                 self.batch_size,
-                Some(KEYLESS_CREATE_TASK_SCOPE),
             )
             .await?;
-        let deleted = keyless
-            + self
-                .store
-                .delete_keys_older_than(older_than, self.batch_size, None)
-                .await?;
+        let deleted = keyed + keyless;
         tracing::Span::current().record("deleted", deleted);
         Ok(CleanupResponse {
             deleted: i64::try_from(deleted).unwrap_or(i64::MAX),

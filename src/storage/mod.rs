@@ -67,25 +67,24 @@ pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
         older_than: Duration,
     ) -> impl Future<Output = Result<DateTime<Utc>, StorageError>> + Send;
 
-    /// Deletes at most `limit` idempotency records created before `cutoff`
-    /// (only those of `scope`, when given), in one short transaction;
-    /// returns how many.
+    /// Deletes at most `limit` idempotency records of `scope` created before
+    /// `cutoff`, in one short transaction; returns how many.
     fn delete_keys_created_before(
         &self,
+        scope: &str,
         cutoff: DateTime<Utc>,
         limit: i64,
-        scope: Option<&str>,
     ) -> impl Future<Output = Result<u64, StorageError>> + Send;
 
     /// Deletes idempotency records created more than `older_than` ago, in
     /// batches of `batch_size`, each its own short transaction, so a large
-    /// table is never locked for long. Only records of `scope`, when given.
-    /// Never deletes tasks. Returns how many records were deleted.
+    /// table is never locked for long. Only records of `scope`. Never deletes
+    /// tasks. Returns how many records were deleted.
     fn delete_keys_older_than(
         &self,
+        scope: &str,
         older_than: Duration,
         batch_size: i64,
-        scope: Option<&str>,
     ) -> impl Future<Output = Result<u64, StorageError>> + Send {
         async move {
             // One cutoff for the whole run, so it ends even under steady
@@ -94,7 +93,7 @@ pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
             let mut deleted = 0;
             loop {
                 let batch = self
-                    .delete_keys_created_before(cutoff, batch_size, scope)
+                    .delete_keys_created_before(scope, cutoff, batch_size)
                     .await?;
                 deleted += batch;
                 if batch < batch_size as u64 {

@@ -217,14 +217,14 @@ impl Store for PgStore {
     #[tracing::instrument(skip_all)]
     async fn delete_keys_created_before(
         &self,
+        scope: &str,
         cutoff: DateTime<Utc>,
         limit: i64,
-        scope: Option<&str>,
     ) -> Result<u64, StorageError> {
         Ok(sqlx::query(
             "DELETE FROM idempotency_keys AS k USING ( \
                  SELECT scope, key FROM idempotency_keys \
-                 WHERE created_at < $1 AND ($3::text IS NULL OR scope = $3) \
+                 WHERE scope = $3 AND created_at < $1 \
                  ORDER BY created_at \
                  LIMIT $2 \
                  FOR UPDATE SKIP LOCKED \

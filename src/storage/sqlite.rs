@@ -62,7 +62,7 @@ enum Command {
     DeleteBatch {
         cutoff: i64,
         batch_size: i64,
-        scope: Option<String>,
+        scope: String,
         reply: Reply<u64>,
     },
     /// Checks (and if need be reopens) the writer's connection.
@@ -268,7 +268,7 @@ impl Command {
                 let result = sqlx::query(
                     "DELETE FROM idempotency_keys WHERE rowid IN ( \
                          SELECT rowid FROM idempotency_keys \
-                         WHERE created_at < ?1 AND (?3 IS NULL OR scope = ?3) \
+                         WHERE scope = ?3 AND created_at < ?1 \
                          ORDER BY created_at LIMIT ?2)",
                 )
                 .bind(cutoff)
@@ -461,11 +461,11 @@ impl Store for SqliteStore {
     #[tracing::instrument(skip_all)]
     async fn delete_keys_created_before(
         &self,
+        scope: &str,
         cutoff: DateTime<Utc>,
         limit: i64,
-        scope: Option<&str>,
     ) -> Result<u64, StorageError> {
-        let scope = scope.map(str::to_owned);
+        let scope = scope.to_owned();
         self.write(|reply| Command::DeleteBatch {
             cutoff: cutoff.timestamp_micros(),
             batch_size: limit,

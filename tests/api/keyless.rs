@@ -247,6 +247,30 @@ async fn cleanup_removes_keyless_records_past_the_window_and_keeps_live_keyed_on
     assert_eq!(db.count("tasks").await, 2);
 }
 
+async fn cleanup_never_deletes_keyless_records_inside_the_window(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut settings = fingerprint_settings(&db);
+    // A window longer than the 1h retention: cleanup must still honour it.
+    settings.dedup_window = Duration::from_secs(7200);
+    let app = TestApp::spawn_with(settings).await;
+    let first = app.create(None, email_request()).await.expect("keyless");
+    db.age_keys(Duration::from_secs(5400)).await;
+
+    let deleted = app
+        .admin
+        .clone()
+        .cleanup(CleanupRequest { older_than: None })
+        .await
+        .expect("cleanup")
+        .into_inner()
+        .deleted;
+    let repeat = app.create(None, email_request()).await.expect("repeat");
+
+    assert_eq!(deleted, 0);
+    assert_eq!(replayed(&repeat), Some("true"));
+    assert_eq!(repeat.into_inner(), first.into_inner());
+}
+
 async fn without_the_policy_a_keyless_request_is_still_refused(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
@@ -275,4 +299,5 @@ conformance!(
     identical_keyless_requests_released_together_create_one_task,
     cleanup_removes_keyless_records_past_the_window_and_keeps_live_keyed_ones,
     without_the_policy_a_keyless_request_is_still_refused,
+    cleanup_never_deletes_keyless_records_inside_the_window,
 );
