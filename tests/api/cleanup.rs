@@ -14,15 +14,6 @@ use crate::helpers::{
 
 const HOUR: Duration = Duration::from_secs(3600);
 
-fn older_than(d: Duration) -> CleanupRequest {
-    CleanupRequest {
-        older_than: Some(prost_types::Duration {
-            seconds: d.as_secs() as i64,
-            nanos: 0,
-        }),
-    }
-}
-
 async fn cleanup_deletes_only_older_records_and_never_tasks(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
@@ -36,14 +27,9 @@ async fn cleanup_deletes_only_older_records_and_never_tasks(backend: Backend) {
         .await
         .expect("create");
 
-    let response = app
-        .admin
-        .clone()
-        .cleanup(older_than(HOUR))
-        .await
-        .expect("cleanup");
+    let deleted = app.cleanup(Some(HOUR)).await.expect("cleanup");
 
-    assert_eq!(response.into_inner().deleted, 1);
+    assert_eq!(deleted, 1);
     let left = db.keys().await;
     assert_eq!(left, [fresh_key]);
     assert_eq!(db.count("tasks").await, 2);
@@ -60,14 +46,7 @@ async fn a_deleted_key_executes_afresh(backend: Backend) {
         .into_inner();
     db.age_keys(2 * HOUR).await;
 
-    let deleted = app
-        .admin
-        .clone()
-        .cleanup(older_than(HOUR))
-        .await
-        .expect("cleanup")
-        .into_inner()
-        .deleted;
+    let deleted = app.cleanup(Some(HOUR)).await.expect("cleanup");
     let again = app
         .create(Some(&key), email_request())
         .await
@@ -88,10 +67,7 @@ async fn cleanup_refuses_to_delete_records_younger_than_the_retention(backend: B
         .expect("create");
 
     let status = assert_status(
-        app.admin
-            .clone()
-            .cleanup(older_than(Duration::from_secs(60)))
-            .await,
+        app.cleanup(Some(Duration::from_secs(60))).await,
         Code::InvalidArgument,
         Some("INVALID_REQUEST"),
     );
@@ -138,14 +114,7 @@ async fn cleanup_works_in_batches_until_all_old_records_are_gone(backend: Backen
     }
     db.age_keys(2 * HOUR).await;
 
-    let deleted = app
-        .admin
-        .clone()
-        .cleanup(older_than(HOUR))
-        .await
-        .expect("cleanup")
-        .into_inner()
-        .deleted;
+    let deleted = app.cleanup(Some(HOUR)).await.expect("cleanup");
 
     assert_eq!(deleted, 5);
     assert_eq!(db.count("idempotency_keys").await, 0);
@@ -165,14 +134,7 @@ async fn cleanup_without_older_than_uses_the_retention(backend: Backend) {
         .expect("create");
     db.age_keys(2 * HOUR).await;
 
-    let deleted = app
-        .admin
-        .clone()
-        .cleanup(CleanupRequest { older_than: None })
-        .await
-        .expect("cleanup")
-        .into_inner()
-        .deleted;
+    let deleted = app.cleanup(None).await.expect("cleanup");
 
     assert_eq!(deleted, 1, "only the record aged 4h is past a 3h retention");
     assert_eq!(db.count("idempotency_keys").await, 1);

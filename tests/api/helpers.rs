@@ -149,6 +149,18 @@ impl TestApp {
         self.tasks.clone().create_task(keyed(key, request)).await
     }
 
+    /// Admin.Cleanup; returns how many records it deleted.
+    pub(crate) async fn cleanup(&self, older_than: Option<Duration>) -> Result<i64, Status> {
+        let request = oncely::proto::tasks_v1::CleanupRequest {
+            older_than: older_than.map(|d| prost_types::Duration {
+                seconds: d.as_secs() as i64,
+                nanos: d.subsec_nanos() as i32,
+            }),
+        };
+        let response = self.admin.clone().cleanup(request).await?;
+        Ok(response.into_inner().deleted)
+    }
+
     /// CreateTask with `key`, running in the background.
     pub(crate) fn spawn_create(
         &self,

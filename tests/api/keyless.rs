@@ -4,11 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use futures::future::join_all;
-use oncely::{
-    Settings,
-    idempotency::MissingKeyPolicy,
-    proto::tasks_v1::{CleanupRequest, CreateTaskRequest},
-};
+use oncely::{Settings, idempotency::MissingKeyPolicy, proto::tasks_v1::CreateTaskRequest};
 use prost::Message;
 use tokio::sync::Barrier;
 use tonic::{Code, Status};
@@ -233,14 +229,7 @@ async fn cleanup_removes_keyless_records_past_the_window_and_keeps_live_keyed_on
     // Past the 5m window, well inside the 1h retention.
     db.age_keys(Duration::from_secs(600)).await;
 
-    let deleted = app
-        .admin
-        .clone()
-        .cleanup(CleanupRequest { older_than: None })
-        .await
-        .expect("cleanup")
-        .into_inner()
-        .deleted;
+    let deleted = app.cleanup(None).await.expect("cleanup");
 
     assert_eq!(deleted, 1);
     assert_eq!(db.keys().await, [key]);
@@ -256,14 +245,7 @@ async fn cleanup_never_deletes_keyless_records_inside_the_window(backend: Backen
     let first = app.create(None, email_request()).await.expect("keyless");
     db.age_keys(Duration::from_secs(5400)).await;
 
-    let deleted = app
-        .admin
-        .clone()
-        .cleanup(CleanupRequest { older_than: None })
-        .await
-        .expect("cleanup")
-        .into_inner()
-        .deleted;
+    let deleted = app.cleanup(None).await.expect("cleanup");
     let repeat = app.create(None, email_request()).await.expect("repeat");
 
     assert_eq!(deleted, 0);
