@@ -78,11 +78,6 @@ impl PgStore {
             description: format!("postgres at {}", redact_url(&settings.url)),
         })
     }
-
-    /// The connection pool, for health checks and tests.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
 }
 
 impl Store for PgStore {

@@ -2,34 +2,19 @@
 
 use crate::helpers::Backend;
 
-use std::sync::Arc;
-
-use futures::future::join_all;
-use tokio::sync::Barrier;
-
-use crate::helpers::{TestApp, TestDb, email_request, new_key, replayed, test_settings};
+use crate::helpers::{
+    TestApp, TestDb, create_all_at_once, email_request, new_key, replayed, test_settings,
+};
 
 const CALLS: usize = 64;
 
 /// Fires `CALLS` CreateTask calls with `key` spread over `apps`, all released
 /// at once, and returns the task ids of the successes and the replay count.
 async fn race(apps: &[&TestApp], key: &str) -> (Vec<String>, usize) {
-    let barrier = Arc::new(Barrier::new(CALLS));
-    let calls = (0..CALLS).map(|i| {
-        let mut client = apps[i % apps.len()].tasks.clone();
-        let barrier = barrier.clone();
-        let key = key.to_owned();
-        tokio::spawn(async move {
-            barrier.wait().await;
-            client
-                .create_task(crate::helpers::keyed(Some(&key), email_request()))
-                .await
-        })
-    });
     let mut ids = Vec::new();
     let mut replays = 0;
-    for result in join_all(calls).await {
-        let response = result.expect("join").expect("every call succeeds");
+    for result in create_all_at_once(apps, CALLS, |_| Some(key.to_owned())).await {
+        let response = result.expect("every call succeeds");
         if replayed(&response) == Some("true") {
             replays += 1;
         }
@@ -79,22 +64,11 @@ async fn concurrent_calls_across_two_instances_create_exactly_one_task() {
 async fn concurrent_calls_with_different_keys_each_create_a_task(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
-    let barrier = Arc::new(Barrier::new(CALLS));
 
-    let calls = (0..CALLS).map(|_| {
-        let mut client = app.tasks.clone();
-        let barrier = barrier.clone();
-        tokio::spawn(async move {
-            barrier.wait().await;
-            client
-                .create_task(crate::helpers::keyed(Some(&new_key()), email_request()))
-                .await
-        })
-    });
-    let results = join_all(calls).await;
+    let results = create_all_at_once(&[&app], CALLS, |_| Some(new_key())).await;
 
     for result in results {
-        let response = result.expect("join").expect("create");
+        let response = result.expect("create");
         assert_eq!(replayed(&response), Some("false"));
     }
     assert_eq!(db.count("tasks").await, CALLS as i64);

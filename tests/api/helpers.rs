@@ -220,6 +220,31 @@ impl Drop for TestApp {
     }
 }
 
+/// Sends `count` CreateTask calls released together at a barrier: call `i`
+/// goes to `apps[i % apps.len()]` with key `key(i)` (none for `None`).
+/// Returns the answers in call order.
+pub(crate) async fn create_all_at_once(
+    apps: &[&TestApp],
+    count: usize,
+    key: impl Fn(usize) -> Option<String>,
+) -> Vec<Result<Response<Task>, Status>> {
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(count));
+    let calls = (0..count).map(|i| {
+        let mut client = apps[i % apps.len()].tasks.clone();
+        let barrier = barrier.clone();
+        let request = keyed(key(i).as_deref(), email_request());
+        tokio::spawn(async move {
+            barrier.wait().await;
+            client.create_task(request).await
+        })
+    });
+    futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|joined| joined.expect("join"))
+        .collect()
+}
+
 pub(crate) fn keyed<T>(key: Option<&str>, message: T) -> Request<T> {
     let mut request = Request::new(message);
     if let Some(key) = key {

@@ -1,17 +1,15 @@
 //! Agents that cannot send keys: deduplication by fingerprint within a
 //! window (MISSING_KEY_POLICY=fingerprint).
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
-use futures::future::join_all;
 use oncely::{Settings, idempotency::MissingKeyPolicy, proto::tasks_v1::CreateTaskRequest};
 use prost::Message;
-use tokio::sync::Barrier;
 use tonic::{Code, Status};
 
 use crate::helpers::{
-    Backend, CREATE_TASK_PATH, TestApp, TestDb, assert_status, email_request, keyed, new_key,
-    replayed, request, test_settings,
+    Backend, CREATE_TASK_PATH, TestApp, TestDb, assert_status, create_all_at_once, email_request,
+    new_key, replayed, request, test_settings,
 };
 
 const WINDOW: Duration = Duration::from_secs(300);
@@ -193,19 +191,10 @@ async fn identical_keyless_requests_released_together_create_one_task(backend: B
     const CALLS: usize = 32;
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn_with(fingerprint_settings(&db)).await;
-    let barrier = Arc::new(Barrier::new(CALLS));
 
-    let calls = (0..CALLS).map(|_| {
-        let mut client = app.tasks.clone();
-        let barrier = barrier.clone();
-        tokio::spawn(async move {
-            barrier.wait().await;
-            client.create_task(keyed(None, email_request())).await
-        })
-    });
     let mut ids = Vec::new();
-    for result in join_all(calls).await {
-        ids.push(result.expect("join").expect("create").into_inner().task_id);
+    for result in create_all_at_once(&[&app], CALLS, |_| None).await {
+        ids.push(result.expect("create").into_inner().task_id);
     }
 
     assert!(
