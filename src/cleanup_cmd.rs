@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Args;
 use tonic::transport::Endpoint;
 
-use crate::proto::tasks_v1::{CleanupRequest, admin_client::AdminClient};
+use oncely_client::proto::tasks_v1::{CleanupRequest, admin_client::AdminClient};
 
 /// The cleanup subcommand's flags.
 #[derive(Debug, Clone, Args)]

@@ -9,6 +9,13 @@ use crate::{
     storage::DatabaseSettings,
 };
 
+/// Parses a [`MissingKeyPolicy`] from its name, listing the names in `--help`.
+fn missing_key_policy() -> impl clap::builder::TypedValueParser<Value = MissingKeyPolicy> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(MissingKeyPolicy::NAMES)
+        .try_map(|name| name.parse::<MissingKeyPolicy>())
+}
+
 /// The database used when `DATABASE_URL` is unset: the embedded SQLite
 /// store, in a file in the working directory.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://oncely.db";
@@ -51,7 +58,7 @@ pub struct ServeArgs {
     pub idempotency_retention: Duration,
     /// What to do with a CreateTask without idempotency-key: reject it, or
     /// deduplicate it by fingerprint within --dedup-window.
-    #[arg(long, env = "MISSING_KEY_POLICY", value_enum, default_value_t = MissingKeyPolicy::Reject)]
+    #[arg(long, env = "MISSING_KEY_POLICY", value_parser = missing_key_policy(), default_value = "reject")]
     pub missing_key_policy: MissingKeyPolicy,
     /// Under the fingerprint policy: how long an identical keyless request
     /// counts as a repeat, such as 5m.
@@ -182,60 +189,9 @@ impl Settings {
     }
 }
 
-/// A database URL with its password replaced by `***`, for logs: both the
-/// `user:password@` form and a `password=` query parameter.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (before_query, query) = match rest.split_once('?') {
-        Some((before, query)) => (before, Some(query)),
-        None => (rest, None),
-    };
-    let authority_end = before_query.find('/').unwrap_or(before_query.len());
-    let (authority, path) = before_query.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{user}:***@{host}"),
-            None => authority.to_owned(),
-        },
-        None => authority.to_owned(),
-    };
-    let mut redacted = format!("{scheme}://{authority}{path}");
-    if let Some(query) = query {
-        let pairs: Vec<String> = query
-            .split('&')
-            .map(|pair| match pair.split_once('=') {
-                Some((name, _)) if name.eq_ignore_ascii_case("password") => format!("{name}=***"),
-                _ => pair.to_owned(),
-            })
-            .collect();
-        redacted.push('?');
-        redacted.push_str(&pairs.join("&"));
-    }
-    redacted
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact_url("postgres://db/oncely?user=app&password=hunter2&sslmode=require"),
-            "postgres://db/oncely?user=app&password=***&sslmode=require"
-        );
-        assert_eq!(
-            redact_url("postgres://app:s3cr:et@db:5432/oncely?sslmode=require"),
-            "postgres://app:***@db:5432/oncely?sslmode=require"
-        );
-        assert_eq!(
-            redact_url("postgres://app@db/oncely"),
-            "postgres://app@db/oncely"
-        );
-        assert_eq!(redact_url("not a url"), "not a url");
-    }
 
     #[test]
     fn settings_debug_output_holds_no_password() {

@@ -38,7 +38,7 @@ pub async fn watch_database<S: Store>(store: S, reporter: HealthReporter, interv
             Ok(Ok(())) => ServingStatus::Serving,
             Ok(Err(error)) => {
                 if last != Some(ServingStatus::NotServing) {
-                    tracing::warn!(error = %crate::api::chain(&error), "database health check failed");
+                    tracing::warn!(error = %crate::telemetry::chain(&error), "database health check failed");
                 }
                 ServingStatus::NotServing
             }

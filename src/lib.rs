@@ -2,23 +2,28 @@
 //!
 //! An agent calls `tasks.v1.TaskService/CreateTask` with an `idempotency-key`;
 //! one key yields exactly one task, and every retry gets the first response
-//! back byte for byte. The crate is laid out by layer:
+//! back byte for byte. The crate is laid out by layer, each importing only
+//! from the layers below it:
 //!
 //! - [`api`]: the gRPC surface: the services, the layer that validates the
-//!   `idempotency-key` metadata, and the one mapping from errors to `Status`.
-//! - [`idempotency`]: the domain: the key newtype, the canonical JSON form and
-//!   fingerprint of a request, and the create/replay/mismatch decision.
-//! - [`domain`]: the validated `NewTask` that the storage layer accepts.
-//! - [`storage`]: every SQL statement, over PostgreSQL with sqlx.
-//! - [`config`]: flags and environment; [`startup`]: wiring and serving;
-//!   [`health`]: the database-backed health status; [`cleanup_cmd`]: the
-//!   `cleanup` subcommand for cron; [`client`]: a retrying client for agents
-//!   written in Rust.
+//!   `idempotency-key` metadata, the one mapping from errors to `Status`, and
+//!   the one place an RPC's outcome is logged and its metadata attached.
+//! - [`idempotency`]: the key newtype, the fingerprint, and the create /
+//!   replay / refuse decision (`create.rs`).
+//! - [`storage`]: every SQL statement, behind the [`storage::Store`] trait,
+//!   for PostgreSQL and for the embedded SQLite store.
+//! - [`domain`]: validated requests and stored tasks, shared by the layers
+//!   above; no I/O.
+//! - [`proto`]: the API's types, shared with the `oncely-client` crate.
+//!
+//! Around them: [`config`] (flags and environment), [`startup`] (wiring and
+//! serving), [`health`] (database-backed health), [`cleanup_cmd`] (the
+//! `cleanup` subcommand for cron) and [`telemetry`] (logs). The retrying
+//! client for agents is the separate `oncely-client` crate.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod cleanup_cmd;
-pub mod client;
 pub mod config;
 pub mod domain;
 pub mod health;

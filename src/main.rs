@@ -2,9 +2,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use oncely::{
-    api::chain,
     cleanup_cmd,
     config::{Cli, Command},
+    telemetry::chain,
 };
 
 #[tokio::main]

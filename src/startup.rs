@@ -10,14 +10,14 @@ use tower::Layer;
 
 use crate::{
     api::{AdminApi, RequireIdempotencyKeyLayer, TaskApi},
-    config::{Settings, redact_url},
+    config::Settings,
     health,
     idempotency::KeyPolicy,
     proto::{
         FILE_DESCRIPTOR_SET,
         tasks_v1::{admin_server::AdminServer, task_service_server::TaskServiceServer},
     },
-    storage::{PgStore, SqliteStore, StorageError, Store},
+    storage::{PgStore, SqliteStore, StorageError, Store, redact_url},
 };
 
 /// Why the server could not start or stopped with an error.

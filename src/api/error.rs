@@ -5,7 +5,9 @@ use std::{collections::HashMap, time::Duration};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{domain::FieldViolation, idempotency::KeyError, storage::StorageError};
+use crate::{
+    domain::FieldViolation, idempotency::KeyError, storage::StorageError, telemetry::chain,
+};
 
 /// The `domain` of every `ErrorInfo` oncely returns.
 pub const ERROR_DOMAIN: &str = "oncely";
@@ -133,22 +135,4 @@ impl From<ServiceError> for Status {
             }
         }
     }
-}
-
-/// An error and all its causes on one line.
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut last = text.clone();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let message = cause.to_string();
-        // Some errors repeat their source's message in their own; say it once.
-        if !last.ends_with(&message) {
-            text.push_str(": ");
-            text.push_str(&message);
-        }
-        last = message;
-        source = cause.source();
-    }
-    text
 }

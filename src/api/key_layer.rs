@@ -1,4 +1,4 @@
-//! The interceptor that reads `idempotency-key` before any work is done.
+//! The layer that reads `idempotency-key` before any work is done.
 //!
 //! It is a tower layer rather than a `tonic::Interceptor` because only
 //! CreateTask needs a key: GetTask and ListTasks ignore it, and a tonic
@@ -10,14 +10,12 @@ use std::{
     task::{Context, Poll},
 };
 
-use tonic::{Status, body::Body, server::NamedService};
+use oncely_client::metadata::IDEMPOTENCY_KEY;
+use tonic::{body::Body, server::NamedService};
 use tower::{Layer, Service};
 
-use super::ServiceError;
+use super::{ServiceError, reply};
 use crate::idempotency::{IdempotencyKey, KeyError, MissingKeyPolicy};
-
-/// The request metadata that carries the key.
-pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 
 /// The methods that need a key, by HTTP/2 path.
 const KEYED_PATHS: &[&str] = &["/tasks.v1.TaskService/CreateTask"];
@@ -75,31 +73,20 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         if KEYED_PATHS.contains(&request.uri().path()) {
-            match key_from_headers(request.headers()) {
+            let refusal = match key_from_headers(request.headers()) {
                 Ok(Some(key)) => {
                     request.extensions_mut().insert(key);
+                    None
                 }
                 // Deduplicated by fingerprint in the service.
-                Ok(None) if self.missing_key == MissingKeyPolicy::Fingerprint => {}
-                result => {
-                    let error = result.err().unwrap_or(ServiceError::KeyMissing);
-                    tracing::info!(
-                        rpc.method = request.uri().path(),
-                        outcome = error.outcome(),
-                        error = %error,
-                        "request refused"
-                    );
-                    let keyed = !matches!(error, ServiceError::KeyMissing);
-                    let mut status = Status::from(error);
-                    if keyed {
-                        status.metadata_mut().insert(
-                            super::KEY_SOURCE_HEADER,
-                            tonic::metadata::MetadataValue::from_static("header"),
-                        );
-                    }
-                    let response = status.into_http();
-                    return Box::pin(async move { Ok(response) });
-                }
+                Ok(None) if self.missing_key == MissingKeyPolicy::Fingerprint => None,
+                // No rule applied to a request without a key.
+                Ok(None) => Some((ServiceError::KeyMissing, None)),
+                Err(error) => Some((error, Some("header"))),
+            };
+            if let Some((error, source)) = refusal {
+                let response = reply::refuse(request.uri().path(), error, source).into_http();
+                return Box::pin(async move { Ok(response) });
             }
         }
         Box::pin(self.inner.call(request))
@@ -108,7 +95,7 @@ where
 
 /// The request's key: `None` when it has none, an error when it is malformed.
 fn key_from_headers(headers: &http::HeaderMap) -> Result<Option<IdempotencyKey>, ServiceError> {
-    let values = headers.get_all(IDEMPOTENCY_KEY_HEADER);
+    let values = headers.get_all(IDEMPOTENCY_KEY);
     let Some(first) = values.iter().next() else {
         return Ok(None);
     };

@@ -9,8 +9,7 @@ use std::fmt;
 
 use sha2::{Digest, Sha256};
 
-use super::canonical_json;
-use crate::domain::NewTask;
+use crate::domain::{NewTask, canonical_json};
 
 /// A SHA-256 request fingerprint.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,15 +59,16 @@ fn canonical_document(method: &str, task: &NewTask) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Limits, json_to_struct};
+    use crate::domain::Limits;
     use crate::proto::tasks_v1::CreateTaskRequest;
+    use oncely_client::json::object_to_struct;
     use serde_json::json;
 
     fn task(parameters: serde_json::Value) -> NewTask {
         let request = CreateTaskRequest {
             agent_id: "agent-7".into(),
             action: "send_email".into(),
-            parameters: Some(json_to_struct(parameters.as_object().unwrap())),
+            parameters: Some(object_to_struct(parameters.as_object().unwrap())),
         };
         NewTask::parse(request, &Limits::default()).unwrap()
     }

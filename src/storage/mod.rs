@@ -1,14 +1,17 @@
 //! The storage layer: every SQL statement oncely runs lives here, behind the
 //! [`Store`] trait, with one implementation per backend: [`PgStore`]
 //! (PostgreSQL, for production and several instances) and [`SqliteStore`]
-//! (an embedded file, the zero-setup default for one process).
+//! (an embedded file, the zero-setup default for one process). Each backend
+//! keeps its statements in a `queries` module of their own, apart from the
+//! machinery that runs them.
 //!
 //! Query style: runtime-checked `sqlx::query` with binds, so building needs no
 //! database; the integration tests exercise every statement on both backends.
 
 mod error;
-mod postgres;
-mod sqlite;
+pub mod postgres;
+mod settings;
+pub mod sqlite;
 
 use std::{fmt, future::Future, time::Duration};
 
@@ -17,9 +20,13 @@ use uuid::Uuid;
 
 pub use error::StorageError;
 pub use postgres::PgStore;
+pub use settings::{DatabaseSettings, redact_url};
 pub use sqlite::SqliteStore;
 
-use crate::{config::redact_url, domain::NewTask, idempotency::Fingerprint};
+use crate::{
+    domain::{NewTask, TaskRecord},
+    proto::tasks_v1::TaskStatus,
+};
 
 /// What the service needs from a database. Every method is one short unit
 /// of work; `claim_key_and_insert_task` is the only write that must be
@@ -40,7 +47,8 @@ pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
     /// Claims the key and inserts its task atomically. A record older than
     /// the retention is replaced; a live one is left untouched. Waits at most
     /// the in-flight bound for a concurrent claim of the same key, then fails
-    /// with [`StorageError::LockTimeout`].
+    /// with [`StorageError::LockTimeout`] (or, on SQLite,
+    /// [`StorageError::WriterBusy`]).
     fn claim_key_and_insert_task(
         &self,
         new: &NewKeyedTask<'_>,
@@ -50,7 +58,7 @@ pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
     fn get_task(
         &self,
         task_id: Uuid,
-    ) -> impl Future<Output = Result<Option<TaskRow>, StorageError>> + Send;
+    ) -> impl Future<Output = Result<Option<TaskRecord>, StorageError>> + Send;
 
     /// Reads up to `limit` of an agent's tasks created after `after_seq`,
     /// oldest first.
@@ -59,7 +67,7 @@ pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
         agent_id: &str,
         after_seq: i64,
         limit: i64,
-    ) -> impl Future<Output = Result<Vec<TaskRow>, StorageError>> + Send;
+    ) -> impl Future<Output = Result<Vec<TaskRecord>, StorageError>> + Send;
 
     /// The database clock minus `older_than`: the cutoff for cleanup.
     fn cleanup_cutoff(
@@ -107,37 +115,6 @@ pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
     fn ping(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
 }
 
-/// How to reach the database and how to use it.
-#[derive(Clone)]
-pub struct DatabaseSettings {
-    /// A `postgres://` or `sqlite://` URL; may hold a password, so never
-    /// logged as is.
-    pub url: String,
-    /// The most connections the pool opens.
-    pub max_connections: u32,
-    /// How long a request waits for a pooled connection (and for a new
-    /// connection to open) before it fails as UNAVAILABLE.
-    pub acquire_timeout: Duration,
-    /// How long a statement waits for a lock, in particular for a concurrent
-    /// request holding the same idempotency key, before giving up.
-    pub in_flight_wait: Duration,
-    /// Create the database (or SQLite file) named in `url` when it does not
-    /// exist yet.
-    pub create_database: bool,
-}
-
-impl fmt::Debug for DatabaseSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DatabaseSettings")
-            .field("url", &redact_url(&self.url))
-            .field("max_connections", &self.max_connections)
-            .field("acquire_timeout", &self.acquire_timeout)
-            .field("in_flight_wait", &self.in_flight_wait)
-            .field("create_database", &self.create_database)
-            .finish()
-    }
-}
-
 /// A live idempotency record.
 #[derive(Debug, Clone)]
 pub struct StoredKey {
@@ -159,18 +136,18 @@ pub struct KeyLookup {
 /// Everything needed to claim a key and create its task in one go.
 #[derive(Debug)]
 pub struct NewKeyedTask<'a> {
-    /// The key's scope: the RPC method.
+    /// The key's scope: the RPC method, keyed or keyless.
     pub scope: &'a str,
-    /// The client's key.
+    /// The client's key, or a keyless request's fingerprint in hex.
     pub key: &'a str,
-    /// The request's fingerprint.
-    pub fingerprint: &'a Fingerprint,
+    /// The request's fingerprint (SHA-256).
+    pub fingerprint: &'a [u8; 32],
     /// The validated request.
     pub task: &'a NewTask,
     /// The new task's id.
     pub task_id: Uuid,
     /// The new task's status.
-    pub status: i16,
+    pub status: TaskStatus,
     /// The new task's creation time.
     pub create_time: DateTime<Utc>,
     /// The encoded response to store for replays.
@@ -188,23 +165,22 @@ pub enum ClaimOutcome {
     AlreadyClaimed,
 }
 
-/// One row of `tasks`.
-#[derive(Debug, Clone)]
-pub struct TaskRow {
-    /// Creation order, used for paging.
-    pub seq: i64,
-    /// The task's id.
-    pub task_id: Uuid,
-    /// The owning agent.
-    pub agent_id: String,
-    /// The action.
-    pub action: String,
-    /// The parameters as a JSON object.
-    pub parameters: serde_json::Value,
-    /// The `TaskStatus` number.
-    pub status: i16,
-    /// The result, once something completed the task.
-    pub result: Option<serde_json::Value>,
-    /// When the task was created.
-    pub create_time: DateTime<Utc>,
+/// A stored status number as a [`TaskStatus`].
+fn status(number: i16) -> Result<TaskStatus, StorageError> {
+    TaskStatus::try_from(i32::from(number))
+        .map_err(|_| StorageError::Corrupt(format!("unknown task status {number}")))
+}
+
+/// A stored JSON document that must be an object.
+fn object(
+    task_id: Uuid,
+    what: &str,
+    value: serde_json::Value,
+) -> Result<serde_json::Map<String, serde_json::Value>, StorageError> {
+    match value {
+        serde_json::Value::Object(map) => Ok(map),
+        other => Err(StorageError::Corrupt(format!(
+            "task {task_id} has non-object {what} {other}"
+        ))),
+    }
 }

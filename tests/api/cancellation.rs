@@ -1,12 +1,12 @@
 //! Requests cancelled mid-flight leave no trace and no broken connection.
 
-use crate::helpers::Backend;
+use crate::support::Backend;
 
 use std::time::Duration;
 
 use futures::future::join_all;
 
-use crate::helpers::{TestApp, TestDb, email_request, keyed, new_key, replayed, test_settings};
+use crate::support::{TestApp, TestDb, email_request, keyed, new_key, replayed, test_settings};
 
 async fn cancelled_requests_leave_no_half_written_state_and_traffic_goes_on(backend: Backend) {
     let db = TestDb::new(backend).await;

@@ -1,13 +1,13 @@
 //! Retention and Cleanup.
 
-use crate::helpers::Backend;
+use crate::support::Backend;
 
 use std::time::Duration;
 
 use oncely::proto::tasks_v1::CleanupRequest;
 use tonic::Code;
 
-use crate::helpers::{
+use crate::support::{
     TestApp, TestDb, assert_status, email_request, new_key, replayed, test_settings,
     violated_fields,
 };
@@ -207,7 +207,7 @@ async fn an_expired_record_does_not_refuse_a_different_request(backend: Backend)
         .expect("create");
     db.age_keys(2 * HOUR).await;
 
-    let other = crate::helpers::request("agent-7", "send_sms", serde_json::json!({}));
+    let other = crate::support::request("agent-7", "send_sms", serde_json::json!({}));
     let response = app
         .create(Some(&key), other)
         .await

@@ -1,102 +1,15 @@
 //! The Rust client: one key per logical call, safe retries, and the retry
 //! loop proven against a connection that breaks after the server answered.
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::atomic::Ordering, time::Duration};
 
-use oncely::client::{ClientError, Created, OncelyClient, RetryPolicy};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    task::JoinHandle,
-};
+use oncely_client::{ClientError, Created, OncelyClient, RetryPolicy};
 use tonic::Code;
 
-use crate::helpers::{
-    Backend, PgProxy, TestApp, TestDb, email_request, new_key, request, test_settings,
+use crate::support::{
+    Backend, DroppingProxy, PgProxy, TestApp, TestDb, email_request, new_key, request,
+    test_settings,
 };
-
-/// A TCP proxy in front of the server that cuts its first `drops`
-/// connections at the moment the server starts sending a response: the
-/// server has done the work, the client never sees the answer.
-struct DroppingProxy {
-    addr: SocketAddr,
-    dropped: Arc<AtomicUsize>,
-    accept: JoinHandle<()>,
-}
-
-impl DroppingProxy {
-    async fn start(upstream: SocketAddr, drops: usize) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let dropped = Arc::new(AtomicUsize::new(0));
-        let to_drop = Arc::new(AtomicUsize::new(drops));
-        let accept = tokio::spawn({
-            let dropped = dropped.clone();
-            async move {
-                while let Ok((client, _)) = listener.accept().await {
-                    let cut = to_drop
-                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                        .is_ok();
-                    tokio::spawn(relay(client, upstream, cut, dropped.clone()));
-                }
-            }
-        });
-        Self {
-            addr,
-            dropped,
-            accept,
-        }
-    }
-}
-
-impl Drop for DroppingProxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-    }
-}
-
-/// Relays one connection. Server-to-client bytes are read as HTTP/2 frames;
-/// when `cut`, the first HEADERS or DATA frame of a stream (a response) ends
-/// the connection instead of being forwarded.
-async fn relay(client: TcpStream, upstream: SocketAddr, cut: bool, dropped: Arc<AtomicUsize>) {
-    let Ok(server) = TcpStream::connect(upstream).await else {
-        return;
-    };
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut server_read, mut server_write) = server.into_split();
-    let requests =
-        tokio::spawn(async move { tokio::io::copy(&mut client_read, &mut server_write).await });
-    loop {
-        let mut header = [0u8; 9];
-        if server_read.read_exact(&mut header).await.is_err() {
-            break;
-        }
-        let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
-        let frame_type = header[3];
-        let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
-        let mut payload = vec![0; length];
-        if server_read.read_exact(&mut payload).await.is_err() {
-            break;
-        }
-        if cut && stream != 0 && (frame_type == 0 || frame_type == 1) {
-            dropped.fetch_add(1, Ordering::SeqCst);
-            break;
-        }
-        if client_write.write_all(&header).await.is_err()
-            || client_write.write_all(&payload).await.is_err()
-        {
-            break;
-        }
-    }
-    requests.abort();
-}
 
 fn quick_policy() -> RetryPolicy {
     RetryPolicy {
@@ -131,7 +44,7 @@ async fn a_response_lost_on_the_way_is_retried_with_the_same_key_and_replayed(ba
     assert!(created.attempts >= 2);
     assert!(created.replayed, "the retry should get the stored response");
     assert_eq!(db.count("tasks").await, 1);
-    let (stored_task, ..) = db.key_record(&created.key).await.expect("record");
+    let stored_task = db.key_record(&created.key).await.expect("record").task_id;
     assert_eq!(stored_task, created.task.task_id);
 }
 
@@ -241,7 +154,7 @@ async fn the_client_gives_up_after_its_attempts(backend: Backend) {
 async fn the_client_retries_while_the_database_is_down_and_creates_once_it_returns() {
     let db = TestDb::new(Backend::Postgres).await;
     let proxy = PgProxy::start(&db).await;
-    let app = TestApp::spawn_with(test_settings(&db.url_via(&proxy))).await;
+    let app = TestApp::spawn_with(test_settings(&db.url_via(proxy.port))).await;
     let client = client_for(app.addr).with_retry_policy(RetryPolicy {
         max_attempts: 30,
         initial_backoff: Duration::from_millis(100),

@@ -1,8 +1,8 @@
 //! Real concurrency: many calls released together at a barrier.
 
-use crate::helpers::Backend;
+use crate::support::Backend;
 
-use crate::helpers::{
+use crate::support::{
     TestApp, TestDb, create_all_at_once, email_request, new_key, replayed, test_settings,
 };
 

@@ -1,6 +1,6 @@
 //! The idempotency contract, row by row.
 
-use crate::helpers::Backend;
+use crate::support::Backend;
 
 use oncely::proto::tasks_v1::{CreateTaskRequest, TaskStatus};
 use prost::Message;
@@ -8,7 +8,7 @@ use prost_types::{Struct, Value, value::Kind};
 use serde_json::json;
 use tonic::{Code, metadata::MetadataValue};
 
-use crate::helpers::{
+use crate::support::{
     CREATE_TASK_PATH, TestApp, TestDb, assert_status, email_request, keyed, new_key, replayed,
     request, test_settings, violated_fields,
 };
@@ -32,9 +32,9 @@ async fn first_request_creates_a_queued_task_and_its_key_record_together(backend
     assert_eq!(task.parameters, email_request().parameters);
     assert!(task.create_time.is_some());
     assert!(task.result.is_none());
-    let (stored_task, _, response, _) = db.key_record(&key).await.expect("the key record");
-    assert_eq!(stored_task, task.task_id);
-    assert_eq!(response, task.encode_to_vec());
+    let record = db.key_record(&key).await.expect("the key record");
+    assert_eq!(record.task_id, task.task_id);
+    assert_eq!(record.response, task.encode_to_vec());
     assert_eq!(db.orphans().await, (0, 0));
     assert_eq!(db.count("tasks").await, 1);
 }

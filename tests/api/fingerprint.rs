@@ -1,9 +1,9 @@
 //! The fingerprint does not depend on field order, map order or wire
 //! encoding: requests are hand-encoded here to control the bytes.
 
-use crate::helpers::Backend;
+use crate::support::Backend;
 
-use crate::helpers::{CREATE_TASK_PATH, TestApp, TestDb, new_key, replayed};
+use crate::support::{CREATE_TASK_PATH, TestApp, TestDb, new_key, replayed};
 
 fn varint(mut n: usize) -> Vec<u8> {
     let mut out = Vec::new();

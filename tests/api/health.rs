@@ -1,6 +1,6 @@
 //! Health follows the database; shutdown is graceful.
 
-use crate::helpers::Backend;
+use crate::support::Backend;
 
 use std::time::Duration;
 
@@ -9,7 +9,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::helpers::{
+use crate::support::{
     PgProxy, TestApp, TestDb, assert_status, email_request, new_key, replayed, test_settings,
 };
 
@@ -57,7 +57,7 @@ async fn health_stays_serving_while_requests_hold_every_pooled_connection() {
 async fn health_flips_when_the_database_goes_away_and_comes_back() {
     let db = TestDb::new(Backend::Postgres).await;
     let proxy = PgProxy::start(&db).await;
-    let app = TestApp::spawn_with(test_settings(&db.url_via(&proxy))).await;
+    let app = TestApp::spawn_with(test_settings(&db.url_via(proxy.port))).await;
 
     proxy.cut();
     app.wait_for_health(ServingStatus::NotServing).await;
@@ -78,7 +78,7 @@ async fn health_flips_when_the_database_goes_away_and_comes_back() {
 async fn an_unreachable_database_is_unavailable_and_a_retry_later_executes_afresh() {
     let db = TestDb::new(Backend::Postgres).await;
     let proxy = PgProxy::start(&db).await;
-    let app = TestApp::spawn_with(test_settings(&db.url_via(&proxy))).await;
+    let app = TestApp::spawn_with(test_settings(&db.url_via(proxy.port))).await;
     let key = new_key();
 
     proxy.cut();

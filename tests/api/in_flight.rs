@@ -5,13 +5,13 @@
 //! committing. That is what another instance's in-flight request looks like
 //! to the server under test.
 
-use crate::helpers::Backend;
+use crate::support::Backend;
 
 use std::time::Duration;
 
 use tonic::Code;
 
-use crate::helpers::{
+use crate::support::{
     TestApp, TestDb, assert_status, email_request, new_key, replayed, request, test_settings,
 };
 use tonic_types::StatusExt;

@@ -7,7 +7,7 @@ use oncely::{Settings, idempotency::MissingKeyPolicy, proto::tasks_v1::CreateTas
 use prost::Message;
 use tonic::{Code, Status};
 
-use crate::helpers::{
+use crate::support::{
     Backend, CREATE_TASK_PATH, TestApp, TestDb, assert_status, create_all_at_once, email_request,
     new_key, replayed, request, test_settings,
 };

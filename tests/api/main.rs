@@ -1,5 +1,7 @@
-//! Black-box tests: the real server over gRPC on TCP, against a real
-//! PostgreSQL, one fresh database per test.
+//! Black-box tests: the real server over gRPC on TCP, one fresh database per
+//! test. Conformance tests run against both stores, a real PostgreSQL and
+//! an embedded SQLite file; the rest test what only PostgreSQL does. Shared
+//! support code is in `support/`.
 
 /// Instantiates conformance tests once per backend: each listed
 /// `async fn name(backend: Backend)` runs as `<file>::postgres::name` and
@@ -10,7 +12,7 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() {
-                    super::$name(crate::helpers::Backend::Postgres).await;
+                    super::$name(crate::support::Backend::Postgres).await;
                 }
             )+
         }
@@ -19,7 +21,7 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() {
-                    super::$name(crate::helpers::Backend::Sqlite).await;
+                    super::$name(crate::support::Backend::Sqlite).await;
                 }
             )+
         }
@@ -33,11 +35,10 @@ mod concurrency;
 mod create_task;
 mod fingerprint;
 mod health;
-mod helpers;
 mod in_flight;
 mod keyless;
 mod process;
 mod read_tasks;
 mod reflection;
 mod restart;
-mod test_db;
+mod support;

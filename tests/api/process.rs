@@ -1,130 +1,18 @@
 //! The real binary: configuration from the environment, SIGTERM, SIGKILL and
 //! the `cleanup` subcommand.
 
-use crate::helpers::Backend;
-
-use std::{
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use oncely::proto::tasks_v1::task_service_client::TaskServiceClient;
-use prost::Message;
 use tonic::transport::Endpoint;
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+
+use crate::support::{
+    BINARY, Backend, BinaryServer, TestDb, email_request, free_port, keyed, new_key, replayed,
 };
-
-use crate::helpers::{CREATE_TASK_PATH, RawCodec, TestDb, email_request, keyed, new_key, replayed};
-
-const BINARY: &str = env!("CARGO_BIN_EXE_oncely");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Server {
-    async fn start(db: &TestDb, port: u16) -> Self {
-        let addr = format!("127.0.0.1:{port}");
-        let child = Command::new(BINARY)
-            .env("DATABASE_URL", &db.url)
-            .env("LISTEN_ADDR", &addr)
-            .env("IDEMPOTENCY_RETENTION", "1h")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(if std::env::var_os("TEST_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .spawn()
-            .expect("start the binary");
-        let server = Self { child, addr };
-        server.wait_until_serving().await;
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    async fn wait_until_serving(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(channel) = Endpoint::from_shared(self.url())
-                .expect("url")
-                .connect()
-                .await
-            {
-                let status = HealthClient::new(channel)
-                    .check(HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                    .map(|r| r.into_inner().status());
-                if matches!(status, Ok(ServingStatus::Serving)) {
-                    return;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the binary never became SERVING"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn create_raw(&self, key: &str) -> tonic::Response<Vec<u8>> {
-        let channel = Endpoint::from_shared(self.url())
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect");
-        let mut grpc = tonic::client::Grpc::new(channel);
-        grpc.ready().await.expect("ready");
-        grpc.unary(
-            keyed(Some(key), email_request().encode_to_vec()),
-            http::uri::PathAndQuery::from_static(CREATE_TASK_PATH),
-            RawCodec,
-        )
-        .await
-        .expect("create")
-    }
-
-    fn wait_for_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the binary did not exit"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 async fn the_binary_serves_from_environment_settings_and_exits_zero_on_sigterm(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let mut server = Server::start(&db, free_port()).await;
+    let mut server = BinaryServer::start(&db, free_port()).await;
     let channel = Endpoint::from_shared(server.url())
         .expect("url")
         .connect()
@@ -135,11 +23,7 @@ async fn the_binary_serves_from_environment_settings_and_exits_zero_on_sigterm(b
         .await
         .expect("create");
 
-    let kill = Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status()
-        .expect("send SIGTERM");
-    assert!(kill.success());
+    server.terminate();
 
     let status = server.wait_for_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0));
@@ -150,12 +34,12 @@ async fn a_retry_after_sigkill_and_restart_replays_the_first_response(backend: B
     let db = TestDb::new(backend).await;
     let port = free_port();
     let key = new_key();
-    let mut first_server = Server::start(&db, port).await;
+    let mut first_server = BinaryServer::start(&db, port).await;
     let first = first_server.create_raw(&key).await;
     first_server.child.kill().expect("SIGKILL");
     first_server.child.wait().expect("reap");
 
-    let second_server = Server::start(&db, port).await;
+    let second_server = BinaryServer::start(&db, port).await;
     let retry = second_server.create_raw(&key).await;
 
     assert_eq!(replayed(&retry), Some("true"));
@@ -165,7 +49,7 @@ async fn a_retry_after_sigkill_and_restart_replays_the_first_response(backend: B
 
 async fn the_cleanup_subcommand_prints_what_it_deleted_and_fails_loudly(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let server = Server::start(&db, free_port()).await;
+    let server = BinaryServer::start(&db, free_port()).await;
     server.create_raw(&new_key()).await;
     db.age_keys(Duration::from_secs(7200)).await;
     server.create_raw(&new_key()).await;
@@ -207,16 +91,9 @@ async fn without_database_url_the_binary_keeps_its_data_in_an_embedded_file() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let child = Command::new(BINARY)
-        .current_dir(dir.path())
-        .env_remove("DATABASE_URL")
-        .env("LISTEN_ADDR", &addr)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the binary");
-    let mut server = Server { child, addr };
-    server.wait_until_serving().await;
+    let mut command = Command::new(BINARY);
+    command.current_dir(dir.path()).env_remove("DATABASE_URL");
+    let mut server = BinaryServer::spawn(command, addr).await;
     let key = new_key();
 
     let first = server.create_raw(&key).await;
@@ -226,11 +103,7 @@ async fn without_database_url_the_binary_keeps_its_data_in_an_embedded_file() {
     assert_eq!(replayed(&retry), Some("true"));
     assert_eq!(retry.get_ref(), first.get_ref());
     assert!(dir.path().join("oncely.db").is_file());
-    let kill = Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status()
-        .expect("send SIGTERM");
-    assert!(kill.success());
+    server.terminate();
     assert_eq!(
         server.wait_for_exit(Duration::from_secs(20)).code(),
         Some(0)

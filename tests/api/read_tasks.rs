@@ -1,12 +1,12 @@
 //! GetTask and ListTasks.
 
-use crate::helpers::Backend;
+use crate::support::Backend;
 
 use oncely::proto::tasks_v1::{GetTaskRequest, ListTasksRequest, ListTasksResponse, Task};
 use serde_json::json;
 use tonic::Code;
 
-use crate::helpers::{TestApp, TestDb, assert_status, new_key, request, violated_fields};
+use crate::support::{TestApp, TestDb, assert_status, new_key, request, violated_fields};
 
 async fn create_tasks(app: &TestApp, agent: &str, count: usize) -> Vec<Task> {
     let mut tasks = Vec::new();
@@ -143,7 +143,7 @@ async fn list_tasks_clamps_the_page_size_to_a_thousand(backend: Backend) {
 #[tokio::test]
 async fn a_lock_wait_outside_a_claim_is_unavailable_not_in_progress() {
     let db = TestDb::new(Backend::Postgres).await;
-    let mut settings = crate::helpers::test_settings(&db.url);
+    let mut settings = crate::support::test_settings(&db.url);
     settings.database.in_flight_wait = std::time::Duration::from_millis(300);
     let app = TestApp::spawn_with(settings).await;
     let mut lock = db.pg_pool().begin().await.expect("begin");

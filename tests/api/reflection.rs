@@ -1,12 +1,12 @@
 //! Server reflection, as grpcurl uses it: list services, describe methods.
 
-use crate::helpers::Backend;
+use crate::support::Backend;
 
 use prost::Message;
 use prost_types::FileDescriptorProto;
 use tonic_reflection::pb::{v1, v1alpha};
 
-use crate::helpers::{CREATE_TASK_PATH, TestApp, TestDb, new_key};
+use crate::support::{CREATE_TASK_PATH, TestApp, TestDb, new_key};
 
 const EXPECTED: &[&str] = &[
     "grpc.health.v1.Health",

@@ -1,8 +1,8 @@
 //! Replays survive a crash: the record lives in PostgreSQL, not in memory.
 
-use crate::helpers::Backend;
+use crate::support::Backend;
 
-use crate::helpers::{CREATE_TASK_PATH, TestApp, TestDb, email_request, new_key, replayed};
+use crate::support::{CREATE_TASK_PATH, TestApp, TestDb, email_request, new_key, replayed};
 use prost::Message;
 
 async fn a_retry_after_the_server_crashed_and_restarted_replays_the_first_response(

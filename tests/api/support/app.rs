@@ -1,41 +1,26 @@
-//! Test harness: a fresh database per test, the real server on port 0, real
-//! gRPC clients, and a switchable TCP proxy in front of PostgreSQL.
+//! The real server on port 0, clients for it, and request builders.
 
-use std::{
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
-use bytes::{Buf, BufMut};
 use oncely::{
     Settings,
-    api::IDEMPOTENCY_KEY_HEADER,
     proto::tasks_v1::{
         CreateTaskRequest, Task, admin_client::AdminClient, task_service_client::TaskServiceClient,
     },
     startup::StartupError,
 };
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::oneshot,
-    task::JoinHandle,
-};
+use oncely_client::metadata::IDEMPOTENCY_KEY;
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::{
     Code, Request, Response, Status,
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
     transport::{Channel, Endpoint},
 };
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
 
-pub(crate) const CREATE_TASK_PATH: &str = "/tasks.v1.TaskService/CreateTask";
+use super::{TestDb, eventually, health, raw_unary};
 
-pub(crate) use crate::test_db::{Backend, TestDb};
+pub(crate) const CREATE_TASK_PATH: &str = "/tasks.v1.TaskService/CreateTask";
 
 /// A running server and clients for it.
 pub(crate) struct TestApp {
@@ -47,6 +32,8 @@ pub(crate) struct TestApp {
     server: Option<JoinHandle<Result<(), StartupError>>>,
 }
 
+/// Shows the server's logs when `TEST_LOG` is set; tests are silent
+/// otherwise.
 pub(crate) fn init_tracing() {
     if std::env::var_os("TEST_LOG").is_some() {
         oncely::telemetry::init();
@@ -71,23 +58,25 @@ impl TestApp {
         Self::spawn_with(test_settings(&db.url)).await
     }
 
+    /// Starts a server with `settings` and waits until it reports SERVING.
     pub(crate) async fn spawn_with(settings: Settings) -> Self {
         let mut app = Self::start(settings).await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            if app.server.as_ref().is_some_and(|s| s.is_finished()) {
-                let result = app.server.take().expect("server handle").await;
-                panic!("the server stopped while starting: {result:?}");
-            }
-            if matches!(app.health("").await, Ok(ServingStatus::Serving)) {
-                return app;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the server never became SERVING"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let serving = eventually(
+            Duration::from_secs(15),
+            "the server to be SERVING",
+            || async {
+                if app.server.as_ref().is_some_and(|s| s.is_finished()) {
+                    return Some(false);
+                }
+                matches!(app.health("").await, Ok(ServingStatus::Serving)).then_some(true)
+            },
+        )
+        .await;
+        if !serving {
+            let result = app.server.take().expect("server handle").await;
+            panic!("the server stopped while starting: {result:?}");
         }
+        app
     }
 
     /// Starts a server without waiting for it.
@@ -112,32 +101,21 @@ impl TestApp {
         }
     }
 
+    /// The server's health for `service` ("" for the whole server).
     pub(crate) async fn health(&self, service: &str) -> Result<ServingStatus, Status> {
-        let response = HealthClient::new(self.channel.clone())
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await?;
-        Ok(response.into_inner().status())
+        health(&self.channel, service).await
     }
 
     /// Polls health until it is `want`; panics after 15 s.
     #[track_caller]
     pub(crate) fn wait_for_health(&self, want: ServingStatus) -> impl Future<Output = ()> + '_ {
-        let caller = std::panic::Location::caller();
-        async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-            loop {
-                let got = self.health("").await;
-                if matches!(got, Ok(status) if status == want) {
-                    return;
-                }
-                if tokio::time::Instant::now() > deadline {
-                    panic!("{caller}: health never became {want:?}; last answer {got:?}");
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
+        eventually(
+            Duration::from_secs(15),
+            format!("health to be {want:?}"),
+            move || async move {
+                matches!(self.health("").await, Ok(status) if status == want).then_some(())
+            },
+        )
     }
 
     /// CreateTask with `key` (none when `None`).
@@ -179,16 +157,7 @@ impl TestApp {
         key: Option<&str>,
         body: Vec<u8>,
     ) -> Result<Response<Vec<u8>>, Status> {
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
-        grpc.ready()
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        grpc.unary(
-            keyed(key, body),
-            http::uri::PathAndQuery::from_static(path),
-            RawCodec,
-        )
-        .await
+        raw_unary(self.channel.clone(), path, keyed(key, body)).await
     }
 
     /// Stops the server gracefully and waits for it.
@@ -248,10 +217,9 @@ pub(crate) async fn create_all_at_once(
 pub(crate) fn keyed<T>(key: Option<&str>, message: T) -> Request<T> {
     let mut request = Request::new(message);
     if let Some(key) = key {
-        request.metadata_mut().insert(
-            IDEMPOTENCY_KEY_HEADER,
-            key.parse().expect("key is valid metadata"),
-        );
+        request
+            .metadata_mut()
+            .insert(IDEMPOTENCY_KEY, key.parse().expect("key is valid metadata"));
     }
     request
 }
@@ -268,9 +236,9 @@ pub(crate) fn request(
     CreateTaskRequest {
         agent_id: agent_id.into(),
         action: action.into(),
-        parameters: Some(oncely::domain::json_to_struct(
-            parameters.as_object().expect("parameters are an object"),
-        )),
+        parameters: Some(
+            oncely_client::json::to_struct(parameters).expect("parameters are an object"),
+        ),
     }
 }
 
@@ -319,110 +287,4 @@ pub(crate) fn violated_fields(status: &Status) -> Vec<String> {
         .into_iter()
         .map(|v| v.field)
         .collect()
-}
-
-/// A codec that passes bytes through, to send hand-encoded requests and see
-/// responses exactly as they crossed the wire.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct RawCodec;
-
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        RawCodec
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RawCodec
-    }
-}
-
-impl Encoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = Status;
-
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        let mut bytes = vec![0; src.remaining()];
-        src.copy_to_slice(&mut bytes);
-        Ok(Some(bytes))
-    }
-}
-
-/// A TCP proxy in front of PostgreSQL that a test can cut and restore, to
-/// make the database go away and come back.
-pub(crate) struct PgProxy {
-    pub(crate) port: u16,
-    up: Arc<AtomicBool>,
-    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    accept: JoinHandle<()>,
-}
-
-impl PgProxy {
-    pub(crate) async fn start(db: &TestDb) -> Self {
-        let (host, port) = db.server();
-        let upstream = format!("{host}:{port}");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let port = listener.local_addr().expect("proxy addr").port();
-        let up = Arc::new(AtomicBool::new(true));
-        let connections = Arc::new(Mutex::new(Vec::new()));
-        let accept = tokio::spawn({
-            let up = up.clone();
-            let connections = connections.clone();
-            async move {
-                while let Ok((mut client, _)) = listener.accept().await {
-                    if !up.load(Ordering::SeqCst) {
-                        drop(client);
-                        continue;
-                    }
-                    let upstream = upstream.clone();
-                    let handle = tokio::spawn(async move {
-                        if let Ok(mut server) = TcpStream::connect(&upstream).await {
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                        }
-                    });
-                    connections.lock().expect("lock").push(handle);
-                }
-            }
-        });
-        Self {
-            port,
-            up,
-            connections,
-            accept,
-        }
-    }
-
-    /// Refuses new connections and cuts every open one.
-    pub(crate) fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        for handle in self.connections.lock().expect("lock").drain(..) {
-            handle.abort();
-        }
-    }
-
-    /// Lets connections through again.
-    pub(crate) fn restore(&self) {
-        self.up.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Drop for PgProxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.cut();
-    }
 }

@@ -4,16 +4,12 @@
 //! Run against a running server (see the README):
 //!
 //! ```sh
-//! cargo run --example create_task -- http://127.0.0.1:50051
+//! cargo run -p oncely-client --example create_task -- http://127.0.0.1:50051
 //! ```
 
 use std::process::ExitCode;
 
-use oncely::{
-    client::{ClientError, OncelyClient},
-    domain::json_to_struct,
-    proto::tasks_v1::CreateTaskRequest,
-};
+use oncely_client::{ClientError, OncelyClient, json, proto::tasks_v1::CreateTaskRequest};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -27,11 +23,12 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let parameters = serde_json::json!({"to": "ada@example.com", "subject": "hello"});
     let request = CreateTaskRequest {
         agent_id: "example-agent".into(),
         action: "send_email".into(),
-        parameters: parameters.as_object().map(json_to_struct),
+        parameters: json::to_struct(
+            serde_json::json!({"to": "ada@example.com", "subject": "hello"}),
+        ),
     };
 
     // One logical call: the client generates the key and reuses it on every

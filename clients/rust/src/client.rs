@@ -1,43 +1,33 @@
-//! A client for agents written in Rust: one logical call, one key, safe
-//! retries.
-//!
-//! ```no_run
-//! use oncely::client::OncelyClient;
-//! use oncely::proto::tasks_v1::CreateTaskRequest;
-//!
-//! # async fn example() -> Result<(), oncely::client::ClientError> {
-//! let client = OncelyClient::connect("http://127.0.0.1:50051")?;
-//! let created = client
-//!     .create_task(CreateTaskRequest {
-//!         agent_id: "agent-7".into(),
-//!         action: "send_email".into(),
-//!         parameters: None,
-//!     })
-//!     .await?;
-//! println!("task {} (replayed: {})", created.task.task_id, created.replayed);
-//! # Ok(())
-//! # }
-//! ```
+//! The retrying client: one logical call, one key, safe retries.
 //!
 //! [`OncelyClient::create_task`] generates a UUID v4 key once and sends it on
 //! every attempt, so however often the call is retried the server creates
 //! one task. Transient failures are retried with exponential backoff and full
 //! jitter: `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `ABORTED` (waiting at least
 //! the server's `RetryInfo`), `CANCELLED`, and connections that broke before
-//! an answer arrived. Every other error is returned at once: `INVALID_ARGUMENT` and
-//! `FAILED_PRECONDITION` in particular mean the request must change, and a
-//! retry would fail the same way. Attempts and total time are bounded by the
-//! [`RetryPolicy`].
+//! an answer arrived. Every other error is returned at once:
+//! `INVALID_ARGUMENT` and `FAILED_PRECONDITION` in particular mean the
+//! request must change, and a retry would fail the same way. Attempts and
+//! total time are bounded by the [`RetryPolicy`]. Reads (`get_task`,
+//! `list_tasks`) are retried by the same rules, since repeating them is
+//! always safe.
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use tokio::time::Instant;
-use tonic::{Code, Request, Status, metadata::MetadataValue, transport::Channel};
+use tonic::{
+    Code, Request, Response, Status,
+    metadata::{AsciiMetadataValue, MetadataValue},
+    transport::Channel,
+};
 use tonic_types::StatusExt;
 
 use crate::{
-    api::{IDEMPOTENCY_KEY_HEADER, REPLAYED_HEADER},
-    proto::tasks_v1::{CreateTaskRequest, Task, task_service_client::TaskServiceClient},
+    metadata::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED},
+    proto::tasks_v1::{
+        CreateTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse, Task,
+        task_service_client::TaskServiceClient,
+    },
 };
 
 /// How hard to try.
@@ -87,6 +77,9 @@ pub enum ClientError {
     /// The server address is not a valid URI.
     #[error("invalid server address {0:?}")]
     Address(String),
+    /// The idempotency key cannot be sent as metadata.
+    #[error("the idempotency key must be 1 to 255 visible ASCII characters (0x21 to 0x7E)")]
+    InvalidKey,
     /// The server refused the request; retrying it unchanged cannot help.
     #[error("the server refused the request: {code:?}: {message}", code = .0.code(), message = .0.message())]
     Rejected(Status),
@@ -100,7 +93,7 @@ pub enum ClientError {
     },
 }
 
-/// A TaskService client that retries CreateTask safely.
+/// A TaskService client that retries safely.
 #[derive(Debug, Clone)]
 pub struct OncelyClient {
     tasks: TaskServiceClient<Channel>,
@@ -138,8 +131,7 @@ impl OncelyClient {
         self
     }
 
-    /// The generated client, for GetTask and ListTasks (which are reads and
-    /// need no key).
+    /// The generated client, for calls this type does not wrap.
     pub fn tasks(&self) -> TaskServiceClient<Channel> {
         self.tasks.clone()
     }
@@ -157,42 +149,92 @@ impl OncelyClient {
         key: &str,
         request: CreateTaskRequest,
     ) -> Result<Created, ClientError> {
-        let key_value = MetadataValue::try_from(key).map_err(|_| {
-            ClientError::Rejected(Status::invalid_argument(
-                "the idempotency key must be visible ASCII",
-            ))
-        })?;
+        let key_value = key_metadata(key)?;
+        let (response, attempts) = self
+            .with_retries("CreateTask", |mut tasks, timeout| {
+                let mut call = Request::new(request.clone());
+                call.metadata_mut()
+                    .insert(IDEMPOTENCY_KEY, key_value.clone());
+                call.set_timeout(timeout);
+                async move { tasks.create_task(call).await }
+            })
+            .await?;
+        let replayed = response
+            .metadata()
+            .get(IDEMPOTENT_REPLAYED)
+            .is_some_and(|v| v.as_bytes() == b"true");
+        Ok(Created {
+            task: response.into_inner(),
+            replayed,
+            key: key.to_owned(),
+            attempts,
+        })
+    }
+
+    /// Reads one task by its id.
+    pub async fn get_task(&self, task_id: &str) -> Result<Task, ClientError> {
+        let request = GetTaskRequest {
+            task_id: task_id.to_owned(),
+        };
+        let (response, _) = self
+            .with_retries("GetTask", |mut tasks, timeout| {
+                let mut call = Request::new(request.clone());
+                call.set_timeout(timeout);
+                async move { tasks.get_task(call).await }
+            })
+            .await?;
+        Ok(response.into_inner())
+    }
+
+    /// Reads one page of an agent's tasks, oldest first. A `page_size` of 0
+    /// means the server's default; pass the previous page's
+    /// `next_page_token` to continue, which is empty on the last page.
+    pub async fn list_tasks(
+        &self,
+        agent_id: &str,
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<ListTasksResponse, ClientError> {
+        let request = ListTasksRequest {
+            agent_id: agent_id.to_owned(),
+            page_size,
+            page_token: page_token.to_owned(),
+        };
+        let (response, _) = self
+            .with_retries("ListTasks", |mut tasks, timeout| {
+                let mut call = Request::new(request.clone());
+                call.set_timeout(timeout);
+                async move { tasks.list_tasks(call).await }
+            })
+            .await?;
+        Ok(response.into_inner())
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or the policy's
+    /// attempts or time run out. Returns the response and the attempts made.
+    async fn with_retries<T, F, Fut>(
+        &self,
+        method: &'static str,
+        mut attempt: F,
+    ) -> Result<(Response<T>, u32), ClientError>
+    where
+        F: FnMut(TaskServiceClient<Channel>, Duration) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
         let policy = self.policy;
         let deadline = Instant::now() + policy.total_timeout;
         let mut attempts = 0;
         loop {
             attempts += 1;
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let mut call = Request::new(request.clone());
-            call.metadata_mut()
-                .insert(IDEMPOTENCY_KEY_HEADER, key_value.clone());
             let limit = policy.attempt_timeout.min(remaining);
-            call.set_timeout(limit);
             // The gRPC deadline covers the wait for the response headers;
             // this bounds the whole attempt, body and trailers included.
-            let mut tasks = self.tasks.clone();
-            let outcome = tokio::time::timeout(limit, tasks.create_task(call))
-                .await
-                .unwrap_or_else(|_| Err(Status::deadline_exceeded("the attempt timed out")));
-            let status = match outcome {
-                Ok(response) => {
-                    let replayed = response
-                        .metadata()
-                        .get(REPLAYED_HEADER)
-                        .is_some_and(|v| v.as_bytes() == b"true");
-                    return Ok(Created {
-                        task: response.into_inner(),
-                        replayed,
-                        key: key.to_owned(),
-                        attempts,
-                    });
-                }
-                Err(status) => status,
+            let status = match tokio::time::timeout(limit, attempt(self.tasks.clone(), limit)).await
+            {
+                Ok(Ok(response)) => return Ok((response, attempts)),
+                Ok(Err(status)) => status,
+                Err(_) => Status::deadline_exceeded("the attempt timed out"),
             };
             if !is_transient(&status) {
                 return Err(ClientError::Rejected(status));
@@ -204,10 +246,19 @@ impl OncelyClient {
                     last: status,
                 });
             }
-            tracing::debug!(attempts, ?wait, code = ?status.code(), "retrying CreateTask with the same key");
+            tracing::debug!(method, attempts, ?wait, code = ?status.code(), "retrying");
             tokio::time::sleep(wait).await;
         }
     }
+}
+
+/// The key as metadata, if it follows the server's rules for keys.
+fn key_metadata(key: &str) -> Result<AsciiMetadataValue, ClientError> {
+    let valid = (1..=255).contains(&key.len()) && key.bytes().all(|b| (0x21..=0x7e).contains(&b));
+    if !valid {
+        return Err(ClientError::InvalidKey);
+    }
+    MetadataValue::try_from(key).map_err(|_| ClientError::InvalidKey)
 }
 
 /// Whether a failed attempt may succeed if repeated with the same key.
@@ -269,5 +320,16 @@ mod tests {
         details.set_retry_info(Some(Duration::from_secs(2)));
         let status = Status::with_error_details(Code::Aborted, "wait", details);
         assert!(backoff(&policy, 1, &status) >= Duration::from_secs(2));
+    }
+
+    #[test]
+    fn keys_the_server_would_refuse_are_refused_before_sending() {
+        assert!(key_metadata("0b6c3f4e-8a3e-4d2b-9a51-6f0c2a7d9e11").is_ok());
+        assert!(matches!(key_metadata(""), Err(ClientError::InvalidKey)));
+        assert!(matches!(key_metadata("a b"), Err(ClientError::InvalidKey)));
+        assert!(matches!(
+            key_metadata(&"k".repeat(256)),
+            Err(ClientError::InvalidKey)
+        ));
     }
 }

@@ -3,12 +3,19 @@
 //! strings escaped as `JSON.stringify` does, and numbers in ECMAScript's
 //! shortest round-trip form (`1`, `4.5`, `1e+21`, `1e-7`).
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// Writes `value` in canonical form.
 pub fn to_string(value: &Value) -> String {
     let mut out = String::new();
     write_value(&mut out, value);
+    out
+}
+
+/// Writes a JSON object in canonical form.
+pub fn object_to_string(members: &Map<String, Value>) -> String {
+    let mut out = String::new();
+    write_object(&mut out, members);
     out
 }
 
@@ -33,21 +40,23 @@ fn write_value(out: &mut String, value: &Value) {
             }
             out.push(']');
         }
-        Value::Object(members) => {
-            let mut sorted: Vec<(&String, &Value)> = members.iter().collect();
-            sorted.sort_by(|(a, _), (b, _)| a.encode_utf16().cmp(b.encode_utf16()));
-            out.push('{');
-            for (i, (name, member)) in sorted.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_string(out, name);
-                out.push(':');
-                write_value(out, member);
-            }
-            out.push('}');
-        }
+        Value::Object(members) => write_object(out, members),
     }
+}
+
+fn write_object(out: &mut String, members: &Map<String, Value>) {
+    let mut sorted: Vec<(&String, &Value)> = members.iter().collect();
+    sorted.sort_by(|(a, _), (b, _)| a.encode_utf16().cmp(b.encode_utf16()));
+    out.push('{');
+    for (i, (name, member)) in sorted.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_string(out, name);
+        out.push(':');
+        write_value(out, member);
+    }
+    out.push('}');
 }
 
 /// serde_json escapes exactly as JCS asks: `"`, `\` and control characters

@@ -1,0 +1,39 @@
+"""The Python client of oncely: side effects that happen exactly once, for
+agents that retry.
+
+    from oncely import Client
+
+    with Client("127.0.0.1:50051") as client:
+        created = client.create_task("agent-7", "send_email", {"to": "ada@example.com"})
+        print(created.task.task_id, created.replayed)
+
+:meth:`Client.create_task` sends one idempotency key on every attempt of a
+call and retries only what may pass next time; see :class:`Client` and
+:class:`RetryPolicy` for the rules, :class:`Rejected` and :class:`GaveUp`
+for the errors.
+"""
+
+from importlib import metadata
+
+from ._client import Client
+from ._errors import GaveUp, OncelyError, Rejected
+from ._models import Created, Task, TaskPage
+from ._retry import TRANSIENT_CODES, RetryPolicy, backoff_delay, new_idempotency_key
+
+__version__ = metadata.version(__name__)
+"""The installed version of the package."""
+
+__all__ = [
+    "TRANSIENT_CODES",
+    "Client",
+    "Created",
+    "GaveUp",
+    "OncelyError",
+    "Rejected",
+    "RetryPolicy",
+    "Task",
+    "TaskPage",
+    "__version__",
+    "backoff_delay",
+    "new_idempotency_key",
+]

@@ -1,0 +1,175 @@
+"""Fixtures that run the real oncely server for the tests.
+
+Each server is the binary named by ``ONCELY_BIN`` (default:
+``target/debug/oncely`` at the repository root), started on a free port with
+a fresh SQLite database in a temporary folder, and stopped afterwards. A
+missing binary fails the tests: they never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_BINARY = REPO_ROOT / "target" / "debug" / "oncely"
+START_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Server:
+    """One oncely server process, with its own SQLite database."""
+
+    def __init__(self, binary: Path, workdir: Path, port: int, env: Mapping[str, str]) -> None:
+        self.address = f"127.0.0.1:{port}"
+        self.database = workdir / "oncely.db"
+        self.log = workdir / "server.log"
+        # Only these settings: none leak in from the environment the tests run in.
+        environment = {
+            "PATH": os.environ.get("PATH", os.defpath),
+            "DATABASE_URL": f"sqlite://{self.database}",
+            "LISTEN_ADDR": self.address,
+            "RUST_LOG": "warn",
+            **env,
+        }
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen([str(binary)], env=environment, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            self._wait_until_serving()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_until_serving(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        request = health_pb2.HealthCheckRequest(service="tasks.v1.TaskService")
+        # Retry the connection quickly while the server starts.
+        with grpc.insecure_channel(self.address, options=[("grpc.max_reconnect_backoff_ms", 100)]) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    pytest.fail(
+                        f"the oncely server exited with {self.process.returncode} while starting:\n{self.log_tail()}"
+                    )
+                try:
+                    answer = health.Check(request, timeout=1)
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.05)
+        pytest.fail(f"the oncely server was not SERVING on {self.address} after {START_TIMEOUT}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of the server's log."""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """Stops the server (SIGTERM, then SIGKILL if it lingers)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+StartServer = Callable[..., Server]
+
+
+@pytest.fixture(scope="session")
+def oncely_binary() -> Path:
+    """The server binary; fails (never skips) when it is not built."""
+    binary = Path(os.environ.get("ONCELY_BIN", DEFAULT_BINARY)).resolve()
+    if not binary.is_file():
+        pytest.fail(
+            f"the oncely server binary is not at {binary}: run `cargo build` at the"
+            " repository root (or point ONCELY_BIN at a built binary)"
+        )
+    return binary
+
+
+@pytest.fixture(scope="session")
+def server(oncely_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with the default settings, shared by the tests; each test
+    uses agent ids of its own."""
+    running = Server(oncely_binary, tmp_path_factory.mktemp("server"), free_port(), {})
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def start_server(oncely_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServer]:
+    """Starts servers of the test's own, with extra environment variables
+    and optionally on a given port: ``start_server(port=..., IN_FLIGHT_WAIT="200ms")``.
+    Returns once the server is SERVING; all are stopped after the test."""
+    started: list[Server] = []
+
+    def start(port: int | None = None, **env: str) -> Server:
+        running = Server(oncely_binary, tmp_path_factory.mktemp("server"), port or free_port(), env)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+class AttemptCounter(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Records when each call of a method leaves the client, so a test can
+    count a client's attempts and the waits between them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._starts: dict[str, list[float]] = {}
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        with self._lock:
+            self._starts.setdefault(client_call_details.method, []).append(time.monotonic())
+        return continuation(client_call_details, request)
+
+    def starts(self, method: str = "CreateTask") -> list[float]:
+        """When each attempt of ``tasks.v1.TaskService/<method>`` started."""
+        with self._lock:
+            return list(self._starts.get(f"/tasks.v1.TaskService/{method}", []))
+
+    def count(self, method: str = "CreateTask") -> int:
+        """How many attempts of ``tasks.v1.TaskService/<method>`` were sent."""
+        return len(self.starts(method))
+
+
+CountedChannel = Callable[[str], tuple[grpc.Channel, AttemptCounter]]
+
+
+@pytest.fixture
+def counted_channel() -> Iterator[CountedChannel]:
+    """Makes channels that count their calls: ``channel, counter =
+    counted_channel(address)``. All are closed after the test."""
+    channels: list[grpc.Channel] = []
+
+    def make(address: str) -> tuple[grpc.Channel, AttemptCounter]:
+        counter = AttemptCounter()
+        channel = grpc.intercept_channel(grpc.insecure_channel(address), counter)
+        channels.append(channel)
+        return channel, counter
+
+    yield make
+    for channel in channels:
+        channel.close()

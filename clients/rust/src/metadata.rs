@@ -1,0 +1,14 @@
+//! The gRPC metadata of oncely's idempotency contract.
+
+/// Request metadata: the idempotency key of a logical call (a UUID v4
+/// generated before the first attempt and sent on every retry).
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// Response metadata: `true` when the answer is the stored response of an
+/// earlier attempt, `false` when this request created the task.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// Response metadata: which rule deduplicated a CreateTask, `header` (the
+/// `idempotency-key`) or `fingerprint` (a keyless request, deduplicated by
+/// its content).
+pub const IDEMPOTENCY_KEY_SOURCE: &str = "idempotency-key-source";

@@ -1,0 +1,23 @@
+//! The values every layer shares, parsed once: a request that reaches the
+//! storage layer has passed every rule, so storage cannot be handed
+//! unvalidated input. Nothing here does I/O.
+//!
+//! - [`task`]: a validated CreateTask request ([`NewTask`]) and a stored task
+//!   ([`TaskRecord`]), and their protobuf form.
+//! - [`parameters`]: `parameters` as JSON, refusing what has no JSON form.
+//! - [`requests`]: the arguments of GetTask, ListTasks and Cleanup, parsed.
+//! - [`violation`]: what a refusal says about a field, and how much of the
+//!   caller's input it may echo.
+//! - [`canonical_json`]: the canonical form (RFC 8785) that is stored and
+//!   fingerprinted.
+
+pub mod canonical_json;
+pub mod parameters;
+pub mod requests;
+pub mod task;
+pub mod violation;
+
+pub use parameters::{Limits, MAX_PARAMETERS_DEPTH};
+pub use requests::{CleanupQuery, ListQuery, PageToken, TaskId};
+pub use task::{MAX_NAME_BYTES, NewTask, TaskRecord, timestamp};
+pub use violation::{FieldViolation, echo};

@@ -1,0 +1,164 @@
+//! The decision for an idempotent CreateTask: create, replay or refuse.
+//!
+//! 1. One indexed read of the key (and the database clock). A live record
+//!    answers at once: the stored response when the fingerprints match (a
+//!    replay, no write), a refusal when they differ.
+//! 2. Otherwise one atomic claim takes the key and inserts the task together.
+//!    If a concurrent request claimed the key first, the claim waits for
+//!    that request's outcome and writes nothing; the read is then repeated
+//!    and answers as a retry would.
+
+use chrono::{DateTime, Utc};
+use prost::Message;
+use uuid::Uuid;
+
+use super::{
+    fingerprint::Fingerprint,
+    policy::{CREATE_TASK_SCOPE, KEYLESS_CREATE_TASK_SCOPE, KeyPolicy, KeySource},
+};
+use crate::{
+    domain::NewTask,
+    proto::tasks_v1::{Task, TaskStatus},
+    storage::{ClaimOutcome, NewKeyedTask, StorageError, Store, StoredKey},
+};
+
+/// How often a request re-reads after losing a claim race before it reports
+/// contention. Losing twice in a row needs cleanup deleting the winner's
+/// record between two statements.
+const MAX_CLAIM_ATTEMPTS: usize = 3;
+
+/// What an idempotent create came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The key was new: this task was created and its response stored.
+    Created(Task),
+    /// The key was used before with the same request: the stored response,
+    /// as stored.
+    Replayed(Vec<u8>),
+    /// The key was used before with a different request.
+    Mismatch,
+    /// Another request with the key was still in flight after the wait
+    /// bound, or the key kept changing hands; the caller should retry shortly.
+    InFlight,
+}
+
+/// The record a create claims: its scope and key, the request's
+/// fingerprint, and how long the record answers.
+#[derive(Debug, Clone)]
+pub struct ClaimTarget {
+    scope: &'static str,
+    key: String,
+    fingerprint: Fingerprint,
+    retention: std::time::Duration,
+}
+
+impl ClaimTarget {
+    /// The record for `task` sent with `source`: the client's key within the
+    /// retention, or (keyless) the fingerprint within the dedup window.
+    pub fn new(source: KeySource<'_>, task: &NewTask, policy: &KeyPolicy) -> Self {
+        let fingerprint = Fingerprint::of_new_task(CREATE_TASK_SCOPE, task);
+        match source {
+            KeySource::Header(key) => Self {
+                scope: CREATE_TASK_SCOPE,
+                key: key.as_str().to_owned(),
+                fingerprint,
+                retention: policy.retention,
+            },
+            KeySource::Fingerprint => Self {
+                scope: KEYLESS_CREATE_TASK_SCOPE,
+                key: fingerprint.to_hex(),
+                fingerprint,
+                retention: policy.dedup_window,
+            },
+        }
+    }
+
+    /// How a live record answers this request.
+    fn answer(&self, stored: StoredKey) -> Outcome {
+        if stored.fingerprint == self.fingerprint.as_bytes() {
+            Outcome::Replayed(stored.response)
+        } else {
+            Outcome::Mismatch
+        }
+    }
+
+    /// The claim of this record for `creation`, ready for the store.
+    pub fn claim<'a>(&'a self, task: &'a NewTask, creation: &'a Creation) -> NewKeyedTask<'a> {
+        NewKeyedTask {
+            scope: self.scope,
+            key: &self.key,
+            fingerprint: &self.fingerprint.0,
+            task,
+            task_id: creation.task_id,
+            status: TaskStatus::Queued,
+            create_time: creation.create_time,
+            response: &creation.encoded,
+            retention: self.retention,
+        }
+    }
+}
+
+/// A task about to be created, and the response that creating it gives.
+#[derive(Debug, Clone)]
+pub struct Creation {
+    task_id: Uuid,
+    create_time: DateTime<Utc>,
+    response: Task,
+    encoded: Vec<u8>,
+}
+
+impl Creation {
+    /// A new queued task for `task`, created at `now` (the database clock).
+    pub fn new(task: &NewTask, now: DateTime<Utc>) -> Self {
+        let task_id = Uuid::new_v4();
+        let response = task.to_queued_task(task_id, now);
+        let encoded = response.encode_to_vec();
+        Self {
+            task_id,
+            create_time: now,
+            response,
+            encoded,
+        }
+    }
+
+    /// The response the first request gets, and every replay as stored.
+    pub fn response(&self) -> &Task {
+        &self.response
+    }
+}
+
+/// Creates the task for `source` exactly once, or answers as the first
+/// request with that key (or, keyless, that fingerprint within the window)
+/// was answered.
+pub async fn create_task<S: Store>(
+    store: &S,
+    source: KeySource<'_>,
+    task: &NewTask,
+    policy: &KeyPolicy,
+) -> Result<Outcome, StorageError> {
+    let target = ClaimTarget::new(source, task, policy);
+    for _ in 0..MAX_CLAIM_ATTEMPTS {
+        let lookup = store
+            .find_key(target.scope, &target.key, target.retention)
+            .await?;
+        if let Some(stored) = lookup.record {
+            return Ok(target.answer(stored));
+        }
+
+        let creation = Creation::new(task, lookup.now);
+        match store
+            .claim_key_and_insert_task(&target.claim(task, &creation))
+            .await
+        {
+            Ok(ClaimOutcome::Claimed) => return Ok(Outcome::Created(creation.response)),
+            Ok(ClaimOutcome::AlreadyClaimed) => continue,
+            // The claim waited the whole bound for a concurrent request
+            // holding this key.
+            Err(StorageError::LockTimeout(_) | StorageError::WriterBusy(_)) => {
+                return Ok(Outcome::InFlight);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(Outcome::InFlight)
+}

@@ -1,0 +1,141 @@
+//! The PostgreSQL store: connecting, migrating and the pools. The statements
+//! are in [`queries`].
+
+pub mod queries;
+
+use std::{str::FromStr, time::Duration};
+
+use chrono::{DateTime, Utc};
+use sqlx::{
+    PgPool,
+    migrate::MigrateDatabase,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+use uuid::Uuid;
+
+use super::{
+    ClaimOutcome, DatabaseSettings, KeyLookup, NewKeyedTask, StorageError, Store, redact_url,
+};
+use crate::domain::TaskRecord;
+
+/// The PostgreSQL-backed store: a connection pool and the statements.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    /// A connection of its own for health checks, so a pool busy with
+    /// waiting requests does not look like a dead database.
+    health_pool: PgPool,
+    description: String,
+}
+
+impl PgStore {
+    /// Connects, creating the database if asked and it is missing, and applies
+    /// the migrations. Safe when several instances start at once: sqlx holds
+    /// an advisory lock while migrating.
+    pub async fn connect(settings: &DatabaseSettings) -> Result<Self, StorageError> {
+        let options = PgConnectOptions::from_str(&settings.url).map_err(StorageError::Internal)?;
+        if settings.create_database && !sqlx::Postgres::database_exists(&settings.url).await? {
+            match sqlx::Postgres::create_database(&settings.url).await {
+                Ok(()) => tracing::info!(url = %redact_url(&settings.url), "created the database"),
+                // Another instance created it at the same moment (PostgreSQL
+                // reports that as 42P04 or as a unique violation).
+                Err(e) if sqlx::Postgres::database_exists(&settings.url).await? => {
+                    tracing::debug!(error = %e, "another instance created the database");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+
+        // Migrations run on their own connection without the lock timeout, so
+        // an instance waiting for another's migration does not give up.
+        let migration_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations/postgres")
+            .run(&migration_pool)
+            .await
+            .map_err(|e| StorageError::Internal(e.into()))?;
+        migration_pool.close().await;
+
+        // lock_timeout bounds how long a claim waits for a concurrent
+        // request holding the same key.
+        let lock_timeout = format!("{}ms", settings.in_flight_wait.as_millis().max(1));
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_lazy_with(
+                options
+                    .clone()
+                    .options([("lock_timeout", lock_timeout.as_str())])
+                    .application_name("oncely"),
+            );
+        let health_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_lazy_with(options.application_name("oncely-health"));
+        Ok(Self {
+            pool,
+            health_pool,
+            description: format!("postgres at {}", redact_url(&settings.url)),
+        })
+    }
+}
+
+impl Store for PgStore {
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn find_key(
+        &self,
+        scope: &str,
+        key: &str,
+        retention: Duration,
+    ) -> Result<KeyLookup, StorageError> {
+        queries::find_key(&self.pool, scope, key, retention).await
+    }
+
+    #[tracing::instrument(skip_all, fields(task_id = %new.task_id))]
+    async fn claim_key_and_insert_task(
+        &self,
+        new: &NewKeyedTask<'_>,
+    ) -> Result<ClaimOutcome, StorageError> {
+        queries::claim_key_and_insert_task(&self.pool, new).await
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_task(&self, task_id: Uuid) -> Result<Option<TaskRecord>, StorageError> {
+        queries::get_task(&self.pool, task_id).await
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_tasks(
+        &self,
+        agent_id: &str,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<TaskRecord>, StorageError> {
+        queries::list_tasks(&self.pool, agent_id, after_seq, limit).await
+    }
+
+    async fn cleanup_cutoff(&self, older_than: Duration) -> Result<DateTime<Utc>, StorageError> {
+        queries::now_minus(&self.pool, older_than).await
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn delete_keys_created_before(
+        &self,
+        scope: &str,
+        cutoff: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<u64, StorageError> {
+        queries::delete_keys_created_before(&self.pool, scope, cutoff, limit).await
+    }
+
+    async fn ping(&self) -> Result<(), StorageError> {
+        queries::ping(&self.health_pool).await
+    }
+}

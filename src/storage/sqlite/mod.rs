@@ -1,0 +1,178 @@
+//! The embedded SQLite store: one file, WAL mode, one writer.
+//!
+//! Reads use a pool and, in WAL mode, never wait for the writer. Writes go
+//! to the single [`writer`](self::writer) task. The statements are in
+//! [`queries`].
+//!
+//! SQLite is for one process: several instances on one file would contend
+//! for its lock. Use PostgreSQL for more than one instance.
+
+pub mod queries;
+mod writer;
+
+use std::{path::Path, str::FromStr, time::Duration};
+
+use chrono::{DateTime, Utc};
+use sqlx::{
+    Connection, SqliteConnection, SqlitePool,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+};
+use uuid::Uuid;
+
+use self::{queries::ClaimRow, writer::Writer};
+use super::{ClaimOutcome, DatabaseSettings, KeyLookup, NewKeyedTask, StorageError, Store};
+use crate::domain::TaskRecord;
+
+/// The SQLite-backed store: a pool of readers and the writer.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    readers: SqlitePool,
+    /// A reader of its own for health checks, so busy readers do not look
+    /// like a dead database.
+    health: SqlitePool,
+    writer: Writer,
+    description: String,
+}
+
+impl SqliteStore {
+    /// Opens (creating it if asked) the database file, applies the
+    /// migrations and starts the writer.
+    pub async fn connect(settings: &DatabaseSettings) -> Result<Self, StorageError> {
+        let options = connect_options(settings)?;
+        let path = options.get_filename().to_owned();
+        if path.as_os_str().is_empty() || path == Path::new(":memory:") {
+            return Err(StorageError::Config(format!(
+                "{} is an in-memory SQLite database, which would lose every key on restart; \
+                 use a file such as sqlite://oncely.db",
+                settings.url
+            )));
+        }
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(parent) = parent.filter(|_| settings.create_database) {
+            tokio::fs::create_dir_all(parent).await.map_err(|e| {
+                StorageError::Config(format!("cannot create {}: {e}", parent.display()))
+            })?;
+        }
+
+        let migration_pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&migration_pool)
+            .await
+            .map_err(|e| StorageError::Internal(e.into()))?;
+        migration_pool.close().await;
+
+        let connection = SqliteConnection::connect_with(&options).await?;
+        let writer = Writer::start(options.clone(), connection, settings.in_flight_wait);
+        let readers = SqlitePoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_lazy_with(options.clone());
+        let health = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_lazy_with(options);
+        let shown = std::path::absolute(&path).unwrap_or(path);
+        Ok(Self {
+            readers,
+            health,
+            writer,
+            description: format!("sqlite at {}", shown.display()),
+        })
+    }
+}
+
+/// How every connection to the file is opened.
+pub fn connect_options(settings: &DatabaseSettings) -> Result<SqliteConnectOptions, StorageError> {
+    Ok(SqliteConnectOptions::from_str(&settings.url)
+        .map_err(StorageError::Internal)?
+        .create_if_missing(settings.create_database)
+        .journal_mode(SqliteJournalMode::Wal)
+        // FULL: a commit the client was told about survives power loss, or
+        // a retry after it would run the side effect again.
+        .synchronous(SqliteSynchronous::Full)
+        .foreign_keys(true)
+        .busy_timeout(settings.in_flight_wait))
+}
+
+impl Store for SqliteStore {
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn find_key(
+        &self,
+        scope: &str,
+        key: &str,
+        retention: Duration,
+    ) -> Result<KeyLookup, StorageError> {
+        queries::find_key(&self.readers, scope, key, retention).await
+    }
+
+    #[tracing::instrument(skip_all, fields(task_id = %new.task_id))]
+    async fn claim_key_and_insert_task(
+        &self,
+        new: &NewKeyedTask<'_>,
+    ) -> Result<ClaimOutcome, StorageError> {
+        let claim = ClaimRow::from(new);
+        self.writer
+            .run(move |connection| {
+                Box::pin(async move { queries::claim_in_transaction(connection, &claim).await })
+            })
+            .await
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_task(&self, task_id: Uuid) -> Result<Option<TaskRecord>, StorageError> {
+        queries::get_task(&self.readers, task_id).await
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_tasks(
+        &self,
+        agent_id: &str,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<TaskRecord>, StorageError> {
+        queries::list_tasks(&self.readers, agent_id, after_seq, limit).await
+    }
+
+    async fn cleanup_cutoff(&self, older_than: Duration) -> Result<DateTime<Utc>, StorageError> {
+        queries::now_minus(&self.readers, older_than).await
+    }
+
+    /// A write of its own, so claims interleave with cleanup.
+    #[tracing::instrument(skip_all)]
+    async fn delete_keys_created_before(
+        &self,
+        scope: &str,
+        cutoff: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<u64, StorageError> {
+        let scope = scope.to_owned();
+        self.writer
+            .run(move |connection| {
+                Box::pin(async move {
+                    queries::delete_keys_created_before(connection, &scope, cutoff, limit).await
+                })
+            })
+            .await
+    }
+
+    async fn ping(&self) -> Result<(), StorageError> {
+        if self.writer.is_closed() {
+            return Err(StorageError::Unavailable(sqlx::Error::WorkerCrashed));
+        }
+        if !self.writer.is_healthy() {
+            // Only when the writer is known broken: ask it to reopen its
+            // connection, so health recovers without waiting for traffic.
+            self.writer
+                .run(|connection| Box::pin(queries::ping(connection)))
+                .await?;
+        }
+        queries::read_check(&self.health).await
+    }
+}

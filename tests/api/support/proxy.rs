@@ -1,0 +1,159 @@
+//! TCP proxies for fault injection: one in front of PostgreSQL that a test
+//! cuts and restores, one in front of the server that drops responses.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
+
+use super::TestDb;
+
+/// A TCP proxy in front of PostgreSQL that a test can cut and restore, to
+/// make the database go away and come back.
+pub(crate) struct PgProxy {
+    pub(crate) port: u16,
+    up: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl PgProxy {
+    pub(crate) async fn start(db: &TestDb) -> Self {
+        let (host, port) = db.server();
+        let upstream = format!("{host}:{port}");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let up = Arc::new(AtomicBool::new(true));
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let accept = tokio::spawn({
+            let up = up.clone();
+            let connections = connections.clone();
+            async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if !up.load(Ordering::SeqCst) {
+                        drop(client);
+                        continue;
+                    }
+                    let upstream = upstream.clone();
+                    let handle = tokio::spawn(async move {
+                        if let Ok(mut server) = TcpStream::connect(&upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                    connections.lock().expect("lock").push(handle);
+                }
+            }
+        });
+        Self {
+            port,
+            up,
+            connections,
+            accept,
+        }
+    }
+
+    /// Refuses new connections and cuts every open one.
+    pub(crate) fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for handle in self.connections.lock().expect("lock").drain(..) {
+            handle.abort();
+        }
+    }
+
+    /// Lets connections through again.
+    pub(crate) fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for PgProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// A TCP proxy in front of the server that cuts its first `drops`
+/// connections at the moment the server starts sending a response: the
+/// server has done the work, the client never sees the answer.
+pub(crate) struct DroppingProxy {
+    pub(crate) addr: SocketAddr,
+    pub(crate) dropped: Arc<AtomicUsize>,
+    accept: JoinHandle<()>,
+}
+
+impl DroppingProxy {
+    pub(crate) async fn start(upstream: SocketAddr, drops: usize) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let to_drop = Arc::new(AtomicUsize::new(drops));
+        let accept = tokio::spawn({
+            let dropped = dropped.clone();
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let cut = to_drop
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok();
+                    tokio::spawn(relay(client, upstream, cut, dropped.clone()));
+                }
+            }
+        });
+        Self {
+            addr,
+            dropped,
+            accept,
+        }
+    }
+}
+
+impl Drop for DroppingProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Relays one connection. Server-to-client bytes are read as HTTP/2 frames;
+/// when `cut`, the first HEADERS or DATA frame of a stream (a response) ends
+/// the connection instead of being forwarded.
+async fn relay(client: TcpStream, upstream: SocketAddr, cut: bool, dropped: Arc<AtomicUsize>) {
+    let Ok(server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let requests =
+        tokio::spawn(async move { tokio::io::copy(&mut client_read, &mut server_write).await });
+    loop {
+        let mut header = [0u8; 9];
+        if server_read.read_exact(&mut header).await.is_err() {
+            break;
+        }
+        let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let frame_type = header[3];
+        let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0; length];
+        if server_read.read_exact(&mut payload).await.is_err() {
+            break;
+        }
+        if cut && stream != 0 && (frame_type == 0 || frame_type == 1) {
+            dropped.fetch_add(1, Ordering::SeqCst);
+            break;
+        }
+        if client_write.write_all(&header).await.is_err()
+            || client_write.write_all(&payload).await.is_err()
+        {
+            break;
+        }
+    }
+    requests.abort();
+}
