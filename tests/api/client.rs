@@ -72,6 +72,45 @@ async fn the_client_reports_whether_an_answer_was_a_replay(backend: Backend) {
     assert_eq!(db.count("tasks").await, 1);
 }
 
+async fn the_client_reads_tasks_back_by_id_and_by_page(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let client = client_for(app.addr);
+    let mut created = Vec::new();
+    for _ in 0..3 {
+        created.push(
+            client
+                .create_task(email_request())
+                .await
+                .expect("create")
+                .task,
+        );
+    }
+
+    let got = client.get_task(&created[0].task_id).await.expect("get");
+    let first = client
+        .list_tasks("agent-7", 2, "")
+        .await
+        .expect("first page");
+    let rest = client
+        .list_tasks("agent-7", 2, &first.next_page_token)
+        .await
+        .expect("second page");
+    let unknown = client
+        .get_task(&uuid::Uuid::new_v4().to_string())
+        .await
+        .expect_err("no such task");
+
+    assert_eq!(got, created[0]);
+    assert_eq!(first.tasks, created[..2]);
+    assert_eq!(rest.tasks, created[2..]);
+    assert!(rest.next_page_token.is_empty());
+    assert!(
+        matches!(&unknown, ClientError::Rejected(s) if s.code() == Code::NotFound),
+        "{unknown:?}"
+    );
+}
+
 async fn the_client_never_retries_invalid_argument_or_failed_precondition(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
@@ -181,6 +220,7 @@ async fn the_client_retries_while_the_database_is_down_and_creates_once_it_retur
 conformance!(
     a_response_lost_on_the_way_is_retried_with_the_same_key_and_replayed,
     the_client_reports_whether_an_answer_was_a_replay,
+    the_client_reads_tasks_back_by_id_and_by_page,
     the_client_never_retries_invalid_argument_or_failed_precondition,
     the_client_waits_out_a_request_in_progress_as_retry_info_asks,
     the_client_gives_up_after_its_attempts,

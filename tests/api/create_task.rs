@@ -317,6 +317,52 @@ async fn requests_over_the_size_limits_are_refused_and_the_server_keeps_serving(
         .expect("still serving, key unused");
 }
 
+async fn caller_input_in_errors_is_cut_to_a_short_prefix(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let long_name = "n".repeat(100_000);
+    let nul_name = format!("{}\0", "\u{1}".repeat(100_000));
+
+    let mut bad_value = request(
+        "agent-7",
+        "send_email",
+        json!({ long_name: {"x": [1, null, {}]} }),
+    );
+    // A number JSON cannot hold, deep under the long member name.
+    if let Some(Kind::StructValue(inner)) = bad_value
+        .parameters
+        .as_mut()
+        .and_then(|p| p.fields.values_mut().next())
+        .and_then(|v| v.kind.as_mut())
+    {
+        inner
+            .fields
+            .insert("nan".into(), value(Kind::NumberValue(f64::NAN)));
+    }
+    let status = assert_status(
+        app.create(Some(&new_key()), bad_value).await,
+        Code::InvalidArgument,
+        Some("INVALID_REQUEST"),
+    );
+    let fields = violated_fields(&status);
+    assert_eq!(fields.len(), 1);
+    assert!(fields[0].starts_with("parameters.nnnn"), "{fields:?}");
+    assert!(fields[0].len() < 100, "{fields:?}");
+    assert!(status.message().len() < 500);
+
+    let status = assert_status(
+        app.create(
+            Some(&new_key()),
+            request("agent-7", "send_email", json!({ nul_name: 1 })),
+        )
+        .await,
+        Code::InvalidArgument,
+        Some("INVALID_REQUEST"),
+    );
+    assert!(status.message().len() < 500, "{}", status.message());
+    assert_eq!(db.count("idempotency_keys").await, 0);
+}
+
 async fn a_request_without_parameters_is_the_same_as_empty_parameters(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
@@ -406,6 +452,7 @@ conformance!(
     keys_at_the_limits_of_the_rules_are_accepted,
     invalid_requests_name_the_field_and_leave_the_key_unused,
     requests_over_the_size_limits_are_refused_and_the_server_keeps_serving,
+    caller_input_in_errors_is_cut_to_a_short_prefix,
     a_request_without_parameters_is_the_same_as_empty_parameters,
     get_and_list_ignore_the_key,
 );

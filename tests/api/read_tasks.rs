@@ -183,7 +183,28 @@ async fn list_tasks_refuses_bad_arguments_with_the_field_named(backend: Backend)
     }
 }
 
+async fn a_huge_malformed_task_id_is_echoed_only_as_a_short_prefix(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let task_id = "\u{7}".repeat(500_000);
+
+    let status = assert_status(
+        app.tasks.clone().get_task(GetTaskRequest { task_id }).await,
+        Code::InvalidArgument,
+        Some("INVALID_REQUEST"),
+    );
+
+    assert_eq!(violated_fields(&status), ["task_id"]);
+    assert!(status.message().len() < 500, "{}", status.message());
+    assert!(
+        status.message().contains("500000 bytes"),
+        "{}",
+        status.message()
+    );
+}
+
 conformance!(
+    a_huge_malformed_task_id_is_echoed_only_as_a_short_prefix,
     get_task_returns_the_created_task,
     get_task_explains_unknown_and_malformed_ids,
     list_tasks_pages_one_agents_tasks_in_creation_order,
