@@ -43,7 +43,12 @@ fn every_module_imports_only_from_layers_below_it() {
             )
         });
         let text = std::fs::read_to_string(&file).expect("read source");
-        for used in crate_imports(&text) {
+        let mut used_modules = paths_after(&text, "crate::");
+        // In a file directly under src/, `super::` is the crate root too.
+        if relative.components().count() == 1 {
+            used_modules.extend(paths_after(&text, "super::"));
+        }
+        for used in used_modules {
             if used == module {
                 continue;
             }
@@ -68,7 +73,7 @@ fn every_module_imports_only_from_layers_below_it() {
 fn the_import_scanner_sees_grouped_and_nested_paths() {
     let text = "use crate::{\n    domain::{NewTask, x},\n    storage::Store,\n};\nlet t = crate::api::timestamp(now);\nuse crate::{Settings, config::X};";
     assert_eq!(
-        crate_imports(text),
+        paths_after(text, "crate::"),
         ["domain", "storage", "api", "Settings", "config"]
     );
 }
@@ -81,13 +86,13 @@ fn top_module(relative: &Path) -> String {
     name.strip_suffix(".rs").unwrap_or(&name).to_owned()
 }
 
-/// The top-level modules named after `crate::`, including each item of a
-/// `crate::{a::.., b::..}` group.
-fn crate_imports(text: &str) -> Vec<String> {
+/// The names that follow `prefix` (such as `crate::`), including each item
+/// of a `crate::{a::.., b::..}` group.
+fn paths_after(text: &str, prefix: &str) -> Vec<String> {
     let mut found = Vec::new();
     let mut rest = text;
-    while let Some(at) = rest.find("crate::") {
-        rest = &rest[at + "crate::".len()..];
+    while let Some(at) = rest.find(prefix) {
+        rest = &rest[at + prefix.len()..];
         if let Some(group) = rest.strip_prefix('{') {
             // Top-level names of the group: those at brace depth 0.
             let mut depth = 0;

@@ -33,6 +33,9 @@ impl Default for Limits {
     }
 }
 
+/// The longest field path reported, in characters.
+const MAX_PATH_CHARS: usize = 200;
+
 /// Where a value sits inside `parameters`; rendered only when reported.
 #[derive(Clone, Copy)]
 enum Path<'a> {
@@ -61,6 +64,11 @@ impl Path<'_> {
         let mut path = String::from("parameters");
         for segment in segments.iter().rev() {
             let _ = write!(path, "{segment}");
+        }
+        // Each segment is short, but 32 levels of them need not be.
+        if let Some((cut, _)) = path.char_indices().nth(MAX_PATH_CHARS) {
+            path.truncate(cut);
+            path.push('…');
         }
         path
     }
@@ -218,5 +226,30 @@ mod tests {
         let violation = struct_to_json(&bad).unwrap_err();
         assert!(violation.field.len() < 100, "{}", violation.field);
         assert!(violation.field.starts_with("parameters.mmm"));
+    }
+
+    #[test]
+    fn a_deep_path_of_long_names_is_cut_as_a_whole() {
+        let name = "\u{1}".repeat(100);
+        let mut value = ProtoValue {
+            kind: Some(Kind::NumberValue(f64::NAN)),
+        };
+        for _ in 0..MAX_PARAMETERS_DEPTH - 1 {
+            value = ProtoValue {
+                kind: Some(Kind::StructValue(Struct {
+                    fields: [(name.clone(), value)].into(),
+                })),
+            };
+        }
+        let Some(Kind::StructValue(deep)) = value.kind else {
+            unreachable!()
+        };
+        let violation = struct_to_json(&deep).unwrap_err();
+        assert!(violation.description.contains("no JSON form"));
+        assert!(
+            violation.field.chars().count() <= MAX_PATH_CHARS + 1,
+            "{}",
+            violation.field
+        );
     }
 }

@@ -76,7 +76,7 @@ impl NewTask {
             agent_id: &self.agent_id,
             action: &self.action,
             parameters: &self.parameters,
-            status: TaskStatus::Queued,
+            status: TaskStatus::Queued as i32,
             create_time,
             result: None,
         })
@@ -116,8 +116,10 @@ pub struct TaskRecord {
     pub action: String,
     /// The parameters.
     pub parameters: Map<String, Value>,
-    /// Where the task is in its life.
-    pub status: TaskStatus,
+    /// Where the task is in its life: a `TaskStatus` number as stored. It
+    /// is passed through as is, so a status written by a newer build still
+    /// reads (clients see an enum value they may not know yet).
+    pub status: i32,
     /// The result, once something completed the task.
     pub result: Option<Map<String, Value>>,
     /// When the task was created.
@@ -145,7 +147,7 @@ struct TaskView<'a> {
     agent_id: &'a str,
     action: &'a str,
     parameters: &'a Map<String, Value>,
-    status: TaskStatus,
+    status: i32,
     create_time: DateTime<Utc>,
     result: Option<&'a Map<String, Value>>,
 }
@@ -157,7 +159,7 @@ fn task(view: TaskView<'_>) -> Task {
         agent_id: view.agent_id.to_owned(),
         action: view.action.to_owned(),
         parameters: Some(object_to_struct(view.parameters)),
-        status: view.status as i32,
+        status: view.status,
         create_time: Some(timestamp(view.create_time)),
         result: view.result.map(object_to_struct),
     }
@@ -252,7 +254,7 @@ mod tests {
             agent_id: new.agent_id.clone(),
             action: new.action.clone(),
             parameters: new.parameters.clone(),
-            status: TaskStatus::Queued,
+            status: TaskStatus::Queued as i32,
             result: None,
             create_time: now,
         };

@@ -27,12 +27,13 @@ impl FieldViolation {
     }
 }
 
-/// Caller input, quoted and escaped as Rust's `{:?}` does, cut to its first
-/// [`ECHO_CHARS`] characters with its full size noted when longer: safe to
-/// put in an error message or a log line.
+/// Caller input in double quotes, cut to its first [`ECHO_CHARS`]
+/// characters with its full size noted when longer, and with control
+/// characters, `"` and `\` escaped (`\n`, `\u{1}`): safe to put in an error
+/// message or a log line.
 pub fn echo(text: &str) -> String {
     let mut out = String::from("\"");
-    let cut = push_escaped_prefix(&mut out, text);
+    let cut = push_prefix(&mut out, text, |c| c.is_control() || c == '"' || c == '\\');
     out.push('"');
     if cut {
         let _ = write!(out, "… ({} bytes)", text.len());
@@ -40,21 +41,26 @@ pub fn echo(text: &str) -> String {
     out
 }
 
-/// Like [`echo`] without quotes, for a segment of a field path.
+/// A segment of a field path (a member name): cut like [`echo`], with only
+/// control characters escaped, so ordinary names read as sent.
 pub fn echo_segment(text: &str) -> String {
     let mut out = String::new();
-    if push_escaped_prefix(&mut out, text) {
+    if push_prefix(&mut out, text, char::is_control) {
         out.push('…');
     }
     out
 }
 
-/// Appends the escaped first [`ECHO_CHARS`] characters of `text`; returns
-/// whether any were left out.
-fn push_escaped_prefix(out: &mut String, text: &str) -> bool {
+/// Appends the first [`ECHO_CHARS`] characters of `text`, escaping those
+/// `escape` picks; returns whether any characters were left out.
+fn push_prefix(out: &mut String, text: &str, escape: impl Fn(char) -> bool) -> bool {
     let mut chars = text.chars();
     for c in chars.by_ref().take(ECHO_CHARS) {
-        out.extend(c.escape_debug());
+        if escape(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
     }
     chars.next().is_some()
 }
@@ -66,8 +72,9 @@ mod tests {
     #[test]
     fn short_input_is_echoed_whole_and_escaped() {
         assert_eq!(echo("abc"), "\"abc\"");
-        assert_eq!(echo("a\u{1}\n\""), "\"a\\u{1}\\n\\\"\"");
-        assert_eq!(echo_segment("to"), "to");
+        assert_eq!(echo("a\u{1}\n\"'é"), "\"a\\u{1}\\n\\\"'é\"");
+        assert_eq!(echo_segment("it's é"), "it's é");
+        assert_eq!(echo_segment("a\nb"), "a\\nb");
     }
 
     #[test]

@@ -165,12 +165,6 @@ pub enum ClaimOutcome {
     AlreadyClaimed,
 }
 
-/// A stored status number as a [`TaskStatus`].
-fn status(number: i16) -> Result<TaskStatus, StorageError> {
-    TaskStatus::try_from(i32::from(number))
-        .map_err(|_| StorageError::Corrupt(format!("unknown task status {number}")))
-}
-
 /// A stored JSON document that must be an object.
 fn object(
     task_id: Uuid,

@@ -26,9 +26,11 @@ async fn main() -> ExitCode {
     let request = CreateTaskRequest {
         agent_id: "example-agent".into(),
         action: "send_email".into(),
+        // A literal object, so the conversion cannot fail.
         parameters: json::to_struct(
             serde_json::json!({"to": "ada@example.com", "subject": "hello"}),
-        ),
+        )
+        .ok(),
     };
 
     // One logical call: the client generates the key and reuses it on every

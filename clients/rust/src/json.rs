@@ -4,12 +4,24 @@
 use prost_types::{ListValue, Struct, Value as ProtoValue, value::Kind};
 use serde_json::{Map, Number, Value};
 
-/// A JSON object as a `Struct`; `None` for any other JSON value, which a
-/// `Struct` cannot hold.
-pub fn to_struct(value: Value) -> Option<Struct> {
+/// A JSON value that is not an object was given where a `Struct` (a JSON
+/// object) is needed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "a Struct holds a JSON object, not {0}; wrap the value in an object such as {{\"items\": ...}}"
+)]
+pub struct NotAnObject(&'static str);
+
+/// A JSON object as a `Struct`, such as a task's `parameters`; any other
+/// JSON value is refused, since a `Struct` cannot hold it.
+pub fn to_struct(value: Value) -> Result<Struct, NotAnObject> {
     match value {
-        Value::Object(map) => Some(object_to_struct(&map)),
-        _ => None,
+        Value::Object(map) => Ok(object_to_struct(&map)),
+        Value::Null => Err(NotAnObject("null")),
+        Value::Bool(_) => Err(NotAnObject("a boolean")),
+        Value::Number(_) => Err(NotAnObject("a number")),
+        Value::String(_) => Err(NotAnObject("a string")),
+        Value::Array(_) => Err(NotAnObject("an array")),
     }
 }
 
@@ -90,9 +102,9 @@ mod tests {
 
     #[test]
     fn only_objects_become_structs() {
-        assert!(to_struct(json!([1, 2])).is_none());
-        assert!(to_struct(json!("text")).is_none());
-        assert_eq!(to_struct(json!({})), Some(Struct::default()));
+        assert_eq!(to_struct(json!([1, 2])), Err(NotAnObject("an array")));
+        assert!(to_struct(json!("text")).is_err());
+        assert_eq!(to_struct(json!({})), Ok(Struct::default()));
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The client library for [oncely](https://github.com/oncely): create tasks
-//! exactly once from agents that retry.
+//! The client library for oncely: create tasks exactly once from agents
+//! that retry.
 //!
 //! An agent makes one logical call with one idempotency key, generated
 //! before the first attempt and sent on every retry; the server creates one
@@ -10,13 +10,13 @@
 //! ```no_run
 //! use oncely_client::{OncelyClient, json, proto::tasks_v1::CreateTaskRequest};
 //!
-//! # async fn example() -> Result<(), oncely_client::ClientError> {
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! let client = OncelyClient::connect("http://127.0.0.1:50051")?;
 //! let created = client
 //!     .create_task(CreateTaskRequest {
 //!         agent_id: "agent-7".into(),
 //!         action: "send_email".into(),
-//!         parameters: json::to_struct(serde_json::json!({"to": "ada@example.com"})),
+//!         parameters: Some(json::to_struct(serde_json::json!({"to": "ada@example.com"}))?),
 //!     })
 //!     .await?;
 //! println!("task {} (replayed: {})", created.task.task_id, created.replayed);

@@ -8,9 +8,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, Row, postgres::PgRow, types::Json};
 use uuid::Uuid;
 
-use super::super::{
-    ClaimOutcome, KeyLookup, NewKeyedTask, StorageError, StoredKey, object, status,
-};
+use super::super::{ClaimOutcome, KeyLookup, NewKeyedTask, StorageError, StoredKey, object};
 use crate::domain::TaskRecord;
 
 /// Looks up a live key record with one indexed read, and reads the database
@@ -193,7 +191,7 @@ fn task_record(row: &PgRow) -> Result<TaskRecord, StorageError> {
         agent_id: row.try_get("agent_id")?,
         action: row.try_get("action")?,
         parameters: object(task_id, "parameters", parameters)?,
-        status: status(row.try_get("status")?)?,
+        status: i32::from(row.try_get::<i16, _>("status")?),
         result,
         create_time: row.try_get("create_time")?,
     })

@@ -1,7 +1,7 @@
 //! The embedded SQLite store: one file, WAL mode, one writer.
 //!
 //! Reads use a pool and, in WAL mode, never wait for the writer. Writes go
-//! to the single [`writer`](self::writer) task. The statements are in
+//! to the single writer task (`writer.rs`). The statements are in
 //! [`queries`].
 //!
 //! SQLite is for one process: several instances on one file would contend
@@ -85,7 +85,7 @@ impl SqliteStore {
 }
 
 /// How every connection to the file is opened.
-pub fn connect_options(settings: &DatabaseSettings) -> Result<SqliteConnectOptions, StorageError> {
+fn connect_options(settings: &DatabaseSettings) -> Result<SqliteConnectOptions, StorageError> {
     Ok(SqliteConnectOptions::from_str(&settings.url)
         .map_err(StorageError::Internal)?
         .create_if_missing(settings.create_database)

@@ -1,5 +1,5 @@
 //! Every statement the SQLite store runs. Times are stored as microseconds
-//! since the Unix epoch, read from SQLite's own clock ([`NOW`]).
+//! since the Unix epoch, read from SQLite's own clock (`now!()`).
 //!
 //! Reads take any executor; writes take the writer's connection (or, in
 //! tests, a connection inside a transaction of their own).
@@ -10,9 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{Row, SqliteConnection, SqliteExecutor, sqlite::SqliteRow};
 use uuid::Uuid;
 
-use super::super::{
-    ClaimOutcome, KeyLookup, NewKeyedTask, StorageError, StoredKey, object, status,
-};
+use super::super::{ClaimOutcome, KeyLookup, NewKeyedTask, StorageError, StoredKey, object};
 use crate::domain::TaskRecord;
 
 /// SQLite's clock in microseconds, the unit of every stored time.
@@ -29,12 +27,9 @@ macro_rules! task_columns {
     };
 }
 
-/// SQLite's clock in microseconds, as SQL.
-pub const NOW: &str = now!();
-
 /// An owned [`NewKeyedTask`] in the form SQLite stores it, so it can cross
 /// into the writer task.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ClaimRow {
     scope: String,
     key: String,
@@ -283,7 +278,7 @@ fn task_record(row: &SqliteRow) -> Result<TaskRecord, StorageError> {
         agent_id: row.try_get("agent_id")?,
         action: row.try_get("action")?,
         parameters: json("parameters", &parameters)?,
-        status: status(row.try_get("status")?)?,
+        status: i32::from(row.try_get::<i16, _>("status")?),
         result: result.as_deref().map(|r| json("result", r)).transpose()?,
         create_time: time(row.try_get("create_time")?)?,
     })

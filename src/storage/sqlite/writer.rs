@@ -29,21 +29,68 @@ const WRITE_QUEUE: usize = 1024;
 /// A future that borrows the writer's connection.
 pub(super) type ConnFuture<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
 
-/// A unit of work: given the writer's connection (or the reason there is
-/// none), it runs, answers its caller and says whether it succeeded.
-type Job = Box<
-    dyn for<'c> FnOnce(Result<&'c mut SqliteConnection, StorageError>) -> ConnFuture<'c, bool>
-        + Send,
->;
+/// A unit of work for the writer.
+trait Job: Send {
+    /// Whether the caller stopped waiting: its work need not be done, since
+    /// nothing was written and a retry executes afresh.
+    fn abandoned(&self) -> bool;
+
+    /// Runs on the writer's connection (or learns why there is none),
+    /// answers the caller, and says whether it succeeded.
+    fn run<'c>(
+        self: Box<Self>,
+        connection: Result<&'c mut SqliteConnection, StorageError>,
+    ) -> ConnFuture<'c, bool>;
+}
+
+/// A caller's work and where its answer goes.
+struct Work<T, F> {
+    work: F,
+    reply: oneshot::Sender<Result<T, StorageError>>,
+}
+
+impl<T, F> Job for Work<T, F>
+where
+    T: Send + 'static,
+    F: for<'c> FnOnce(&'c mut SqliteConnection) -> ConnFuture<'c, Result<T, StorageError>>
+        + Send
+        + 'static,
+{
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+
+    fn run<'c>(
+        self: Box<Self>,
+        connection: Result<&'c mut SqliteConnection, StorageError>,
+    ) -> ConnFuture<'c, bool> {
+        let Work { work, reply } = *self;
+        Box::pin(async move {
+            let result = match connection {
+                Ok(connection) => work(connection).await,
+                Err(error) => Err(error),
+            };
+            let ok = result.is_ok();
+            let _ = reply.send(result);
+            ok
+        })
+    }
+}
 
 /// A handle on the writer task; cloning it shares the one writer.
 #[derive(Debug, Clone)]
 pub(super) struct Writer {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Box<dyn Job>>,
     /// False while the writer has no working connection.
     healthy: Arc<AtomicBool>,
     /// How long a write may wait for the writer, queue included.
     wait: Duration,
+}
+
+impl std::fmt::Debug for dyn Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Job")
+    }
 }
 
 impl Writer {
@@ -76,21 +123,7 @@ impl Writer {
             + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        let job: Job = Box::new(move |connection| {
-            Box::pin(async move {
-                if reply.is_closed() {
-                    // Nothing was written, and a retry executes afresh.
-                    return true;
-                }
-                let result = match connection {
-                    Ok(connection) => work(connection).await,
-                    Err(error) => Err(error),
-                };
-                let ok = result.is_ok();
-                let _ = reply.send(result);
-                ok
-            })
-        });
+        let job: Box<dyn Job> = Box::new(Work { work, reply });
         let round_trip = async {
             self.jobs
                 .send(job)
@@ -122,11 +155,14 @@ impl Writer {
 async fn run(
     options: SqliteConnectOptions,
     connection: SqliteConnection,
-    mut queue: mpsc::Receiver<Job>,
+    mut queue: mpsc::Receiver<Box<dyn Job>>,
     healthy: Arc<AtomicBool>,
 ) {
     let mut connection = Some(connection);
     while let Some(job) = queue.recv().await {
+        if job.abandoned() {
+            continue;
+        }
         let conn = match connection.as_mut() {
             Some(conn) => conn,
             None => match SqliteConnection::connect_with(&options).await {
@@ -134,12 +170,12 @@ async fn run(
                 Err(error) => {
                     tracing::warn!(%error, "cannot reopen the SQLite writer connection");
                     healthy.store(false, Ordering::SeqCst);
-                    job(Err(error.into())).await;
+                    job.run(Err(error.into())).await;
                     continue;
                 }
             },
         };
-        let ok = job(Ok(&mut *conn)).await;
+        let ok = job.run(Ok(&mut *conn)).await;
         let working = ok || recover(conn).await;
         if !working {
             tracing::warn!("the SQLite writer connection is broken; reopening it");
