@@ -5,7 +5,7 @@ use std::{net::SocketAddr, time::Duration};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    cleanup_cmd::CleanupArgs, domain::Limits, idempotency::MissingKeyPolicy,
+    cleanup_cmd::CleanupArgs, domain::Limits, idempotency::MissingKeyPolicy, queue::QueuePolicy,
     storage::DatabaseSettings,
 };
 
@@ -90,6 +90,20 @@ pub struct ServeArgs {
     /// How often health checks ask the database whether it answers.
     #[arg(long, env = "HEALTH_CHECK_INTERVAL", default_value = "1s", value_parser = positive_duration)]
     pub health_check_interval: Duration,
+    /// How long a worker's lease lasts when it does not ask for a duration.
+    #[arg(long, env = "DEFAULT_LEASE_DURATION", default_value = "30s", value_parser = lease_duration)]
+    pub default_lease_duration: Duration,
+    /// How many times a task may be leased before it ends FAILED (failed
+    /// attempts and leases that ran out both count).
+    #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(i32).range(1..=1000))]
+    pub max_attempts: i32,
+    /// The retry backoff after a task's first failed attempt; it doubles with
+    /// each attempt, with full jitter.
+    #[arg(long, env = "RETRY_BACKOFF", default_value = "1s", value_parser = positive_duration)]
+    pub retry_backoff: Duration,
+    /// The longest retry backoff.
+    #[arg(long, env = "RETRY_BACKOFF_MAX", default_value = "10m", value_parser = positive_duration)]
+    pub retry_backoff_max: Duration,
     /// How long shutdown waits for in-flight requests before exiting anyway.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = positive_duration)]
     pub shutdown_grace: Duration,
@@ -120,6 +134,15 @@ fn wait_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// A lease between one second and one hour, as LeaseTasks accepts.
+fn lease_duration(text: &str) -> Result<Duration, String> {
+    let duration = positive_duration(text)?;
+    if duration < Duration::from_secs(1) || duration > Duration::from_secs(3600) {
+        return Err("the lease must be from 1s to 1h".into());
+    }
+    Ok(duration)
+}
+
 /// A retention of at least one second.
 fn retention_duration(text: &str) -> Result<Duration, String> {
     let duration = positive_duration(text)?;
@@ -145,6 +168,8 @@ pub struct Settings {
     pub dedup_window: Duration,
     /// Request field limits.
     pub limits: Limits,
+    /// Leases, attempts and retries.
+    pub queue: QueuePolicy,
     /// The largest request message, in bytes.
     pub max_request_bytes: usize,
     /// Cleanup's batch size.
@@ -171,6 +196,12 @@ impl From<ServeArgs> for Settings {
             dedup_window: args.dedup_window,
             limits: Limits {
                 max_parameters_bytes: args.max_parameters_bytes as usize,
+            },
+            queue: QueuePolicy {
+                default_lease: args.default_lease_duration,
+                max_attempts: args.max_attempts,
+                backoff_base: args.retry_backoff,
+                backoff_max: args.retry_backoff_max.max(args.retry_backoff),
             },
             max_request_bytes: args.max_request_bytes as usize,
             cleanup_batch_size: i64::from(args.cleanup_batch_size),

@@ -7,7 +7,12 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::storage::Store;
 
 /// The names whose status is reported: the whole server and each service.
-pub const SERVICES: &[&str] = &["", "tasks.v1.TaskService", "tasks.v1.Admin"];
+pub const SERVICES: &[&str] = &[
+    "",
+    "tasks.v1.TaskService",
+    "tasks.v1.WorkerService",
+    "tasks.v1.Admin",
+];
 
 /// Sets every name in [`SERVICES`] to `status`.
 pub async fn set_all(reporter: HealthReporter, status: ServingStatus) {

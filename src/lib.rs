@@ -10,6 +10,8 @@
 //!   the one place an RPC's outcome is logged and its metadata attached.
 //! - [`idempotency`]: the key newtype, the fingerprint, and the create /
 //!   replay / refuse decision (`create.rs`).
+//! - [`queue`]: the task lifecycle after creation: leases, completion,
+//!   failure, cancellation, and waiting for a result.
 //! - [`storage`]: every SQL statement, behind the [`storage::Store`] trait,
 //!   for PostgreSQL and for the embedded SQLite store.
 //! - [`domain`]: validated requests and stored tasks, shared by the layers
@@ -29,6 +31,7 @@ pub mod domain;
 pub mod health;
 pub mod idempotency;
 pub mod proto;
+pub mod queue;
 pub mod startup;
 pub mod storage;
 pub mod telemetry;

@@ -9,13 +9,16 @@ use tonic_health::ServingStatus;
 use tower::Layer;
 
 use crate::{
-    api::{AdminApi, RequireIdempotencyKeyLayer, TaskApi},
+    api::{AdminApi, RequireIdempotencyKeyLayer, TaskApi, WorkerApi},
     config::Settings,
     health,
     idempotency::KeyPolicy,
     proto::{
         FILE_DESCRIPTOR_SET,
-        tasks_v1::{admin_server::AdminServer, task_service_server::TaskServiceServer},
+        tasks_v1::{
+            admin_server::AdminServer, task_service_server::TaskServiceServer,
+            worker_service_server::WorkerServiceServer,
+        },
     },
     storage::{PgStore, SqliteStore, StorageError, Store, redact_url},
 };
@@ -140,11 +143,19 @@ async fn serve_with<S: Store>(
     };
     let tasks = TaskServiceServer::new(TaskApi::new(store.clone(), policy, settings.limits))
         .max_decoding_message_size(settings.max_request_bytes);
+    let workers = WorkerServiceServer::new(WorkerApi::new(
+        store.clone(),
+        settings.queue,
+        settings.limits,
+    ))
+    .max_decoding_message_size(settings.max_request_bytes);
     let admin = AdminServer::new(AdminApi::new(store, policy, settings.cleanup_batch_size))
         .max_decoding_message_size(settings.max_request_bytes);
 
     match listener.local_addr() {
-        Ok(addr) => tracing::info!(%addr, "serving tasks.v1.TaskService and tasks.v1.Admin"),
+        Ok(addr) => {
+            tracing::info!(%addr, "serving tasks.v1.TaskService, tasks.v1.WorkerService and tasks.v1.Admin")
+        }
         Err(error) => tracing::warn!(%error, "serving on a listener without a local address"),
     }
     // Signalled when shutdown starts, to bound how long in-flight requests
@@ -155,6 +166,7 @@ async fn serve_with<S: Store>(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(RequireIdempotencyKeyLayer::new(policy.missing_key).layer(tasks))
+        .add_service(workers)
         .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;

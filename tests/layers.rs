@@ -17,6 +17,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("domain", 1),
     ("storage", 2),
     ("idempotency", 3),
+    ("queue", 3),
     ("api", 4),
     ("health", 4),
     ("cleanup_cmd", 4),

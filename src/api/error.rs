@@ -6,7 +6,11 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
-    domain::FieldViolation, idempotency::KeyError, storage::StorageError, telemetry::chain,
+    domain::{FieldViolation, TaskId},
+    idempotency::KeyError,
+    queue::{QueueError, Refusal},
+    storage::StorageError,
+    telemetry::chain,
 };
 
 /// The `domain` of every `ErrorInfo` oncely returns.
@@ -43,6 +47,17 @@ pub enum ServiceError {
     /// The thing asked for does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// The lease shown is not the task's current one.
+    #[error(
+        "this lease is no longer the task's current one (it expired and the task was leased again, or the token is not the latest); stop working on the task"
+    )]
+    LeaseLost,
+    /// The task has ended; it cannot be changed.
+    #[error("the task has already finished (succeeded or failed); it cannot change any more")]
+    TaskFinished,
+    /// The task was cancelled.
+    #[error("the task was cancelled; stop working on it")]
+    TaskCancelled,
     /// The database cannot be reached or is failing.
     #[error("the service is temporarily unavailable; retry with the same idempotency-key")]
     Unavailable(#[source] StorageError),
@@ -67,6 +82,9 @@ impl ServiceError {
             Self::KeyReused => "mismatch",
             Self::InProgress => "in_progress",
             Self::NotFound(_) => "not_found",
+            Self::LeaseLost => "lease_lost",
+            Self::TaskFinished => "finished",
+            Self::TaskCancelled => "cancelled",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
         }
@@ -84,6 +102,21 @@ impl From<StorageError> for ServiceError {
             StorageError::Internal(_) | StorageError::Corrupt(_) | StorageError::Config(_) => {
                 Self::Internal(error)
             }
+        }
+    }
+}
+
+impl ServiceError {
+    /// A lifecycle call on `task_id` that failed.
+    pub fn from_queue(error: QueueError, task_id: TaskId) -> Self {
+        match error {
+            QueueError::Refused(Refusal::NotFound) => {
+                Self::NotFound(format!("no task has id {task_id}"))
+            }
+            QueueError::Refused(Refusal::LeaseLost) => Self::LeaseLost,
+            QueueError::Refused(Refusal::Finished) => Self::TaskFinished,
+            QueueError::Refused(Refusal::Cancelled) => Self::TaskCancelled,
+            QueueError::Storage(error) => error.into(),
         }
     }
 }
@@ -123,6 +156,17 @@ impl From<ServiceError> for Status {
                 Status::with_error_details(Code::Aborted, message, details)
             }
             ServiceError::NotFound(_) => Status::not_found(message),
+            ServiceError::LeaseLost => {
+                Status::with_error_details(Code::FailedPrecondition, message, info("LEASE_LOST"))
+            }
+            ServiceError::TaskFinished => {
+                Status::with_error_details(Code::FailedPrecondition, message, info("TASK_FINISHED"))
+            }
+            ServiceError::TaskCancelled => Status::with_error_details(
+                Code::FailedPrecondition,
+                message,
+                info("TASK_CANCELLED"),
+            ),
             ServiceError::Unavailable(source) => {
                 tracing::warn!(error = %chain(&source), "database unavailable");
                 let mut details = info("DATABASE_UNAVAILABLE");

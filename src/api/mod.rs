@@ -3,13 +3,16 @@
 //! is logged and its response metadata attached.
 
 mod admin_service;
+mod deadline;
 mod error;
 mod key_layer;
 mod reply;
 mod task_service;
+mod worker_service;
 
 pub use admin_service::AdminApi;
 pub use error::{ERROR_DOMAIN, IN_PROGRESS_RETRY_DELAY, ServiceError};
 pub use key_layer::{RequireIdempotencyKey, RequireIdempotencyKeyLayer};
 pub use oncely_client::metadata::{IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_SOURCE, IDEMPOTENT_REPLAYED};
 pub use task_service::TaskApi;
+pub use worker_service::WorkerApi;

@@ -5,15 +5,17 @@ use tonic::{Request, Response, Status};
 
 use super::{
     ServiceError,
+    deadline::bounded_wait,
     reply::{Done, finish},
 };
 use crate::{
-    domain::{Limits, ListQuery, NewTask, PageToken, TaskId},
+    domain::{Limits, ListQuery, NewTask, PageToken, TaskId, WaitQuery},
     idempotency::{self, IdempotencyKey, KeyPolicy, KeySource, MissingKeyPolicy, Outcome},
     proto::tasks_v1::{
-        CreateTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse, Task,
-        task_service_server::TaskService,
+        CancelTaskRequest, CreateTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse,
+        Task, WaitTaskRequest, task_service_server::TaskService,
     },
+    queue,
     storage::{StorageError, Store},
 };
 
@@ -97,6 +99,27 @@ impl<S: Store> TaskApi<S> {
     }
 }
 
+impl<S: Store> TaskApi<S> {
+    async fn wait(&self, request: Request<WaitTaskRequest>) -> Result<Done<Task>, ServiceError> {
+        let query = WaitQuery::parse(request.get_ref()).map_err(ServiceError::InvalidRequest)?;
+        let wait = bounded_wait(request.metadata(), query.timeout);
+        tracing::Span::current().record("task_id", tracing::field::display(query.task_id));
+        let task = queue::wait_task(&self.store, query.task_id.0, wait)
+            .await
+            .map_err(|e| ServiceError::from_queue(e, query.task_id))?;
+        Ok(Done::Ok(task.to_task()))
+    }
+
+    async fn cancel(&self, request: CancelTaskRequest) -> Result<Done<Task>, ServiceError> {
+        let task_id = TaskId::parse_cancel(&request).map_err(ServiceError::InvalidRequest)?;
+        tracing::Span::current().record("task_id", tracing::field::display(task_id));
+        let task = queue::cancel_task(&self.store, task_id.0)
+            .await
+            .map_err(|e| ServiceError::from_queue(e, task_id))?;
+        Ok(Done::Ok(task.to_task()))
+    }
+}
+
 #[tonic::async_trait]
 impl<S: Store> TaskService for TaskApi<S> {
     #[tracing::instrument(
@@ -124,6 +147,19 @@ impl<S: Store> TaskService for TaskApi<S> {
     #[tracing::instrument(name = "GetTask", skip_all, fields(rpc.method = "GetTask", outcome))]
     async fn get_task(&self, request: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
         finish(self.get(request.into_inner()).await, None)
+    }
+
+    #[tracing::instrument(name = "WaitTask", skip_all, fields(rpc.method = "WaitTask", outcome, task_id))]
+    async fn wait_task(&self, request: Request<WaitTaskRequest>) -> Result<Response<Task>, Status> {
+        finish(self.wait(request).await, None)
+    }
+
+    #[tracing::instrument(name = "CancelTask", skip_all, fields(rpc.method = "CancelTask", outcome, task_id))]
+    async fn cancel_task(
+        &self,
+        request: Request<CancelTaskRequest>,
+    ) -> Result<Response<Task>, Status> {
+        finish(self.cancel(request.into_inner()).await, None)
     }
 
     #[tracing::instrument(name = "ListTasks", skip_all, fields(rpc.method = "ListTasks", outcome))]

@@ -5,7 +5,9 @@
 //! - [`task`]: a validated CreateTask request ([`NewTask`]) and a stored task
 //!   ([`TaskRecord`]), and their protobuf form.
 //! - [`parameters`]: `parameters` as JSON, refusing what has no JSON form.
-//! - [`requests`]: the arguments of GetTask, ListTasks and Cleanup, parsed.
+//! - [`requests`]: the arguments of GetTask, ListTasks, WaitTask and
+//!   Cleanup, parsed.
+//! - [`worker`]: the arguments of the WorkerService calls, parsed.
 //! - [`violation`]: what a refusal says about a field, and how much of the
 //!   caller's input it may echo.
 //! - [`canonical_json`]: the canonical form (RFC 8785) that is stored and
@@ -16,8 +18,10 @@ pub mod parameters;
 pub mod requests;
 pub mod task;
 pub mod violation;
+pub mod worker;
 
 pub use parameters::{Limits, MAX_PARAMETERS_DEPTH};
-pub use requests::{CleanupQuery, ListQuery, PageToken, TaskId};
-pub use task::{MAX_NAME_BYTES, NewTask, TaskRecord, timestamp};
+pub use requests::{CleanupQuery, ListQuery, PageToken, TaskId, WaitQuery};
+pub use task::{MAX_NAME_BYTES, NewTask, TaskRecord, is_finished, timestamp};
 pub use violation::{FieldViolation, echo};
+pub use worker::{Completion, Failure, LeaseQuery, LeaseRef, Renewal};

@@ -39,7 +39,8 @@ const MAX_PATH_CHARS: usize = 200;
 /// Where a value sits inside `parameters`; rendered only when reported.
 #[derive(Clone, Copy)]
 enum Path<'a> {
-    Root,
+    /// The field itself: `parameters` or `result`.
+    Root(&'static str),
     Member(&'a Path<'a>, &'a str),
     Element(&'a Path<'a>, usize),
 }
@@ -48,9 +49,9 @@ impl Path<'_> {
     fn render(&self) -> String {
         let mut segments = Vec::new();
         let mut at = self;
-        loop {
+        let root = loop {
             match at {
-                Path::Root => break,
+                Path::Root(root) => break *root,
                 Path::Member(parent, name) => {
                     segments.push(format!(".{}", echo_segment(name)));
                     at = parent;
@@ -60,8 +61,8 @@ impl Path<'_> {
                     at = parent;
                 }
             }
-        }
-        let mut path = String::from("parameters");
+        };
+        let mut path = String::from(root);
         for segment in segments.iter().rev() {
             let _ = write!(path, "{segment}");
         }
@@ -74,17 +75,26 @@ impl Path<'_> {
     }
 }
 
-/// Converts a protobuf `Struct` to a JSON object, refusing values that have
-/// no JSON form (NaN, infinities, a `Value` with no kind), NUL characters,
-/// and nesting deeper than [`MAX_PARAMETERS_DEPTH`].
+/// Converts `parameters` to a JSON object, refusing values that have no
+/// JSON form (NaN, infinities, a `Value` with no kind), NUL characters, and
+/// nesting deeper than [`MAX_PARAMETERS_DEPTH`].
 pub fn struct_to_json(value: &Struct) -> Result<Map<String, Value>, FieldViolation> {
-    fields_to_json(value, &Path::Root, 1)
+    field_to_json("parameters", value)
+}
+
+/// Converts the `Struct` field named `field` as [`struct_to_json`] does;
+/// violations name paths under `field`.
+pub fn field_to_json(
+    field: &'static str,
+    value: &Struct,
+) -> Result<Map<String, Value>, FieldViolation> {
+    fields_to_json(value, &Path::Root(field), 1)
 }
 
 fn too_deep(path: &Path<'_>) -> FieldViolation {
     FieldViolation::new(
         path.render(),
-        format!("parameters nest more than {MAX_PARAMETERS_DEPTH} levels deep"),
+        format!("the value nests more than {MAX_PARAMETERS_DEPTH} levels deep; flatten it"),
     )
 }
 

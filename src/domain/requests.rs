@@ -10,7 +10,9 @@ use super::{
     task::check_name,
     violation::{FieldViolation, echo},
 };
-use crate::proto::tasks_v1::{CleanupRequest, GetTaskRequest, ListTasksRequest};
+use crate::proto::tasks_v1::{
+    CancelTaskRequest, CleanupRequest, GetTaskRequest, ListTasksRequest, WaitTaskRequest,
+};
 
 /// A task's id, parsed from a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -19,16 +21,108 @@ pub struct TaskId(pub Uuid);
 impl TaskId {
     /// Parses the `task_id` of a GetTask request.
     pub fn parse(request: &GetTaskRequest) -> Result<Self, Vec<FieldViolation>> {
-        Uuid::parse_str(&request.task_id).map(Self).map_err(|_| {
-            vec![FieldViolation::new(
-                "task_id",
+        Self::parse_field("task_id", &request.task_id).map_err(|v| vec![v])
+    }
+
+    /// Parses the `task_id` of a CancelTask request.
+    pub fn parse_cancel(request: &CancelTaskRequest) -> Result<Self, Vec<FieldViolation>> {
+        Self::parse_field("task_id", &request.task_id).map_err(|v| vec![v])
+    }
+
+    /// Parses a task id sent in `field`.
+    pub fn parse_field(field: &str, text: &str) -> Result<Self, FieldViolation> {
+        Uuid::parse_str(text).map(Self).map_err(|_| {
+            FieldViolation::new(
+                field,
                 format!(
-                    "task_id {} is not a UUID; send the task_id that CreateTask returned",
-                    echo(&request.task_id)
+                    "{field} {} is not a UUID; send the task_id that CreateTask returned",
+                    echo(text)
                 ),
-            )]
+            )
         })
     }
+}
+
+/// How long WaitTask waits when the request does not say.
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest WaitTask (and LeaseTasks) wait.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// A WaitTask request, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitQuery {
+    /// The task to wait for.
+    pub task_id: TaskId,
+    /// How long to wait at most (before the call's own deadline).
+    pub timeout: Duration,
+}
+
+impl WaitQuery {
+    /// Validates a request, reporting every violation at once.
+    pub fn parse(request: &WaitTaskRequest) -> Result<Self, Vec<FieldViolation>> {
+        let task_id = TaskId::parse_field("task_id", &request.task_id);
+        let timeout = match request.timeout {
+            None => Ok(DEFAULT_WAIT_TIMEOUT),
+            Some(d) => bounded_duration("timeout", d, Duration::ZERO, MAX_WAIT),
+        };
+        match (task_id, timeout) {
+            (Ok(task_id), Ok(timeout)) => Ok(Self { task_id, timeout }),
+            (task_id, timeout) => Err(task_id.err().into_iter().chain(timeout.err()).collect()),
+        }
+    }
+}
+
+/// A protobuf `Duration` in `field`, between `min` and `max` inclusive.
+pub(crate) fn bounded_duration(
+    field: &str,
+    d: prost_types::Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<Duration, FieldViolation> {
+    let shown = |d: Duration| humantime::format_duration(d).to_string();
+    let value = non_negative_duration(field, d)?;
+    if value < min || value > max {
+        return Err(FieldViolation::new(
+            field,
+            format!(
+                "{field} is {}; send a duration from {} to {}",
+                shown(value),
+                shown(min),
+                shown(max)
+            ),
+        ));
+    }
+    Ok(value)
+}
+
+/// A protobuf `Duration` that must not be negative, in whole microseconds
+/// (the database's resolution).
+fn non_negative_duration(
+    field: &str,
+    d: prost_types::Duration,
+) -> Result<Duration, FieldViolation> {
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err(FieldViolation::new(
+            field,
+            format!(
+                "{field} is negative ({}s {}ns); send a positive duration",
+                d.seconds, d.nanos
+            ),
+        ));
+    }
+    if d.nanos >= 1_000_000_000 {
+        return Err(FieldViolation::new(
+            field,
+            format!(
+                "{field} has {} nanos; at most 999999999 are allowed",
+                d.nanos
+            ),
+        ));
+    }
+    Ok(Duration::new(
+        d.seconds as u64,
+        (d.nanos as u32 / 1000) * 1000,
+    ))
 }
 
 impl std::fmt::Display for TaskId {
@@ -158,23 +252,12 @@ impl CleanupQuery {
 }
 
 fn duration(d: prost_types::Duration) -> Result<Duration, FieldViolation> {
-    let invalid = |description: String| FieldViolation::new("older_than", description);
-    if d.seconds < 0 || d.nanos < 0 {
-        return Err(invalid(format!(
-            "older_than is negative ({}s {}ns); send a positive duration or leave it unset for the retention",
-            d.seconds, d.nanos
-        )));
-    }
-    if d.nanos >= 1_000_000_000 {
-        return Err(invalid(format!(
-            "older_than has {} nanos; at most 999999999 are allowed",
-            d.nanos
-        )));
-    }
-    // Whole microseconds: the database's resolution.
-    let value = Duration::new(d.seconds as u64, (d.nanos as u32 / 1000) * 1000);
+    let value = non_negative_duration("older_than", d)?;
     if value > MAX_OLDER_THAN {
-        return Err(invalid("older_than is longer than 100 years".into()));
+        return Err(FieldViolation::new(
+            "older_than",
+            "older_than is longer than 100 years",
+        ));
     }
     Ok(value)
 }

@@ -79,6 +79,9 @@ impl NewTask {
             status: TaskStatus::Queued as i32,
             create_time,
             result: None,
+            attempt: 0,
+            update_time: create_time,
+            error_message: "",
         })
     }
 }
@@ -124,9 +127,26 @@ pub struct TaskRecord {
     pub result: Option<Map<String, Value>>,
     /// When the task was created.
     pub create_time: DateTime<Utc>,
+    /// How many leases the task has been given.
+    pub attempt: i32,
+    /// When the task last changed.
+    pub update_time: DateTime<Utc>,
+    /// Why the last attempt failed; empty if none did.
+    pub error_message: String,
+    /// The token of the task's latest lease, kept after it ends so a
+    /// repeated completion can be recognised.
+    pub lease_token: Option<Uuid>,
+    /// When the task may next be leased: for a running task, when its lease
+    /// runs out.
+    pub available_at: DateTime<Utc>,
 }
 
 impl TaskRecord {
+    /// Whether the task has ended: succeeded, failed or cancelled.
+    pub fn is_finished(&self) -> bool {
+        is_finished(self.status)
+    }
+
     /// The task as GetTask and ListTasks show it.
     pub fn to_task(&self) -> Task {
         task(TaskView {
@@ -137,8 +157,22 @@ impl TaskRecord {
             status: self.status,
             create_time: self.create_time,
             result: self.result.as_ref(),
+            attempt: self.attempt,
+            update_time: self.update_time,
+            error_message: &self.error_message,
         })
     }
+}
+
+/// Whether a status number is one a task never leaves.
+pub fn is_finished(status: i32) -> bool {
+    [
+        TaskStatus::Succeeded,
+        TaskStatus::Failed,
+        TaskStatus::Cancelled,
+    ]
+    .iter()
+    .any(|s| *s as i32 == status)
 }
 
 /// Everything a protobuf `Task` shows, borrowed.
@@ -150,6 +184,9 @@ struct TaskView<'a> {
     status: i32,
     create_time: DateTime<Utc>,
     result: Option<&'a Map<String, Value>>,
+    attempt: i32,
+    update_time: DateTime<Utc>,
+    error_message: &'a str,
 }
 
 /// The one place a protobuf `Task` is built.
@@ -162,6 +199,9 @@ fn task(view: TaskView<'_>) -> Task {
         status: view.status,
         create_time: Some(timestamp(view.create_time)),
         result: view.result.map(object_to_struct),
+        attempt: view.attempt,
+        update_time: Some(timestamp(view.update_time)),
+        error_message: view.error_message.to_owned(),
     }
 }
 
@@ -257,6 +297,11 @@ mod tests {
             status: TaskStatus::Queued as i32,
             result: None,
             create_time: now,
+            attempt: 0,
+            update_time: now,
+            error_message: String::new(),
+            lease_token: None,
+            available_at: now,
         };
         assert_eq!(new.to_queued_task(id, now), record.to_task());
     }

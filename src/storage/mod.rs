@@ -9,6 +9,7 @@
 //! database; the integration tests exercise every statement on both backends.
 
 mod error;
+mod events;
 pub mod postgres;
 mod settings;
 pub mod sqlite;
@@ -19,12 +20,13 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 pub use error::StorageError;
+pub use events::TaskEvents;
 pub use postgres::PgStore;
 pub use settings::{DatabaseSettings, redact_url};
 pub use sqlite::SqliteStore;
 
 use crate::{
-    domain::{NewTask, TaskRecord},
+    domain::{Completion, Failure, LeaseRef, NewTask, TaskRecord},
     proto::tasks_v1::TaskStatus,
 };
 
@@ -113,6 +115,91 @@ pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
 
     /// Checks that the database answers.
     fn ping(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// The wake-ups this store raises when tasks become leasable or end.
+    fn events(&self) -> &TaskEvents;
+
+    /// Leases up to `order.max_tasks` available tasks (queued ones whose
+    /// backoff is over, and running ones whose lease ran out), oldest
+    /// first, each with a new token, in one transaction; none is handed to
+    /// two callers and no caller waits on another's rows. An expired lease
+    /// on the last allowed attempt ends its task FAILED instead. Returns the
+    /// leased tasks, RUNNING.
+    fn lease_tasks(
+        &self,
+        order: &LeaseOrder<'_>,
+    ) -> impl Future<Output = Result<Vec<TaskRecord>, StorageError>> + Send;
+
+    /// Extends the lease to `lease_duration` from now, if it is still the
+    /// task's current one (its token, and the task RUNNING). `None`: it is
+    /// not, and nothing changed.
+    fn renew_lease(
+        &self,
+        lease: LeaseRef,
+        lease_duration: Duration,
+    ) -> impl Future<Output = Result<Option<TaskRecord>, StorageError>> + Send;
+
+    /// Marks the task SUCCEEDED with its result, if the lease is still the
+    /// current one; `None` otherwise, with nothing changed.
+    fn complete_task(
+        &self,
+        completion: &Completion,
+    ) -> impl Future<Output = Result<Option<TaskRecord>, StorageError>> + Send;
+
+    /// Records a failed attempt, if the lease is still the current one: the
+    /// task ends FAILED when the failure is permanent or the attempt was the
+    /// last allowed, and is queued again after its delay otherwise. `None`
+    /// when the lease is not current, with nothing changed.
+    fn fail_task(
+        &self,
+        failure: &Failure,
+        retry: &RetryRule,
+    ) -> impl Future<Output = Result<Option<TaskRecord>, StorageError>> + Send;
+
+    /// Cancels a queued or running task; `None` when it does not exist or has
+    /// ended already, with nothing changed.
+    fn cancel_task(
+        &self,
+        task_id: Uuid,
+    ) -> impl Future<Output = Result<Option<TaskRecord>, StorageError>> + Send;
+}
+
+/// What a worker asks to lease.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseOrder<'a> {
+    /// Who asks.
+    pub worker_id: &'a str,
+    /// The actions wanted; empty for any.
+    pub actions: &'a [String],
+    /// How many tasks at most.
+    pub max_tasks: i64,
+    /// How long each lease lasts.
+    pub lease_duration: Duration,
+    /// The most leases a task may have; an expired lease on the last one
+    /// fails the task.
+    pub max_attempts: i32,
+}
+
+/// When a failed attempt is retried.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryRule {
+    /// The most attempts a task may have; a failure on the last one is
+    /// final.
+    pub max_attempts: i32,
+    /// The backoff ceiling after the first attempt; it doubles with each
+    /// attempt. The delay is random up to the ceiling (full jitter), unless
+    /// the worker asked for a `retry_after`.
+    pub backoff_base: Duration,
+    /// The largest backoff ceiling.
+    pub backoff_max: Duration,
+}
+
+/// The message kept on a task whose lease ran out, as a template for SQL's
+/// `format(template, attempt)` (both stores have it).
+fn expired_message_template(max_attempts: i32) -> String {
+    format!(
+        "the lease of attempt %s of {max_attempts} expired before its worker completed or failed the task"
+    )
 }
 
 /// A live idempotency record.

@@ -42,3 +42,4 @@ mod read_tasks;
 mod reflection;
 mod restart;
 mod support;
+mod worker;

@@ -1,9 +1,11 @@
-//! The PostgreSQL store: connecting, migrating and the pools. The statements
+//! The PostgreSQL store: connecting, migrating, the pools, and the listener
+//! that turns other instances' notifications into wake-ups. The statements
 //! are in [`queries`].
 
+mod listener;
 pub mod queries;
 
-use std::{str::FromStr, time::Duration};
+use std::{str::FromStr, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use sqlx::{
@@ -14,9 +16,10 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    ClaimOutcome, DatabaseSettings, KeyLookup, NewKeyedTask, StorageError, Store, redact_url,
+    ClaimOutcome, DatabaseSettings, KeyLookup, LeaseOrder, NewKeyedTask, RetryRule, StorageError,
+    Store, TaskEvents, redact_url,
 };
-use crate::domain::TaskRecord;
+use crate::domain::{Completion, Failure, LeaseRef, TaskRecord};
 
 /// The PostgreSQL-backed store: a connection pool and the statements.
 #[derive(Debug, Clone)]
@@ -25,6 +28,9 @@ pub struct PgStore {
     /// A connection of its own for health checks, so a pool busy with
     /// waiting requests does not look like a dead database.
     health_pool: PgPool,
+    events: TaskEvents,
+    /// Stops the listener when the last clone of the store is dropped.
+    _listener: Arc<listener::Listening>,
     description: String,
 }
 
@@ -74,10 +80,20 @@ impl PgStore {
         let health_pool = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(settings.acquire_timeout)
-            .connect_lazy_with(options.application_name("oncely-health"));
+            .connect_lazy_with(options.clone().application_name("oncely-health"));
+        // The listener holds a connection for good: one of its own, so the
+        // requests keep the whole pool.
+        let listener_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_lazy_with(options.application_name("oncely-listener"));
+        let events = TaskEvents::default();
+        let listener = listener::start(listener_pool, events.clone());
         Ok(Self {
             pool,
             health_pool,
+            events,
+            _listener: Arc::new(listener),
             description: format!("postgres at {}", redact_url(&settings.url)),
         })
     }
@@ -137,5 +153,45 @@ impl Store for PgStore {
 
     async fn ping(&self) -> Result<(), StorageError> {
         queries::ping(&self.health_pool).await
+    }
+
+    fn events(&self) -> &TaskEvents {
+        &self.events
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn lease_tasks(&self, order: &LeaseOrder<'_>) -> Result<Vec<TaskRecord>, StorageError> {
+        queries::lease_tasks(&self.pool, order).await
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn renew_lease(
+        &self,
+        lease: LeaseRef,
+        lease_duration: Duration,
+    ) -> Result<Option<TaskRecord>, StorageError> {
+        queries::renew_lease(&self.pool, lease, lease_duration).await
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn complete_task(
+        &self,
+        completion: &Completion,
+    ) -> Result<Option<TaskRecord>, StorageError> {
+        queries::complete_task(&self.pool, completion).await
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn fail_task(
+        &self,
+        failure: &Failure,
+        retry: &RetryRule,
+    ) -> Result<Option<TaskRecord>, StorageError> {
+        queries::fail_task(&self.pool, failure, retry).await
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn cancel_task(&self, task_id: Uuid) -> Result<Option<TaskRecord>, StorageError> {
+        queries::cancel_task(&self.pool, task_id).await
     }
 }

@@ -19,9 +19,15 @@ use sqlx::{
 };
 use uuid::Uuid;
 
-use self::{queries::ClaimRow, writer::Writer};
-use super::{ClaimOutcome, DatabaseSettings, KeyLookup, NewKeyedTask, StorageError, Store};
-use crate::domain::TaskRecord;
+use self::{
+    queries::{ClaimRow, LeaseRow},
+    writer::Writer,
+};
+use super::{
+    ClaimOutcome, DatabaseSettings, KeyLookup, LeaseOrder, NewKeyedTask, RetryRule, StorageError,
+    Store, TaskEvents,
+};
+use crate::domain::{Completion, Failure, LeaseRef, TaskRecord};
 
 /// The SQLite-backed store: a pool of readers and the writer.
 #[derive(Debug, Clone)]
@@ -31,6 +37,8 @@ pub struct SqliteStore {
     /// like a dead database.
     health: SqlitePool,
     writer: Writer,
+    /// Raised in process after each write commits: one process owns the file.
+    events: TaskEvents,
     description: String,
 }
 
@@ -79,6 +87,7 @@ impl SqliteStore {
             readers,
             health,
             writer,
+            events: TaskEvents::default(),
             description: format!("sqlite at {}", shown.display()),
         })
     }
@@ -118,11 +127,16 @@ impl Store for SqliteStore {
         new: &NewKeyedTask<'_>,
     ) -> Result<ClaimOutcome, StorageError> {
         let claim = ClaimRow::from(new);
-        self.writer
+        let outcome = self
+            .writer
             .run(move |connection| {
                 Box::pin(async move { queries::claim_in_transaction(connection, &claim).await })
             })
-            .await
+            .await?;
+        if outcome == ClaimOutcome::Claimed {
+            self.events.task_ready();
+        }
+        Ok(outcome)
     }
 
     #[tracing::instrument(skip_all)]
@@ -174,5 +188,92 @@ impl Store for SqliteStore {
                 .await?;
         }
         queries::read_check(&self.health).await
+    }
+
+    fn events(&self) -> &TaskEvents {
+        &self.events
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn lease_tasks(&self, order: &LeaseOrder<'_>) -> Result<Vec<TaskRecord>, StorageError> {
+        let order = LeaseRow::from(order);
+        let done = self
+            .writer
+            .run(move |connection| {
+                Box::pin(async move { queries::lease_in_transaction(connection, &order).await })
+            })
+            .await?;
+        for task_id in done.failed {
+            self.events.task_finished(task_id);
+        }
+        Ok(done.leased)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn renew_lease(
+        &self,
+        lease: LeaseRef,
+        lease_duration: Duration,
+    ) -> Result<Option<TaskRecord>, StorageError> {
+        self.writer
+            .run(move |connection| {
+                Box::pin(queries::renew_lease(connection, lease, lease_duration))
+            })
+            .await
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn complete_task(
+        &self,
+        completion: &Completion,
+    ) -> Result<Option<TaskRecord>, StorageError> {
+        let completion = completion.clone();
+        let task = self
+            .writer
+            .run(move |connection| {
+                Box::pin(async move { queries::complete_task(connection, &completion).await })
+            })
+            .await?;
+        self.announce(task.as_ref());
+        Ok(task)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn fail_task(
+        &self,
+        failure: &Failure,
+        retry: &RetryRule,
+    ) -> Result<Option<TaskRecord>, StorageError> {
+        let (failure, retry) = (failure.clone(), *retry);
+        let task = self
+            .writer
+            .run(move |connection| {
+                Box::pin(async move { queries::fail_task(connection, &failure, &retry).await })
+            })
+            .await?;
+        self.announce(task.as_ref());
+        Ok(task)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn cancel_task(&self, task_id: Uuid) -> Result<Option<TaskRecord>, StorageError> {
+        let task = self
+            .writer
+            .run(move |connection| Box::pin(queries::cancel_task(connection, task_id)))
+            .await?;
+        self.announce(task.as_ref());
+        Ok(task)
+    }
+}
+
+impl SqliteStore {
+    /// Wakes whoever waits on a task a write just changed: its waiters if
+    /// it ended, the workers if it is queued again.
+    fn announce(&self, task: Option<&TaskRecord>) {
+        match task {
+            Some(task) if task.is_finished() => self.events.task_finished(task.task_id),
+            Some(_) => self.events.task_ready(),
+            None => {}
+        }
     }
 }

@@ -297,6 +297,20 @@ impl TestDb {
             .expect("rename table");
     }
 
+    /// How many tasks have `status`.
+    pub(crate) async fn count_tasks_with_status(
+        &self,
+        status: oncely::proto::tasks_v1::TaskStatus,
+    ) -> i64 {
+        let sql = "SELECT count(*) FROM tasks WHERE status = $1";
+        let status = status as i16;
+        on_pool!(self, |pool| sqlx::query_scalar(sql)
+            .bind(status)
+            .fetch_one(pool)
+            .await)
+        .expect("count tasks")
+    }
+
     /// Every stored key.
     pub(crate) async fn keys(&self) -> Vec<String> {
         let sql = "SELECT key FROM idempotency_keys ORDER BY key";

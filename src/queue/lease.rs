@@ -1,0 +1,45 @@
+//! LeaseTasks: hand out available tasks, waiting for one when asked to.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{QueuePolicy, RECHECK};
+use crate::{
+    domain::{LeaseQuery, TaskRecord},
+    storage::{LeaseOrder, StorageError, Store},
+};
+
+/// Leases up to `query.max_tasks` tasks. When none is available, waits up
+/// to `wait` for one: woken when a task is created or queued again, and
+/// re-reading at least every [`RECHECK`] (for backoffs and leases that run
+/// out, and wake-ups that were lost). Returns the leases, or none when the
+/// wait ran out.
+pub async fn lease_tasks<S: Store>(
+    store: &S,
+    query: &LeaseQuery,
+    policy: &QueuePolicy,
+    wait: Duration,
+) -> Result<Vec<TaskRecord>, StorageError> {
+    let order = LeaseOrder {
+        worker_id: &query.worker_id,
+        actions: &query.actions,
+        max_tasks: i64::try_from(query.max_tasks).unwrap_or(1),
+        lease_duration: query.lease_duration,
+        max_attempts: policy.max_attempts,
+    };
+    let until = Instant::now() + wait;
+    loop {
+        // Listen before reading, so a task created in between still wakes us.
+        let ready = store.events().ready().notified();
+        tokio::pin!(ready);
+        ready.as_mut().enable();
+
+        let leased = store.lease_tasks(&order).await?;
+        let left = until.saturating_duration_since(Instant::now());
+        if !leased.is_empty() || left.is_zero() {
+            return Ok(leased);
+        }
+        let _ = tokio::time::timeout(left.min(RECHECK), ready).await;
+    }
+}

@@ -1,0 +1,75 @@
+//! The task lifecycle after creation: workers lease tasks, renew, complete
+//! and fail them; agents wait for them and cancel them. The storage layer
+//! does each change in one fenced statement; this layer decides what a
+//! refused change means, and waits without polling in a hot loop.
+//!
+//! - [`lease`]: LeaseTasks, with long polling.
+//! - [`settle`]: RenewLease, CompleteTask, FailTask, CancelTask, and why a
+//!   change was refused.
+//! - [`wait`]: WaitTask, until a task is finished.
+
+pub mod lease;
+pub mod settle;
+pub mod wait;
+
+use std::time::Duration;
+
+use crate::storage::StorageError;
+
+pub use lease::lease_tasks;
+pub use settle::{cancel_task, complete_task, fail_task, renew_lease};
+pub use wait::wait_task;
+
+/// How often a waiter re-reads the database even without a wake-up, in
+/// case one was lost.
+pub const RECHECK: Duration = Duration::from_secs(1);
+
+/// How the queue treats tasks; from configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct QueuePolicy {
+    /// The lease a worker gets when it does not ask for a duration.
+    pub default_lease: Duration,
+    /// The most leases a task may have before it ends FAILED.
+    pub max_attempts: i32,
+    /// The backoff ceiling after a first failed attempt; it doubles with
+    /// each attempt, and the delay is random up to it (full jitter).
+    pub backoff_base: Duration,
+    /// The largest backoff ceiling.
+    pub backoff_max: Duration,
+}
+
+impl Default for QueuePolicy {
+    fn default() -> Self {
+        Self {
+            default_lease: Duration::from_secs(30),
+            max_attempts: 5,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Why a change to a task was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No task has the id.
+    NotFound,
+    /// The token is not the task's current lease: it expired and the task
+    /// was leased again, or it never was the current one.
+    LeaseLost,
+    /// The task has ended (succeeded or failed).
+    Finished,
+    /// The task was cancelled.
+    Cancelled,
+}
+
+/// What a lifecycle call failed with.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The change was refused; nothing changed.
+    #[error("refused: {0:?}")]
+    Refused(Refusal),
+    /// The database failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}

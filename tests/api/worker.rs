@@ -1,0 +1,609 @@
+//! The task lifecycle: workers lease, renew, complete and fail tasks;
+//! agents wait for them and cancel them.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use oncely::proto::tasks_v1::{
+    CancelTaskRequest, CompleteTaskRequest, FailTaskRequest, GetTaskRequest, Lease,
+    LeaseTasksRequest, RenewLeaseRequest, Task, TaskStatus, WaitTaskRequest,
+    worker_service_client::WorkerServiceClient,
+};
+use serde_json::json;
+use tokio::sync::Mutex;
+use tonic::{Code, Status, transport::Channel};
+
+use crate::support::{
+    Backend, TestApp, TestDb, assert_status, email_request, new_key, request, test_settings,
+    violated_fields,
+};
+
+fn workers(app: &TestApp) -> WorkerServiceClient<Channel> {
+    WorkerServiceClient::new(app.channel.clone())
+}
+
+fn seconds(s: f64) -> prost_types::Duration {
+    let d = Duration::from_secs_f64(s);
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// Leases up to `max` tasks for `lease_secs`, waiting up to `wait_secs`.
+async fn lease(app: &TestApp, max: i32, lease_secs: f64, wait_secs: f64) -> Vec<Lease> {
+    workers(app)
+        .lease_tasks(LeaseTasksRequest {
+            worker_id: "test-worker".into(),
+            actions: vec![],
+            max_tasks: max,
+            lease_duration: Some(seconds(lease_secs)),
+            wait: (wait_secs > 0.0).then(|| seconds(wait_secs)),
+        })
+        .await
+        .expect("lease")
+        .into_inner()
+        .leases
+}
+
+async fn lease_one(app: &TestApp) -> Lease {
+    let mut leases = lease(app, 1, 30.0, 0.0).await;
+    assert_eq!(leases.len(), 1, "one task should be available");
+    leases.remove(0)
+}
+
+fn task_id(lease: &Lease) -> String {
+    lease.task.as_ref().expect("task").task_id.clone()
+}
+
+async fn complete(app: &TestApp, lease: &Lease, result: serde_json::Value) -> Result<Task, Status> {
+    workers(app)
+        .complete_task(CompleteTaskRequest {
+            task_id: task_id(lease),
+            lease_token: lease.lease_token.clone(),
+            result: Some(oncely_client::json::to_struct(result).expect("an object")),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn fail(
+    app: &TestApp,
+    lease: &Lease,
+    permanent: bool,
+    retry_after: Option<f64>,
+) -> Result<Task, Status> {
+    workers(app)
+        .fail_task(FailTaskRequest {
+            task_id: task_id(lease),
+            lease_token: lease.lease_token.clone(),
+            error_message: "the mail server said 451".into(),
+            permanent,
+            retry_after: retry_after.map(seconds),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn renew(app: &TestApp, lease: &Lease) -> Result<Lease, Status> {
+    workers(app)
+        .renew_lease(RenewLeaseRequest {
+            task_id: task_id(lease),
+            lease_token: lease.lease_token.clone(),
+            lease_duration: None,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn get(app: &TestApp, task_id: &str) -> Task {
+    app.tasks
+        .clone()
+        .get_task(GetTaskRequest {
+            task_id: task_id.into(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+}
+
+async fn wait(app: &TestApp, task_id: &str, timeout_secs: f64) -> Result<Task, Status> {
+    app.tasks
+        .clone()
+        .wait_task(WaitTaskRequest {
+            task_id: task_id.into(),
+            timeout: Some(seconds(timeout_secs)),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn cancel(app: &TestApp, task_id: &str) -> Result<Task, Status> {
+    app.tasks
+        .clone()
+        .cancel_task(CancelTaskRequest {
+            task_id: task_id.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn create(app: &TestApp) -> Task {
+    app.create(Some(&new_key()), email_request())
+        .await
+        .expect("create")
+        .into_inner()
+}
+
+async fn racing_workers_complete_every_task_exactly_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    db.insert_tasks("bulk", 1000).await;
+    let leased = Arc::new(Mutex::new(Vec::new()));
+
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let mut client = workers(&app);
+            let leased = leased.clone();
+            tokio::spawn(async move {
+                loop {
+                    let leases = client
+                        .lease_tasks(LeaseTasksRequest {
+                            worker_id: format!("worker-{w}"),
+                            max_tasks: 10,
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("lease")
+                        .into_inner()
+                        .leases;
+                    if leases.is_empty() {
+                        return;
+                    }
+                    for lease in leases {
+                        let id = task_id(&lease);
+                        leased.lock().await.push(id.clone());
+                        client
+                            .complete_task(CompleteTaskRequest {
+                                task_id: id.clone(),
+                                lease_token: lease.lease_token,
+                                result: oncely_client::json::to_struct(json!({"by": w})).ok(),
+                            })
+                            .await
+                            .expect("complete under a live lease");
+                    }
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.expect("worker");
+    }
+
+    let leased = leased.lock().await;
+    let distinct: HashSet<_> = leased.iter().collect();
+    assert_eq!(leased.len(), 1000, "every task leased once, none twice");
+    assert_eq!(distinct.len(), 1000);
+    assert_eq!(
+        db.count_tasks_with_status(TaskStatus::Succeeded).await,
+        1000
+    );
+}
+
+async fn a_long_poll_answers_as_soon_as_a_task_is_created(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = Arc::new(TestApp::spawn(&db).await);
+    let polling = {
+        let app = app.clone();
+        tokio::spawn(async move { lease(&app, 1, 30.0, 20.0).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let created = create(&app).await;
+
+    let leases = polling.await.expect("poll");
+    assert_eq!(leases.len(), 1);
+    assert_eq!(task_id(&leases[0]), created.task_id);
+    let task = leases[0].task.as_ref().expect("task");
+    assert_eq!(task.status(), TaskStatus::Running);
+    assert_eq!(task.attempt, 1);
+    assert!(uuid::Uuid::parse_str(&leases[0].lease_token).is_ok());
+}
+
+async fn a_long_poll_with_nothing_to_do_answers_empty_when_its_wait_runs_out(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+
+    let leases = lease(&app, 5, 30.0, 0.5).await;
+
+    assert!(leases.is_empty());
+}
+
+async fn an_expired_lease_is_leased_again_and_the_old_token_refused(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let created = create(&app).await;
+    let first = lease(&app, 1, 1.0, 0.0).await.remove(0);
+
+    let second = lease(&app, 1, 30.0, 10.0).await.remove(0);
+
+    assert_eq!(task_id(&second), created.task_id);
+    assert_eq!(second.task.as_ref().expect("task").attempt, 2);
+    assert_ne!(second.lease_token, first.lease_token);
+    for refused in [
+        complete(&app, &first, json!({})).await,
+        fail(&app, &first, false, None).await,
+        renew(&app, &first)
+            .await
+            .map(|l| l.task.unwrap_or_default()),
+    ] {
+        assert_status(refused, Code::FailedPrecondition, Some("LEASE_LOST"));
+    }
+    let task = get(&app, &created.task_id).await;
+    assert_eq!(task.status(), TaskStatus::Running);
+    assert!(
+        task.error_message.contains("expired"),
+        "{}",
+        task.error_message
+    );
+    complete(&app, &second, json!({"sent": true}))
+        .await
+        .expect("the current lease completes");
+}
+
+async fn renewing_a_lease_extends_it(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    create(&app).await;
+    let leased = lease(&app, 1, 1.0, 0.0).await.remove(0);
+
+    let renewed = renew(&app, &leased).await.expect("renew");
+
+    assert_eq!(renewed.lease_token, leased.lease_token);
+    let before = leased.expire_time.expect("expiry").seconds;
+    assert!(renewed.expire_time.expect("expiry").seconds >= before + 20);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        lease(&app, 1, 30.0, 0.0).await.is_empty(),
+        "the renewed lease still holds"
+    );
+}
+
+async fn a_repeated_completion_returns_the_same_task(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    create(&app).await;
+    let leased = lease_one(&app).await;
+
+    let first = complete(&app, &leased, json!({"message_id": "m-1", "n": 1})).await;
+    let again = complete(&app, &leased, json!({"n": 1.0, "message_id": "m-1"})).await;
+    let other = complete(&app, &leased, json!({"message_id": "m-2"})).await;
+
+    let first = first.expect("complete");
+    assert_eq!(first.status(), TaskStatus::Succeeded);
+    assert_eq!(again.expect("the same completion again"), first);
+    assert_status(other, Code::FailedPrecondition, Some("TASK_FINISHED"));
+    assert_status(
+        fail(&app, &leased, false, None).await,
+        Code::FailedPrecondition,
+        Some("TASK_FINISHED"),
+    );
+}
+
+async fn a_retryable_failure_is_leased_again_after_its_backoff(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let created = create(&app).await;
+    let leased = lease_one(&app).await;
+
+    let failed = fail(&app, &leased, false, Some(1.0)).await.expect("fail");
+
+    assert_eq!(failed.status(), TaskStatus::Queued);
+    assert_eq!(failed.error_message, "the mail server said 451");
+    assert!(
+        lease(&app, 1, 30.0, 0.0).await.is_empty(),
+        "still backing off"
+    );
+    let again = lease(&app, 1, 30.0, 10.0).await.remove(0);
+    assert_eq!(task_id(&again), created.task_id);
+    assert_eq!(again.task.as_ref().expect("task").attempt, 2);
+}
+
+async fn the_server_backoff_applies_when_the_worker_names_no_delay(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut settings = test_settings(&db.url);
+    settings.queue.backoff_base = Duration::from_millis(200);
+    let app = TestApp::spawn_with(settings).await;
+    create(&app).await;
+    let leased = lease_one(&app).await;
+
+    let failed = fail(&app, &leased, false, None).await.expect("fail");
+
+    assert_eq!(failed.status(), TaskStatus::Queued);
+    let again = lease(&app, 1, 30.0, 10.0).await;
+    assert_eq!(again.len(), 1, "leasable again once the backoff is over");
+}
+
+async fn the_last_allowed_attempt_ends_the_task_failed(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut settings = test_settings(&db.url);
+    settings.queue.max_attempts = 2;
+    let app = TestApp::spawn_with(settings).await;
+    let by_failure = create(&app).await;
+
+    let first = lease_one(&app).await;
+    fail(&app, &first, false, Some(0.0)).await.expect("fail");
+    let second = lease_one(&app).await;
+    let last = fail(&app, &second, false, Some(0.0)).await.expect("fail");
+
+    assert_eq!(last.status(), TaskStatus::Failed);
+    assert_eq!(last.attempt, 2);
+    assert_eq!(last.error_message, "the mail server said 451");
+    assert!(lease(&app, 1, 30.0, 0.0).await.is_empty());
+    assert_eq!(
+        get(&app, &by_failure.task_id).await.status(),
+        TaskStatus::Failed
+    );
+}
+
+async fn leases_that_keep_expiring_end_the_task_failed(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut settings = test_settings(&db.url);
+    settings.queue.max_attempts = 2;
+    let app = TestApp::spawn_with(settings).await;
+    let created = create(&app).await;
+    lease(&app, 1, 1.0, 0.0).await.remove(0);
+    lease(&app, 1, 1.0, 10.0).await.remove(0);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    let third = lease(&app, 1, 30.0, 0.0).await;
+
+    assert!(third.is_empty(), "no attempt is left");
+    let task = get(&app, &created.task_id).await;
+    assert_eq!(task.status(), TaskStatus::Failed);
+    assert_eq!(task.attempt, 2);
+    assert!(
+        task.error_message.contains("expired"),
+        "{}",
+        task.error_message
+    );
+}
+
+async fn a_permanent_failure_ends_the_task_at_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    create(&app).await;
+    let leased = lease_one(&app).await;
+
+    let failed = fail(&app, &leased, true, None).await.expect("fail");
+
+    assert_eq!(failed.status(), TaskStatus::Failed);
+    assert_eq!(failed.attempt, 1);
+    assert!(lease(&app, 1, 30.0, 0.0).await.is_empty());
+}
+
+async fn wait_task_returns_when_another_client_completes_the_task(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = Arc::new(TestApp::spawn(&db).await);
+    let created = create(&app).await;
+    let waiting = {
+        let app = app.clone();
+        let id = created.task_id.clone();
+        tokio::spawn(async move { wait(&app, &id, 30.0).await })
+    };
+    let leased = lease_one(&app).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    complete(&app, &leased, json!({"message_id": "m-1"}))
+        .await
+        .expect("complete");
+
+    let done = waiting.await.expect("join").expect("wait");
+    assert_eq!(done.status(), TaskStatus::Succeeded);
+    assert_eq!(
+        done.result,
+        oncely_client::json::to_struct(json!({"message_id": "m-1"})).ok()
+    );
+}
+
+async fn wait_task_returns_the_task_as_it_is_when_its_timeout_runs_out(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let created = create(&app).await;
+
+    let task = wait(&app, &created.task_id, 0.3).await.expect("wait");
+
+    assert_eq!(task.status(), TaskStatus::Queued);
+    assert_eq!(task.task_id, created.task_id);
+}
+
+async fn cancelling_stops_queued_and_running_tasks(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let queued = create(&app).await;
+    let running = create(&app).await;
+    let cancelled = cancel(&app, &queued.task_id).await.expect("cancel queued");
+    let leased = lease_one(&app).await;
+    assert_eq!(
+        task_id(&leased),
+        running.task_id,
+        "a cancelled task is never leased"
+    );
+
+    let stopped = cancel(&app, &running.task_id)
+        .await
+        .expect("cancel running");
+
+    assert_eq!(cancelled.status(), TaskStatus::Cancelled);
+    assert_eq!(stopped.status(), TaskStatus::Cancelled);
+    assert_status(
+        renew(&app, &leased).await,
+        Code::FailedPrecondition,
+        Some("TASK_CANCELLED"),
+    );
+    assert_status(
+        complete(&app, &leased, json!({})).await,
+        Code::FailedPrecondition,
+        Some("TASK_CANCELLED"),
+    );
+    let again = cancel(&app, &running.task_id).await.expect("cancel again");
+    assert_eq!(again, stopped, "a finished task is returned unchanged");
+    assert_eq!(
+        wait(&app, &queued.task_id, 5.0)
+            .await
+            .expect("wait")
+            .status(),
+        TaskStatus::Cancelled
+    );
+}
+
+async fn a_finished_task_cannot_be_cancelled(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    create(&app).await;
+    let leased = lease_one(&app).await;
+    let done = complete(&app, &leased, json!({})).await.expect("complete");
+
+    let after = cancel(&app, &done.task_id).await.expect("cancel");
+
+    assert_eq!(after, done);
+}
+
+async fn bad_worker_calls_are_refused_and_change_nothing(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut settings = test_settings(&db.url);
+    settings.limits.max_parameters_bytes = 100;
+    let app = TestApp::spawn_with(settings).await;
+    create(&app).await;
+    let leased = lease_one(&app).await;
+    let mut client = workers(&app);
+
+    let bad_lease = client
+        .lease_tasks(LeaseTasksRequest {
+            worker_id: String::new(),
+            max_tasks: 101,
+            lease_duration: Some(seconds(7200.0)),
+            ..Default::default()
+        })
+        .await;
+    let bad_ids = client
+        .complete_task(CompleteTaskRequest {
+            task_id: "not-a-uuid".into(),
+            lease_token: "nope".into(),
+            result: None,
+        })
+        .await;
+    let mut nan = oncely_client::json::to_struct(json!({"x": 1})).expect("object");
+    if let Some(value) = nan.fields.get_mut("x") {
+        value.kind = Some(prost_types::value::Kind::NumberValue(f64::NAN));
+    }
+    let bad_result = client
+        .complete_task(CompleteTaskRequest {
+            task_id: task_id(&leased),
+            lease_token: leased.lease_token.clone(),
+            result: Some(nan),
+        })
+        .await;
+    let too_big = complete(&app, &leased, json!({"s": "x".repeat(200)})).await;
+    let unknown = complete(
+        &app,
+        &Lease {
+            task: Some(Task {
+                task_id: uuid::Uuid::new_v4().to_string(),
+                ..Default::default()
+            }),
+            ..leased.clone()
+        },
+        json!({}),
+    )
+    .await;
+
+    let status = assert_status(bad_lease, Code::InvalidArgument, Some("INVALID_REQUEST"));
+    assert_eq!(
+        violated_fields(&status),
+        ["worker_id", "max_tasks", "lease_duration"]
+    );
+    let status = assert_status(bad_ids, Code::InvalidArgument, Some("INVALID_REQUEST"));
+    assert_eq!(violated_fields(&status), ["task_id", "lease_token"]);
+    let status = assert_status(bad_result, Code::InvalidArgument, Some("INVALID_REQUEST"));
+    assert_eq!(violated_fields(&status), ["result.x"]);
+    let status = assert_status(too_big, Code::InvalidArgument, Some("INVALID_REQUEST"));
+    assert_eq!(violated_fields(&status), ["result"]);
+    assert_eq!(unknown.expect_err("unknown").code(), Code::NotFound);
+    let task = get(&app, &task_id(&leased)).await;
+    assert_eq!(task.status(), TaskStatus::Running);
+    assert!(task.result.is_none());
+}
+
+async fn a_replay_of_create_shows_the_first_response_while_get_shows_the_current_state(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let key = new_key();
+    let first = app
+        .create(Some(&key), email_request())
+        .await
+        .expect("create")
+        .into_inner();
+    let leased = lease_one(&app).await;
+    complete(&app, &leased, json!({"ok": true}))
+        .await
+        .expect("complete");
+
+    let replay = app
+        .create(Some(&key), email_request())
+        .await
+        .expect("replay")
+        .into_inner();
+    let now = get(&app, &first.task_id).await;
+
+    assert_eq!(replay, first);
+    assert_eq!(replay.status(), TaskStatus::Queued);
+    assert_eq!(now.status(), TaskStatus::Succeeded);
+    assert_eq!(now.attempt, 1);
+}
+
+async fn workers_lease_only_the_actions_they_perform(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    app.create(Some(&new_key()), request("a", "send_sms", json!({})))
+        .await
+        .expect("create");
+    let email = create(&app).await;
+
+    let leases = workers(&app)
+        .lease_tasks(LeaseTasksRequest {
+            worker_id: "mailer".into(),
+            actions: vec!["send_email".into()],
+            max_tasks: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("lease")
+        .into_inner()
+        .leases;
+
+    assert_eq!(leases.len(), 1);
+    assert_eq!(task_id(&leases[0]), email.task_id);
+}
+
+conformance!(
+    racing_workers_complete_every_task_exactly_once,
+    a_long_poll_answers_as_soon_as_a_task_is_created,
+    a_long_poll_with_nothing_to_do_answers_empty_when_its_wait_runs_out,
+    an_expired_lease_is_leased_again_and_the_old_token_refused,
+    renewing_a_lease_extends_it,
+    a_repeated_completion_returns_the_same_task,
+    a_retryable_failure_is_leased_again_after_its_backoff,
+    the_server_backoff_applies_when_the_worker_names_no_delay,
+    the_last_allowed_attempt_ends_the_task_failed,
+    leases_that_keep_expiring_end_the_task_failed,
+    a_permanent_failure_ends_the_task_at_once,
+    wait_task_returns_when_another_client_completes_the_task,
+    wait_task_returns_the_task_as_it_is_when_its_timeout_runs_out,
+    cancelling_stops_queued_and_running_tasks,
+    a_finished_task_cannot_be_cancelled,
+    bad_worker_calls_are_refused_and_change_nothing,
+    a_replay_of_create_shows_the_first_response_while_get_shows_the_current_state,
+    workers_lease_only_the_actions_they_perform,
+);
