@@ -587,7 +587,119 @@ async fn workers_lease_only_the_actions_they_perform(backend: Backend) {
     assert_eq!(task_id(&leases[0]), email.task_id);
 }
 
+/// The environment variable that tells [`worker_process_that_hangs_after_leasing`]
+/// which server to lease from.
+const HANGING_WORKER_SERVER: &str = "ONCELY_TEST_HANGING_WORKER_SERVER";
+
+/// Not a test of its own: the body of the worker process that
+/// `a_worker_killed_mid_lease_has_its_task_finished_by_another` starts (this
+/// test binary, run again) and kills. It leases one task for a second and
+/// hangs, as a worker stuck in its side effect would.
+#[tokio::test]
+#[ignore = "the child process of a_worker_killed_mid_lease_has_its_task_finished_by_another"]
+async fn worker_process_that_hangs_after_leasing() {
+    let server = std::env::var(HANGING_WORKER_SERVER)
+        .expect("run by a_worker_killed_mid_lease_has_its_task_finished_by_another");
+    let channel = tonic::transport::Endpoint::from_shared(server)
+        .expect("address")
+        .connect()
+        .await
+        .expect("connect");
+    let leases = WorkerServiceClient::new(channel)
+        .lease_tasks(LeaseTasksRequest {
+            worker_id: "doomed-worker".into(),
+            lease_duration: Some(seconds(1.0)),
+            wait: Some(seconds(10.0)),
+            ..Default::default()
+        })
+        .await
+        .expect("lease")
+        .into_inner()
+        .leases;
+    assert_eq!(leases.len(), 1);
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+}
+
+async fn a_worker_killed_mid_lease_has_its_task_finished_by_another(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let created = create(&app).await;
+    let mut doomed = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "worker::worker_process_that_hangs_after_leasing",
+            "--ignored",
+        ])
+        .env(HANGING_WORKER_SERVER, format!("http://{}", app.addr))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the worker process");
+    crate::support::eventually(Duration::from_secs(20), "the worker to lease", || async {
+        (get(&app, &created.task_id).await.status() == TaskStatus::Running).then_some(())
+    })
+    .await;
+
+    doomed.kill().expect("SIGKILL the worker");
+    doomed.wait().expect("reap the worker");
+    let rescued = lease(&app, 1, 30.0, 10.0).await.remove(0);
+    let done = complete(&app, &rescued, json!({"sent": true}))
+        .await
+        .expect("complete");
+
+    assert_eq!(task_id(&rescued), created.task_id);
+    assert_eq!(done.status(), TaskStatus::Succeeded);
+    assert_eq!(done.attempt, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_and_waiters_on_two_instances_see_each_others_tasks() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let front = Arc::new(TestApp::spawn(&db).await);
+    let back = Arc::new(TestApp::spawn(&db).await);
+    let polling = {
+        let back = back.clone();
+        tokio::spawn(async move { lease(&back, 1, 30.0, 20.0).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let created = create(&front).await;
+    let waiting = {
+        let front = front.clone();
+        let id = created.task_id.clone();
+        tokio::spawn(async move { wait(&front, &id, 30.0).await })
+    };
+    let leased = polling.await.expect("poll").remove(0);
+    complete(&back, &leased, json!({"sent": true}))
+        .await
+        .expect("complete on the other instance");
+
+    assert_eq!(task_id(&leased), created.task_id);
+    let done = waiting.await.expect("join").expect("wait");
+    assert_eq!(done.status(), TaskStatus::Succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_calls_answer_unavailable_while_the_database_is_down() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let proxy = crate::support::PgProxy::start(&db).await;
+    let app = TestApp::spawn_with(test_settings(&db.url_via(proxy.port))).await;
+    create(&app).await;
+    let leased = lease_one(&app).await;
+    proxy.cut();
+
+    let down = complete(&app, &leased, json!({})).await;
+
+    assert_status(down, Code::Unavailable, Some("DATABASE_UNAVAILABLE"));
+    proxy.restore();
+    crate::support::eventually(Duration::from_secs(15), "the completion", || async {
+        complete(&app, &leased, json!({})).await.ok()
+    })
+    .await;
+}
+
 conformance!(
+    a_worker_killed_mid_lease_has_its_task_finished_by_another,
     racing_workers_complete_every_task_exactly_once,
     a_long_poll_answers_as_soon_as_a_task_is_created,
     a_long_poll_with_nothing_to_do_answers_empty_when_its_wait_runs_out,

@@ -197,6 +197,9 @@ impl Store for SqliteStore {
     #[tracing::instrument(skip_all)]
     async fn lease_tasks(&self, order: &LeaseOrder<'_>) -> Result<Vec<TaskRecord>, StorageError> {
         let order = LeaseRow::from(order);
+        if !queries::any_leasable(&self.readers, &order).await? {
+            return Ok(Vec::new());
+        }
         let done = self
             .writer
             .run(move |connection| {

@@ -291,6 +291,23 @@ pub struct Leased {
     pub failed: Vec<Uuid>,
 }
 
+/// Whether any task is leasable now, read without the writer: so idle
+/// workers polling for work do not queue behind the creates.
+pub async fn any_leasable(
+    db: impl SqliteExecutor<'_>,
+    order: &LeaseRow,
+) -> Result<bool, StorageError> {
+    let found: Option<i64> = sqlx::query_scalar(concat!(
+        "SELECT 1 FROM tasks WHERE status IN (1, 2) AND available_at <= ",
+        now!(),
+        " AND (json_array_length(?1) = 0 OR action IN (SELECT value FROM json_each(?1))) LIMIT 1"
+    ))
+    .bind(&order.actions)
+    .fetch_optional(db)
+    .await?;
+    Ok(found.is_some())
+}
+
 /// Leases up to `order.max_tasks` available tasks, oldest first, in one
 /// IMMEDIATE transaction (the single writer's, so no two callers get one
 /// task). Status numbers: 1 queued, 2 running, 4 failed.
