@@ -7,15 +7,23 @@ exponential backoff and full jitter, never sooner than the server's RetryInfo
 asks; INVALID_ARGUMENT, FAILED_PRECONDITION and every other error raised at
 once as ``Rejected``.
 
-Usage: python agent.py [HOST:PORT]   (default 127.0.0.1:50051)
+Then it has a task performed by a worker and waits for its result: it
+creates a ``send_email`` task and waits (``wait_task``) until a worker (see
+worker.py) has completed it, printing ``result of task <id>: <result>``.
+
+Usage: python agent.py [HOST:PORT] [--timeout SECONDS]
+(default 127.0.0.1:50051 and 30 seconds)
 
 Install the package first, from the repository root:
-``pip install ./clients/python``. Exits non-zero if the server does not
-behave as the idempotency contract says.
+``pip install ./clients/python``, and start a worker (worker.py). Exits
+non-zero if the server does not behave as the idempotency contract says, or
+if the task did not succeed within the timeout.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 
 import grpc
@@ -51,11 +59,33 @@ def run(client: Client) -> None:
         sys.exit("a reused key with a different request should be refused")
 
 
+def perform(client: Client, timeout: float) -> None:
+    """Creates a send_email task and waits for a worker to perform it."""
+    created = client.create_task("python-agent", "send_email", {"to": "grace@example.com", "subject": "your result"})
+    task_id = created.task.task_id
+    print(f"created task {task_id} (send_email); waiting up to {timeout:g}s for a worker to perform it")
+    task = client.wait_task(task_id, timeout=timeout)
+    if task.status != "SUCCEEDED":
+        hint = "" if task.finished else " (is a worker running? python examples/python/worker.py)"
+        detail = f": {task.error_message}" if task.error_message else ""
+        sys.exit(f"task {task_id} is {task.status} after {timeout:g}s, attempt {task.attempt}{detail}{hint}")
+    print(f"result of task {task_id}: {json.dumps(task.result, sort_keys=True)}")
+
+
 def main() -> None:
-    target = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051"
-    with Client(target) as client:
+    parser = argparse.ArgumentParser(description="An example agent that calls oncely.")
+    parser.add_argument("target", nargs="?", default="127.0.0.1:50051", help="the server (default %(default)s)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for a worker to perform the task (default %(default)s)",
+    )
+    args = parser.parse_args()
+    with Client(args.target) as client:
         try:
             run(client)
+            perform(client, args.timeout)
         except OncelyError as error:
             sys.exit(f"unexpected error: {error}")
 

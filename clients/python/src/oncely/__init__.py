@@ -10,29 +10,44 @@ agents that retry.
 :meth:`Client.create_task` sends one idempotency key on every attempt of a
 call and retries only what may pass next time; see :class:`Client` and
 :class:`RetryPolicy` for the rules, :class:`Rejected` and :class:`GaveUp`
-for the errors.
+for the errors. :meth:`Client.wait_task` waits for a task's result.
+
+Workers lease tasks and complete or fail them with :meth:`Client.lease_tasks`
+and the calls after it; :class:`Worker` runs that loop around a handler:
+
+    def send_email(task):
+        ...  # the side effect, idempotent by task.task_id
+        return {"sent": True}
+
+    oncely.Worker(client, "mailer-1", ["send_email"], send_email).run(stop_event)
 """
 
 from importlib import metadata
 
 from ._client import Client
 from ._errors import GaveUp, OncelyError, Rejected
-from ._models import Created, Task, TaskPage
+from ._models import FINISHED_STATUSES, Created, Lease, Task, TaskPage
 from ._retry import TRANSIENT_CODES, RetryPolicy, backoff_delay, new_idempotency_key
+from ._worker import Handler, PermanentError, Worker
 
 __version__ = metadata.version(__name__)
 """The installed version of the package."""
 
 __all__ = [
+    "FINISHED_STATUSES",
     "TRANSIENT_CODES",
     "Client",
     "Created",
     "GaveUp",
+    "Handler",
+    "Lease",
     "OncelyError",
+    "PermanentError",
     "Rejected",
     "RetryPolicy",
     "Task",
     "TaskPage",
+    "Worker",
     "__version__",
     "backoff_delay",
     "new_idempotency_key",

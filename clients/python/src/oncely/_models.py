@@ -9,9 +9,13 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from ._proto.tasks.v1 import tasks_pb2
+from ._proto.tasks.v1 import tasks_pb2, worker_pb2
 
 _STATUS_PREFIX = "TASK_STATUS_"
+
+FINISHED_STATUSES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+"""The statuses a task never leaves: :attr:`Task.finished` is true for
+these."""
 
 
 def _status_name(value: int) -> str:
@@ -42,14 +46,30 @@ class Task:
     parameters: dict[str, Any] = field(hash=False)
     """The action's arguments (empty if none were given)."""
     status: str
-    """``"QUEUED"``, ``"RUNNING"``, ``"SUCCEEDED"``, ``"FAILED"`` or
-    ``"UNSPECIFIED"``: the ``TaskStatus`` name without ``TASK_STATUS_``."""
+    """``"QUEUED"``, ``"RUNNING"``, ``"SUCCEEDED"``, ``"FAILED"``,
+    ``"CANCELLED"`` or ``"UNSPECIFIED"``: the ``TaskStatus`` name without
+    ``TASK_STATUS_``."""
     create_time: datetime
     """When the task was created (timezone-aware, UTC)."""
     result: dict[str, Any] | None = field(hash=False)
     """What the task produced; None until something completes it."""
+    attempt: int
+    """How many times the task has been leased to a worker (0 while it
+    waits for its first lease)."""
+    update_time: datetime | None
+    """When the task last changed (timezone-aware, UTC); None from a server
+    that does not send it."""
+    error_message: str
+    """Why the last attempt failed, or why the task ended ``FAILED``; empty
+    otherwise."""
     proto: tasks_pb2.Task = field(repr=False, compare=False)
     """The protobuf message this was built from."""
+
+    @property
+    def finished(self) -> bool:
+        """True once the task is ``SUCCEEDED``, ``FAILED`` or ``CANCELLED``:
+        it will not change again."""
+        return self.status in FINISHED_STATUSES
 
     @classmethod
     def from_proto(cls, message: tasks_pb2.Task) -> Task:
@@ -62,6 +82,40 @@ class Task:
             status=_status_name(message.status),
             create_time=message.create_time.ToDatetime(tzinfo=timezone.utc),
             result=json_format.MessageToDict(message.result) if message.HasField("result") else None,
+            attempt=message.attempt,
+            update_time=message.update_time.ToDatetime(tzinfo=timezone.utc)
+            if message.HasField("update_time")
+            else None,
+            error_message=message.error_message,
+            proto=message,
+        )
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A task leased to a worker: until :attr:`expire_time` no other worker
+    gets it. Pass the lease to :meth:`~oncely.Client.renew_lease` (the
+    heartbeat), then to :meth:`~oncely.Client.complete_task` or
+    :meth:`~oncely.Client.fail_task`."""
+
+    task: Task
+    """The task, as it was when leased or last renewed: ``RUNNING``, with
+    its :attr:`~Task.attempt` number."""
+    lease_token: str
+    """The token every later call about this lease shows."""
+    expire_time: datetime
+    """When the lease runs out unless renewed (timezone-aware, UTC); after
+    that another worker may lease the task."""
+    proto: worker_pb2.Lease = field(repr=False, compare=False)
+    """The protobuf message this was built from."""
+
+    @classmethod
+    def from_proto(cls, message: worker_pb2.Lease) -> Lease:
+        """Builds a :class:`Lease` from its protobuf message."""
+        return cls(
+            task=Task.from_proto(message.task),
+            lease_token=message.lease_token,
+            expire_time=message.expire_time.ToDatetime(tzinfo=timezone.utc),
             proto=message,
         )
 

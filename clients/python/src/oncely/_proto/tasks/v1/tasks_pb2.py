@@ -22,29 +22,34 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tasks/v1/tasks.proto\x12\x08tasks.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"b\n\x11\x43reateTaskRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"K\n\x10ListTasksRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"K\n\x11ListTasksResponse\x12\x1d\n\x05tasks\x18\x01 \x03(\x0b\x32\x0e.tasks.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xe6\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12+\n\nparameters\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12$\n\x06status\x18\x05 \x01(\x0e\x32\x14.tasks.v1.TaskStatus\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06result\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct*\x8d\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATUS_QUEUED\x10\x01\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x02\x12\x19\n\x15TASK_STATUS_SUCCEEDED\x10\x03\x12\x16\n\x12TASK_STATUS_FAILED\x10\x04\x32\xc3\x01\n\x0bTaskService\x12\x39\n\nCreateTask\x12\x1b.tasks.v1.CreateTaskRequest\x1a\x0e.tasks.v1.Task\x12\x33\n\x07GetTask\x12\x18.tasks.v1.GetTaskRequest\x1a\x0e.tasks.v1.Task\x12\x44\n\tListTasks\x12\x1a.tasks.v1.ListTasksRequest\x1a\x1b.tasks.v1.ListTasksResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tasks/v1/tasks.proto\x12\x08tasks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"b\n\x11\x43reateTaskRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"K\n\x10ListTasksRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"N\n\x0fWaitTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"K\n\x11ListTasksResponse\x12\x1d\n\x05tasks\x18\x01 \x03(\x0b\x32\x0e.tasks.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xbf\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12+\n\nparameters\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12$\n\x06status\x18\x05 \x01(\x0e\x32\x14.tasks.v1.TaskStatus\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06result\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rerror_message\x18\n \x01(\t*\xa8\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATUS_QUEUED\x10\x01\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x02\x12\x19\n\x15TASK_STATUS_SUCCEEDED\x10\x03\x12\x16\n\x12TASK_STATUS_FAILED\x10\x04\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x05\x32\xb5\x02\n\x0bTaskService\x12\x39\n\nCreateTask\x12\x1b.tasks.v1.CreateTaskRequest\x1a\x0e.tasks.v1.Task\x12\x33\n\x07GetTask\x12\x18.tasks.v1.GetTaskRequest\x1a\x0e.tasks.v1.Task\x12\x44\n\tListTasks\x12\x1a.tasks.v1.ListTasksRequest\x1a\x1b.tasks.v1.ListTasksResponse\x12\x35\n\x08WaitTask\x12\x19.tasks.v1.WaitTaskRequest\x1a\x0e.tasks.v1.Task\x12\x39\n\nCancelTask\x12\x1b.tasks.v1.CancelTaskRequest\x1a\x0e.tasks.v1.Taskb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'oncely._proto.tasks.v1.tasks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKSTATUS']._serialized_start=620
-  _globals['_TASKSTATUS']._serialized_end=761
-  _globals['_CREATETASKREQUEST']._serialized_start=97
-  _globals['_CREATETASKREQUEST']._serialized_end=195
-  _globals['_GETTASKREQUEST']._serialized_start=197
-  _globals['_GETTASKREQUEST']._serialized_end=230
-  _globals['_LISTTASKSREQUEST']._serialized_start=232
-  _globals['_LISTTASKSREQUEST']._serialized_end=307
-  _globals['_LISTTASKSRESPONSE']._serialized_start=309
-  _globals['_LISTTASKSRESPONSE']._serialized_end=384
-  _globals['_TASK']._serialized_start=387
-  _globals['_TASK']._serialized_end=617
-  _globals['_TASKSERVICE']._serialized_start=764
-  _globals['_TASKSERVICE']._serialized_end=959
+  _globals['_TASKSTATUS']._serialized_start=859
+  _globals['_TASKSTATUS']._serialized_end=1027
+  _globals['_CREATETASKREQUEST']._serialized_start=129
+  _globals['_CREATETASKREQUEST']._serialized_end=227
+  _globals['_GETTASKREQUEST']._serialized_start=229
+  _globals['_GETTASKREQUEST']._serialized_end=262
+  _globals['_LISTTASKSREQUEST']._serialized_start=264
+  _globals['_LISTTASKSREQUEST']._serialized_end=339
+  _globals['_WAITTASKREQUEST']._serialized_start=341
+  _globals['_WAITTASKREQUEST']._serialized_end=419
+  _globals['_CANCELTASKREQUEST']._serialized_start=421
+  _globals['_CANCELTASKREQUEST']._serialized_end=457
+  _globals['_LISTTASKSRESPONSE']._serialized_start=459
+  _globals['_LISTTASKSRESPONSE']._serialized_end=534
+  _globals['_TASK']._serialized_start=537
+  _globals['_TASK']._serialized_end=856
+  _globals['_TASKSERVICE']._serialized_start=1030
+  _globals['_TASKSERVICE']._serialized_end=1339
 # @@protoc_insertion_point(module_scope)

@@ -53,6 +53,16 @@ class TaskServiceStub(object):
                 request_serializer=tasks_dot_v1_dot_tasks__pb2.ListTasksRequest.SerializeToString,
                 response_deserializer=tasks_dot_v1_dot_tasks__pb2.ListTasksResponse.FromString,
                 _registered_method=True)
+        self.WaitTask = channel.unary_unary(
+                '/tasks.v1.TaskService/WaitTask',
+                request_serializer=tasks_dot_v1_dot_tasks__pb2.WaitTaskRequest.SerializeToString,
+                response_deserializer=tasks_dot_v1_dot_tasks__pb2.Task.FromString,
+                _registered_method=True)
+        self.CancelTask = channel.unary_unary(
+                '/tasks.v1.TaskService/CancelTask',
+                request_serializer=tasks_dot_v1_dot_tasks__pb2.CancelTaskRequest.SerializeToString,
+                response_deserializer=tasks_dot_v1_dot_tasks__pb2.Task.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer(object):
@@ -83,6 +93,23 @@ class TaskServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WaitTask(self, request, context):
+        """Waits until the task is finished (SUCCEEDED, FAILED or CANCELLED) and
+        returns it; or, when the timeout runs out first, returns it as it is
+        then. Like google.longrunning.Operations.WaitOperation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTask(self, request, context):
+        """Cancels a queued or running task (a running task's worker learns it at
+        its next heartbeat). A finished task is returned unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +127,16 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.ListTasks,
                     request_deserializer=tasks_dot_v1_dot_tasks__pb2.ListTasksRequest.FromString,
                     response_serializer=tasks_dot_v1_dot_tasks__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'WaitTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitTask,
+                    request_deserializer=tasks_dot_v1_dot_tasks__pb2.WaitTaskRequest.FromString,
+                    response_serializer=tasks_dot_v1_dot_tasks__pb2.Task.SerializeToString,
+            ),
+            'CancelTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTask,
+                    request_deserializer=tasks_dot_v1_dot_tasks__pb2.CancelTaskRequest.FromString,
+                    response_serializer=tasks_dot_v1_dot_tasks__pb2.Task.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -187,6 +224,60 @@ class TaskService(object):
             '/tasks.v1.TaskService/ListTasks',
             tasks_dot_v1_dot_tasks__pb2.ListTasksRequest.SerializeToString,
             tasks_dot_v1_dot_tasks__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tasks.v1.TaskService/WaitTask',
+            tasks_dot_v1_dot_tasks__pb2.WaitTaskRequest.SerializeToString,
+            tasks_dot_v1_dot_tasks__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tasks.v1.TaskService/CancelTask',
+            tasks_dot_v1_dot_tasks__pb2.CancelTaskRequest.SerializeToString,
+            tasks_dot_v1_dot_tasks__pb2.Task.FromString,
             options,
             channel_credentials,
             insecure,
