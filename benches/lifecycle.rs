@@ -35,7 +35,9 @@ async fn main() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(5000);
-    println!("lifecycle benchmark: {tasks} tasks per store, {WORKERS} workers leasing one task at a time");
+    println!(
+        "lifecycle benchmark: {tasks} tasks per store, {WORKERS} workers leasing one task at a time"
+    );
     println!(
         "{:<10} {:>12} {:>22} {:>10} {:>10}",
         "store", "create/s", "lease+complete/s", "p50 ms", "p99 ms"

@@ -2,6 +2,7 @@
 
 use std::{collections::HashMap, time::Duration};
 
+use oncely_client::reasons;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -156,16 +157,20 @@ impl From<ServiceError> for Status {
                 Status::with_error_details(Code::Aborted, message, details)
             }
             ServiceError::NotFound(_) => Status::not_found(message),
-            ServiceError::LeaseLost => {
-                Status::with_error_details(Code::FailedPrecondition, message, info("LEASE_LOST"))
-            }
-            ServiceError::TaskFinished => {
-                Status::with_error_details(Code::FailedPrecondition, message, info("TASK_FINISHED"))
-            }
+            ServiceError::LeaseLost => Status::with_error_details(
+                Code::FailedPrecondition,
+                message,
+                info(reasons::LEASE_LOST),
+            ),
+            ServiceError::TaskFinished => Status::with_error_details(
+                Code::FailedPrecondition,
+                message,
+                info(reasons::TASK_FINISHED),
+            ),
             ServiceError::TaskCancelled => Status::with_error_details(
                 Code::FailedPrecondition,
                 message,
-                info("TASK_CANCELLED"),
+                info(reasons::TASK_CANCELLED),
             ),
             ServiceError::Unavailable(source) => {
                 tracing::warn!(error = %chain(&source), "database unavailable");

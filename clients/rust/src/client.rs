@@ -2,60 +2,38 @@
 //!
 //! [`OncelyClient::create_task`] generates a UUID v4 key once and sends it on
 //! every attempt, so however often the call is retried the server creates
-//! one task. Transient failures are retried with exponential backoff and full
-//! jitter: `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `ABORTED` (waiting at least
-//! the server's `RetryInfo`), `CANCELLED`, and connections that broke before
-//! an answer arrived. Every other error is returned at once:
-//! `INVALID_ARGUMENT` and `FAILED_PRECONDITION` in particular mean the
-//! request must change, and a retry would fail the same way. Attempts and
-//! total time are bounded by the [`RetryPolicy`]. Reads (`get_task`,
-//! `list_tasks`) are retried by the same rules, since repeating them is
-//! always safe.
+//! one task. Transient failures are retried by the rules of
+//! [`retry`](crate::RetryPolicy): exponential backoff with full jitter,
+//! never sooner than the server's `RetryInfo`, and never on
+//! `INVALID_ARGUMENT` or `FAILED_PRECONDITION`, which mean the request must
+//! change. Reads (`get_task`, `list_tasks`, `wait_task`) and `cancel_task`
+//! are retried by the same rules, since repeating them is always safe.
 
 use std::{future::Future, time::Duration};
 
 use tokio::time::Instant;
 use tonic::{
-    Code, Request, Response, Status,
+    Request, Response, Status,
     metadata::{AsciiMetadataValue, MetadataValue},
     transport::Channel,
 };
-use tonic_types::StatusExt;
 
 use crate::{
+    ClientError, RetryPolicy,
     metadata::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED},
     proto::tasks_v1::{
-        CreateTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse, Task,
-        task_service_client::TaskServiceClient,
+        CancelTaskRequest, CreateTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse,
+        Task, TaskStatus, WaitTaskRequest, task_service_client::TaskServiceClient,
     },
+    retry::{attempt_once, backoff, is_transient, proto_duration, with_retries},
 };
 
-/// How hard to try.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// The most attempts, the first included (at least 1).
-    pub max_attempts: u32,
-    /// The backoff ceiling before the second attempt; it doubles each time.
-    pub initial_backoff: Duration,
-    /// The largest backoff ceiling.
-    pub max_backoff: Duration,
-    /// The deadline of one attempt.
-    pub attempt_timeout: Duration,
-    /// The most time all attempts and waits together may take.
-    pub total_timeout: Duration,
-}
+/// The longest wait one WaitTask call may ask the server for.
+pub(crate) const MAX_WAIT_PER_CALL: Duration = Duration::from_secs(60);
 
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            max_attempts: 6,
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(5),
-            attempt_timeout: Duration::from_secs(10),
-            total_timeout: Duration::from_secs(60),
-        }
-    }
-}
+/// The shortest time between two WaitTask calls, should a server answer
+/// before the wait it was asked for ran out: a pause, not a spin.
+const MIN_WAIT_PERIOD: Duration = Duration::from_secs(1);
 
 /// A task the server created, or had created for this key before.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,28 +49,6 @@ pub struct Created {
     pub attempts: u32,
 }
 
-/// Why a call failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// The server address is not a valid URI.
-    #[error("invalid server address {0:?}")]
-    Address(String),
-    /// The idempotency key cannot be sent as metadata.
-    #[error("the idempotency key must be 1 to 255 visible ASCII characters (0x21 to 0x7E)")]
-    InvalidKey,
-    /// The server refused the request; retrying it unchanged cannot help.
-    #[error("the server refused the request: {code:?}: {message}", code = .0.code(), message = .0.message())]
-    Rejected(Status),
-    /// Every attempt failed transiently, or time ran out.
-    #[error("gave up after {attempts} attempts: {code:?}: {message}", code = .last.code(), message = .last.message())]
-    GaveUp {
-        /// Attempts made.
-        attempts: u32,
-        /// The last attempt's error.
-        last: Status,
-    },
-}
-
 /// A TaskService client that retries safely.
 #[derive(Debug, Clone)]
 pub struct OncelyClient {
@@ -100,21 +56,26 @@ pub struct OncelyClient {
     policy: RetryPolicy,
 }
 
+/// A channel to `address` that connects on first use and reconnects by
+/// itself, so a server that is briefly down is just a retry.
+pub(crate) fn lazy_channel(address: impl Into<String>) -> Result<Channel, ClientError> {
+    let address = address.into();
+    Ok(Channel::from_shared(address.clone())
+        .map_err(|_| ClientError::Address(address))?
+        .connect_timeout(Duration::from_secs(5))
+        // Notice a connection that went silent, rather than wait on it.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
 impl OncelyClient {
     /// A client for the server at `address`, such as
     /// `http://127.0.0.1:50051`. It connects on first use and reconnects by
     /// itself, so a server that is briefly down is just a retry.
     pub fn connect(address: impl Into<String>) -> Result<Self, ClientError> {
-        let address = address.into();
-        let channel = Channel::from_shared(address.clone())
-            .map_err(|_| ClientError::Address(address))?
-            .connect_timeout(Duration::from_secs(5))
-            // Notice a connection that went silent, rather than wait on it.
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
-        Ok(Self::new(channel))
+        Ok(Self::new(lazy_channel(address)?))
     }
 
     /// A client over an existing channel.
@@ -210,46 +171,109 @@ impl OncelyClient {
         Ok(response.into_inner())
     }
 
-    /// Runs `attempt` until it succeeds, fails for good, or the policy's
-    /// attempts or time run out. Returns the response and the attempts made.
+    /// Cancels a queued or running task and returns it; a running task's
+    /// worker learns it at its next heartbeat. A finished task is returned
+    /// unchanged, so calling this again is harmless.
+    pub async fn cancel_task(&self, task_id: &str) -> Result<Task, ClientError> {
+        let request = CancelTaskRequest {
+            task_id: task_id.to_owned(),
+        };
+        let (response, _) = self
+            .with_retries("CancelTask", |mut tasks, timeout| {
+                let mut call = Request::new(request.clone());
+                call.set_timeout(timeout);
+                async move { tasks.cancel_task(call).await }
+            })
+            .await?;
+        Ok(response.into_inner())
+    }
+
+    /// Waits until the task is finished (see [`is_finished`]) or `timeout`
+    /// runs out, and returns it as it is then: check its `status`.
+    ///
+    /// Each WaitTask call waits at most 60 s on the server, with a deadline
+    /// the policy's `attempt_timeout` past that; this keeps calling until
+    /// the task is finished or `timeout` has passed, so any `timeout` works.
+    /// A zero `timeout` reads the task without waiting. Transient failures
+    /// are retried within the policy's attempts and total time, counted
+    /// from the first failure in a row.
+    pub async fn wait_task(&self, task_id: &str, timeout: Duration) -> Result<Task, ClientError> {
+        let policy = self.policy;
+        let deadline = Instant::now() + timeout;
+        // Transient failures in a row, and when the first of them ended.
+        let mut failures: Option<(u32, Instant)> = None;
+        loop {
+            let started = Instant::now();
+            let wait = deadline
+                .saturating_duration_since(started)
+                .min(MAX_WAIT_PER_CALL);
+            let status = match self.wait_once(task_id, wait).await {
+                Ok(task) if is_finished(&task) || Instant::now() >= deadline => return Ok(task),
+                Ok(_) => {
+                    failures = None;
+                    let pause = wait.min(MIN_WAIT_PERIOD).saturating_sub(started.elapsed());
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+                Err(status) => status,
+            };
+            if !is_transient(&status) {
+                return Err(ClientError::Rejected(status));
+            }
+            let (attempts, since) = failures.get_or_insert((0, Instant::now()));
+            *attempts += 1;
+            let pause = backoff(&policy, *attempts, &status);
+            if *attempts >= policy.max_attempts.max(1)
+                || Instant::now() + pause >= *since + policy.total_timeout
+            {
+                return Err(ClientError::GaveUp {
+                    attempts: *attempts,
+                    last: status,
+                });
+            }
+            tracing::debug!(method = "WaitTask", attempts, ?pause, code = ?status.code(), "retrying");
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// One WaitTask call for `wait`, or one GetTask when `wait` is zero.
+    async fn wait_once(&self, task_id: &str, wait: Duration) -> Result<Task, Status> {
+        let mut tasks = self.tasks.clone();
+        let task_id = task_id.to_owned();
+        let limit = wait + self.policy.attempt_timeout;
+        if wait.is_zero() {
+            let mut call = Request::new(GetTaskRequest { task_id });
+            call.set_timeout(limit);
+            return attempt_once(limit, tasks.get_task(call)).await;
+        }
+        let mut call = Request::new(WaitTaskRequest {
+            task_id,
+            timeout: Some(proto_duration(wait)),
+        });
+        call.set_timeout(limit);
+        attempt_once(limit, tasks.wait_task(call)).await
+    }
+
     async fn with_retries<T, F, Fut>(
         &self,
         method: &'static str,
-        mut attempt: F,
+        attempt: F,
     ) -> Result<(Response<T>, u32), ClientError>
     where
         F: FnMut(TaskServiceClient<Channel>, Duration) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
-        let policy = self.policy;
-        let deadline = Instant::now() + policy.total_timeout;
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let limit = policy.attempt_timeout.min(remaining);
-            // The gRPC deadline covers the wait for the response headers;
-            // this bounds the whole attempt, body and trailers included.
-            let status = match tokio::time::timeout(limit, attempt(self.tasks.clone(), limit)).await
-            {
-                Ok(Ok(response)) => return Ok((response, attempts)),
-                Ok(Err(status)) => status,
-                Err(_) => Status::deadline_exceeded("the attempt timed out"),
-            };
-            if !is_transient(&status) {
-                return Err(ClientError::Rejected(status));
-            }
-            let wait = backoff(&policy, attempts, &status);
-            if attempts >= policy.max_attempts.max(1) || Instant::now() + wait >= deadline {
-                return Err(ClientError::GaveUp {
-                    attempts,
-                    last: status,
-                });
-            }
-            tracing::debug!(method, attempts, ?wait, code = ?status.code(), "retrying");
-            tokio::time::sleep(wait).await;
-        }
+        with_retries(&self.policy, method, &self.tasks, attempt).await
     }
+}
+
+/// Whether a task is finished: SUCCEEDED, FAILED or CANCELLED. A finished
+/// task never changes again.
+pub fn is_finished(task: &Task) -> bool {
+    matches!(
+        task.status(),
+        TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Cancelled
+    )
 }
 
 /// The key as metadata, if it follows the server's rules for keys.
@@ -261,66 +285,9 @@ fn key_metadata(key: &str) -> Result<AsciiMetadataValue, ClientError> {
     MetadataValue::try_from(key).map_err(|_| ClientError::InvalidKey)
 }
 
-/// Whether a failed attempt may succeed if repeated with the same key.
-pub fn is_transient(status: &Status) -> bool {
-    match status.code() {
-        // CANCELLED: the server gave up on the deadline, or the call was cut;
-        // repeating it with the same key is always safe.
-        Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::Cancelled => true,
-        // A status with a source was made on this side from a transport
-        // error (a connection that broke before the answer arrived), not
-        // sent by the server.
-        Code::Unknown | Code::Internal => std::error::Error::source(status).is_some(),
-        _ => false,
-    }
-}
-
-/// Full jitter: a random wait up to the exponential ceiling, but never less
-/// than the server's `RetryInfo` delay.
-fn backoff(policy: &RetryPolicy, attempts: u32, status: &Status) -> Duration {
-    let exponent = attempts.saturating_sub(1).min(16);
-    let ceiling = policy
-        .initial_backoff
-        .saturating_mul(1 << exponent)
-        .min(policy.max_backoff);
-    let jitter = ceiling.mul_f64(fastrand::f64());
-    let asked = status
-        .get_details_retry_info()
-        .and_then(|info| info.retry_delay)
-        .unwrap_or_default();
-    jitter.max(asked)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tonic_types::ErrorDetails;
-
-    #[test]
-    fn only_transient_codes_are_retried() {
-        assert!(is_transient(&Status::unavailable("down")));
-        assert!(is_transient(&Status::aborted("in progress")));
-        assert!(is_transient(&Status::deadline_exceeded("slow")));
-        assert!(is_transient(&Status::cancelled(
-            "deadline reached on the server"
-        )));
-        assert!(!is_transient(&Status::invalid_argument("bad")));
-        assert!(!is_transient(&Status::failed_precondition("reused")));
-        assert!(!is_transient(&Status::internal("bug")));
-        assert!(!is_transient(&Status::not_found("gone")));
-    }
-
-    #[test]
-    fn backoff_is_bounded_and_honours_retry_info() {
-        let policy = RetryPolicy::default();
-        for attempts in 1..20 {
-            assert!(backoff(&policy, attempts, &Status::unavailable("x")) <= policy.max_backoff);
-        }
-        let mut details = ErrorDetails::new();
-        details.set_retry_info(Some(Duration::from_secs(2)));
-        let status = Status::with_error_details(Code::Aborted, "wait", details);
-        assert!(backoff(&policy, 1, &status) >= Duration::from_secs(2));
-    }
 
     #[test]
     fn keys_the_server_would_refuse_are_refused_before_sending() {
@@ -331,5 +298,19 @@ mod tests {
             key_metadata(&"k".repeat(256)),
             Err(ClientError::InvalidKey)
         ));
+    }
+
+    #[test]
+    fn only_succeeded_failed_and_cancelled_are_finished() {
+        let with = |status: TaskStatus| Task {
+            status: status.into(),
+            ..Task::default()
+        };
+        assert!(is_finished(&with(TaskStatus::Succeeded)));
+        assert!(is_finished(&with(TaskStatus::Failed)));
+        assert!(is_finished(&with(TaskStatus::Cancelled)));
+        assert!(!is_finished(&with(TaskStatus::Queued)));
+        assert!(!is_finished(&with(TaskStatus::Running)));
+        assert!(!is_finished(&with(TaskStatus::Unspecified)));
     }
 }

@@ -1,5 +1,5 @@
 //! The client library for oncely: create tasks exactly once from agents
-//! that retry.
+//! that retry, and perform them in workers.
 //!
 //! An agent makes one logical call with one idempotency key, generated
 //! before the first attempt and sent on every retry; the server creates one
@@ -8,6 +8,7 @@
 //! prost and tokio, and on no database driver.
 //!
 //! ```no_run
+//! use std::time::Duration;
 //! use oncely_client::{OncelyClient, json, proto::tasks_v1::CreateTaskRequest};
 //!
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -20,19 +21,37 @@
 //!     })
 //!     .await?;
 //! println!("task {} (replayed: {})", created.task.task_id, created.replayed);
+//! // Wait up to two minutes for a worker to finish it.
+//! let task = client.wait_task(&created.task.task_id, Duration::from_secs(120)).await?;
+//! println!("status {:?}", task.status());
 //! # Ok(())
 //! # }
 //! ```
 //!
-//! - [`OncelyClient`]: the retrying client ([`RetryPolicy`] bounds it).
+//! A worker leases tasks and runs a handler on each; delivery is at least
+//! once, so the handler keys its side effect by the task id
+//! ([`TaskContext::idempotency_key`]). See [`Worker`].
+//!
+//! - [`OncelyClient`]: the retrying client for agents, `wait_task` and
+//!   `cancel_task` included ([`RetryPolicy`] bounds it).
+//! - [`Worker`]: the lease loop, heartbeats, completion and graceful stop;
+//!   handlers get a [`TaskContext`] and fail with a [`TaskError`].
 //! - [`proto`]: the generated messages and client stubs of every service.
 //! - [`metadata`]: the names of the request and response metadata.
+//! - [`reasons`]: the `ErrorInfo` reasons of the worker calls' refusals.
 //! - [`json`]: `serde_json` values to and from `google.protobuf.Struct`.
 #![forbid(unsafe_code)]
 
 mod client;
+mod error;
 pub mod json;
 pub mod metadata;
 pub mod proto;
+pub mod reasons;
+mod retry;
+pub mod worker;
 
-pub use client::{ClientError, Created, OncelyClient, RetryPolicy, is_transient};
+pub use client::{Created, OncelyClient, is_finished};
+pub use error::ClientError;
+pub use retry::{RetryPolicy, is_transient};
+pub use worker::{CancelHandle, CancelReason, TaskContext, TaskError, Worker, WorkerOptions};
