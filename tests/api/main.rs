@@ -43,3 +43,4 @@ mod reflection;
 mod restart;
 mod support;
 mod worker;
+mod worker_helper;
