@@ -416,6 +416,22 @@ async fn wait_task_returns_the_task_as_it_is_when_its_timeout_runs_out(backend: 
     assert_eq!(task.task_id, created.task_id);
 }
 
+async fn a_wait_ends_before_the_calls_own_deadline(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let created = create(&app).await;
+    let mut request = tonic::Request::new(WaitTaskRequest {
+        task_id: created.task_id.clone(),
+        timeout: Some(seconds(30.0)),
+    });
+    request.set_timeout(Duration::from_secs(1));
+
+    let answer = app.tasks.clone().wait_task(request).await;
+
+    let task = answer.expect("an answer within the deadline, not DEADLINE_EXCEEDED");
+    assert_eq!(task.into_inner().status(), TaskStatus::Queued);
+}
+
 async fn cancelling_stops_queued_and_running_tasks(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
@@ -713,6 +729,7 @@ conformance!(
     a_permanent_failure_ends_the_task_at_once,
     wait_task_returns_when_another_client_completes_the_task,
     wait_task_returns_the_task_as_it_is_when_its_timeout_runs_out,
+    a_wait_ends_before_the_calls_own_deadline,
     cancelling_stops_queued_and_running_tasks,
     a_finished_task_cannot_be_cancelled,
     bad_worker_calls_are_refused_and_change_nothing,
