@@ -202,6 +202,7 @@ impl From<ServeArgs> for Settings {
                 max_attempts: args.max_attempts,
                 backoff_base: args.retry_backoff,
                 backoff_max: args.retry_backoff_max.max(args.retry_backoff),
+                ..QueuePolicy::default()
             },
             max_request_bytes: args.max_request_bytes as usize,
             cleanup_batch_size: i64::from(args.cleanup_batch_size),

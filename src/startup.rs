@@ -133,6 +133,7 @@ async fn serve_with<S: Store>(
     ));
 
     let watcher_abort = watcher.abort_handle();
+    let events = store.events().clone();
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
@@ -141,8 +142,13 @@ async fn serve_with<S: Store>(
         missing_key: settings.missing_key_policy,
         dedup_window: settings.dedup_window,
     };
-    let tasks = TaskServiceServer::new(TaskApi::new(store.clone(), policy, settings.limits))
-        .max_decoding_message_size(settings.max_request_bytes);
+    let tasks = TaskServiceServer::new(TaskApi::new(
+        store.clone(),
+        policy,
+        settings.limits,
+        settings.queue,
+    ))
+    .max_decoding_message_size(settings.max_request_bytes);
     let workers = WorkerServiceServer::new(WorkerApi::new(
         store.clone(),
         settings.queue,
@@ -170,6 +176,8 @@ async fn serve_with<S: Store>(
         .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;
+            // Long polls and waits answer now rather than hold the exit.
+            events.drain();
             watcher_abort.abort();
             health::set_all(reporter.clone(), ServingStatus::NotServing).await;
             health::clear_all(reporter).await;

@@ -60,7 +60,9 @@ pub enum ServiceError {
     #[error("the task was cancelled; stop working on it")]
     TaskCancelled,
     /// The database cannot be reached or is failing.
-    #[error("the service is temporarily unavailable; retry with the same idempotency-key")]
+    #[error(
+        "the service is temporarily unavailable; retry shortly (a CreateTask with the same idempotency-key)"
+    )]
     Unavailable(#[source] StorageError),
     /// A bug or corrupt data.
     #[error("internal error")]

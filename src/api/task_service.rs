@@ -15,7 +15,7 @@ use crate::{
         CancelTaskRequest, CreateTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse,
         Task, WaitTaskRequest, task_service_server::TaskService,
     },
-    queue,
+    queue::{self, QueuePolicy},
     storage::{StorageError, Store},
 };
 
@@ -25,15 +25,18 @@ pub struct TaskApi<S> {
     store: S,
     policy: KeyPolicy,
     limits: Limits,
+    queue: QueuePolicy,
 }
 
 impl<S: Store> TaskApi<S> {
-    /// A service over `store` that remembers requests as `policy` says.
-    pub fn new(store: S, policy: KeyPolicy, limits: Limits) -> Self {
+    /// A service over `store` that remembers requests as `policy` says and
+    /// waits for tasks as `queue` says.
+    pub fn new(store: S, policy: KeyPolicy, limits: Limits, queue: QueuePolicy) -> Self {
         Self {
             store,
             policy,
             limits,
+            queue,
         }
     }
 
@@ -104,7 +107,7 @@ impl<S: Store> TaskApi<S> {
         let query = WaitQuery::parse(request.get_ref()).map_err(ServiceError::InvalidRequest)?;
         let wait = bounded_wait(request.metadata(), query.timeout);
         tracing::Span::current().record("task_id", tracing::field::display(query.task_id));
-        let task = queue::wait_task(&self.store, query.task_id.0, wait)
+        let task = queue::wait_task(&self.store, query.task_id.0, wait, self.queue.recheck)
             .await
             .map_err(|e| ServiceError::from_queue(e, query.task_id))?;
         Ok(Done::Ok(task.to_task()))

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{QueuePolicy, RECHECK};
+use super::QueuePolicy;
 use crate::{
     domain::{LeaseQuery, TaskRecord},
     storage::{LeaseOrder, StorageError, Store},
@@ -12,9 +12,9 @@ use crate::{
 
 /// Leases up to `query.max_tasks` tasks. When none is available, waits up
 /// to `wait` for one: woken when a task is created or queued again, and
-/// re-reading at least every [`RECHECK`] (for backoffs and leases that run
+/// re-reading at least every `policy.recheck` (for backoffs and leases that run
 /// out, and wake-ups that were lost). Returns the leases, or none when the
-/// wait ran out.
+/// wait ran out or the server began to shut down.
 pub async fn lease_tasks<S: Store>(
     store: &S,
     query: &LeaseQuery,
@@ -37,9 +37,9 @@ pub async fn lease_tasks<S: Store>(
 
         let leased = store.lease_tasks(&order).await?;
         let left = until.saturating_duration_since(Instant::now());
-        if !leased.is_empty() || left.is_zero() {
+        if !leased.is_empty() || left.is_zero() || store.events().is_draining() {
             return Ok(leased);
         }
-        let _ = tokio::time::timeout(left.min(RECHECK), ready).await;
+        let _ = tokio::time::timeout(left.min(policy.recheck), ready).await;
     }
 }

@@ -20,10 +20,6 @@ pub use lease::lease_tasks;
 pub use settle::{cancel_task, complete_task, fail_task, renew_lease};
 pub use wait::wait_task;
 
-/// How often a waiter re-reads the database even without a wake-up, in
-/// case one was lost.
-pub const RECHECK: Duration = Duration::from_secs(1);
-
 /// How the queue treats tasks; from configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct QueuePolicy {
@@ -36,6 +32,11 @@ pub struct QueuePolicy {
     pub backoff_base: Duration,
     /// The largest backoff ceiling.
     pub backoff_max: Duration,
+    /// How often a long poll or WaitTask re-reads the database without a
+    /// wake-up: to notice backoffs and leases that ran out, and in case a
+    /// wake-up was lost. One second; tests lengthen it to prove that the
+    /// wake-ups work on their own.
+    pub recheck: Duration,
 }
 
 impl Default for QueuePolicy {
@@ -45,6 +46,7 @@ impl Default for QueuePolicy {
             max_attempts: 5,
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(600),
+            recheck: Duration::from_secs(1),
         }
     }
 }

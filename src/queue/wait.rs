@@ -5,16 +5,18 @@ use std::time::Duration;
 use tokio::{sync::broadcast::error::RecvError, time::Instant};
 use uuid::Uuid;
 
-use super::{QueueError, RECHECK, Refusal};
+use super::{QueueError, Refusal};
 use crate::{domain::TaskRecord, storage::Store};
 
-/// Returns the task as soon as it is finished, or after `wait` as it is
-/// then. Woken when a task finishes on any instance; re-reads at least
-/// every [`RECHECK`] in case a wake-up was lost.
+/// Returns the task as soon as it is finished, or after `wait` (or when the
+/// server begins to shut down) as it is then. Woken when a task finishes on
+/// any instance; re-reads at least every `recheck` in case a wake-up was
+/// lost.
 pub async fn wait_task<S: Store>(
     store: &S,
     task_id: Uuid,
     wait: Duration,
+    recheck: Duration,
 ) -> Result<TaskRecord, QueueError> {
     let until = Instant::now() + wait;
     // Subscribe before reading, so a finish in between is not missed.
@@ -25,10 +27,10 @@ pub async fn wait_task<S: Store>(
             .await?
             .ok_or(QueueError::Refused(Refusal::NotFound))?;
         let left = until.saturating_duration_since(Instant::now());
-        if task.is_finished() || left.is_zero() {
+        if task.is_finished() || left.is_zero() || store.events().is_draining() {
             return Ok(task);
         }
-        let recheck = Instant::now() + left.min(RECHECK);
+        let recheck = Instant::now() + left.min(recheck);
         loop {
             match tokio::time::timeout_at(recheck, finished.recv()).await {
                 // Time to re-read.

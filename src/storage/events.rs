@@ -5,7 +5,10 @@
 //! waiter re-reads the database after each one, and at least once a second
 //! anyway, so a lost wake-up costs a second, not a result.
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
 
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
@@ -19,6 +22,8 @@ const FINISHED_BUFFER: usize = 1024;
 pub struct TaskEvents {
     ready: Arc<Notify>,
     finished: broadcast::Sender<Uuid>,
+    /// Set when the server begins to shut down: waiters answer at once.
+    draining: Arc<AtomicBool>,
 }
 
 impl Default for TaskEvents {
@@ -26,6 +31,7 @@ impl Default for TaskEvents {
         Self {
             ready: Arc::new(Notify::new()),
             finished: broadcast::channel(FINISHED_BUFFER).0,
+            draining: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -47,6 +53,18 @@ impl TaskEvents {
     pub fn anything(&self) {
         self.task_ready();
         let _ = self.finished.send(Uuid::nil());
+    }
+
+    /// The server is shutting down: every waiter answers now with what it
+    /// has, so long polls do not hold the shutdown for their whole wait.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.anything();
+    }
+
+    /// Whether [`drain`](Self::drain) was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 
     /// The signal of [`task_ready`](Self::task_ready). Create the future

@@ -127,6 +127,24 @@ async fn cancel(app: &TestApp, task_id: &str) -> Result<Task, Status> {
         .map(|r| r.into_inner())
 }
 
+/// The answer of a long poll or wait (of 20 s or more) that something
+/// should have woken: a liveness check, not a measurement. Without the
+/// wake-up it would answer only when its own wait ran out.
+async fn woken<T>(call: tokio::task::JoinHandle<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("woken by the change, not left to wait out its time")
+        .expect("join")
+}
+
+/// A server whose waiters re-read the database only once a minute, so a
+/// test passes only if the wake-ups themselves work.
+async fn spawn_without_rechecks(db: &TestDb) -> TestApp {
+    let mut settings = test_settings(&db.url);
+    settings.queue.recheck = Duration::from_secs(60);
+    TestApp::spawn_with(settings).await
+}
+
 async fn create(app: &TestApp) -> Task {
     app.create(Some(&new_key()), email_request())
         .await
@@ -191,7 +209,7 @@ async fn racing_workers_complete_every_task_exactly_once(backend: Backend) {
 
 async fn a_long_poll_answers_as_soon_as_a_task_is_created(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let app = Arc::new(TestApp::spawn(&db).await);
+    let app = Arc::new(spawn_without_rechecks(&db).await);
     let polling = {
         let app = app.clone();
         tokio::spawn(async move { lease(&app, 1, 30.0, 20.0).await })
@@ -200,7 +218,7 @@ async fn a_long_poll_answers_as_soon_as_a_task_is_created(backend: Backend) {
 
     let created = create(&app).await;
 
-    let leases = polling.await.expect("poll");
+    let leases = woken(polling).await;
     assert_eq!(leases.len(), 1);
     assert_eq!(task_id(&leases[0]), created.task_id);
     let task = leases[0].task.as_ref().expect("task");
@@ -308,19 +326,126 @@ async fn a_retryable_failure_is_leased_again_after_its_backoff(backend: Backend)
     assert_eq!(again.task.as_ref().expect("task").attempt, 2);
 }
 
-async fn the_server_backoff_applies_when_the_worker_names_no_delay(backend: Backend) {
+async fn the_server_backoff_is_random_up_to_a_doubling_capped_ceiling(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
-    settings.queue.backoff_base = Duration::from_millis(200);
+    settings.queue.backoff_base = Duration::from_secs(100);
+    settings.queue.backoff_max = Duration::from_secs(150);
     let app = TestApp::spawn_with(settings).await;
+    const TASKS: usize = 30;
+    let mut tasks = Vec::new();
+    for _ in 0..TASKS {
+        tasks.push(create(&app).await.task_id);
+    }
+
+    // Attempt 1 fails with the server's backoff: up to 100 s.
+    let mut first_delays = Vec::new();
+    for leased in lease(&app, TASKS as i32, 30.0, 0.0).await {
+        fail(&app, &leased, false, None).await.expect("fail");
+        first_delays.push(db.seconds_until_leasable(&task_id(&leased)).await);
+    }
+    // Attempt 2 fails the same way: up to 2 x 100 s, capped at 150 s.
+    db.make_leasable_now().await;
+    let mut second_delays = Vec::new();
+    for leased in lease(&app, TASKS as i32, 30.0, 0.0).await {
+        assert_eq!(leased.task.as_ref().expect("task").attempt, 2);
+        fail(&app, &leased, false, None).await.expect("fail");
+        second_delays.push(db.seconds_until_leasable(&task_id(&leased)).await);
+    }
+
+    assert_eq!((first_delays.len(), second_delays.len()), (TASKS, TASKS));
+    let longest = |d: &[f64]| d.iter().copied().fold(0.0, f64::max);
+    assert!(
+        first_delays.iter().all(|d| (0.0..=100.5).contains(d)),
+        "{first_delays:?}"
+    );
+    assert!(
+        second_delays.iter().all(|d| (0.0..=150.5).contains(d)),
+        "{second_delays:?}"
+    );
+    // Full jitter: with 30 draws each, the longest is past half the
+    // ceiling (and the second ceiling is past the first) but for odds of
+    // about one in a million.
+    assert!(longest(&first_delays) > 50.0, "{first_delays:?}");
+    assert!(longest(&second_delays) > 100.0, "{second_delays:?}");
+}
+
+async fn a_task_failed_without_delay_wakes_a_waiting_worker(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = Arc::new(spawn_without_rechecks(&db).await);
     create(&app).await;
     let leased = lease_one(&app).await;
+    let polling = {
+        let app = app.clone();
+        tokio::spawn(async move { lease(&app, 1, 30.0, 20.0).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let failed = fail(&app, &leased, false, None).await.expect("fail");
+    fail(&app, &leased, false, Some(0.0)).await.expect("fail");
 
-    assert_eq!(failed.status(), TaskStatus::Queued);
-    let again = lease(&app, 1, 30.0, 10.0).await;
-    assert_eq!(again.len(), 1, "leasable again once the backoff is over");
+    let again = woken(polling).await;
+    assert_eq!(again.len(), 1, "the waiting worker was woken");
+    assert_eq!(task_id(&again[0]), task_id(&leased));
+}
+
+async fn a_task_failed_for_its_last_lease_does_not_take_a_place_in_the_poll(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut settings = test_settings(&db.url);
+    settings.queue.max_attempts = 1;
+    let app = TestApp::spawn_with(settings).await;
+    let abandoned = create(&app).await;
+    lease(&app, 1, 1.0, 0.0).await.remove(0);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let waiting = create(&app).await;
+
+    let leases = lease(&app, 1, 30.0, 0.0).await;
+
+    assert_eq!(leases.len(), 1, "the queued task, past the abandoned one");
+    assert_eq!(task_id(&leases[0]), waiting.task_id);
+    assert_eq!(
+        get(&app, &abandoned.task_id).await.status(),
+        TaskStatus::Failed
+    );
+}
+
+async fn shutting_down_answers_long_polls_at_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut command = std::process::Command::new(crate::support::BINARY);
+    command
+        .env("DATABASE_URL", &db.url)
+        .env("SHUTDOWN_GRACE", "30s")
+        .env("RUST_LOG", "warn");
+    let addr = format!("127.0.0.1:{}", crate::support::free_port());
+    let mut server = crate::support::BinaryServer::spawn(command, addr).await;
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
+        .expect("address")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = WorkerServiceClient::new(channel);
+    let long_poll = tokio::spawn(async move {
+        client
+            .lease_tasks(LeaseTasksRequest {
+                worker_id: "w".into(),
+                wait: Some(seconds(60.0)),
+                ..Default::default()
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    server.terminate();
+
+    let answer = tokio::time::timeout(Duration::from_secs(15), long_poll)
+        .await
+        .expect("answered at shutdown, not held for the grace period")
+        .expect("join")
+        .expect("an answer, not a cut connection");
+    assert!(answer.into_inner().leases.is_empty());
+    assert_eq!(
+        server.wait_for_exit(Duration::from_secs(15)).code(),
+        Some(0)
+    );
 }
 
 async fn the_last_allowed_attempt_ends_the_task_failed(backend: Backend) {
@@ -383,7 +508,7 @@ async fn a_permanent_failure_ends_the_task_at_once(backend: Backend) {
 
 async fn wait_task_returns_when_another_client_completes_the_task(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let app = Arc::new(TestApp::spawn(&db).await);
+    let app = Arc::new(spawn_without_rechecks(&db).await);
     let created = create(&app).await;
     let waiting = {
         let app = app.clone();
@@ -397,7 +522,7 @@ async fn wait_task_returns_when_another_client_completes_the_task(backend: Backe
         .await
         .expect("complete");
 
-    let done = waiting.await.expect("join").expect("wait");
+    let done = woken(waiting).await.expect("wait");
     assert_eq!(done.status(), TaskStatus::Succeeded);
     assert_eq!(
         done.result,
@@ -671,8 +796,8 @@ async fn a_worker_killed_mid_lease_has_its_task_finished_by_another(backend: Bac
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn workers_and_waiters_on_two_instances_see_each_others_tasks() {
     let db = TestDb::new(Backend::Postgres).await;
-    let front = Arc::new(TestApp::spawn(&db).await);
-    let back = Arc::new(TestApp::spawn(&db).await);
+    let front = Arc::new(spawn_without_rechecks(&db).await);
+    let back = Arc::new(spawn_without_rechecks(&db).await);
     let polling = {
         let back = back.clone();
         tokio::spawn(async move { lease(&back, 1, 30.0, 20.0).await })
@@ -685,13 +810,13 @@ async fn workers_and_waiters_on_two_instances_see_each_others_tasks() {
         let id = created.task_id.clone();
         tokio::spawn(async move { wait(&front, &id, 30.0).await })
     };
-    let leased = polling.await.expect("poll").remove(0);
+    let leased = woken(polling).await.remove(0);
     complete(&back, &leased, json!({"sent": true}))
         .await
         .expect("complete on the other instance");
 
     assert_eq!(task_id(&leased), created.task_id);
-    let done = waiting.await.expect("join").expect("wait");
+    let done = woken(waiting).await.expect("wait");
     assert_eq!(done.status(), TaskStatus::Succeeded);
 }
 
@@ -723,7 +848,10 @@ conformance!(
     renewing_a_lease_extends_it,
     a_repeated_completion_returns_the_same_task,
     a_retryable_failure_is_leased_again_after_its_backoff,
-    the_server_backoff_applies_when_the_worker_names_no_delay,
+    the_server_backoff_is_random_up_to_a_doubling_capped_ceiling,
+    a_task_failed_without_delay_wakes_a_waiting_worker,
+    a_task_failed_for_its_last_lease_does_not_take_a_place_in_the_poll,
+    shutting_down_answers_long_polls_at_once,
     the_last_allowed_attempt_ends_the_task_failed,
     leases_that_keep_expiring_end_the_task_failed,
     a_permanent_failure_ends_the_task_at_once,

@@ -27,9 +27,17 @@ impl Drop for Listening {
 /// Starts listening on a connection of `pool`'s database.
 pub(super) fn start(pool: PgPool, events: TaskEvents) -> Listening {
     Listening(tokio::spawn(async move {
+        // Warn once per outage: without notifications, waiters fall back on
+        // re-reading every second, which works but costs latency.
+        let mut warned = false;
         loop {
-            if let Err(error) = listen(&pool, &events).await {
-                tracing::debug!(%error, "task notifications interrupted; listening again shortly");
+            match listen(&pool, &events, &mut warned).await {
+                Err(error) if !warned => {
+                    tracing::warn!(%error, "cannot listen for task notifications; waiters re-read every second until it works");
+                    warned = true;
+                }
+                Err(error) => tracing::debug!(%error, "still cannot listen for task notifications"),
+                Ok(()) => {}
             }
             tokio::time::sleep(RETRY).await;
         }
@@ -37,9 +45,12 @@ pub(super) fn start(pool: PgPool, events: TaskEvents) -> Listening {
 }
 
 /// Listens until the connection fails for good.
-async fn listen(pool: &PgPool, events: &TaskEvents) -> Result<(), sqlx::Error> {
+async fn listen(pool: &PgPool, events: &TaskEvents, warned: &mut bool) -> Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener.listen(CHANNEL).await?;
+    if std::mem::take(warned) {
+        tracing::info!("listening for task notifications again");
+    }
     // Whatever happened while nobody listened, re-read it.
     events.anything();
     loop {

@@ -161,7 +161,20 @@ impl Store for PgStore {
 
     #[tracing::instrument(skip_all)]
     async fn lease_tasks(&self, order: &LeaseOrder<'_>) -> Result<Vec<TaskRecord>, StorageError> {
-        queries::lease_tasks(&self.pool, order).await
+        let mut leased = Vec::new();
+        loop {
+            let wanted = LeaseOrder {
+                max_tasks: order.max_tasks - leased.len() as i64,
+                ..*order
+            };
+            let done = queries::lease_tasks(&self.pool, &wanted).await?;
+            leased.extend(done.leased);
+            // Tasks ended FAILED took places of the limit: pick again, so a
+            // poll is not answered empty while others wait.
+            if done.failed == 0 || leased.len() as i64 >= order.max_tasks {
+                return Ok(leased);
+            }
+        }
     }
 
     #[tracing::instrument(skip_all)]

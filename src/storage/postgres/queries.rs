@@ -199,6 +199,16 @@ pub async fn ping(db: impl PgExecutor<'_>) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// What one lease statement did.
+#[derive(Debug, Default)]
+pub struct Leased {
+    /// The leased tasks, RUNNING, oldest first.
+    pub leased: Vec<TaskRecord>,
+    /// How many picked tasks it ended FAILED instead (their last allowed
+    /// lease had run out); they took places of the limit.
+    pub failed: usize,
+}
+
 /// Leases up to `order.max_tasks` available tasks in one statement: a CTE
 /// picks the oldest `FOR UPDATE SKIP LOCKED` (so the limit holds and no
 /// caller waits on another's rows), and the update leases exactly those.
@@ -208,7 +218,7 @@ pub async fn ping(db: impl PgExecutor<'_>) -> Result<(), StorageError> {
 pub async fn lease_tasks(
     db: impl PgExecutor<'_>,
     order: &LeaseOrder<'_>,
-) -> Result<Vec<TaskRecord>, StorageError> {
+) -> Result<Leased, StorageError> {
     let rows = sqlx::query(concat!(
         "WITH picked AS ( \
              SELECT task_id FROM tasks \
@@ -248,14 +258,16 @@ pub async fn lease_tasks(
     .bind(expired_message_template(order.max_attempts))
     .fetch_all(db)
     .await?;
-    let mut leased = Vec::with_capacity(rows.len());
+    let mut done = Leased::default();
     for row in &rows {
         let task = task_record(row)?;
         if task.status == 2 {
-            leased.push(task);
+            done.leased.push(task);
+        } else {
+            done.failed += 1;
         }
     }
-    Ok(leased)
+    Ok(done)
 }
 
 /// Extends a lease that is still the task's current one.

@@ -318,6 +318,29 @@ pub async fn lease_in_transaction(
     sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut *connection)
         .await?;
+    let mut done = Leased::default();
+    // Tasks ended FAILED take places of the limit: pick again while any
+    // were, so a poll is not answered empty while others wait.
+    loop {
+        let failed_before = done.failed.len();
+        let wanted = order.max_tasks - done.leased.len() as i64;
+        lease_some(connection, order, wanted, &mut done).await?;
+        if done.failed.len() == failed_before || done.leased.len() as i64 >= order.max_tasks {
+            break;
+        }
+    }
+    sqlx::query("COMMIT").execute(&mut *connection).await?;
+    Ok(done)
+}
+
+/// One pick and lease of up to `wanted` tasks, inside the caller's
+/// transaction.
+async fn lease_some(
+    connection: &mut SqliteConnection,
+    order: &LeaseRow,
+    wanted: i64,
+    done: &mut Leased,
+) -> Result<(), StorageError> {
     let picked: Vec<(String, i64, i32)> = sqlx::query_as(concat!(
         "SELECT task_id, status, attempt FROM tasks \
          WHERE status IN (1, 2) AND available_at <= ",
@@ -326,10 +349,9 @@ pub async fn lease_in_transaction(
          ORDER BY available_at, seq LIMIT ?2"
     ))
     .bind(&order.actions)
-    .bind(order.max_tasks)
+    .bind(wanted)
     .fetch_all(&mut *connection)
     .await?;
-    let mut done = Leased::default();
     for (task_id, status, attempt) in picked {
         if status == 2 && attempt >= order.max_attempts {
             sqlx::query(concat!(
@@ -364,8 +386,7 @@ pub async fn lease_in_transaction(
         .await?;
         done.leased.push(task_record(&row)?);
     }
-    sqlx::query("COMMIT").execute(&mut *connection).await?;
-    Ok(done)
+    Ok(())
 }
 
 /// Extends a lease that is still the task's current one.

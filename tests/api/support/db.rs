@@ -311,6 +311,36 @@ impl TestDb {
         .expect("count tasks")
     }
 
+    /// Seconds from the task's last change until it may be leased again
+    /// (its backoff, or what is left of its lease).
+    pub(crate) async fn seconds_until_leasable(&self, task_id: &str) -> f64 {
+        match &self.pool {
+            Pool::Postgres { pool, .. } => sqlx::query_scalar(
+                "SELECT extract(epoch FROM available_at - update_time)::float8 \
+                 FROM tasks WHERE task_id = $1::uuid",
+            )
+            .bind(task_id)
+            .fetch_one(pool)
+            .await
+            .expect("read the task"),
+            Pool::Sqlite { pool, .. } => sqlx::query_scalar(
+                "SELECT (available_at - update_time) / 1000000.0 FROM tasks WHERE task_id = $1",
+            )
+            .bind(task_id)
+            .fetch_one(pool)
+            .await
+            .expect("read the task"),
+        }
+    }
+
+    /// Ends every backoff and lease: all queued and running tasks may be
+    /// leased at once.
+    pub(crate) async fn make_leasable_now(&self) {
+        let sql = "UPDATE tasks SET available_at = create_time WHERE status IN (1, 2)";
+        on_pool!(self, |pool| sqlx::query(sql).execute(pool).await.map(drop))
+            .expect("end backoffs");
+    }
+
     /// Every stored key.
     pub(crate) async fn keys(&self) -> Vec<String> {
         let sql = "SELECT key FROM idempotency_keys ORDER BY key";
