@@ -159,6 +159,7 @@ class StandInClient:
         self.calls: list[tuple[Any, ...]] = []
         self.lock = threading.Lock()
         self.lease_calls: list[dict[str, Any]] = []
+        self.renew_timeouts: list[float | None] = []
 
     def lease_tasks(self, worker_id: str, actions: Iterable[str] = (), **options: Any) -> list[Lease]:
         with self.lock:
@@ -168,9 +169,10 @@ class StandInClient:
         time.sleep(0.01)
         return []
 
-    def renew_lease(self, lease: Lease, lease_duration: float | None = None) -> Lease:
+    def renew_lease(self, lease: Lease, lease_duration: float | None = None, *, timeout: float | None = None) -> Lease:
         with self.lock:
             self.calls.append(("renew", lease.task.task_id, lease_duration))
+            self.renew_timeouts.append(timeout)
         if self.renew_error is not None:
             raise self.renew_error
         return lease
@@ -252,6 +254,8 @@ def test_the_worker_renews_while_the_handler_runs() -> None:
     renewals = [call for call in client.calls if call[0] == "renew"]
     assert 2 <= len(renewals) <= 4
     assert all(call == ("renew", TASK_ID, 1.0) for call in renewals)
+    # Each renewal retries only until the next beat, never past the lease.
+    assert all(timeout == heartbeat_interval(1.0) for timeout in client.renew_timeouts)
     assert outcomes(client) == [("complete", TASK_ID, None)]
 
 

@@ -378,7 +378,9 @@ class Client:
         )
         return [Lease.from_proto(lease) for lease in response.leases]
 
-    def renew_lease(self, lease: Lease, lease_duration: float | None = None) -> Lease:
+    def renew_lease(
+        self, lease: Lease, lease_duration: float | None = None, *, timeout: float | None = None
+    ) -> Lease:
         """Extends a lease from now: the heartbeat of a worker still working
         on the task. Returns the renewed lease (use it, or keep using its
         token, for the later calls). Transient failures are retried.
@@ -388,6 +390,9 @@ class Client:
                 earlier renewal.
             lease_duration: How long from now the lease lasts, in seconds (1
                 to 3600); None means the server's default (30 s).
+            timeout: The most seconds all attempts may take, instead of the
+                policy's total time: a heartbeat retries only until the next
+                one is due, so an outage cannot hold it past the lease.
 
         Raises:
             Rejected: ``FAILED_PRECONDITION`` with reason ``TASK_CANCELLED``
@@ -400,7 +405,12 @@ class Client:
         request = worker_pb2.RenewLeaseRequest(task_id=lease.task.task_id, lease_token=lease.lease_token)
         if lease_duration is not None:
             request.lease_duration.CopyFrom(to_duration(lease_duration, "lease_duration"))
-        renewed, _, _ = self._call(self._worker_stub.RenewLease, request)
+        renewed, _, _ = self._call(
+            self._worker_stub.RenewLease,
+            request,
+            attempt_timeout=None if timeout is None else min(self._policy.attempt_timeout, timeout),
+            total_timeout=timeout,
+        )
         return Lease.from_proto(renewed)
 
     def complete_task(self, lease: Lease, result: Mapping[str, Any] | None = None) -> Task:

@@ -244,7 +244,9 @@ class Worker:
         while not done.wait(interval):
             lease = current[0]
             try:
-                current[0] = self.client.renew_lease(lease, self.lease_duration)
+                # Retried only until the next beat is due, never past the
+                # lease, so the handler's outcome is not held back by it.
+                current[0] = self.client.renew_lease(lease, self.lease_duration, timeout=interval)
             except OncelyError as error:
                 if is_lost(error):
                     logger.warning(
