@@ -29,6 +29,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(false)
         .build_server(true)
         .extern_path(".tasks.v1", "::oncely_client::proto::tasks_v1")
+        // Undecodable requests are the caller's error, not oncely's.
+        .codec_path("crate::codec::OncelyCodec")
         .compile_fds(fds)?;
     Ok(())
 }

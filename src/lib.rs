@@ -16,7 +16,8 @@
 //!   for PostgreSQL and for the embedded SQLite store.
 //! - [`domain`]: validated requests and stored tasks, shared by the layers
 //!   above; no I/O.
-//! - [`proto`]: the API's types, shared with the `oncely-client` crate.
+//! - [`proto`]: the API's types, shared with the `oncely-client` crate, and
+//!   [`codec`], the wire codec of the server's stubs.
 //!
 //! Around them: [`config`] (flags and environment), [`startup`] (wiring and
 //! serving), [`health`] (database-backed health), [`cleanup_cmd`] (the
@@ -26,6 +27,7 @@
 
 pub mod api;
 pub mod cleanup_cmd;
+pub mod codec;
 pub mod config;
 pub mod domain;
 pub mod health;

@@ -9,7 +9,7 @@ use tonic_health::ServingStatus;
 use tower::Layer;
 
 use crate::{
-    api::{AdminApi, RequireIdempotencyKeyLayer, TaskApi, WorkerApi},
+    api::{AdminApi, RequireIdempotencyKeyLayer, RewriteOversizeLayer, TaskApi, WorkerApi},
     config::Settings,
     health,
     idempotency::KeyPolicy,
@@ -168,6 +168,7 @@ async fn serve_with<S: Store>(
     // (and endless streams such as Health/Watch) may hold the exit.
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()
+        .layer(RewriteOversizeLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -13,6 +13,7 @@ use std::{
 /// modules of a lower layer.
 const LAYERS: &[(&str, u8)] = &[
     ("proto", 0),
+    ("codec", 0),
     ("telemetry", 0),
     ("domain", 1),
     ("storage", 2),

@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// The `domain` of every `ErrorInfo` oncely returns.
-pub const ERROR_DOMAIN: &str = "oncely";
+pub const ERROR_DOMAIN: &str = reasons::DOMAIN;
 
 /// How long a caller is asked to wait before retrying a request whose key is
 /// still in use.

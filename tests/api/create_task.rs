@@ -8,6 +8,8 @@ use prost_types::{Struct, Value, value::Kind};
 use serde_json::json;
 use tonic::{Code, metadata::MetadataValue};
 
+use tonic_health::pb::health_check_response::ServingStatus;
+
 use crate::support::{
     CREATE_TASK_PATH, TestApp, TestDb, assert_status, email_request, keyed, new_key, replayed,
     request, test_settings, violated_fields,
@@ -305,11 +307,16 @@ async fn requests_over_the_size_limits_are_refused_and_the_server_keeps_serving(
     );
     assert_eq!(violated_fields(&status), ["parameters"]);
     let huge_message = request("agent-7", "send_email", json!({"body": "x".repeat(5000)}));
-    let status = app
-        .create(Some(&key), huge_message)
-        .await
-        .expect_err("too large");
-    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    let status = assert_status(
+        app.create(Some(&key), huge_message).await,
+        Code::ResourceExhausted,
+        Some("REQUEST_TOO_LARGE"),
+    );
+    assert!(
+        status.message().contains("4096 bytes"),
+        "{}",
+        status.message()
+    );
 
     assert_eq!(db.count("idempotency_keys").await, 0);
     app.create(Some(&key), email_request())
@@ -361,6 +368,65 @@ async fn caller_input_in_errors_is_cut_to_a_short_prefix(backend: Backend) {
     );
     assert!(status.message().len() < 500, "{}", status.message());
     assert_eq!(db.count("idempotency_keys").await, 0);
+}
+
+/// `depth` nested `Struct`s in a CreateTaskRequest's `parameters`, encoded
+/// by hand: deeper than prost will decode.
+fn deeply_nested_request(depth: usize) -> Vec<u8> {
+    fn length_delimited(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        prost::encoding::encode_varint(body.len() as u64, &mut out);
+        out.extend_from_slice(body);
+        out
+    }
+    // A Struct holding {"a": value}: fields (1) = entry { key (1), value (2) }.
+    let holding = |value: &[u8]| {
+        let mut entry = length_delimited(0x0a, b"a");
+        entry.extend(length_delimited(0x12, value));
+        length_delimited(0x0a, &entry)
+    };
+    // Value { struct_value (5) }, starting from an empty Struct.
+    let mut value = length_delimited(0x2a, b"");
+    for _ in 0..depth {
+        value = length_delimited(0x2a, &holding(&value));
+    }
+    let mut request = length_delimited(0x0a, b"agent-7");
+    request.extend(length_delimited(0x12, b"send_email"));
+    request.extend(length_delimited(0x1a, &holding(&value)));
+    request
+}
+
+async fn undecodable_requests_are_invalid_arguments_and_the_server_keeps_serving(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let mut not_utf8 = vec![0x0a, 0x02, 0xff, 0xfe];
+    not_utf8.extend([0x12, 0x01, b'x']);
+
+    for (what, body) in [
+        ("garbage", vec![0xff, 0xff, 0xff, 0xff]),
+        ("a truncated field", vec![0x0a, 0x10, b'a']),
+        ("a string that is not UTF-8", not_utf8),
+        (
+            "nesting past the decoder's limit",
+            deeply_nested_request(120),
+        ),
+    ] {
+        let status = assert_status(
+            app.raw_call(CREATE_TASK_PATH, Some(&new_key()), body).await,
+            Code::InvalidArgument,
+            Some("UNDECODABLE_REQUEST"),
+        );
+        assert!(status.message().len() < 500, "{what}: {}", status.message());
+    }
+
+    assert_eq!(db.count("idempotency_keys").await, 0);
+    assert_eq!(
+        app.health("").await.expect("health"),
+        ServingStatus::Serving
+    );
+    app.create(Some(&new_key()), email_request())
+        .await
+        .expect("still serving");
 }
 
 async fn a_request_without_parameters_is_the_same_as_empty_parameters(backend: Backend) {
@@ -453,6 +519,7 @@ conformance!(
     invalid_requests_name_the_field_and_leave_the_key_unused,
     requests_over_the_size_limits_are_refused_and_the_server_keeps_serving,
     caller_input_in_errors_is_cut_to_a_short_prefix,
+    undecodable_requests_are_invalid_arguments_and_the_server_keeps_serving,
     a_request_without_parameters_is_the_same_as_empty_parameters,
     get_and_list_ignore_the_key,
 );

@@ -1,6 +1,7 @@
-//! The `ErrorInfo` reasons of the worker calls' refusals (all with code
-//! `FAILED_PRECONDITION`), as the server sends them in the status details;
-//! read them with `tonic_types::StatusExt::get_details_error_info`.
+//! The `ErrorInfo` domain and reasons oncely sends in its status details
+//! (read them with `tonic_types::StatusExt::get_details_error_info`): those
+//! of the worker calls' refusals (all `FAILED_PRECONDITION`), and those of
+//! requests the server cannot take at all.
 
 /// The lease's token is no longer the task's current one: the lease ran out
 /// and the task went to another worker, or this worker already reported it.
@@ -11,3 +12,13 @@ pub const TASK_CANCELLED: &str = "TASK_CANCELLED";
 
 /// The task is already finished (SUCCEEDED or FAILED).
 pub const TASK_FINISHED: &str = "TASK_FINISHED";
+
+/// The `domain` of every `ErrorInfo` oncely sends.
+pub const DOMAIN: &str = "oncely";
+
+/// The request's bytes are not a valid message of the method's type
+/// (`INVALID_ARGUMENT`).
+pub const UNDECODABLE_REQUEST: &str = "UNDECODABLE_REQUEST";
+
+/// The request is larger than the server accepts (`RESOURCE_EXHAUSTED`).
+pub const REQUEST_TOO_LARGE: &str = "REQUEST_TOO_LARGE";

@@ -1,0 +1,102 @@
+//! The codec of the server's stubs: prost, except that a request whose
+//! bytes are not a valid message answers `INVALID_ARGUMENT` (reason
+//! `UNDECODABLE_REQUEST`) rather than prost's `INTERNAL`, which oncely keeps
+//! for its own bugs. `build.rs` names this codec for every server stub.
+
+use std::{collections::HashMap, marker::PhantomData};
+
+use oncely_client::reasons;
+use prost::Message;
+use tonic::{
+    Code, Status,
+    codec::{Codec, DecodeBuf, Decoder},
+};
+use tonic_prost::{ProstDecoder, ProstEncoder};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// Prost encoding, with decode errors that blame the request.
+#[derive(Debug, Clone)]
+pub struct OncelyCodec<T, U> {
+    _types: PhantomData<(T, U)>,
+}
+
+impl<T, U> Default for OncelyCodec<T, U> {
+    fn default() -> Self {
+        Self {
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<T, U> Codec for OncelyCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = RequestDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::new(Default::default())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RequestDecoder(ProstDecoder::default())
+    }
+}
+
+/// Prost's decoder with its error turned into the caller's.
+#[derive(Debug)]
+pub struct RequestDecoder<U>(ProstDecoder<U>);
+
+impl<U: Message + Default> Decoder for RequestDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        self.0.decode(buf).map_err(|status| {
+            let message = format!(
+                "the request is not a valid protobuf message for this method ({}); send the method's request type",
+                innermost(status.message())
+            );
+            let details = ErrorDetails::with_error_info(
+                reasons::UNDECODABLE_REQUEST,
+                reasons::DOMAIN,
+                HashMap::<String, String>::new(),
+            );
+            Status::with_error_details(Code::InvalidArgument, message, details)
+        })
+    }
+
+    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+        self.0.buffer_settings()
+    }
+}
+
+/// The end of prost's message: the field where decoding failed and why.
+/// Prost names every enclosing field before it, so the whole message grows
+/// with the nesting of the input; this part does not.
+fn innermost(message: &str) -> &str {
+    match message.rmatch_indices(": ").nth(1) {
+        Some((at, _)) => &message[at + 2..],
+        None => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_failing_field_and_the_reason_are_kept() {
+        assert_eq!(
+            innermost(
+                "failed to decode Protobuf message: Struct.fields: Value.kind: CreateTaskRequest.parameters: recursion limit reached"
+            ),
+            "CreateTaskRequest.parameters: recursion limit reached"
+        );
+        assert_eq!(innermost("buffer underflow"), "buffer underflow");
+    }
+}
