@@ -21,6 +21,27 @@ pub struct CleanupArgs {
     /// Give up after this long.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// An admin API key, when the server requires keys.
+    #[arg(long, env = "ONCELY_API_KEY", hide_env_values = true)]
+    pub api_key: Option<ApiKey>,
+}
+
+/// An API key given on the command line; its `Debug` form hides it.
+#[derive(Clone)]
+pub struct ApiKey(String);
+
+impl std::str::FromStr for ApiKey {
+    type Err = std::convert::Infallible;
+
+    fn from_str(token: &str) -> Result<Self, Self::Err> {
+        Ok(Self(token.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(***)")
+    }
 }
 
 /// Why cleanup failed.
@@ -41,6 +62,9 @@ pub enum CleanupError {
     /// The server answered with an error.
     #[error("the server refused: {code:?}: {message}", code = .0.code(), message = .0.message())]
     Rpc(tonic::Status),
+    /// The API key cannot be sent as metadata.
+    #[error("the API key is not valid metadata; pass the token `oncely keys create` printed")]
+    ApiKey,
     /// No answer within the timeout.
     #[error("no answer within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
@@ -65,12 +89,18 @@ pub async fn run(args: &CleanupArgs) -> Result<i64, CleanupError> {
                 server: server.clone(),
                 source,
             })?;
-        let request = CleanupRequest {
+        let mut request = tonic::Request::new(CleanupRequest {
             older_than: args.older_than.map(|d| prost_types::Duration {
                 seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
                 nanos: d.subsec_nanos() as i32,
             }),
-        };
+        });
+        if let Some(ApiKey(key)) = &args.api_key {
+            let value = format!("Bearer {key}")
+                .parse()
+                .map_err(|_| CleanupError::ApiKey)?;
+            request.metadata_mut().insert("authorization", value);
+        }
         AdminClient::new(channel)
             .cleanup(request)
             .await

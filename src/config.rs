@@ -5,9 +5,16 @@ use std::{net::SocketAddr, time::Duration};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    cleanup_cmd::CleanupArgs, domain::Limits, idempotency::MissingKeyPolicy, queue::QueuePolicy,
-    storage::DatabaseSettings,
+    auth::AuthMode, cleanup_cmd::CleanupArgs, domain::Limits, idempotency::MissingKeyPolicy,
+    keys_cmd::KeysArgs, queue::QueuePolicy, storage::DatabaseSettings,
 };
+
+/// Parses an [`AuthMode`] from its name, listing the names in `--help`.
+fn auth_mode() -> impl clap::builder::TypedValueParser<Value = AuthMode> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(AuthMode::NAMES)
+        .try_map(|name| name.parse::<AuthMode>())
+}
 
 /// Parses a [`MissingKeyPolicy`] from its name, listing the names in `--help`.
 fn missing_key_policy() -> impl clap::builder::TypedValueParser<Value = MissingKeyPolicy> {
@@ -39,6 +46,8 @@ pub enum Command {
     Serve,
     /// Ask a running server to delete expired idempotency records (for cron).
     Cleanup(CleanupArgs),
+    /// Create, list and revoke API keys, in the database of DATABASE_URL.
+    Keys(KeysArgs),
 }
 
 /// The server's flags; each can also be set by the environment variable
@@ -104,6 +113,14 @@ pub struct ServeArgs {
     /// The longest retry backoff.
     #[arg(long, env = "RETRY_BACKOFF_MAX", default_value = "10m", value_parser = positive_duration)]
     pub retry_backoff_max: Duration,
+    /// Whether calls need an API key: auto (as soon as a key exists; until
+    /// then only a loopback address is served), required, or disabled.
+    #[arg(long, env = "AUTH", value_parser = auth_mode(), default_value = "auto")]
+    pub auth: AuthMode,
+    /// How often the server reloads the API keys, so that a created or
+    /// revoked key takes effect on every instance.
+    #[arg(long, env = "KEY_REFRESH_INTERVAL", default_value = "2s", value_parser = positive_duration)]
+    pub key_refresh_interval: Duration,
     /// How long shutdown waits for in-flight requests before exiting anyway.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = positive_duration)]
     pub shutdown_grace: Duration,
@@ -170,6 +187,10 @@ pub struct Settings {
     pub limits: Limits,
     /// Leases, attempts and retries.
     pub queue: QueuePolicy,
+    /// Whether calls need an API key.
+    pub auth: AuthMode,
+    /// How often the API keys are reloaded.
+    pub key_refresh_interval: Duration,
     /// The largest request message, in bytes.
     pub max_request_bytes: usize,
     /// Cleanup's batch size.
@@ -204,6 +225,8 @@ impl From<ServeArgs> for Settings {
                 backoff_max: args.retry_backoff_max.max(args.retry_backoff),
                 ..QueuePolicy::default()
             },
+            auth: args.auth,
+            key_refresh_interval: args.key_refresh_interval,
             max_request_bytes: args.max_request_bytes as usize,
             cleanup_batch_size: i64::from(args.cleanup_batch_size),
             health_check_interval: args.health_check_interval,

@@ -12,6 +12,7 @@
 //!   replay / refuse decision (`create.rs`).
 //! - [`queue`]: the task lifecycle after creation: leases, completion,
 //!   failure, cancellation, and waiting for a result.
+//! - [`auth`]: API keys and the key ring calls are checked against.
 //! - [`storage`]: every SQL statement, behind the [`storage::Store`] trait,
 //!   for PostgreSQL and for the embedded SQLite store.
 //! - [`domain`]: validated requests and stored tasks, shared by the layers
@@ -21,17 +22,20 @@
 //!
 //! Around them: [`config`] (flags and environment), [`startup`] (wiring and
 //! serving), [`health`] (database-backed health), [`cleanup_cmd`] (the
-//! `cleanup` subcommand for cron) and [`telemetry`] (logs). The retrying
+//! `cleanup` subcommand for cron), [`keys_cmd`] (the `keys` subcommand for
+//! API keys) and [`telemetry`] (logs). The retrying
 //! client for agents is the separate `oncely-client` crate.
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod cleanup_cmd;
 pub mod codec;
 pub mod config;
 pub mod domain;
 pub mod health;
 pub mod idempotency;
+pub mod keys_cmd;
 pub mod proto;
 pub mod queue;
 pub mod startup;

@@ -2,8 +2,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use oncely::{
-    cleanup_cmd,
+    Settings, cleanup_cmd,
     config::{Cli, Command},
+    keys_cmd,
     telemetry::chain,
 };
 
@@ -19,6 +20,20 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Some(Command::Keys(args)) => {
+            let settings = Settings::from(cli.serve);
+            match keys_cmd::run(&settings.database, &args).await {
+                Ok(printed) => {
+                    print!("{}", printed.stdout);
+                    eprint!("{}", printed.stderr);
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("oncely keys: failed: {}", chain(&error));
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some(Command::Cleanup(args)) => match cleanup_cmd::run(&args).await {
             Ok(deleted) => {
                 let scope = match args.older_than {

@@ -9,7 +9,11 @@ use tonic_health::ServingStatus;
 use tower::Layer;
 
 use crate::{
-    api::{AdminApi, RequireIdempotencyKeyLayer, RewriteOversizeLayer, TaskApi, WorkerApi},
+    api::{
+        AdminApi, RequireApiKeyLayer, RequireIdempotencyKeyLayer, RewriteOversizeLayer, TaskApi,
+        WorkerApi,
+    },
+    auth::{AuthMode, KeyRing},
     config::Settings,
     health,
     idempotency::KeyPolicy,
@@ -20,7 +24,7 @@ use crate::{
             worker_service_server::WorkerServiceServer,
         },
     },
-    storage::{PgStore, SqliteStore, StorageError, Store, redact_url},
+    storage::{Backend, PgStore, SqliteStore, StorageError, Store, redact_url},
 };
 
 /// Why the server could not start or stopped with an error.
@@ -44,6 +48,17 @@ pub enum StartupError {
         #[source]
         source: StorageError,
     },
+    /// No API key exists and the address is not a loopback one.
+    #[error(
+        "refusing to serve on {addr} without API keys: anyone who can reach it could call every method. Create a key first (`oncely keys create --name admin --role admin`, then agent and worker keys), or listen on a loopback address, or set AUTH=disabled if the network is trusted"
+    )]
+    Unprotected {
+        /// The address.
+        addr: std::net::SocketAddr,
+    },
+    /// The API keys could not be read.
+    #[error("cannot read the API keys")]
+    Keys(#[source] StorageError),
     /// The database URL names no known store.
     #[error("DATABASE_URL {0:?} names no store oncely knows; use postgres://... or sqlite://PATH")]
     UnknownDatabase(String),
@@ -62,27 +77,6 @@ pub async fn run(settings: Settings) -> Result<(), StartupError> {
         .await
         .map_err(|source| StartupError::Bind { addr, source })?;
     serve(listener, settings, shutdown_signal()).await
-}
-
-/// Which store a database URL names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    /// `postgres://` or `postgresql://`.
-    Postgres,
-    /// `sqlite:`, the embedded store.
-    Sqlite,
-}
-
-impl Backend {
-    /// The backend for `url`, by its scheme.
-    pub fn of_url(url: &str) -> Option<Self> {
-        let scheme = url.split(':').next()?.to_ascii_lowercase();
-        match scheme.as_str() {
-            "postgres" | "postgresql" => Some(Self::Postgres),
-            "sqlite" => Some(Self::Sqlite),
-            _ => None,
-        }
-    }
 }
 
 /// Serves on an already-bound listener until `shutdown` completes; then
@@ -123,6 +117,12 @@ async fn serve_with<S: Store>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartupError> {
     tracing::info!(store = %store.describe(), "database ready");
+
+    let ring = KeyRing::load(&store, settings.auth)
+        .await
+        .map_err(StartupError::Keys)?;
+    check_protection(&ring, settings.auth, listener.local_addr().ok())?;
+    let key_refresher = ring.refresh(store.clone(), settings.key_refresh_interval);
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::set_all(reporter.clone(), ServingStatus::NotServing).await;
@@ -168,7 +168,11 @@ async fn serve_with<S: Store>(
     // (and endless streams such as Health/Watch) may hold the exit.
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()
-        .layer(RewriteOversizeLayer)
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(RewriteOversizeLayer)
+                .layer(RequireApiKeyLayer::new(ring)),
+        )
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -201,8 +205,40 @@ async fn serve_with<S: Store>(
         }
     };
     watcher.abort();
+    key_refresher.abort();
     result?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Like Redis's protected mode: with no key and no explicit setting, the
+/// server serves only a loopback address. Logs what the setting means.
+fn check_protection(
+    ring: &KeyRing,
+    mode: AuthMode,
+    addr: Option<std::net::SocketAddr>,
+) -> Result<(), StartupError> {
+    match mode {
+        AuthMode::Disabled => {
+            tracing::warn!(
+                "AUTH=disabled: every call is let in without an API key; only for a trusted network"
+            );
+        }
+        AuthMode::Required if !ring.any_key() => {
+            tracing::warn!(
+                "AUTH=required and no API key exists: every call but health and reflection is refused until one is created (`oncely keys create`)"
+            );
+        }
+        AuthMode::Auto if !ring.any_key() => match addr {
+            Some(addr) if !addr.ip().is_loopback() => {
+                return Err(StartupError::Unprotected { addr });
+            }
+            _ => tracing::info!(
+                "no API key exists: serving without authentication on a loopback address; calls need keys as soon as one is created"
+            ),
+        },
+        _ => tracing::info!("calls need an API key"),
+    }
     Ok(())
 }
 

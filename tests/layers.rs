@@ -19,9 +19,11 @@ const LAYERS: &[(&str, u8)] = &[
     ("storage", 2),
     ("idempotency", 3),
     ("queue", 3),
+    ("auth", 3),
     ("api", 4),
     ("health", 4),
     ("cleanup_cmd", 4),
+    ("keys_cmd", 4),
     ("config", 5),
     ("startup", 6),
 ];

@@ -45,9 +45,15 @@ pub enum ServiceError {
         "a request with this idempotency-key is still in progress; retry with the same key shortly"
     )]
     InProgress,
-    /// The thing asked for does not exist.
+    /// The thing asked for does not exist (or is not the caller's to see).
     #[error("{0}")]
     NotFound(String),
+    /// No valid API key.
+    #[error("{0}")]
+    Unauthenticated(#[from] crate::auth::AuthError),
+    /// The key's role or scope does not allow the call.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The lease shown is not the task's current one.
     #[error(
         "this lease is no longer the task's current one (it expired and the task was leased again, or the token is not the latest); stop working on the task"
@@ -85,6 +91,8 @@ impl ServiceError {
             Self::KeyReused => "mismatch",
             Self::InProgress => "in_progress",
             Self::NotFound(_) => "not_found",
+            Self::Unauthenticated(_) => "unauthenticated",
+            Self::PermissionDenied(_) => "permission_denied",
             Self::LeaseLost => "lease_lost",
             Self::TaskFinished => "finished",
             Self::TaskCancelled => "cancelled",
@@ -159,6 +167,14 @@ impl From<ServiceError> for Status {
                 Status::with_error_details(Code::Aborted, message, details)
             }
             ServiceError::NotFound(_) => Status::not_found(message),
+            ServiceError::Unauthenticated(_) => {
+                Status::with_error_details(Code::Unauthenticated, message, info("API_KEY_INVALID"))
+            }
+            ServiceError::PermissionDenied(_) => Status::with_error_details(
+                Code::PermissionDenied,
+                message,
+                info("PERMISSION_DENIED"),
+            ),
             ServiceError::LeaseLost => Status::with_error_details(
                 Code::FailedPrecondition,
                 message,

@@ -3,6 +3,7 @@
 //! is logged and its response metadata attached.
 
 mod admin_service;
+mod auth_layer;
 mod deadline;
 mod error;
 mod key_layer;
@@ -12,6 +13,7 @@ mod task_service;
 mod worker_service;
 
 pub use admin_service::AdminApi;
+pub use auth_layer::{RequireApiKey, RequireApiKeyLayer};
 pub use error::{ERROR_DOMAIN, IN_PROGRESS_RETRY_DELAY, ServiceError};
 pub use key_layer::{RequireIdempotencyKey, RequireIdempotencyKeyLayer};
 pub use oncely_client::metadata::{IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_SOURCE, IDEMPOTENT_REPLAYED};

@@ -9,7 +9,9 @@ use super::{
     reply::{Done, finish},
 };
 use crate::{
-    domain::{Limits, ListQuery, NewTask, PageToken, TaskId, WaitQuery},
+    domain::{
+        Limits, ListQuery, NewTask, PageToken, Principal, TaskId, TaskRecord, WaitQuery, echo,
+    },
     idempotency::{self, IdempotencyKey, KeyPolicy, KeySource, MissingKeyPolicy, Outcome},
     proto::tasks_v1::{
         CancelTaskRequest, CreateTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse,
@@ -43,6 +45,7 @@ impl<S: Store> TaskApi<S> {
     async fn create(
         &self,
         source: KeySource<'_>,
+        caller: Option<&Principal>,
         request: CreateTaskRequest,
     ) -> Result<Done<Task>, ServiceError> {
         if source == KeySource::Fingerprint && self.policy.missing_key == MissingKeyPolicy::Reject {
@@ -51,8 +54,21 @@ impl<S: Store> TaskApi<S> {
         let task = NewTask::parse(request, &self.limits).map_err(ServiceError::InvalidRequest)?;
         let span = tracing::Span::current();
         span.record("agent_id", task.agent_id.as_str());
+        if let Some(caller) = caller.filter(|c| !c.may_act_for(&task.agent_id)) {
+            return Err(ServiceError::PermissionDenied(format!(
+                "the key {:?} may not create tasks for agent {}; it acts for {:?}",
+                caller.name,
+                echo(&task.agent_id),
+                caller.agent_ids
+            )));
+        }
 
-        let done = match idempotency::create_task(&self.store, source, &task, &self.policy).await? {
+        // Each caller's keys are its own: the same key from two callers
+        // names two records.
+        let owner = caller.map(|c| c.name.as_str());
+        let done = match idempotency::create_task(&self.store, source, owner, &task, &self.policy)
+            .await?
+        {
             Outcome::Created(task) => Done::Created(task),
             Outcome::Replayed(bytes) => Done::Replayed(
                 Task::decode(bytes.as_slice())
@@ -67,19 +83,44 @@ impl<S: Store> TaskApi<S> {
         Ok(done)
     }
 
-    async fn get(&self, request: GetTaskRequest) -> Result<Done<Task>, ServiceError> {
+    async fn get(
+        &self,
+        caller: Option<&Principal>,
+        request: GetTaskRequest,
+    ) -> Result<Done<Task>, ServiceError> {
         let task_id = TaskId::parse(&request).map_err(ServiceError::InvalidRequest)?;
-        let record = self.store.get_task(task_id.0).await?;
-        let record =
-            record.ok_or_else(|| ServiceError::NotFound(format!("no task has id {task_id}")))?;
-        Ok(Done::Ok(record.to_task()))
+        Ok(Done::Ok(
+            self.visible_task(caller, task_id).await?.to_task(),
+        ))
+    }
+
+    /// The task, if it exists and the caller may see it: another agent's
+    /// task is answered as one that does not exist, so existence does not
+    /// leak.
+    async fn visible_task(
+        &self,
+        caller: Option<&Principal>,
+        task_id: TaskId,
+    ) -> Result<TaskRecord, ServiceError> {
+        self.store
+            .get_task(task_id.0)
+            .await?
+            .filter(|task| caller.is_none_or(|c| c.may_act_for(&task.agent_id)))
+            .ok_or_else(|| ServiceError::NotFound(format!("no task has id {task_id}")))
     }
 
     async fn list(
         &self,
+        caller: Option<&Principal>,
         request: ListTasksRequest,
     ) -> Result<Done<ListTasksResponse>, ServiceError> {
         let query = ListQuery::parse(request).map_err(ServiceError::InvalidRequest)?;
+        if caller.is_some_and(|c| !c.may_act_for(&query.agent_id)) {
+            return Err(ServiceError::NotFound(format!(
+                "no tasks of agent {} are visible to this key",
+                echo(&query.agent_id)
+            )));
+        }
         // One extra row tells whether another page follows.
         let limit = i64::try_from(query.page_size + 1).unwrap_or(i64::MAX);
         let mut records = self
@@ -107,15 +148,22 @@ impl<S: Store> TaskApi<S> {
         let query = WaitQuery::parse(request.get_ref()).map_err(ServiceError::InvalidRequest)?;
         let wait = bounded_wait(request.metadata(), query.timeout);
         tracing::Span::current().record("task_id", tracing::field::display(query.task_id));
+        self.visible_task(request.extensions().get::<Principal>(), query.task_id)
+            .await?;
         let task = queue::wait_task(&self.store, query.task_id.0, wait, self.queue.recheck)
             .await
             .map_err(|e| ServiceError::from_queue(e, query.task_id))?;
         Ok(Done::Ok(task.to_task()))
     }
 
-    async fn cancel(&self, request: CancelTaskRequest) -> Result<Done<Task>, ServiceError> {
+    async fn cancel(
+        &self,
+        caller: Option<&Principal>,
+        request: CancelTaskRequest,
+    ) -> Result<Done<Task>, ServiceError> {
         let task_id = TaskId::parse_cancel(&request).map_err(ServiceError::InvalidRequest)?;
         tracing::Span::current().record("task_id", tracing::field::display(task_id));
+        self.visible_task(caller, task_id).await?;
         let task = queue::cancel_task(&self.store, task_id.0)
             .await
             .map_err(|e| ServiceError::from_queue(e, task_id))?;
@@ -137,19 +185,22 @@ impl<S: Store> TaskService for TaskApi<S> {
         // The key layer puts a valid key there, or none when the policy lets
         // keyless requests through.
         let key = request.extensions().get::<IdempotencyKey>().cloned();
+        let caller = request.extensions().get::<Principal>().cloned();
         let source = key
             .as_ref()
             .map_or(KeySource::Fingerprint, KeySource::Header);
         tracing::Span::current().record("key_source", source.as_str());
         finish(
-            self.create(source, request.into_inner()).await,
+            self.create(source, caller.as_ref(), request.into_inner())
+                .await,
             Some(source),
         )
     }
 
     #[tracing::instrument(name = "GetTask", skip_all, fields(rpc.method = "GetTask", outcome))]
     async fn get_task(&self, request: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
-        finish(self.get(request.into_inner()).await, None)
+        let caller = request.extensions().get::<Principal>().cloned();
+        finish(self.get(caller.as_ref(), request.into_inner()).await, None)
     }
 
     #[tracing::instrument(name = "WaitTask", skip_all, fields(rpc.method = "WaitTask", outcome, task_id))]
@@ -162,7 +213,11 @@ impl<S: Store> TaskService for TaskApi<S> {
         &self,
         request: Request<CancelTaskRequest>,
     ) -> Result<Response<Task>, Status> {
-        finish(self.cancel(request.into_inner()).await, None)
+        let caller = request.extensions().get::<Principal>().cloned();
+        finish(
+            self.cancel(caller.as_ref(), request.into_inner()).await,
+            None,
+        )
     }
 
     #[tracing::instrument(name = "ListTasks", skip_all, fields(rpc.method = "ListTasks", outcome))]
@@ -170,6 +225,7 @@ impl<S: Store> TaskService for TaskApi<S> {
         &self,
         request: Request<ListTasksRequest>,
     ) -> Result<Response<ListTasksResponse>, Status> {
-        finish(self.list(request.into_inner()).await, None)
+        let caller = request.extensions().get::<Principal>().cloned();
+        finish(self.list(caller.as_ref(), request.into_inner()).await, None)
     }
 }

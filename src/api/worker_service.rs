@@ -9,8 +9,8 @@ use super::{
 };
 use crate::{
     domain::{
-        Completion, Failure, LeaseQuery, Limits, Renewal, TaskId, TaskRecord, timestamp,
-        violation::echo_segment,
+        Completion, Failure, LeaseQuery, Limits, Principal, Renewal, Role, TaskId, TaskRecord,
+        echo, timestamp, violation::echo_segment,
     },
     proto::tasks_v1::{
         CompleteTaskRequest, FailTaskRequest, Lease, LeaseTasksRequest, LeaseTasksResponse,
@@ -44,8 +44,11 @@ impl<S: Store> WorkerApi<S> {
         request: Request<LeaseTasksRequest>,
     ) -> Result<Done<LeaseTasksResponse>, ServiceError> {
         let wait_cap = |wanted| bounded_wait(request.metadata(), wanted);
-        let query = LeaseQuery::parse(request.get_ref().clone(), self.policy.default_lease)
+        let mut query = LeaseQuery::parse(request.get_ref().clone(), self.policy.default_lease)
             .map_err(ServiceError::InvalidRequest)?;
+        if let Some(caller) = request.extensions().get::<Principal>() {
+            scope_actions(caller, &mut query)?;
+        }
         let wait = wait_cap(query.wait);
         let span = tracing::Span::current();
         span.record("worker_id", echo_segment(&query.worker_id).as_str());
@@ -56,37 +59,90 @@ impl<S: Store> WorkerApi<S> {
         }))
     }
 
-    async fn renew(&self, request: RenewLeaseRequest) -> Result<Done<Lease>, ServiceError> {
+    /// Refuses a call about a task whose action the caller does not
+    /// perform, as if the task did not exist.
+    async fn check_scope(
+        &self,
+        caller: Option<&Principal>,
+        task_id: TaskId,
+    ) -> Result<(), ServiceError> {
+        let Some(caller) = caller.filter(|c| c.role == Role::Worker && !c.actions.is_empty())
+        else {
+            return Ok(());
+        };
+        match self.store.get_task(task_id.0).await? {
+            Some(task) if caller.may_perform(&task.action) => Ok(()),
+            _ => Err(ServiceError::NotFound(format!("no task has id {task_id}"))),
+        }
+    }
+
+    async fn renew(
+        &self,
+        caller: Option<&Principal>,
+        request: RenewLeaseRequest,
+    ) -> Result<Done<Lease>, ServiceError> {
         let renewal = Renewal::parse(&request, self.policy.default_lease)
             .map_err(ServiceError::InvalidRequest)?;
         let task_id = renewal.lease.task_id;
         record_task(task_id);
+        self.check_scope(caller, task_id).await?;
         let task = queue::renew_lease(&self.store, &renewal)
             .await
             .map_err(|e| ServiceError::from_queue(e, task_id))?;
         Ok(Done::Ok(lease(&task)))
     }
 
-    async fn complete(&self, request: CompleteTaskRequest) -> Result<Done<Task>, ServiceError> {
+    async fn complete(
+        &self,
+        caller: Option<&Principal>,
+        request: CompleteTaskRequest,
+    ) -> Result<Done<Task>, ServiceError> {
         let completion =
             Completion::parse(&request, &self.limits).map_err(ServiceError::InvalidRequest)?;
         let task_id = completion.lease.task_id;
         record_task(task_id);
+        self.check_scope(caller, task_id).await?;
         let task = queue::complete_task(&self.store, &completion)
             .await
             .map_err(|e| ServiceError::from_queue(e, task_id))?;
         Ok(Done::Ok(task.to_task()))
     }
 
-    async fn fail(&self, request: FailTaskRequest) -> Result<Done<Task>, ServiceError> {
+    async fn fail(
+        &self,
+        caller: Option<&Principal>,
+        request: FailTaskRequest,
+    ) -> Result<Done<Task>, ServiceError> {
         let failure = Failure::parse(&request).map_err(ServiceError::InvalidRequest)?;
         let task_id = failure.lease.task_id;
         record_task(task_id);
+        self.check_scope(caller, task_id).await?;
         let task = queue::fail_task(&self.store, &failure, &self.policy)
             .await
             .map_err(|e| ServiceError::from_queue(e, task_id))?;
         tracing::Span::current().record("status", task.status);
         Ok(Done::Ok(task.to_task()))
+    }
+}
+
+/// Narrows a lease request to the actions a worker key performs: none asked
+/// means the key's actions; asking for another is refused.
+fn scope_actions(caller: &Principal, query: &mut LeaseQuery) -> Result<(), ServiceError> {
+    if caller.role != Role::Worker || caller.actions.is_empty() {
+        return Ok(());
+    }
+    if query.actions.is_empty() {
+        query.actions = caller.actions.clone();
+        return Ok(());
+    }
+    match query.actions.iter().find(|a| !caller.may_perform(a)) {
+        Some(action) => Err(ServiceError::PermissionDenied(format!(
+            "the key {:?} may not perform {}; it performs {:?}",
+            caller.name,
+            echo(action),
+            caller.actions
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -122,7 +178,11 @@ impl<S: Store> WorkerService for WorkerApi<S> {
         &self,
         request: Request<RenewLeaseRequest>,
     ) -> Result<Response<Lease>, Status> {
-        finish(self.renew(request.into_inner()).await, None)
+        let caller = request.extensions().get::<Principal>().cloned();
+        finish(
+            self.renew(caller.as_ref(), request.into_inner()).await,
+            None,
+        )
     }
 
     #[tracing::instrument(
@@ -134,11 +194,16 @@ impl<S: Store> WorkerService for WorkerApi<S> {
         &self,
         request: Request<CompleteTaskRequest>,
     ) -> Result<Response<Task>, Status> {
-        finish(self.complete(request.into_inner()).await, None)
+        let caller = request.extensions().get::<Principal>().cloned();
+        finish(
+            self.complete(caller.as_ref(), request.into_inner()).await,
+            None,
+        )
     }
 
     #[tracing::instrument(name = "FailTask", skip_all, fields(rpc.method = "FailTask", outcome, task_id, status))]
     async fn fail_task(&self, request: Request<FailTaskRequest>) -> Result<Response<Task>, Status> {
-        finish(self.fail(request.into_inner()).await, None)
+        let caller = request.extensions().get::<Principal>().cloned();
+        finish(self.fail(caller.as_ref(), request.into_inner()).await, None)
     }
 }

@@ -8,6 +8,7 @@
 //! - [`requests`]: the arguments of GetTask, ListTasks, WaitTask and
 //!   Cleanup, parsed.
 //! - [`worker`]: the arguments of the WorkerService calls, parsed.
+//! - [`principal`]: who calls: an API key's name, role and scope.
 //! - [`violation`]: what a refusal says about a field, and how much of the
 //!   caller's input it may echo.
 //! - [`canonical_json`]: the canonical form (RFC 8785) that is stored and
@@ -15,12 +16,14 @@
 
 pub mod canonical_json;
 pub mod parameters;
+pub mod principal;
 pub mod requests;
 pub mod task;
 pub mod violation;
 pub mod worker;
 
 pub use parameters::{Limits, MAX_PARAMETERS_DEPTH};
+pub use principal::{ApiKeyRecord, Principal, Role};
 pub use requests::{CleanupQuery, ListQuery, PageToken, TaskId, WaitQuery};
 pub use task::{MAX_NAME_BYTES, NewTask, TaskRecord, is_finished, timestamp};
 pub use violation::{FieldViolation, echo};

@@ -53,20 +53,35 @@ pub struct ClaimTarget {
 }
 
 impl ClaimTarget {
-    /// The record for `task` sent with `source`: the client's key within the
-    /// retention, or (keyless) the fingerprint within the dedup window.
-    pub fn new(source: KeySource<'_>, task: &NewTask, policy: &KeyPolicy) -> Self {
+    /// The record for `task` sent with `source` by `owner` (the caller's
+    /// API key name, when calls are authenticated): the client's key within
+    /// the retention, or (keyless) the fingerprint within the dedup window.
+    ///
+    /// An owner's records are its own: the stored key is `"<owner> <key>"`.
+    /// Keys are visible ASCII without spaces and owner names have none, so
+    /// no key of one caller can name another's record, nor an
+    /// unauthenticated one.
+    pub fn new(
+        source: KeySource<'_>,
+        owner: Option<&str>,
+        task: &NewTask,
+        policy: &KeyPolicy,
+    ) -> Self {
         let fingerprint = Fingerprint::of_new_task(CREATE_TASK_SCOPE, task);
+        let owned = |key: &str| match owner {
+            Some(owner) => format!("{owner} {key}"),
+            None => key.to_owned(),
+        };
         match source {
             KeySource::Header(key) => Self {
                 scope: CREATE_TASK_SCOPE,
-                key: key.as_str().to_owned(),
+                key: owned(key.as_str()),
                 fingerprint,
                 retention: policy.retention,
             },
             KeySource::Fingerprint => Self {
                 scope: KEYLESS_CREATE_TASK_SCOPE,
-                key: fingerprint.to_hex(),
+                key: owned(&fingerprint.to_hex()),
                 fingerprint,
                 retention: policy.dedup_window,
             },
@@ -133,10 +148,11 @@ impl Creation {
 pub async fn create_task<S: Store>(
     store: &S,
     source: KeySource<'_>,
+    owner: Option<&str>,
     task: &NewTask,
     policy: &KeyPolicy,
 ) -> Result<Outcome, StorageError> {
-    let target = ClaimTarget::new(source, task, policy);
+    let target = ClaimTarget::new(source, owner, task, policy);
     for _ in 0..MAX_CLAIM_ATTEMPTS {
         let lookup = store
             .find_key(target.scope, &target.key, target.retention)

@@ -22,11 +22,11 @@ use uuid::Uuid;
 pub use error::StorageError;
 pub use events::TaskEvents;
 pub use postgres::PgStore;
-pub use settings::{DatabaseSettings, redact_url};
+pub use settings::{Backend, DatabaseSettings, redact_url};
 pub use sqlite::SqliteStore;
 
 use crate::{
-    domain::{Completion, Failure, LeaseRef, NewTask, TaskRecord},
+    domain::{ApiKeyRecord, Completion, Failure, LeaseRef, NewTask, TaskRecord},
     proto::tasks_v1::TaskStatus,
 };
 
@@ -162,6 +162,20 @@ pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
         &self,
         task_id: Uuid,
     ) -> impl Future<Output = Result<Option<TaskRecord>, StorageError>> + Send;
+
+    /// Every API key, revoked ones included, oldest first.
+    fn api_keys(&self) -> impl Future<Output = Result<Vec<ApiKeyRecord>, StorageError>> + Send;
+
+    /// Stores a new API key; `false` when a key of that name exists.
+    fn insert_api_key(
+        &self,
+        key: &ApiKeyRecord,
+    ) -> impl Future<Output = Result<bool, StorageError>> + Send;
+
+    /// Revokes the key named `name`; `false` when there is no such key or it
+    /// was revoked before.
+    fn revoke_api_key(&self, name: &str)
+    -> impl Future<Output = Result<bool, StorageError>> + Send;
 }
 
 /// What a worker asks to lease.
@@ -250,6 +264,19 @@ pub enum ClaimOutcome {
     Claimed,
     /// A live record for the key already exists; nothing was written.
     AlreadyClaimed,
+}
+
+/// A key's role as stored.
+fn role(name: &str) -> Result<crate::domain::Role, StorageError> {
+    name.parse()
+        .map_err(|e| StorageError::Corrupt(format!("api key role: {e}")))
+}
+
+/// A key's token hash as stored.
+fn token_hash(bytes: Vec<u8>) -> Result<[u8; 32], StorageError> {
+    bytes
+        .try_into()
+        .map_err(|_| StorageError::Corrupt("an api key's token hash is not 32 bytes".into()))
 }
 
 /// A stored JSON document that must be an object.

@@ -3,6 +3,27 @@
 
 use std::{fmt, time::Duration};
 
+/// Which store a database URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `postgres://` or `postgresql://`.
+    Postgres,
+    /// `sqlite:`, the embedded store.
+    Sqlite,
+}
+
+impl Backend {
+    /// The backend for `url`, by its scheme.
+    pub fn of_url(url: &str) -> Option<Self> {
+        let scheme = url.split(':').next()?.to_ascii_lowercase();
+        match scheme.as_str() {
+            "postgres" | "postgresql" => Some(Self::Postgres),
+            "sqlite" => Some(Self::Sqlite),
+            _ => None,
+        }
+    }
+}
+
 /// How to reach the database and how to use it.
 #[derive(Clone)]
 pub struct DatabaseSettings {

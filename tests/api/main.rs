@@ -28,6 +28,7 @@ macro_rules! conformance {
     };
 }
 
+mod auth;
 mod cancellation;
 mod cleanup;
 mod client;

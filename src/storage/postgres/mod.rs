@@ -19,7 +19,7 @@ use super::{
     ClaimOutcome, DatabaseSettings, KeyLookup, LeaseOrder, NewKeyedTask, RetryRule, StorageError,
     Store, TaskEvents, redact_url,
 };
-use crate::domain::{Completion, Failure, LeaseRef, TaskRecord};
+use crate::domain::{ApiKeyRecord, Completion, Failure, LeaseRef, TaskRecord};
 
 /// The PostgreSQL-backed store: a connection pool and the statements.
 #[derive(Debug, Clone)]
@@ -206,5 +206,17 @@ impl Store for PgStore {
     #[tracing::instrument(skip_all)]
     async fn cancel_task(&self, task_id: Uuid) -> Result<Option<TaskRecord>, StorageError> {
         queries::cancel_task(&self.pool, task_id).await
+    }
+
+    async fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StorageError> {
+        queries::api_keys(&self.pool).await
+    }
+
+    async fn insert_api_key(&self, key: &ApiKeyRecord) -> Result<bool, StorageError> {
+        queries::insert_api_key(&self.pool, key).await
+    }
+
+    async fn revoke_api_key(&self, name: &str) -> Result<bool, StorageError> {
+        queries::revoke_api_key(&self.pool, name).await
     }
 }

@@ -27,7 +27,7 @@ use super::{
     ClaimOutcome, DatabaseSettings, KeyLookup, LeaseOrder, NewKeyedTask, RetryRule, StorageError,
     Store, TaskEvents,
 };
-use crate::domain::{Completion, Failure, LeaseRef, TaskRecord};
+use crate::domain::{ApiKeyRecord, Completion, Failure, LeaseRef, TaskRecord};
 
 /// The SQLite-backed store: a pool of readers and the writer.
 #[derive(Debug, Clone)]
@@ -256,6 +256,28 @@ impl Store for SqliteStore {
             .await?;
         self.announce(task.as_ref());
         Ok(task)
+    }
+
+    async fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StorageError> {
+        queries::api_keys(&self.readers).await
+    }
+
+    async fn insert_api_key(&self, key: &ApiKeyRecord) -> Result<bool, StorageError> {
+        let row = queries::ApiKeyRow::from(key);
+        self.writer
+            .run(move |connection| {
+                Box::pin(async move { queries::insert_api_key(connection, &row).await })
+            })
+            .await
+    }
+
+    async fn revoke_api_key(&self, name: &str) -> Result<bool, StorageError> {
+        let name = name.to_owned();
+        self.writer
+            .run(move |connection| {
+                Box::pin(async move { queries::revoke_api_key(connection, &name).await })
+            })
+            .await
     }
 
     #[tracing::instrument(skip_all)]

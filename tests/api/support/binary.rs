@@ -45,14 +45,20 @@ impl BinaryServer {
     /// Starts `command` (the binary, configured) listening on `addr`, and
     /// waits until it is SERVING. Its logs show when `TEST_LOG` is set.
     pub(crate) async fn spawn(mut command: Command, addr: String) -> Self {
+        command.stderr(if std::env::var_os("TEST_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        });
+        Self::spawn_keeping_stderr(command, addr).await
+    }
+
+    /// Like [`spawn`](Self::spawn), with standard error as `command` set it
+    /// (a file, to read the logs afterwards).
+    pub(crate) async fn spawn_keeping_stderr(mut command: Command, addr: String) -> Self {
         let child = command
             .env("LISTEN_ADDR", &addr)
             .stdout(Stdio::null())
-            .stderr(if std::env::var_os("TEST_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
             .spawn()
             .expect("start the binary");
         let server = Self { child, addr };

@@ -371,7 +371,7 @@ impl TestDb {
         let task = NewTask::parse(request, &Limits::default()).expect("valid");
         for _ in 0..count {
             let key = IdempotencyKey::try_from(crate::support::new_key().as_str()).expect("key");
-            let target = ClaimTarget::new(KeySource::Header(&key), &task, &policy());
+            let target = ClaimTarget::new(KeySource::Header(&key), None, &task, &policy());
             let creation = Creation::new(&task, chrono::Utc::now());
             tx.claim(&target, &task, &creation).await;
         }
@@ -403,7 +403,7 @@ impl TestDb {
     ) -> (OpenTransaction, Task) {
         let task = NewTask::parse(request.clone(), &Limits::default()).expect("valid");
         let key = IdempotencyKey::try_from(key).expect("valid key");
-        let target = ClaimTarget::new(KeySource::Header(&key), &task, &policy());
+        let target = ClaimTarget::new(KeySource::Header(&key), None, &task, &policy());
         let creation = Creation::new(&task, chrono::Utc::now());
         let mut tx = OpenTransaction::begin(self).await;
         tx.claim(&target, &task, &creation).await;

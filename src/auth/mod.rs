@@ -1,0 +1,15 @@
+//! Who may call: API keys (created, listed and revoked by the operator's
+//! `oncely keys` commands), and the key ring the server checks each call
+//! against.
+//!
+//! - [`token`]: making a token and the hash that is stored in its place.
+//! - [`keys`]: creating, listing and revoking keys.
+//! - [`keyring`]: the live keys of a running server, refreshed from the
+//!   database so a revocation reaches every instance within seconds.
+
+pub mod keyring;
+pub mod keys;
+pub mod token;
+
+pub use keyring::{AuthError, AuthMode, KeyRing};
+pub use keys::{KeyError, create_key, list_keys, revoke_key};

@@ -1,0 +1,472 @@
+//! API keys: who may call, in which role, for which agents and actions;
+//! the protected default; the `oncely keys` commands.
+
+use std::{process::Command, sync::Arc, time::Duration};
+
+use oncely::{
+    Settings,
+    auth::AuthMode,
+    proto::tasks_v1::{
+        CancelTaskRequest, CleanupRequest, CompleteTaskRequest, CreateTaskRequest, GetTaskRequest,
+        LeaseTasksRequest, ListTasksRequest, Task, WaitTaskRequest,
+        worker_service_client::WorkerServiceClient,
+    },
+};
+use serde_json::json;
+use tonic::{Code, Request, Status, metadata::MetadataValue};
+
+use crate::support::{
+    BINARY, Backend, BinaryServer, TestApp, TestDb, assert_status, eventually, free_port, keyed,
+    new_key, request, test_settings,
+};
+
+/// Runs `oncely keys ARGS` on `db`; returns its standard output.
+fn keys_command(db: &TestDb, args: &[&str]) -> std::process::Output {
+    Command::new(BINARY)
+        .arg("keys")
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run oncely keys")
+}
+
+/// Creates a key with `oncely keys create` and returns its token.
+fn create_key(db: &TestDb, name: &str, role: &str, scope: &[(&str, &str)]) -> String {
+    let mut args = vec!["create", "--name", name, "--role", role];
+    for (flag, value) in scope {
+        args.extend([*flag, *value]);
+    }
+    let output = keys_command(db, &args);
+    assert!(output.status.success(), "keys create failed: {output:?}");
+    let token = String::from_utf8(output.stdout).expect("utf-8");
+    token.trim().to_owned()
+}
+
+/// `message` with `authorization: Bearer <token>`.
+fn with_token<T>(token: &str, mut call: Request<T>) -> Request<T> {
+    let value: MetadataValue<_> = format!("Bearer {token}").parse().expect("metadata");
+    call.metadata_mut().insert("authorization", value);
+    call
+}
+
+fn settings(db: &TestDb) -> Settings {
+    let mut settings = test_settings(&db.url);
+    settings.key_refresh_interval = Duration::from_millis(200);
+    settings
+}
+
+async fn create_as(app: &TestApp, token: &str, agent_id: &str) -> Result<Task, Status> {
+    let call = keyed(
+        Some(&new_key()),
+        request(agent_id, "send_email", json!({"to": "ada@example.com"})),
+    );
+    app.tasks
+        .clone()
+        .create_task(with_token(token, call))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn get_as(app: &TestApp, token: &str, task_id: &str) -> Result<Task, Status> {
+    let call = Request::new(GetTaskRequest {
+        task_id: task_id.into(),
+    });
+    app.tasks
+        .clone()
+        .get_task(with_token(token, call))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn lease_as(app: &TestApp, token: &str, actions: &[&str]) -> Result<Vec<String>, Status> {
+    let call = Request::new(LeaseTasksRequest {
+        worker_id: "w".into(),
+        actions: actions.iter().map(|a| a.to_string()).collect(),
+        max_tasks: 10,
+        ..Default::default()
+    });
+    WorkerServiceClient::new(app.channel.clone())
+        .lease_tasks(with_token(token, call))
+        .await
+        .map(|r| {
+            r.into_inner()
+                .leases
+                .into_iter()
+                .filter_map(|l| l.task.map(|t| t.task_id))
+                .collect()
+        })
+}
+
+async fn cleanup_as(app: &TestApp, token: &str) -> Result<i64, Status> {
+    let call = Request::new(CleanupRequest { older_than: None });
+    app.admin
+        .clone()
+        .cleanup(with_token(token, call))
+        .await
+        .map(|r| r.into_inner().deleted)
+}
+
+async fn once_a_key_exists_every_call_needs_one(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let before = create_as(&app, "", "agent-7").await;
+    let admin = create_key(&db, "ops", "admin", &[]);
+
+    let refused = eventually(Duration::from_secs(10), "keys to be required", || async {
+        let call = keyed(Some(&new_key()), crate::support::email_request());
+        app.tasks.clone().create_task(call).await.err()
+    })
+    .await;
+    let forged = create_as(&app, "oncely_forged", "agent-7").await;
+    let allowed = create_as(&app, &admin, "agent-7").await;
+
+    before.expect("open while no key existed");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert_status(forged, Code::Unauthenticated, Some("API_KEY_INVALID"));
+    allowed.expect("an admin may create");
+    assert!(admin.starts_with("oncely_") && admin.len() > 40);
+    app.health("").await.expect("health stays open");
+}
+
+async fn each_role_may_call_its_services_only(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let agent = create_key(&db, "agent", "agent", &[("--agent-id", "agent-7")]);
+    let worker = create_key(&db, "worker", "worker", &[]);
+    let admin = create_key(&db, "admin", "admin", &[]);
+    let app = TestApp::spawn_with(settings(&db)).await;
+
+    let by_agent = create_as(&app, &agent, "agent-7").await;
+    let agent_leases = lease_as(&app, &agent, &[]).await;
+    let agent_cleans = cleanup_as(&app, &agent).await;
+    let worker_creates = create_as(&app, &worker, "agent-7").await;
+    let worker_leases = lease_as(&app, &worker, &[]).await;
+    let worker_cleans = cleanup_as(&app, &worker).await;
+    let admin_creates = create_as(&app, &admin, "anyone").await;
+    let admin_cleans = cleanup_as(&app, &admin).await;
+
+    let task = by_agent.expect("an agent creates");
+    get_as(&app, &agent, &task.task_id)
+        .await
+        .expect("and reads its task");
+    assert_status(
+        agent_leases,
+        Code::PermissionDenied,
+        Some("PERMISSION_DENIED"),
+    );
+    assert_status(
+        agent_cleans,
+        Code::PermissionDenied,
+        Some("PERMISSION_DENIED"),
+    );
+    assert_status(
+        worker_creates,
+        Code::PermissionDenied,
+        Some("PERMISSION_DENIED"),
+    );
+    assert_eq!(
+        worker_leases.expect("a worker leases"),
+        std::slice::from_ref(&task.task_id)
+    );
+    assert_status(
+        worker_cleans,
+        Code::PermissionDenied,
+        Some("PERMISSION_DENIED"),
+    );
+    admin_creates.expect("an admin creates for any agent");
+    admin_cleans.expect("an admin cleans up");
+}
+
+async fn an_agent_key_sees_only_its_own_agents_tasks(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mine = create_key(&db, "mine", "agent", &[("--agent-id", "agent-7")]);
+    let theirs = create_key(&db, "theirs", "agent", &[("--agent-id", "agent-8")]);
+    let app = TestApp::spawn_with(settings(&db)).await;
+    let task = create_as(&app, &mine, "agent-7").await.expect("create");
+
+    let for_another = create_as(&app, &theirs, "agent-7").await;
+    let got = get_as(&app, &theirs, &task.task_id).await;
+    let waited = app
+        .tasks
+        .clone()
+        .wait_task(with_token(
+            &theirs,
+            Request::new(WaitTaskRequest {
+                task_id: task.task_id.clone(),
+                timeout: None,
+            }),
+        ))
+        .await;
+    let cancelled = app
+        .tasks
+        .clone()
+        .cancel_task(with_token(
+            &theirs,
+            Request::new(CancelTaskRequest {
+                task_id: task.task_id.clone(),
+            }),
+        ))
+        .await;
+    let listed = app
+        .tasks
+        .clone()
+        .list_tasks(with_token(
+            &theirs,
+            Request::new(ListTasksRequest {
+                agent_id: "agent-7".into(),
+                ..Default::default()
+            }),
+        ))
+        .await;
+
+    assert_status(
+        for_another,
+        Code::PermissionDenied,
+        Some("PERMISSION_DENIED"),
+    );
+    for hidden in [
+        got.map(drop),
+        waited.map(drop),
+        cancelled.map(drop),
+        listed.map(drop),
+    ] {
+        assert_eq!(hidden.expect_err("hidden").code(), Code::NotFound);
+    }
+    let still = get_as(&app, &mine, &task.task_id).await.expect("get");
+    assert_eq!(
+        still.status(),
+        oncely::proto::tasks_v1::TaskStatus::Queued,
+        "not cancelled"
+    );
+}
+
+async fn two_callers_with_the_same_idempotency_key_get_two_tasks(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let first = create_key(&db, "first", "agent", &[("--agent-id", "agent-7")]);
+    let second = create_key(&db, "second", "agent", &[("--agent-id", "agent-7")]);
+    let app = TestApp::spawn_with(settings(&db)).await;
+    let key = new_key();
+    let call = |token: &str, action: &str| {
+        with_token(
+            token,
+            keyed(Some(&key), request("agent-7", action, json!({}))),
+        )
+    };
+
+    let a = app
+        .tasks
+        .clone()
+        .create_task(call(&first, "send_email"))
+        .await;
+    let b = app
+        .tasks
+        .clone()
+        .create_task(call(&second, "send_email"))
+        .await;
+    let c = app
+        .tasks
+        .clone()
+        .create_task(call(&second, "send_sms"))
+        .await;
+    let a_again = app
+        .tasks
+        .clone()
+        .create_task(call(&first, "send_email"))
+        .await;
+
+    let (a, b) = (a.expect("first"), b.expect("second"));
+    assert_ne!(
+        a.get_ref().task_id,
+        b.get_ref().task_id,
+        "independent records"
+    );
+    assert_eq!(crate::support::replayed(&b), Some("false"));
+    assert_status(c, Code::FailedPrecondition, Some("IDEMPOTENCY_KEY_REUSED"));
+    assert_eq!(a_again.expect("replay").get_ref(), a.get_ref());
+    assert_eq!(db.count("tasks").await, 2);
+}
+
+async fn a_worker_key_performs_only_its_actions(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let admin = create_key(&db, "admin", "admin", &[]);
+    let mailer = create_key(&db, "mailer", "worker", &[("--action", "send_email")]);
+    let app = TestApp::spawn_with(settings(&db)).await;
+    let email = create_as(&app, &admin, "a").await.expect("email");
+    let charge = app
+        .tasks
+        .clone()
+        .create_task(with_token(
+            &admin,
+            keyed(Some(&new_key()), request("a", "charge", json!({}))),
+        ))
+        .await
+        .expect("charge")
+        .into_inner();
+
+    let other_action = lease_as(&app, &mailer, &["charge"]).await;
+    let leased = lease_as(&app, &mailer, &[]).await.expect("lease");
+    let admin_lease = WorkerServiceClient::new(app.channel.clone())
+        .lease_tasks(with_token(
+            &admin,
+            Request::new(LeaseTasksRequest {
+                worker_id: "admin".into(),
+                actions: vec!["charge".into()],
+                ..Default::default()
+            }),
+        ))
+        .await
+        .expect("admin lease")
+        .into_inner()
+        .leases
+        .remove(0);
+    let foreign = WorkerServiceClient::new(app.channel.clone())
+        .complete_task(with_token(
+            &mailer,
+            Request::new(CompleteTaskRequest {
+                task_id: charge.task_id.clone(),
+                lease_token: admin_lease.lease_token,
+                result: None,
+            }),
+        ))
+        .await;
+
+    assert_status(
+        other_action,
+        Code::PermissionDenied,
+        Some("PERMISSION_DENIED"),
+    );
+    assert_eq!(leased, [email.task_id]);
+    assert_eq!(foreign.expect_err("not its action").code(), Code::NotFound);
+}
+
+async fn a_revoked_key_stops_working_on_a_running_server(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let agent = create_key(&db, "leaving", "agent", &[("--agent-id", "agent-7")]);
+    let app = Arc::new(TestApp::spawn_with(settings(&db)).await);
+    create_as(&app, &agent, "agent-7")
+        .await
+        .expect("works before");
+
+    let output = keys_command(&db, &["revoke", "leaving"]);
+
+    assert!(output.status.success(), "{output:?}");
+    let refused = eventually(Duration::from_secs(10), "the revocation", || async {
+        create_as(&app, &agent, "agent-7").await.err()
+    })
+    .await;
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let listed = String::from_utf8(keys_command(&db, &["list"]).stdout).expect("utf-8");
+    assert!(
+        listed.contains("leaving\tagent\tagents: agent-7"),
+        "{listed}"
+    );
+    assert!(listed.contains("revoked"), "{listed}");
+    assert!(!listed.contains(&agent), "a token was listed");
+}
+
+async fn the_keys_command_refuses_what_it_cannot_do(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    create_key(&db, "taken", "admin", &[]);
+
+    for args in [
+        &["create", "--name", "taken", "--role", "admin"][..],
+        &["create", "--name", "no-agents", "--role", "agent"],
+        &["create", "--name", "bad name", "--role", "admin"],
+        &["create", "--name", "x", "--role", "root"],
+        &["revoke", "nobody"],
+    ] {
+        let output = keys_command(&db, args);
+        assert!(!output.status.success(), "{args:?} should fail");
+        assert!(
+            !String::from_utf8_lossy(&output.stderr).is_empty(),
+            "{args:?} should say why"
+        );
+    }
+}
+
+async fn without_keys_the_server_refuses_to_serve_beyond_loopback(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let everywhere = || async {
+        tokio::net::TcpListener::bind("0.0.0.0:0")
+            .await
+            .expect("bind")
+    };
+
+    let refused = oncely::serve(everywhere().await, settings(&db), std::future::ready(())).await;
+    let mut knowingly = settings(&db);
+    knowingly.auth = AuthMode::Disabled;
+    let disabled = oncely::serve(everywhere().await, knowingly, std::future::ready(())).await;
+    create_key(&db, "admin", "admin", &[]);
+    let protected = oncely::serve(everywhere().await, settings(&db), std::future::ready(())).await;
+
+    let error = refused.expect_err("refused");
+    assert!(error.to_string().contains("oncely keys create"), "{error}");
+    disabled.expect("AUTH=disabled serves anywhere");
+    protected.expect("a key protects it");
+}
+
+#[tokio::test]
+async fn tokens_never_appear_in_the_logs() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let token = create_key(&db, "secret", "agent", &[("--agent-id", "agent-7")]);
+    let log_dir = tempfile::tempdir().expect("temporary directory");
+    let log_path = log_dir.path().join("server.log");
+    let mut command = Command::new(BINARY);
+    command
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "debug")
+        .stderr(std::fs::File::create(&log_path).expect("log file"));
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut server = BinaryServer::spawn_keeping_stderr(command, addr).await;
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
+        .expect("address")
+        .connect()
+        .await
+        .expect("connect");
+    let mut tasks = oncely::proto::tasks_v1::task_service_client::TaskServiceClient::new(channel);
+    let create = |token: &str, agent: &str| {
+        with_token(
+            token,
+            keyed(
+                Some(&new_key()),
+                CreateTaskRequest {
+                    agent_id: agent.into(),
+                    action: "send_email".into(),
+                    parameters: None,
+                },
+            ),
+        )
+    };
+
+    tasks
+        .create_task(create(&token, "agent-7"))
+        .await
+        .expect("allowed");
+    let _ = tasks.create_task(create(&token, "agent-8")).await;
+    let wrong = format!("{token}x");
+    let _ = tasks.create_task(create(&wrong, "agent-7")).await;
+    server.terminate();
+    server.wait_for_exit(Duration::from_secs(20));
+
+    let logs = std::fs::read_to_string(&log_path).expect("read the logs");
+    assert!(
+        logs.contains("permission_denied"),
+        "the logs were not captured: {logs}"
+    );
+    assert!(!logs.contains(&token), "a token was logged");
+    assert!(
+        !logs.contains(&token["oncely_".len()..]),
+        "a token was logged"
+    );
+}
+
+conformance!(
+    once_a_key_exists_every_call_needs_one,
+    each_role_may_call_its_services_only,
+    an_agent_key_sees_only_its_own_agents_tasks,
+    two_callers_with_the_same_idempotency_key_get_two_tasks,
+    a_worker_key_performs_only_its_actions,
+    a_revoked_key_stops_working_on_a_running_server,
+    the_keys_command_refuses_what_it_cannot_do,
+    without_keys_the_server_refuses_to_serve_beyond_loopback,
+);
