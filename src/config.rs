@@ -5,8 +5,9 @@ use std::{net::SocketAddr, time::Duration};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    auth::AuthMode, cleanup_cmd::CleanupArgs, domain::Limits, idempotency::MissingKeyPolicy,
-    keys_cmd::KeysArgs, queue::QueuePolicy, storage::DatabaseSettings,
+    api::RateLimits, auth::AuthMode, cleanup_cmd::CleanupArgs, domain::Limits,
+    idempotency::MissingKeyPolicy, keys_cmd::KeysArgs, queue::QueuePolicy,
+    storage::DatabaseSettings,
 };
 
 /// Parses an [`AuthMode`] from its name, listing the names in `--help`.
@@ -121,6 +122,17 @@ pub struct ServeArgs {
     /// revoked key takes effect on every instance.
     #[arg(long, env = "KEY_REFRESH_INTERVAL", default_value = "2s", value_parser = positive_duration)]
     pub key_refresh_interval: Duration,
+    /// Calls per second each caller (an API key; without keys, a peer
+    /// address) may make; 0 for no limit.
+    #[arg(long, env = "RATE_LIMIT", default_value_t = 1000)]
+    pub rate_limit: u32,
+    /// How many calls a caller may make at once beyond its rate.
+    #[arg(long, env = "RATE_BURST", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_burst: u32,
+    /// The most calls the server works on at once (long polls included);
+    /// past it, calls are shed with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
     /// How long shutdown waits for in-flight requests before exiting anyway.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = positive_duration)]
     pub shutdown_grace: Duration,
@@ -191,6 +203,8 @@ pub struct Settings {
     pub auth: AuthMode,
     /// How often the API keys are reloaded.
     pub key_refresh_interval: Duration,
+    /// Per-caller rates and the in-flight bound.
+    pub rate_limits: RateLimits,
     /// The largest request message, in bytes.
     pub max_request_bytes: usize,
     /// Cleanup's batch size.
@@ -227,6 +241,12 @@ impl From<ServeArgs> for Settings {
             },
             auth: args.auth,
             key_refresh_interval: args.key_refresh_interval,
+            rate_limits: RateLimits {
+                per_second: std::num::NonZeroU32::new(args.rate_limit),
+                burst: std::num::NonZeroU32::new(args.rate_burst)
+                    .unwrap_or(std::num::NonZeroU32::MIN),
+                max_in_flight: args.max_in_flight as usize,
+            },
             max_request_bytes: args.max_request_bytes as usize,
             cleanup_batch_size: i64::from(args.cleanup_batch_size),
             health_check_interval: args.health_check_interval,

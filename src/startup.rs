@@ -10,8 +10,8 @@ use tower::Layer;
 
 use crate::{
     api::{
-        AdminApi, RequireApiKeyLayer, RequireIdempotencyKeyLayer, RewriteOversizeLayer, TaskApi,
-        WorkerApi,
+        AdminApi, RateLimitLayer, RequireApiKeyLayer, RequireIdempotencyKeyLayer,
+        RewriteOversizeLayer, TaskApi, WorkerApi,
     },
     auth::{AuthMode, KeyRing},
     config::Settings,
@@ -123,6 +123,17 @@ async fn serve_with<S: Store>(
         .map_err(StartupError::Keys)?;
     check_protection(&ring, settings.auth, listener.local_addr().ok())?;
     let key_refresher = ring.refresh(store.clone(), settings.key_refresh_interval);
+    let rate_limits = RateLimitLayer::new(settings.rate_limits);
+    let forgetter = tokio::spawn({
+        let rate_limits = rate_limits.clone();
+        async move {
+            let mut ticker = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                ticker.tick().await;
+                rate_limits.forget_idle_callers();
+            }
+        }
+    });
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::set_all(reporter.clone(), ServingStatus::NotServing).await;
@@ -171,7 +182,8 @@ async fn serve_with<S: Store>(
         .layer(
             tower::ServiceBuilder::new()
                 .layer(RewriteOversizeLayer)
-                .layer(RequireApiKeyLayer::new(ring)),
+                .layer(RequireApiKeyLayer::new(ring))
+                .layer(rate_limits),
         )
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -206,6 +218,7 @@ async fn serve_with<S: Store>(
     };
     watcher.abort();
     key_refresher.abort();
+    forgetter.abort();
     result?;
     tracing::info!("stopped");
     Ok(())

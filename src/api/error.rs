@@ -54,6 +54,12 @@ pub enum ServiceError {
     /// The key's role or scope does not allow the call.
     #[error("{0}")]
     PermissionDenied(String),
+    /// The caller sent more calls than its rate allows.
+    #[error("too many calls from this caller; retry after {}", humantime::format_duration(*.0))]
+    RateLimited(Duration),
+    /// The server works on as many calls as it takes.
+    #[error("the server is at capacity; retry after {}", humantime::format_duration(*.0))]
+    Overloaded(Duration),
     /// The lease shown is not the task's current one.
     #[error(
         "this lease is no longer the task's current one (it expired and the task was leased again, or the token is not the latest); stop working on the task"
@@ -93,6 +99,8 @@ impl ServiceError {
             Self::NotFound(_) => "not_found",
             Self::Unauthenticated(_) => "unauthenticated",
             Self::PermissionDenied(_) => "permission_denied",
+            Self::RateLimited(_) => "rate_limited",
+            Self::Overloaded(_) => "overloaded",
             Self::LeaseLost => "lease_lost",
             Self::TaskFinished => "finished",
             Self::TaskCancelled => "cancelled",
@@ -175,6 +183,16 @@ impl From<ServiceError> for Status {
                 message,
                 info("PERMISSION_DENIED"),
             ),
+            ServiceError::RateLimited(wait) => {
+                let mut details = info("RATE_LIMITED");
+                details.set_retry_info(Some(wait));
+                Status::with_error_details(Code::ResourceExhausted, message, details)
+            }
+            ServiceError::Overloaded(wait) => {
+                let mut details = info("OVERLOADED");
+                details.set_retry_info(Some(wait));
+                Status::with_error_details(Code::ResourceExhausted, message, details)
+            }
             ServiceError::LeaseLost => Status::with_error_details(
                 Code::FailedPrecondition,
                 message,

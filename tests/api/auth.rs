@@ -32,7 +32,7 @@ fn keys_command(db: &TestDb, args: &[&str]) -> std::process::Output {
 }
 
 /// Creates a key with `oncely keys create` and returns its token.
-fn create_key(db: &TestDb, name: &str, role: &str, scope: &[(&str, &str)]) -> String {
+pub(crate) fn create_key(db: &TestDb, name: &str, role: &str, scope: &[(&str, &str)]) -> String {
     let mut args = vec!["create", "--name", name, "--role", role];
     for (flag, value) in scope {
         args.extend([*flag, *value]);
@@ -44,7 +44,7 @@ fn create_key(db: &TestDb, name: &str, role: &str, scope: &[(&str, &str)]) -> St
 }
 
 /// `message` with `authorization: Bearer <token>`.
-fn with_token<T>(token: &str, mut call: Request<T>) -> Request<T> {
+pub(crate) fn with_token<T>(token: &str, mut call: Request<T>) -> Request<T> {
     let value: MetadataValue<_> = format!("Bearer {token}").parse().expect("metadata");
     call.metadata_mut().insert("authorization", value);
     call

@@ -38,6 +38,7 @@ mod fingerprint;
 mod health;
 mod in_flight;
 mod keyless;
+mod limits;
 mod process;
 mod read_tasks;
 mod reflection;

@@ -1,0 +1,148 @@
+//! Rate limits and load shedding, after authentication: each caller (an API
+//! key, or without keys the peer's address) gets a token bucket of
+//! `RATE_LIMIT` calls per second with bursts of `RATE_BURST`, and the server
+//! takes at most `MAX_IN_FLIGHT` calls at once. Past either, the call is
+//! answered `RESOURCE_EXHAUSTED` at once, with `RetryInfo` saying when to
+//! come back, rather than queued without bound. Health and reflection are
+//! exempt.
+
+use std::{
+    future::Future,
+    net::IpAddr,
+    num::NonZeroU32,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use governor::{
+    DefaultKeyedRateLimiter, Quota, RateLimiter,
+    clock::{Clock, DefaultClock},
+};
+use tokio::sync::Semaphore;
+use tonic::{body::Body, transport::server::TcpConnectInfo};
+use tower::{Layer, Service};
+
+use super::{ServiceError, reply};
+use crate::domain::Principal;
+
+/// How long a shed call is asked to wait before coming back.
+const SHED_RETRY: Duration = Duration::from_secs(1);
+
+/// The limits, from configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimits {
+    /// Calls per second per caller; `None` for no limit.
+    pub per_second: Option<NonZeroU32>,
+    /// How many calls a caller may make at once above the rate.
+    pub burst: NonZeroU32,
+    /// The most calls the server works on at once.
+    pub max_in_flight: usize,
+}
+
+/// Adds [`RateLimit`] around a service.
+#[derive(Debug, Clone)]
+pub struct RateLimitLayer {
+    limiter: Option<Arc<DefaultKeyedRateLimiter<String>>>,
+    in_flight: Arc<Semaphore>,
+}
+
+impl RateLimitLayer {
+    /// A layer enforcing `limits`.
+    pub fn new(limits: RateLimits) -> Self {
+        let limiter = limits.per_second.map(|rate| {
+            Arc::new(RateLimiter::keyed(
+                Quota::per_second(rate).allow_burst(limits.burst),
+            ))
+        });
+        Self {
+            limiter,
+            in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
+        }
+    }
+
+    /// Forgets callers whose buckets are full again, so the table of
+    /// callers does not grow without bound; call it now and then.
+    pub fn forget_idle_callers(&self) {
+        if let Some(limiter) = &self.limiter {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimit {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// See [`RateLimitLayer`].
+#[derive(Debug, Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    layer: RateLimitLayer,
+}
+
+/// Who a call counts against: its API key, or its peer's address.
+fn caller<B>(request: &http::Request<B>) -> String {
+    if let Some(principal) = request.extensions().get::<Principal>() {
+        return format!("key:{}", principal.name);
+    }
+    let ip: Option<IpAddr> = request
+        .extensions()
+        .get::<TcpConnectInfo>()
+        .and_then(|info| info.remote_addr())
+        .map(|addr| addr.ip());
+    ip.map_or_else(|| "peer:unknown".to_owned(), |ip| format!("peer:{ip}"))
+}
+
+/// Whether the limits apply to `path`: not to health and reflection.
+fn limited(path: &str) -> bool {
+    path.starts_with("/tasks.v1.")
+}
+
+impl<S, B> Service<http::Request<B>> for RateLimit<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path().to_owned();
+        if !limited(&path) {
+            return Box::pin(self.inner.call(request));
+        }
+        if let Some(limiter) = &self.layer.limiter
+            && let Err(not_until) = limiter.check_key(&caller(&request))
+        {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            let response = reply::refuse(&path, ServiceError::RateLimited(wait), None).into_http();
+            return Box::pin(async move { Ok(response) });
+        }
+        let Ok(permit) = self.layer.in_flight.clone().try_acquire_owned() else {
+            let response =
+                reply::refuse(&path, ServiceError::Overloaded(SHED_RETRY), None).into_http();
+            return Box::pin(async move { Ok(response) });
+        };
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let response = answer.await;
+            drop(permit);
+            response
+        })
+    }
+}

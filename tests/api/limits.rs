@@ -1,0 +1,119 @@
+//! Rate limits per caller and the in-flight bound: RESOURCE_EXHAUSTED with
+//! RetryInfo, and recovery.
+
+use std::{num::NonZeroU32, time::Duration};
+
+use oncely::proto::tasks_v1::{
+    GetTaskRequest, LeaseTasksRequest, worker_service_client::WorkerServiceClient,
+};
+use tonic::{Code, Request, Status};
+use tonic_types::StatusExt;
+
+use crate::support::{Backend, TestApp, TestDb, assert_status, test_settings};
+
+async fn get_unknown(app: &TestApp) -> Result<(), Status> {
+    let call = Request::new(GetTaskRequest {
+        task_id: uuid::Uuid::new_v4().to_string(),
+    });
+    match app.tasks.clone().get_task(call).await {
+        Err(status) if status.code() == Code::NotFound => Ok(()),
+        Err(status) => Err(status),
+        Ok(_) => Ok(()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_caller_over_its_rate_is_told_when_to_come_back() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut settings = test_settings(&db.url);
+    settings.rate_limits.per_second = NonZeroU32::new(2);
+    settings.rate_limits.burst = NonZeroU32::new(2).expect("two");
+    let app = TestApp::spawn_with(settings).await;
+
+    get_unknown(&app).await.expect("first, within the burst");
+    get_unknown(&app).await.expect("second, within the burst");
+    let third = get_unknown(&app).await;
+
+    let status = assert_status(third, Code::ResourceExhausted, Some("RATE_LIMITED"));
+    let delay = status
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay)
+        .expect("RetryInfo");
+    assert!(
+        delay > Duration::ZERO && delay <= Duration::from_secs(1),
+        "{delay:?}"
+    );
+    tokio::time::sleep(delay + Duration::from_millis(50)).await;
+    get_unknown(&app)
+        .await
+        .expect("served again after the delay");
+    app.health("").await.expect("health is never limited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_past_the_in_flight_bound_are_shed_not_queued() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut settings = test_settings(&db.url);
+    settings.rate_limits.max_in_flight = 1;
+    let app = TestApp::spawn_with(settings).await;
+    let mut workers = WorkerServiceClient::new(app.channel.clone());
+    let long_poll = tokio::spawn(async move {
+        workers
+            .lease_tasks(LeaseTasksRequest {
+                worker_id: "w".into(),
+                wait: Some(prost_types::Duration {
+                    seconds: 3,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let shed = get_unknown(&app).await;
+
+    let status = assert_status(shed, Code::ResourceExhausted, Some("OVERLOADED"));
+    assert!(status.get_details_retry_info().is_some());
+    app.health("").await.expect("health is never shed");
+    long_poll
+        .await
+        .expect("join")
+        .expect("the call in flight finishes");
+    get_unknown(&app)
+        .await
+        .expect("served once the slot is free");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_api_key_has_a_bucket_of_its_own() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let busy = crate::auth::create_key(&db, "busy", "admin", &[]);
+    let calm = crate::auth::create_key(&db, "calm", "admin", &[]);
+    let mut settings = test_settings(&db.url);
+    settings.rate_limits.per_second = NonZeroU32::new(1);
+    settings.rate_limits.burst = NonZeroU32::new(1).expect("one");
+    let app = TestApp::spawn_with(settings).await;
+    let get = |token: &str| {
+        let mut tasks = app.tasks.clone();
+        let call = crate::auth::with_token(
+            token,
+            Request::new(GetTaskRequest {
+                task_id: uuid::Uuid::new_v4().to_string(),
+            }),
+        );
+        async move { tasks.get_task(call).await.map(drop) }
+    };
+
+    let first = get(&busy).await;
+    let second = get(&busy).await;
+    let other = get(&calm).await;
+
+    assert_eq!(first.expect_err("not found").code(), Code::NotFound);
+    assert_status(second, Code::ResourceExhausted, Some("RATE_LIMITED"));
+    assert_eq!(
+        other.expect_err("not found").code(),
+        Code::NotFound,
+        "its own bucket"
+    );
+}
