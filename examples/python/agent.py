@@ -18,6 +18,11 @@ Install the package first, from the repository root:
 ``pip install ./clients/python``, and start a worker (worker.py). Exits
 non-zero if the server does not behave as the idempotency contract says, or
 if the task did not succeed within the timeout.
+
+On a server with API keys, set ``ONCELY_API_KEY`` to an ``agent`` key for
+the agent id ``python-agent`` (``oncely keys create --name py-agent --role
+agent --agent-id python-agent``) or an ``admin`` key: the Client sends it
+on every call.
 """
 
 from __future__ import annotations
@@ -73,7 +78,11 @@ def perform(client: Client, timeout: float) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="An example agent that calls oncely.")
+    parser = argparse.ArgumentParser(
+        description="An example agent that calls oncely.",
+        epilog="On a server with API keys, set ONCELY_API_KEY to an agent key for the agent id"
+        " python-agent (or an admin key); the client sends it on every call.",
+    )
     parser.add_argument("target", nargs="?", default="127.0.0.1:50051", help="the server (default %(default)s)")
     parser.add_argument(
         "--timeout",

@@ -15,6 +15,11 @@ It runs until interrupted (Ctrl-C or SIGTERM: it finishes the task in hand
 first), until it has performed N tasks (``--once N``), or until it had
 nothing to do for SECONDS (``--stop-after-idle``). Install the package first,
 from the repository root: ``pip install ./clients/python``.
+
+On a server with API keys, set ``ONCELY_API_KEY`` to a ``worker`` key for
+``send_email`` (``oncely keys create --name mailer --role worker --action
+send_email``) or an ``admin`` key: the Client sends it on every call, and a
+refused key stops the worker with exit code 1.
 """
 
 from __future__ import annotations
@@ -115,7 +120,11 @@ def make_handler(mailbox: Mailbox, activity: Activity, stop: threading.Event, on
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="Performs oncely's send_email tasks.")
+    parser = argparse.ArgumentParser(
+        description="Performs oncely's send_email tasks.",
+        epilog="On a server with API keys, set ONCELY_API_KEY to a worker key for send_email (or an admin key);"
+        " the client sends it on every call.",
+    )
     parser.add_argument("target", nargs="?", default="127.0.0.1:50051", help="the server (default %(default)s)")
     parser.add_argument(
         "--file", type=Path, default=Path("sent-emails.txt"), help="where emails are 'sent' (default %(default)s)"

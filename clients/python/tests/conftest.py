@@ -4,6 +4,10 @@ Each server is the binary named by ``ONCELY_BIN`` (default:
 ``target/debug/oncely`` at the repository root), started on a free port with
 a fresh SQLite database in a temporary folder, and stopped afterwards. A
 missing binary fails the tests: they never pass by skipping.
+
+``keyed_server`` is such a server with API keys, made with the binary's
+``keys create`` before it starts. ``ONCELY_API_KEY`` is removed from the
+environment of every test, so a key of the shell never leaks in.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +97,82 @@ class Server:
 
 
 StartServer = Callable[..., Server]
+
+
+@pytest.fixture(autouse=True)
+def no_api_key_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients made without ``api_key=`` send no key, whatever the shell the
+    tests run in has set."""
+    monkeypatch.delenv("ONCELY_API_KEY", raising=False)
+
+
+def run_keys(binary: Path, database: Path, *args: str) -> str:
+    """Runs ``oncely keys ARGS`` on ``database`` and returns its stdout
+    (for ``create``, the token: the single line printed there)."""
+    environment = {"PATH": os.environ.get("PATH", os.defpath), "DATABASE_URL": f"sqlite://{database}"}
+    done = subprocess.run(
+        [str(binary), "keys", *args], env=environment, capture_output=True, text=True, timeout=60, check=False
+    )
+    if done.returncode != 0:
+        pytest.fail(f"`oncely keys {args[0]}` exited with {done.returncode}:\n{done.stderr}")
+    return done.stdout
+
+
+def create_key(binary: Path, database: Path, name: str, role: str, *scope: str) -> str:
+    """Creates a key with ``oncely keys create`` (``scope``: more of its
+    arguments, such as ``--agent-id``, ``agent-7``) and returns its token."""
+    lines = run_keys(binary, database, "create", "--name", name, "--role", role, *scope).splitlines()
+    assert len(lines) == 1 and lines[0].startswith("oncely_"), "expected the token alone on stdout"
+    return lines[0]
+
+
+@dataclass
+class KeyedServer:
+    """A server with API keys; :attr:`tokens` maps each key's name to its
+    token."""
+
+    binary: Path
+    server: Server
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def create_key(self, name: str, role: str, *scope: str) -> str:
+        """Creates a key (see :func:`create_key`) and returns its token; the
+        running server knows it after its next key refresh (2 s by
+        default)."""
+        self.tokens[name] = create_key(self.binary, self.server.database, name, role, *scope)
+        return self.tokens[name]
+
+    def revoke_key(self, name: str) -> None:
+        """Revokes a key; a running server refuses it after its next key
+        refresh (2 s by default)."""
+        run_keys(self.binary, self.server.database, "revoke", name)
+
+
+KEYS: Sequence[tuple[str, str, tuple[str, ...]]] = (
+    ("admin", "admin", ()),
+    ("agent-7", "agent", ("--agent-id", "agent-7")),
+    ("mailer", "worker", ("--action", "send_email")),
+    ("doomed-agent", "agent", ("--agent-id", "agent-7")),
+    ("doomed-worker", "worker", ("--action", "send_email")),
+)
+"""The keys of ``keyed_server``: (name, role, scope). The ``doomed-`` ones
+are there to be revoked."""
+
+
+@pytest.fixture
+def keyed_server(oncely_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedServer]:
+    """A server of the test's own whose database holds the keys of
+    :data:`KEYS`, created before it starts, so every call but health needs
+    one."""
+    workdir = tmp_path_factory.mktemp("keyed-server")
+    tokens = {name: create_key(oncely_binary, workdir / "oncely.db", name, role, *scope) for name, role, scope in KEYS}
+    running = Server(oncely_binary, workdir, free_port(), {})
+    yield KeyedServer(oncely_binary, running, tokens)
+    running.stop()
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,14 @@
 //! ```sh
 //! cargo run -p oncely-client --example agent_wait -- http://127.0.0.1:50051 ada@example.com
 //! ```
+//!
+//! On a server with API keys, set `ONCELY_API_KEY` to a key of the `agent`
+//! role for `example-agent` (or of the `admin` role).
 
 use std::{process::ExitCode, time::Duration};
 
 use oncely_client::{
-    OncelyClient, is_finished, json,
+    OncelyClient, api_key_from_env, is_finished, json,
     proto::tasks_v1::{CreateTaskRequest, TaskStatus},
 };
 
@@ -22,7 +25,12 @@ async fn main() -> ExitCode {
         .next()
         .unwrap_or_else(|| "http://127.0.0.1:50051".to_owned());
     let to = args.next().unwrap_or_else(|| "ada@example.com".to_owned());
-    let client = match OncelyClient::connect(server) {
+    // The key, if any, is read here and nowhere else.
+    let client = OncelyClient::connect(server).and_then(|client| match api_key_from_env() {
+        Some(token) => client.with_api_key(token),
+        None => Ok(client),
+    });
+    let client = match client {
         Ok(client) => client,
         Err(error) => {
             eprintln!("{error}");

@@ -6,17 +6,29 @@
 //! ```sh
 //! cargo run -p oncely-client --example create_task -- http://127.0.0.1:50051
 //! ```
+//!
+//! On a server with API keys, set `ONCELY_API_KEY` to a key of the `agent`
+//! role for `example-agent` (or of the `admin` role).
 
 use std::process::ExitCode;
 
-use oncely_client::{ClientError, OncelyClient, json, proto::tasks_v1::CreateTaskRequest};
+use tonic::Code;
+
+use oncely_client::{
+    ClientError, OncelyClient, api_key_from_env, json, proto::tasks_v1::CreateTaskRequest,
+};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let server = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "http://127.0.0.1:50051".to_owned());
-    let client = match OncelyClient::connect(server) {
+    // The key, if any, is read here and nowhere else.
+    let client = OncelyClient::connect(server).and_then(|client| match api_key_from_env() {
+        Some(token) => client.with_api_key(token),
+        None => Ok(client),
+    });
+    let client = match client {
         Ok(client) => client,
         Err(error) => {
             eprintln!("{error}");
@@ -37,6 +49,18 @@ async fn main() -> ExitCode {
     // retry of this call.
     let created = match client.create_task(request.clone()).await {
         Ok(created) => created,
+        Err(ClientError::Rejected(status))
+            if matches!(
+                status.code(),
+                Code::Unauthenticated | Code::PermissionDenied
+            ) =>
+        {
+            eprintln!(
+                "the API key was refused (set ONCELY_API_KEY): {}",
+                status.message()
+            );
+            return ExitCode::FAILURE;
+        }
         Err(ClientError::Rejected(status)) => {
             eprintln!("the request must change: {}", status.message());
             return ExitCode::FAILURE;

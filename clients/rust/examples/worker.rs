@@ -10,6 +10,8 @@
 //! ```
 //!
 //! The file defaults to `./sent-emails.txt`; set `RUST_LOG=debug` for more.
+//! On a server with API keys, set `ONCELY_API_KEY` to a key of the `worker`
+//! role (for the `send_email` action, or for any) or of the `admin` role.
 
 use std::{
     fs::OpenOptions,
@@ -20,7 +22,9 @@ use std::{
     time::Duration,
 };
 
-use oncely_client::{TaskContext, TaskError, Worker, WorkerOptions, json, proto::tasks_v1::Task};
+use oncely_client::{
+    TaskContext, TaskError, Worker, WorkerOptions, api_key_from_env, json, proto::tasks_v1::Task,
+};
 use serde_json::{Value, json};
 
 /// The "mail provider": a file of sent emails, one line per task.
@@ -103,6 +107,7 @@ async fn main() -> ExitCode {
 
     let options = WorkerOptions {
         actions: vec!["send_email".into()],
+        api_key: api_key_from_env(),
         ..WorkerOptions::default()
     };
     let worker = match Worker::connect(server, options) {

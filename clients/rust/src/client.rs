@@ -8,6 +8,10 @@
 //! `INVALID_ARGUMENT` or `FAILED_PRECONDITION`, which mean the request must
 //! change. Reads (`get_task`, `list_tasks`, `wait_task`) and `cancel_task`
 //! are retried by the same rules, since repeating them is always safe.
+//!
+//! With [`OncelyClient::with_api_key`] every call sends
+//! `authorization: Bearer <token>`; `UNAUTHENTICATED` and
+//! `PERMISSION_DENIED` are never retried.
 
 use std::{future::Future, time::Duration};
 
@@ -20,6 +24,7 @@ use tonic::{
 
 use crate::{
     ClientError, RetryPolicy,
+    auth::{ApiKey, authorize},
     metadata::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED},
     proto::tasks_v1::{
         CancelTaskRequest, CreateTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse,
@@ -49,11 +54,13 @@ pub struct Created {
     pub attempts: u32,
 }
 
-/// A TaskService client that retries safely.
+/// A TaskService client that retries safely. Its `Debug` shows whether it
+/// has an API key (`api_key: Some("***")`), never the key.
 #[derive(Debug, Clone)]
 pub struct OncelyClient {
     tasks: TaskServiceClient<Channel>,
     policy: RetryPolicy,
+    api_key: Option<ApiKey>,
 }
 
 /// A channel to `address` that connects on first use and reconnects by
@@ -73,7 +80,9 @@ pub(crate) fn lazy_channel(address: impl Into<String>) -> Result<Channel, Client
 impl OncelyClient {
     /// A client for the server at `address`, such as
     /// `http://127.0.0.1:50051`. It connects on first use and reconnects by
-    /// itself, so a server that is briefly down is just a retry.
+    /// itself, so a server that is briefly down is just a retry. It sends
+    /// no API key (and reads none from the environment) until
+    /// [`with_api_key`](Self::with_api_key).
     pub fn connect(address: impl Into<String>) -> Result<Self, ClientError> {
         Ok(Self::new(lazy_channel(address)?))
     }
@@ -83,7 +92,28 @@ impl OncelyClient {
         Self {
             tasks: TaskServiceClient::new(channel),
             policy: RetryPolicy::default(),
+            api_key: None,
         }
+    }
+
+    /// The same client, sending `authorization: Bearer <token>` on every
+    /// call: a key made with `oncely keys create` (the token alone, without
+    /// `Bearer `; surrounding whitespace is removed). A server with keys
+    /// answers calls without one `UNAUTHENTICATED`, and calls the key's
+    /// role or scope does not allow `PERMISSION_DENIED`; neither is
+    /// retried. To use `ONCELY_API_KEY`, pass
+    /// [`api_key_from_env`](crate::api_key_from_env)'s answer.
+    ///
+    /// Fails with [`ClientError::InvalidApiKey`] (which never shows the
+    /// token) unless the token is one or more visible ASCII characters.
+    pub fn with_api_key(mut self, token: impl Into<String>) -> Result<Self, ClientError> {
+        self.api_key = Some(ApiKey::new(&token.into())?);
+        Ok(self)
+    }
+
+    /// Whether calls send an API key.
+    pub fn has_api_key(&self) -> bool {
+        self.api_key.is_some()
     }
 
     /// The same client with another retry policy.
@@ -92,9 +122,19 @@ impl OncelyClient {
         self
     }
 
-    /// The generated client, for calls this type does not wrap.
+    /// The generated client, for calls this type does not wrap. It adds
+    /// no API key by itself: build its requests with
+    /// [`request`](Self::request).
     pub fn tasks(&self) -> TaskServiceClient<Channel> {
         self.tasks.clone()
+    }
+
+    /// A request for `message` carrying this client's API key, if it has
+    /// one: what every call of this client sends.
+    pub fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        authorize(&mut request, self.api_key.as_ref());
+        request
     }
 
     /// Creates a task under a new UUID v4 key.
@@ -113,7 +153,7 @@ impl OncelyClient {
         let key_value = key_metadata(key)?;
         let (response, attempts) = self
             .with_retries("CreateTask", |mut tasks, timeout| {
-                let mut call = Request::new(request.clone());
+                let mut call = self.request(request.clone());
                 call.metadata_mut()
                     .insert(IDEMPOTENCY_KEY, key_value.clone());
                 call.set_timeout(timeout);
@@ -139,7 +179,7 @@ impl OncelyClient {
         };
         let (response, _) = self
             .with_retries("GetTask", |mut tasks, timeout| {
-                let mut call = Request::new(request.clone());
+                let mut call = self.request(request.clone());
                 call.set_timeout(timeout);
                 async move { tasks.get_task(call).await }
             })
@@ -163,7 +203,7 @@ impl OncelyClient {
         };
         let (response, _) = self
             .with_retries("ListTasks", |mut tasks, timeout| {
-                let mut call = Request::new(request.clone());
+                let mut call = self.request(request.clone());
                 call.set_timeout(timeout);
                 async move { tasks.list_tasks(call).await }
             })
@@ -180,7 +220,7 @@ impl OncelyClient {
         };
         let (response, _) = self
             .with_retries("CancelTask", |mut tasks, timeout| {
-                let mut call = Request::new(request.clone());
+                let mut call = self.request(request.clone());
                 call.set_timeout(timeout);
                 async move { tasks.cancel_task(call).await }
             })
@@ -242,11 +282,11 @@ impl OncelyClient {
         let task_id = task_id.to_owned();
         let limit = wait + self.policy.attempt_timeout;
         if wait.is_zero() {
-            let mut call = Request::new(GetTaskRequest { task_id });
+            let mut call = self.request(GetTaskRequest { task_id });
             call.set_timeout(limit);
             return attempt_once(limit, tasks.get_task(call)).await;
         }
-        let mut call = Request::new(WaitTaskRequest {
+        let mut call = self.request(WaitTaskRequest {
             task_id,
             timeout: Some(proto_duration(wait)),
         });
@@ -286,31 +326,4 @@ fn key_metadata(key: &str) -> Result<AsciiMetadataValue, ClientError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_the_server_would_refuse_are_refused_before_sending() {
-        assert!(key_metadata("0b6c3f4e-8a3e-4d2b-9a51-6f0c2a7d9e11").is_ok());
-        assert!(matches!(key_metadata(""), Err(ClientError::InvalidKey)));
-        assert!(matches!(key_metadata("a b"), Err(ClientError::InvalidKey)));
-        assert!(matches!(
-            key_metadata(&"k".repeat(256)),
-            Err(ClientError::InvalidKey)
-        ));
-    }
-
-    #[test]
-    fn only_succeeded_failed_and_cancelled_are_finished() {
-        let with = |status: TaskStatus| Task {
-            status: status.into(),
-            ..Task::default()
-        };
-        assert!(is_finished(&with(TaskStatus::Succeeded)));
-        assert!(is_finished(&with(TaskStatus::Failed)));
-        assert!(is_finished(&with(TaskStatus::Cancelled)));
-        assert!(!is_finished(&with(TaskStatus::Queued)));
-        assert!(!is_finished(&with(TaskStatus::Running)));
-        assert!(!is_finished(&with(TaskStatus::Unspecified)));
-    }
-}
+mod tests;

@@ -11,7 +11,17 @@ pub enum ClientError {
     /// The idempotency key cannot be sent as metadata.
     #[error("the idempotency key must be 1 to 255 visible ASCII characters (0x21 to 0x7E)")]
     InvalidKey,
+    /// The API key cannot be sent as metadata. The message never holds
+    /// the key.
+    #[error(
+        "the API key must be one or more visible ASCII characters (0x21 to 0x7E): the token alone, without `Bearer `"
+    )]
+    InvalidApiKey,
     /// The server refused the request; retrying it unchanged cannot help.
+    /// `UNAUTHENTICATED` (reason [`API_KEY_INVALID`](crate::reasons::API_KEY_INVALID))
+    /// means no key, or one the server does not know or revoked;
+    /// `PERMISSION_DENIED` (reason [`PERMISSION_DENIED`](crate::reasons::PERMISSION_DENIED))
+    /// means the key's role or scope does not allow the call.
     #[error("the server refused the request: {code:?}: {message}", code = .0.code(), message = .0.message())]
     Rejected(Status),
     /// Every attempt failed transiently, or time ran out.

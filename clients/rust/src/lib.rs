@@ -38,10 +38,13 @@
 //!   handlers get a [`TaskContext`] and fail with a [`TaskError`].
 //! - [`proto`]: the generated messages and client stubs of every service.
 //! - [`metadata`]: the names of the request and response metadata.
-//! - [`reasons`]: the `ErrorInfo` reasons of the worker calls' refusals.
+//! - [`reasons`]: the `ErrorInfo` reasons of the server's refusals.
+//! - API keys: [`OncelyClient::with_api_key`], [`WorkerOptions::api_key`]
+//!   and [`api_key_from_env`] (`ONCELY_API_KEY`, read only when you call it).
 //! - [`json`]: `serde_json` values to and from `google.protobuf.Struct`.
 #![forbid(unsafe_code)]
 
+mod auth;
 mod client;
 mod error;
 pub mod json;
@@ -51,6 +54,7 @@ pub mod reasons;
 mod retry;
 pub mod worker;
 
+pub use auth::{API_KEY_ENV, api_key_from_env};
 pub use client::{Created, OncelyClient, is_finished};
 pub use error::ClientError;
 pub use retry::{RetryPolicy, is_transient};

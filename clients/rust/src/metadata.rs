@@ -1,4 +1,4 @@
-//! The gRPC metadata of oncely's idempotency contract.
+//! The gRPC metadata of oncely's idempotency contract and of its API keys.
 
 /// Request metadata: the idempotency key of a logical call (a UUID v4
 /// generated before the first attempt and sent on every retry).
@@ -12,3 +12,8 @@ pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 /// `idempotency-key`) or `fingerprint` (a keyless request, deduplicated by
 /// its content).
 pub const IDEMPOTENCY_KEY_SOURCE: &str = "idempotency-key-source";
+
+/// Request metadata: the API key, as `Bearer <token>`. Set it with
+/// [`OncelyClient::with_api_key`](crate::OncelyClient::with_api_key) or
+/// [`WorkerOptions::api_key`](crate::WorkerOptions::api_key).
+pub const AUTHORIZATION: &str = "authorization";

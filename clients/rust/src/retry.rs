@@ -7,7 +7,8 @@
 //! wait before the next attempt is exponential with full jitter, and never
 //! shorter than the server's `RetryInfo`. Everything else is returned at
 //! once: `INVALID_ARGUMENT` and `FAILED_PRECONDITION` in particular mean the
-//! request must change.
+//! request must change, and `UNAUTHENTICATED` and `PERMISSION_DENIED` that
+//! the API key must.
 
 use std::{future::Future, time::Duration};
 
@@ -44,7 +45,9 @@ impl Default for RetryPolicy {
     }
 }
 
-/// Whether a failed attempt may succeed if repeated unchanged.
+/// Whether a failed attempt may succeed if repeated unchanged. Refusals of
+/// the API key (`UNAUTHENTICATED`, `PERMISSION_DENIED`) are not: the same
+/// key is refused again.
 pub fn is_transient(status: &Status) -> bool {
     match status.code() {
         // CANCELLED: the server gave up on the deadline, or the call was cut;
@@ -156,6 +159,25 @@ mod tests {
         assert!(!is_transient(&Status::failed_precondition("reused")));
         assert!(!is_transient(&Status::internal("bug")));
         assert!(!is_transient(&Status::not_found("gone")));
+        assert!(!is_transient(&Status::unauthenticated("no key")));
+        assert!(!is_transient(&Status::permission_denied("wrong role")));
+    }
+
+    #[tokio::test]
+    async fn refusals_of_the_api_key_are_returned_after_one_attempt() {
+        for code in [Code::Unauthenticated, Code::PermissionDenied] {
+            let mut attempts = 0;
+            let result = with_retries(&RetryPolicy::default(), "GetTask", &(), |(), _| {
+                attempts += 1;
+                async move { Err::<Response<()>, _>(Status::new(code, "refused")) }
+            })
+            .await;
+            assert!(
+                matches!(&result, Err(ClientError::Rejected(status)) if status.code() == code),
+                "{result:?}"
+            );
+            assert_eq!(attempts, 1);
+        }
     }
 
     #[test]

@@ -24,6 +24,10 @@
 //!
 //! Delivery is at least once: key the side effect by
 //! [`TaskContext::idempotency_key`] (the task id).
+//!
+//! With [`WorkerOptions::api_key`] every call sends
+//! `authorization: Bearer <token>`; a LeaseTasks refused `UNAUTHENTICATED`
+//! or `PERMISSION_DENIED` ends [`Worker::run`] with an error.
 
 mod calls;
 mod context;
@@ -44,6 +48,7 @@ pub use task_error::TaskError;
 
 use crate::{
     ClientError,
+    auth::{ApiKey, authorize},
     client::{MAX_WAIT_PER_CALL, lazy_channel},
     proto::tasks_v1::{Lease, LeaseTasksRequest, Task, worker_service_client::WorkerServiceClient},
     retry::{attempt_once, backoff, is_transient, proto_duration},
@@ -60,6 +65,7 @@ const MAX_TASKS_PER_LEASE: usize = 100;
 const MIN_EMPTY_POLL_PERIOD: Duration = Duration::from_secs(1);
 
 /// Leases tasks and runs a handler on each; see the [module](self) docs.
+/// Its `Debug` shows whether it has an API key, never the key.
 ///
 /// ```no_run
 /// use oncely_client::{TaskContext, TaskError, Worker, WorkerOptions, proto::tasks_v1::Task};
@@ -84,25 +90,53 @@ const MIN_EMPTY_POLL_PERIOD: Duration = Duration::from_secs(1);
 pub struct Worker {
     client: WorkerServiceClient<Channel>,
     options: WorkerOptions,
+    /// The options' API key as metadata; `Err` when it cannot be sent.
+    api_key: Result<Option<ApiKey>, InvalidApiKey>,
+}
+
+/// The options hold an API key that cannot be sent as metadata.
+#[derive(Debug, Clone, Copy)]
+struct InvalidApiKey;
+
+/// The API key of `options` as metadata.
+fn api_key_of(options: &WorkerOptions) -> Result<Option<ApiKey>, InvalidApiKey> {
+    options
+        .api_key
+        .as_deref()
+        .map(ApiKey::new)
+        .transpose()
+        .map_err(|_| InvalidApiKey)
 }
 
 impl Worker {
     /// A worker for the server at `address`, such as
     /// `http://127.0.0.1:50051`; it connects on first use and reconnects by
-    /// itself.
+    /// itself. Fails with [`ClientError::InvalidApiKey`] if the options'
+    /// API key cannot be sent.
     pub fn connect(
         address: impl Into<String>,
         options: WorkerOptions,
     ) -> Result<Self, ClientError> {
-        Ok(Self::new(lazy_channel(address)?, options))
+        let worker = Self::new(lazy_channel(address)?, options);
+        worker.api_key()?;
+        Ok(worker)
     }
 
-    /// A worker over an existing channel.
+    /// A worker over an existing channel. An API key in the options that
+    /// cannot be sent makes [`run`](Self::run) fail at once.
     pub fn new(channel: Channel, options: WorkerOptions) -> Self {
+        let api_key = api_key_of(&options);
         Self {
             client: WorkerServiceClient::new(channel),
             options,
+            api_key,
         }
+    }
+
+    fn api_key(&self) -> Result<Option<ApiKey>, ClientError> {
+        self.api_key
+            .clone()
+            .map_err(|InvalidApiKey| ClientError::InvalidApiKey)
     }
 
     /// The options it runs with.
@@ -110,9 +144,21 @@ impl Worker {
         &self.options
     }
 
-    /// The generated client, for a loop of your own.
+    /// The generated client, for a loop of your own. It adds no API key by
+    /// itself: build its requests with [`request`](Self::request).
     pub fn client(&self) -> WorkerServiceClient<Channel> {
         self.client.clone()
+    }
+
+    /// A request for `message` carrying the options' API key, if they have
+    /// one (and it can be sent): what every call of the worker sends.
+    pub fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        authorize(
+            &mut request,
+            self.api_key.as_ref().ok().and_then(Option::as_ref),
+        );
+        request
     }
 
     /// Works until `shutdown` completes (with any output: pass
@@ -129,8 +175,12 @@ impl Worker {
     ///
     /// Returns an error only when the server refuses LeaseTasks in a way no
     /// retry can help (an invalid `worker_id` or `lease_duration`, a server
-    /// without `WorkerService`); running handlers are then wound down as at
-    /// shutdown. Transient failures are retried for as long as it runs.
+    /// without `WorkerService`, `UNAUTHENTICATED` for a missing, unknown or
+    /// revoked API key, `PERMISSION_DENIED` for a key whose role may not
+    /// lease); running handlers are then wound down as at shutdown. An API
+    /// key that cannot be sent fails it at once with
+    /// [`ClientError::InvalidApiKey`]. Transient failures are retried for as
+    /// long as it runs.
     pub async fn run<H, Fut, S>(&self, handler: H, shutdown: S) -> Result<(), ClientError>
     where
         H: Fn(Task, TaskContext) -> Fut + Send + Sync + 'static,
@@ -143,6 +193,7 @@ impl Worker {
             client: self.client.clone(),
             policy: options.retry,
             lease_duration: options.lease_duration,
+            api_key: self.api_key()?,
         };
         let timing = Timing {
             heartbeat: heartbeat_interval(options.lease_duration, options.heartbeats_per_lease),
@@ -227,7 +278,7 @@ impl Worker {
         let options = &self.options;
         let wait = options.poll_wait.min(MAX_WAIT_PER_CALL);
         let limit = wait + options.retry.attempt_timeout;
-        let mut call = Request::new(LeaseTasksRequest {
+        let mut call = self.request(LeaseTasksRequest {
             worker_id: options.worker_id.clone(),
             actions: options.actions.clone(),
             max_tasks: i32::try_from(max_tasks.min(MAX_TASKS_PER_LEASE)).unwrap_or(1),
@@ -291,17 +342,4 @@ fn note(joined: Result<(), tokio::task::JoinError>) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn run_returns_after_shutdown_even_when_the_server_is_down() {
-        // Nothing listens on port 9 of localhost: every lease fails.
-        let worker = Worker::connect("http://127.0.0.1:9", WorkerOptions::new("w"))
-            .expect("a valid address");
-        let handler = |_task: Task, _ctx: TaskContext| async { Ok(Value::Null) };
-        let shutdown = tokio::time::sleep(Duration::from_millis(300));
-        let ran = tokio::time::timeout(Duration::from_secs(5), worker.run(handler, shutdown)).await;
-        assert!(matches!(ran, Ok(Ok(()))), "{ran:?}");
-    }
-}
+mod tests;

@@ -10,7 +10,8 @@ agents that retry.
 :meth:`Client.create_task` sends one idempotency key on every attempt of a
 call and retries only what may pass next time; see :class:`Client` and
 :class:`RetryPolicy` for the rules, :class:`Rejected` and :class:`GaveUp`
-for the errors. :meth:`Client.wait_task` waits for a task's result.
+for the errors. :meth:`Client.wait_task` waits for a task's result. On a
+server with API keys, pass ``api_key=`` or set ``ONCELY_API_KEY``.
 
 Workers lease tasks and complete or fail them with :meth:`Client.lease_tasks`
 and the calls after it; :class:`Worker` runs that loop around a handler:
@@ -24,6 +25,7 @@ and the calls after it; :class:`Worker` runs that loop around a handler:
 
 from importlib import metadata
 
+from ._auth import API_KEY_ENV
 from ._client import Client
 from ._errors import GaveUp, OncelyError, Rejected
 from ._models import FINISHED_STATUSES, Created, Lease, Task, TaskPage
@@ -34,6 +36,7 @@ __version__ = metadata.version(__name__)
 """The installed version of the package."""
 
 __all__ = [
+    "API_KEY_ENV",
     "FINISHED_STATUSES",
     "TRANSIENT_CODES",
     "Client",

@@ -3,20 +3,19 @@ retries, and the WorkerService calls of the workers that perform tasks."""
 
 from __future__ import annotations
 
-import math
-import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, cast
 
 import grpc
-from google.protobuf import duration_pb2, struct_pb2
 
+from ._auth import auth_metadata, resolve_api_key
 from ._errors import GaveUp, Rejected, retry_delay, rpc_status
 from ._models import Created, Lease, Task, TaskPage
 from ._proto.tasks.v1 import tasks_pb2, tasks_pb2_grpc, worker_pb2, worker_pb2_grpc
 from ._retry import TRANSIENT_CODES, RetryPolicy, backoff_delay, new_idempotency_key
+from ._wire import VALID_KEY, channel_options, channel_target, to_duration, to_struct
 
 IDEMPOTENCY_KEY_HEADER = "idempotency-key"
 REPLAYED_HEADER = "idempotent-replayed"
@@ -28,68 +27,6 @@ LeaseTasks call; longer waits are made of several calls."""
 WAIT_GRACE = 10.0
 """How much longer than its own wait a WaitTask or LeaseTasks attempt may
 take before its deadline cuts it: time for the answer to arrive."""
-
-
-def to_duration(seconds: float, name: str) -> duration_pb2.Duration:
-    """``seconds`` as a ``google.protobuf.Duration``, to the nanosecond.
-    Raises ValueError for a negative or non-finite number, naming the
-    argument ``name``."""
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{name} must be a finite number of seconds, not negative: {seconds!r}")
-    duration = duration_pb2.Duration()
-    duration.FromNanoseconds(round(seconds * 1e9))
-    return duration
-
-
-# The server's key rules: 1 to 255 characters of visible ASCII.
-_VALID_KEY = re.compile(r"[\x21-\x7e]{1,255}")
-
-
-def channel_target(target: str) -> str:
-    """The grpcio target for a server address: ``host:port``, or an
-    ``http://host:port`` URL (the scheme is dropped). Raises ValueError for
-    ``https://``, since the client cannot use TLS yet."""
-    target = target.strip()
-    if target.lower().startswith("https://"):
-        raise ValueError(
-            f"{target!r}: TLS is not supported by the oncely client yet;"
-            " pass a plaintext address such as '127.0.0.1:50051' or 'http://127.0.0.1:50051'"
-        )
-    if target.lower().startswith("http://"):
-        target = target[len("http://") :].rstrip("/")
-    if not target:
-        raise ValueError("the server address is empty")
-    return target
-
-
-def _channel_options(policy: RetryPolicy) -> list[tuple[str, int]]:
-    """The options of the channels the client makes."""
-    return [
-        # Reconnect at the pace of the retries, so that a server that was
-        # briefly down is reached on the next attempt.
-        ("grpc.initial_reconnect_backoff_ms", max(1, int(policy.initial_backoff * 1000))),
-        ("grpc.max_reconnect_backoff_ms", max(1, int(policy.max_backoff * 1000))),
-        # Notice a connection that went silent, rather than wait on it.
-        ("grpc.keepalive_time_ms", 10_000),
-        ("grpc.keepalive_timeout_ms", 5_000),
-    ]
-
-
-def to_struct(value: Mapping[str, Any] | None, name: str) -> struct_pb2.Struct:
-    """A JSON-like mapping (None for an empty one) as a
-    ``google.protobuf.Struct``. Raises TypeError or ValueError, naming the
-    argument ``name``, for anything else: keys must be strings, values
-    None, bools, numbers, strings, lists or such mappings."""
-    if value is not None and not isinstance(value, Mapping):
-        raise TypeError(f"{name} must be a mapping (or None), not {type(value).__name__}")
-    struct = struct_pb2.Struct()
-    try:
-        struct.update(value or {})
-    except (TypeError, ValueError) as error:
-        raise type(error)(
-            f"{name} must be JSON-like (string keys; None, bool, number, string, list or mapping values): {error}"
-        ) from error
-    return struct
 
 
 class Client:
@@ -113,11 +50,25 @@ class Client:
     Use it as a context manager, or call :meth:`close`. One client may be
     shared by threads.
 
+    On a server with API keys every call sends the metadata
+    ``authorization: Bearer <token>``. A missing, unknown or revoked key is
+    refused ``UNAUTHENTICATED`` (reason ``API_KEY_INVALID``), a key whose
+    role or scope does not allow the call ``PERMISSION_DENIED`` (reason
+    ``PERMISSION_DENIED``); both raise :class:`~oncely.Rejected` at once and
+    are never retried. ``repr(client)`` never shows the key.
+
     Args:
         target: The server: ``"127.0.0.1:50051"`` or
             ``"http://127.0.0.1:50051"`` (plaintext; ``https://`` raises
             ValueError, as TLS is not supported yet). The channel connects
             on first use and reconnects by itself.
+        api_key: The API key, as ``oncely keys create`` prints it (the token
+            alone, without ``Bearer``; surrounding whitespace is dropped).
+            None (the default) takes the environment variable
+            ``ONCELY_API_KEY`` if it is set and not blank, and sends no key
+            otherwise; ``""`` sends no key whatever the environment says.
+            A token that is not visible ASCII raises ValueError (which does
+            not show it).
         retry_policy: How hard to try; :class:`~oncely.RetryPolicy` defaults
             if None.
         channel: A channel of your own (say, with interceptors), instead of
@@ -128,15 +79,19 @@ class Client:
         self,
         target: str | None = None,
         *,
+        api_key: str | None = None,
         retry_policy: RetryPolicy | None = None,
         channel: grpc.Channel | None = None,
     ) -> None:
         self._policy = retry_policy or RetryPolicy()
         if (target is None) == (channel is None):
             raise ValueError("give either a target address or a channel")
+        # The metadata every call sends: the key, or nothing.
+        self._auth = auth_metadata(resolve_api_key(api_key))
         self._owns_channel = channel is None
+        self._target = None if target is None else channel_target(target)
         if channel is None:
-            channel = grpc.insecure_channel(channel_target(cast(str, target)), options=_channel_options(self._policy))
+            channel = grpc.insecure_channel(cast(str, self._target), options=channel_options(self._policy))
         self._channel = channel
         self._stub = tasks_pb2_grpc.TaskServiceStub(channel)
         self._worker_stub = worker_pb2_grpc.WorkerServiceStub(channel)
@@ -145,6 +100,16 @@ class Client:
     def retry_policy(self) -> RetryPolicy:
         """The policy every call of this client follows."""
         return self._policy
+
+    @property
+    def has_api_key(self) -> bool:
+        """Whether every call sends an API key (given, or from
+        ``ONCELY_API_KEY``)."""
+        return bool(self._auth)
+
+    def __repr__(self) -> str:
+        where = f"target={self._target!r}" if self._target is not None else "channel=..."
+        return f"Client({where}, api_key={'***' if self._auth else None!r})"
 
     def close(self) -> None:
         """Closes the channel the client made (not one passed in)."""
@@ -193,7 +158,7 @@ class Client:
                 exist: retry later with ``error.key``.
         """
         key = new_idempotency_key() if idempotency_key is None else idempotency_key
-        if not _VALID_KEY.fullmatch(key):
+        if not VALID_KEY.fullmatch(key):
             raise ValueError("an idempotency key is 1 to 255 characters of visible ASCII (0x21 to 0x7E)")
         request = tasks_pb2.CreateTaskRequest(agent_id=agent_id, action=action)
         if parameters:
@@ -288,7 +253,7 @@ class Client:
             last = piece == remaining  # the server waits out the rest of the timeout
             request = tasks_pb2.WaitTaskRequest(task_id=task_id, timeout=to_duration(piece, "timeout"))
             try:
-                response = self._stub.WaitTask(request, timeout=piece + WAIT_GRACE)
+                response = self._stub.WaitTask(request, metadata=self._auth, timeout=piece + WAIT_GRACE)
             except grpc.RpcError as error:
                 failures += 1
                 failed = cast(grpc.Call, error)
@@ -498,7 +463,7 @@ class Client:
         attempts. ``attempt_timeout`` and ``total_timeout`` replace the
         policy's (for long polls)."""
         policy = self._policy
-        metadata = ((IDEMPOTENCY_KEY_HEADER, key),) if key is not None else ()
+        metadata = self._auth + (((IDEMPOTENCY_KEY_HEADER, key),) if key is not None else ())
         deadline = time.monotonic() + (policy.total_timeout if total_timeout is None else total_timeout)
         per_attempt = policy.attempt_timeout if attempt_timeout is None else attempt_timeout
         attempts = 0

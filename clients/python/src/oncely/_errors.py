@@ -107,8 +107,11 @@ class Rejected(OncelyError):
     """The server refused the request, and sending it again unchanged cannot
     help: ``INVALID_ARGUMENT`` (fix the request; :attr:`field_violations`
     names the fields), ``FAILED_PRECONDITION`` (the key was used for a
-    different request: make a new key for a new request), ``NOT_FOUND``, or
-    any other code that is not worth retrying."""
+    different request: make a new key for a new request), ``NOT_FOUND``,
+    ``UNAUTHENTICATED`` (reason ``API_KEY_INVALID``: no API key, or one the
+    server does not know or that was revoked), ``PERMISSION_DENIED`` (the
+    key's role or scope does not allow the call), or any other code that is
+    not worth retrying."""
 
     @property
     def field_violations(self) -> list[tuple[str, str]]:

@@ -22,8 +22,8 @@ TRANSIENT_CODES = frozenset(
 """The status codes worth retrying with the same key: the server was
 unreachable or failing, the attempt ran out of time, a request with the key
 was still in progress (``ABORTED``), or the call was cut. Every other code,
-``INVALID_ARGUMENT`` and ``FAILED_PRECONDITION`` in particular, would fail
-the same way again."""
+``INVALID_ARGUMENT``, ``FAILED_PRECONDITION``, ``UNAUTHENTICATED`` and
+``PERMISSION_DENIED`` in particular, would fail the same way again."""
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,9 @@ class Worker:
         oncely.Worker(client, "mailer-1", ["send_email"], send_email).run(stop)
 
     Args:
-        client: The client to call the server with.
+        client: The client to call the server with; its API key (see
+            :class:`~oncely.Client`) goes with every call, so on a server
+            with keys give it a ``worker`` (or ``admin``) key.
         worker_id: Who this worker is, shown in the server's logs (1 to
             255 bytes).
         actions: The actions it performs; empty means any.
@@ -128,8 +130,9 @@ class Worker:
 
         Errors of the server or the network are logged (logger
         ``oncely.worker``) and the loop goes on, except a refused LeaseTasks
-        call (say, an invalid ``worker_id``): then every thread stops and the
-        :class:`~oncely.Rejected` is raised here.
+        call (say, an invalid ``worker_id``, or an API key refused with
+        ``UNAUTHENTICATED`` or ``PERMISSION_DENIED``): then every thread
+        stops and the :class:`~oncely.Rejected` is raised here.
         """
         stop = stop_event if stop_event is not None else threading.Event()
         halt = threading.Event()  # set when a thread hit a fatal error

@@ -1,5 +1,5 @@
 //! The worker's calls about one lease, each retried under the worker's
-//! [`RetryPolicy`] with the lease's token.
+//! [`RetryPolicy`] with the lease's token and the worker's API key.
 
 use std::time::Duration;
 
@@ -9,6 +9,7 @@ use tonic::{Request, transport::Channel};
 use super::TaskError;
 use crate::{
     ClientError, RetryPolicy,
+    auth::{ApiKey, authorize},
     proto::tasks_v1::{
         CompleteTaskRequest, FailTaskRequest, Lease, RenewLeaseRequest, Task,
         worker_service_client::WorkerServiceClient,
@@ -22,9 +23,18 @@ pub(super) struct Calls {
     pub(super) client: WorkerServiceClient<Channel>,
     pub(super) policy: RetryPolicy,
     pub(super) lease_duration: Duration,
+    pub(super) api_key: Option<ApiKey>,
 }
 
 impl Calls {
+    /// A request for `message` with the API key and the deadline `timeout`.
+    pub(super) fn request<T>(&self, message: T, timeout: Duration) -> Request<T> {
+        let mut request = Request::new(message);
+        authorize(&mut request, self.api_key.as_ref());
+        request.set_timeout(timeout);
+        request
+    }
+
     /// RenewLease, retried for at most `within` (the next heartbeat is due
     /// then).
     pub(super) async fn renew(
@@ -47,8 +57,7 @@ impl Calls {
             "RenewLease",
             &self.client,
             |mut client, timeout| {
-                let mut call = Request::new(request.clone());
-                call.set_timeout(timeout);
+                let call = self.request(request.clone(), timeout);
                 async move { client.renew_lease(call).await }
             },
         )
@@ -74,8 +83,7 @@ impl Calls {
             "CompleteTask",
             &self.client,
             |mut client, timeout| {
-                let mut call = Request::new(request.clone());
-                call.set_timeout(timeout);
+                let call = self.request(request.clone(), timeout);
                 async move { client.complete_task(call).await }
             },
         )
@@ -100,8 +108,7 @@ impl Calls {
         };
         let (response, _) =
             with_retries(policy, "FailTask", &self.client, |mut client, timeout| {
-                let mut call = Request::new(request.clone());
-                call.set_timeout(timeout);
+                let call = self.request(request.clone(), timeout);
                 async move { client.fail_task(call).await }
             })
             .await?;

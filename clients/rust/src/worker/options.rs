@@ -1,6 +1,6 @@
 //! How a worker works: [`WorkerOptions`] and the heartbeat it implies.
 
-use std::time::Duration;
+use std::{fmt, time::Duration};
 
 use crate::RetryPolicy;
 
@@ -20,7 +20,9 @@ const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 /// };
 /// assert_eq!(options.heartbeats_per_lease, 3);
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Its `Debug` shows `api_key: Some("***")`, never the key.
+#[derive(Clone, PartialEq, Eq)]
 pub struct WorkerOptions {
     /// Who is asking, shown in the server's logs: 1 to 255 bytes.
     pub worker_id: String,
@@ -45,6 +47,44 @@ pub struct WorkerOptions {
     /// How the worker retries its calls about a lease (RenewLease,
     /// CompleteTask, FailTask); its backoff also paces LeaseTasks failures.
     pub retry: RetryPolicy,
+    /// The API key (a token from `oncely keys create --role worker`, the
+    /// token alone without `Bearer `) sent as `authorization: Bearer
+    /// <token>` on every call: LeaseTasks, RenewLease, CompleteTask and
+    /// FailTask. Default `None`, and nothing reads the environment by
+    /// itself: pass [`api_key_from_env`](crate::api_key_from_env) for
+    /// `ONCELY_API_KEY`. A token that is not visible ASCII makes
+    /// [`Worker::connect`](super::Worker::connect) and
+    /// [`Worker::run`](super::Worker::run) fail with
+    /// [`ClientError::InvalidApiKey`](crate::ClientError::InvalidApiKey).
+    pub api_key: Option<String>,
+}
+
+impl fmt::Debug for WorkerOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured, so a new field cannot be left out unnoticed.
+        let Self {
+            worker_id,
+            actions,
+            concurrency,
+            lease_duration,
+            poll_wait,
+            heartbeats_per_lease,
+            shutdown_grace,
+            retry,
+            api_key,
+        } = self;
+        f.debug_struct("WorkerOptions")
+            .field("worker_id", worker_id)
+            .field("actions", actions)
+            .field("concurrency", concurrency)
+            .field("lease_duration", lease_duration)
+            .field("poll_wait", poll_wait)
+            .field("heartbeats_per_lease", heartbeats_per_lease)
+            .field("shutdown_grace", shutdown_grace)
+            .field("retry", retry)
+            .field("api_key", &api_key.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 impl WorkerOptions {
@@ -59,6 +99,7 @@ impl WorkerOptions {
             heartbeats_per_lease: 3,
             shutdown_grace: Duration::from_secs(25),
             retry: RetryPolicy::default(),
+            api_key: None,
         }
     }
 }
@@ -118,6 +159,25 @@ mod tests {
         assert_eq!(options.poll_wait, Duration::from_secs(20));
         assert_eq!(options.shutdown_grace, Duration::from_secs(25));
         assert!(options.actions.is_empty());
+        assert_eq!(options.api_key, None);
         assert_ne!(WorkerOptions::default().worker_id, options.worker_id);
+    }
+
+    #[test]
+    fn debug_shows_that_there_is_a_key_but_not_the_key() {
+        let token = "oncely_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+        let options = WorkerOptions {
+            api_key: Some(token.into()),
+            ..WorkerOptions::new("mailer-1")
+        };
+        for shown in [format!("{options:?}"), format!("{options:#?}")] {
+            assert!(
+                !shown.contains(token) && !shown.contains("oncely_"),
+                "{shown}"
+            );
+            assert!(shown.contains("mailer-1"), "{shown}");
+        }
+        assert!(format!("{options:?}").contains(r#"api_key: Some("***")"#));
+        assert!(format!("{:?}", WorkerOptions::new("w")).contains("api_key: None"));
     }
 }
