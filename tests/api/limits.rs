@@ -117,3 +117,27 @@ async fn each_api_key_has_a_bucket_of_its_own() {
         "its own bucket"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_client_waits_out_a_rate_limit_as_retry_info_asks() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut settings = test_settings(&db.url);
+    settings.rate_limits.per_second = NonZeroU32::new(1);
+    settings.rate_limits.burst = NonZeroU32::new(1).expect("one");
+    let app = TestApp::spawn_with(settings).await;
+    let client =
+        oncely_client::OncelyClient::connect(format!("http://{}", app.addr)).expect("address");
+
+    let first = client
+        .create_task(crate::support::email_request())
+        .await
+        .expect("first");
+    let second = client
+        .create_task(crate::support::email_request())
+        .await
+        .expect("second, after waiting out the limit");
+
+    assert_eq!(first.attempts, 1);
+    assert!(second.attempts >= 2, "the second call met the limit first");
+    assert_eq!(db.count("tasks").await, 2);
+}

@@ -13,6 +13,8 @@ from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
+import oncely
+
 from oncely import (
     TRANSIENT_CODES,
     Client,
@@ -80,6 +82,13 @@ def test_only_transient_codes_are_retried() -> None:
     }
     assert grpc.StatusCode.INVALID_ARGUMENT not in TRANSIENT_CODES
     assert grpc.StatusCode.FAILED_PRECONDITION not in TRANSIENT_CODES
+
+
+def test_resource_exhausted_is_retried_only_when_the_server_says_when() -> None:
+    assert oncely.is_transient(grpc.StatusCode.RESOURCE_EXHAUSTED, 0.5)
+    assert not oncely.is_transient(grpc.StatusCode.RESOURCE_EXHAUSTED, None)
+    assert oncely.is_transient(grpc.StatusCode.UNAVAILABLE, None)
+    assert not oncely.is_transient(grpc.StatusCode.INVALID_ARGUMENT, 1.0)
 
 
 @pytest.mark.parametrize(

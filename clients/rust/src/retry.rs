@@ -53,6 +53,9 @@ pub fn is_transient(status: &Status) -> bool {
         // CANCELLED: the server gave up on the deadline, or the call was cut;
         // repeating it with the same key is always safe.
         Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::Cancelled => true,
+        // A rate limit or a shed call says when to come back; a request
+        // that is simply too large does not, and would fail again.
+        Code::ResourceExhausted => status.get_details_retry_info().is_some(),
         // A status with a source was made on this side from a transport
         // error (a connection that broke before the answer arrived), not
         // sent by the server.
@@ -146,6 +149,15 @@ pub(crate) fn proto_duration(duration: Duration) -> prost_types::Duration {
 mod tests {
     use super::*;
     use tonic_types::ErrorDetails;
+
+    #[test]
+    fn resource_exhausted_is_retried_only_when_the_server_says_when() {
+        let mut details = tonic_types::ErrorDetails::new();
+        details.set_retry_info(Some(Duration::from_millis(300)));
+        let limited = Status::with_error_details(Code::ResourceExhausted, "slow down", details);
+        assert!(is_transient(&limited));
+        assert!(!is_transient(&Status::resource_exhausted("too large")));
+    }
 
     #[test]
     fn only_transient_codes_are_retried() {

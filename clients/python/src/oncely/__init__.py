@@ -29,7 +29,7 @@ from ._auth import API_KEY_ENV
 from ._client import Client
 from ._errors import GaveUp, OncelyError, Rejected
 from ._models import FINISHED_STATUSES, Created, Lease, Task, TaskPage
-from ._retry import TRANSIENT_CODES, RetryPolicy, backoff_delay, new_idempotency_key
+from ._retry import TRANSIENT_CODES, RetryPolicy, backoff_delay, is_transient, new_idempotency_key
 from ._worker import Handler, PermanentError, Worker
 
 __version__ = metadata.version(__name__)
@@ -53,5 +53,6 @@ __all__ = [
     "Worker",
     "__version__",
     "backoff_delay",
+    "is_transient",
     "new_idempotency_key",
 ]

@@ -11,10 +11,10 @@ from typing import Any, cast
 import grpc
 
 from ._auth import auth_metadata, resolve_api_key
-from ._errors import GaveUp, Rejected, retry_delay, rpc_status
+from ._errors import GaveUp, Rejected, retry_delay, retry_info_delay, rpc_status
 from ._models import Created, Lease, Task, TaskPage
 from ._proto.tasks.v1 import tasks_pb2, tasks_pb2_grpc, worker_pb2, worker_pb2_grpc
-from ._retry import TRANSIENT_CODES, RetryPolicy, backoff_delay, new_idempotency_key
+from ._retry import RetryPolicy, backoff_delay, is_transient, new_idempotency_key
 from ._wire import VALID_KEY, channel_options, channel_target, to_duration, to_struct
 
 IDEMPOTENCY_KEY_HEADER = "idempotency-key"
@@ -259,7 +259,7 @@ class Client:
                 failed = cast(grpc.Call, error)
                 code, message = failed.code(), failed.details() or ""
                 status = rpc_status(failed.trailing_metadata())
-                if code not in TRANSIENT_CODES:
+                if not is_transient(code, retry_info_delay(status)):
                     raise Rejected(code, message, status=status, attempts=failures) from error
                 wait = backoff_delay(policy, failures, retry_delay(status))
                 if failures >= policy.max_attempts or time.monotonic() + wait >= deadline:
@@ -477,7 +477,7 @@ class Client:
                 failed = cast(grpc.Call, error)
                 code, message = failed.code(), failed.details() or ""
                 status = rpc_status(failed.trailing_metadata())
-                if code not in TRANSIENT_CODES:
+                if not is_transient(code, retry_info_delay(status)):
                     raise Rejected(code, message, status=status, attempts=attempts, key=key) from error
                 wait = backoff_delay(policy, attempts, retry_delay(status))
                 if attempts >= policy.max_attempts or time.monotonic() + wait >= deadline:

@@ -35,11 +35,18 @@ def rpc_status(trailing_metadata: Metadata | None) -> status_pb2.Status | None:
 
 def retry_delay(status: status_pb2.Status | None) -> float:
     """The wait in seconds a ``RetryInfo`` detail asks for, or 0."""
+    asked = retry_info_delay(status)
+    return 0.0 if asked is None else asked
+
+
+def retry_info_delay(status: status_pb2.Status | None) -> float | None:
+    """The wait in seconds a ``RetryInfo`` detail asks for; None without
+    one."""
     info = error_details_pb2.RetryInfo()
     for detail in status.details if status is not None else ():
         if detail.Unpack(info):
             return float(info.retry_delay.ToNanoseconds()) / 1e9
-    return 0.0
+    return None
 
 
 def error_reason(status: status_pb2.Status | None) -> str | None:

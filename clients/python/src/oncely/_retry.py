@@ -23,7 +23,17 @@ TRANSIENT_CODES = frozenset(
 unreachable or failing, the attempt ran out of time, a request with the key
 was still in progress (``ABORTED``), or the call was cut. Every other code,
 ``INVALID_ARGUMENT``, ``FAILED_PRECONDITION``, ``UNAUTHENTICATED`` and
-``PERMISSION_DENIED`` in particular, would fail the same way again."""
+``PERMISSION_DENIED`` in particular, would fail the same way again, except
+``RESOURCE_EXHAUSTED`` with a ``RetryInfo`` (see :func:`is_transient`)."""
+
+
+def is_transient(code: grpc.StatusCode, retry_delay: float | None) -> bool:
+    """Whether a failed attempt may pass if repeated with the same key: a
+    code in :data:`TRANSIENT_CODES`, or ``RESOURCE_EXHAUSTED`` when the
+    server said when to come back (a rate limit, a shed call;
+    ``retry_delay`` is its ``RetryInfo`` delay, None without one). A request
+    that is simply too large has no ``RetryInfo`` and is not retried."""
+    return code in TRANSIENT_CODES or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_delay is not None)
 
 
 @dataclass(frozen=True)
