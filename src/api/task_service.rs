@@ -11,6 +11,7 @@ use super::{
 use crate::{
     domain::{
         Limits, ListQuery, NewTask, PageToken, Principal, TaskId, TaskRecord, WaitQuery, echo,
+        requests::MAX_PAGE_BYTES,
     },
     idempotency::{self, IdempotencyKey, KeyPolicy, KeySource, MissingKeyPolicy, Outcome},
     proto::tasks_v1::{
@@ -121,20 +122,19 @@ impl<S: Store> TaskApi<S> {
                 echo(&query.agent_id)
             )));
         }
-        // One extra row tells whether another page follows.
+        // One extra row tells whether another page follows; a page also
+        // ends early once it holds MAX_PAGE_BYTES, and its token continues.
         let limit = i64::try_from(query.page_size + 1).unwrap_or(i64::MAX);
-        let mut records = self
+        let page = self
             .store
-            .list_tasks(&query.agent_id, query.after.0, limit)
+            .list_tasks(&query.agent_id, query.after.0, limit, MAX_PAGE_BYTES)
             .await?;
-        let next_page_token = if records.len() > query.page_size {
-            records.truncate(query.page_size);
-            records
-                .last()
-                .map(|record| PageToken(record.seq).encode())
-                .unwrap_or_default()
-        } else {
-            String::new()
+        let mut records = page.tasks;
+        let more = records.len() > query.page_size || page.cut_by_size;
+        records.truncate(query.page_size);
+        let next_page_token = match records.last() {
+            Some(last) if more => PageToken(last.seq).encode(),
+            _ => String::new(),
         };
         Ok(Done::Ok(ListTasksResponse {
             tasks: records.iter().map(|record| record.to_task()).collect(),

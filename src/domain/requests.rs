@@ -135,6 +135,10 @@ impl std::fmt::Display for TaskId {
 pub const DEFAULT_PAGE_SIZE: usize = 50;
 /// The largest page; larger requests are clamped to it.
 pub const MAX_PAGE_SIZE: usize = 1000;
+/// Where a page of tasks ends early: once it holds this many bytes of
+/// parameters and results (the page may pass it by its last task). Well
+/// under the 4 MiB that gRPC clients accept by default.
+pub const MAX_PAGE_BYTES: i64 = 2 * 1024 * 1024;
 
 /// A ListTasks request, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -63,13 +63,16 @@ pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
     ) -> impl Future<Output = Result<Option<TaskRecord>, StorageError>> + Send;
 
     /// Reads up to `limit` of an agent's tasks created after `after_seq`,
-    /// oldest first.
+    /// oldest first, stopping early once the tasks read hold `max_bytes` of
+    /// parameters and results (the database drops the rest, so a page of
+    /// large tasks costs its size, not its count).
     fn list_tasks(
         &self,
         agent_id: &str,
         after_seq: i64,
         limit: i64,
-    ) -> impl Future<Output = Result<Vec<TaskRecord>, StorageError>> + Send;
+        max_bytes: i64,
+    ) -> impl Future<Output = Result<TaskPage, StorageError>> + Send;
 
     /// The database clock minus `older_than`: the cutoff for cleanup.
     fn cleanup_cutoff(
@@ -214,6 +217,15 @@ fn expired_message_template(max_attempts: i32) -> String {
     format!(
         "the lease of attempt %s of {max_attempts} expired before its worker completed or failed the task"
     )
+}
+
+/// A page of one agent's tasks.
+#[derive(Debug, Clone, Default)]
+pub struct TaskPage {
+    /// The tasks, oldest first.
+    pub tasks: Vec<TaskRecord>,
+    /// Whether the page ended at the size bound (more may follow).
+    pub cut_by_size: bool,
 }
 
 /// A live idempotency record.

@@ -203,8 +203,45 @@ async fn a_huge_malformed_task_id_is_echoed_only_as_a_short_prefix(backend: Back
     );
 }
 
+async fn a_page_of_large_tasks_ends_early_and_its_token_continues(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let big = "x".repeat(60 * 1024);
+    let mut created = Vec::new();
+    for i in 0..40 {
+        let response = app
+            .create(
+                Some(&new_key()),
+                request("big", "step", json!({"i": i, "body": big})),
+            )
+            .await
+            .expect("create");
+        created.push(response.into_inner().task_id);
+    }
+
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = list(&app, "big", 1000, &token).await.expect("page");
+        pages.push(page.tasks.len());
+        let bytes: usize = page.tasks.iter().map(prost::Message::encoded_len).sum();
+        assert!(bytes < 3 * 1024 * 1024, "a page of {bytes} bytes");
+        token = page.next_page_token;
+        let ids: Vec<String> = page.tasks.into_iter().map(|t| t.task_id).collect();
+        created.retain(|id| !ids.contains(id));
+        if token.is_empty() {
+            break;
+        }
+    }
+
+    assert!(pages[0] < 40, "the first page ended early: {pages:?}");
+    assert!(pages.len() >= 2);
+    assert!(created.is_empty(), "tasks skipped: {created:?}");
+}
+
 conformance!(
     a_huge_malformed_task_id_is_echoed_only_as_a_short_prefix,
+    a_page_of_large_tasks_ends_early_and_its_token_continues,
     get_task_returns_the_created_task,
     get_task_explains_unknown_and_malformed_ids,
     list_tasks_pages_one_agents_tasks_in_creation_order,

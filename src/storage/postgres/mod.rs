@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::{
     ClaimOutcome, DatabaseSettings, KeyLookup, LeaseOrder, NewKeyedTask, RetryRule, StorageError,
-    Store, TaskEvents, redact_url,
+    Store, TaskEvents, TaskPage, redact_url,
 };
 use crate::domain::{ApiKeyRecord, Completion, Failure, LeaseRef, TaskRecord};
 
@@ -133,8 +133,9 @@ impl Store for PgStore {
         agent_id: &str,
         after_seq: i64,
         limit: i64,
-    ) -> Result<Vec<TaskRecord>, StorageError> {
-        queries::list_tasks(&self.pool, agent_id, after_seq, limit).await
+        max_bytes: i64,
+    ) -> Result<TaskPage, StorageError> {
+        queries::list_tasks(&self.pool, agent_id, after_seq, limit, max_bytes).await
     }
 
     async fn cleanup_cutoff(&self, older_than: Duration) -> Result<DateTime<Utc>, StorageError> {

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::super::{
     ClaimOutcome, KeyLookup, LeaseOrder, NewKeyedTask, RetryRule, StorageError, StoredKey,
-    expired_message_template, object, role, token_hash,
+    TaskPage, expired_message_template, object, role, token_hash,
 };
 use crate::domain::{ApiKeyRecord, Completion, Failure, LeaseRef, Principal, TaskRecord};
 
@@ -135,25 +135,41 @@ pub async fn get_task(
 
 /// Reads up to `limit` of an agent's tasks created after `after_seq`,
 /// oldest first.
+/// The running size of a page is summed over the rows in order; a row is
+/// kept while the rows before it hold less than `$4` bytes.
 pub async fn list_tasks(
     db: impl PgExecutor<'_>,
     agent_id: &str,
     after_seq: i64,
     limit: i64,
-) -> Result<Vec<TaskRecord>, StorageError> {
-    sqlx::query(concat!(
+    max_bytes: i64,
+) -> Result<TaskPage, StorageError> {
+    let rows = sqlx::query(concat!(
         "SELECT ",
         task_columns!(),
-        " FROM tasks WHERE agent_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+        ", running, size FROM ( \
+             SELECT ",
+        task_columns!(),
+        ", sum(octet_length(parameters::text) + coalesce(octet_length(result::text), 0)) \
+                   OVER (ORDER BY seq) AS running, \
+                octet_length(parameters::text) + coalesce(octet_length(result::text), 0) AS size \
+             FROM tasks WHERE agent_id = $1 AND seq > $2 ORDER BY seq LIMIT $3 \
+         ) AS page WHERE running - size < $4 ORDER BY seq"
     ))
     .bind(agent_id)
     .bind(after_seq)
     .bind(limit)
+    .bind(max_bytes)
     .fetch_all(db)
-    .await?
-    .iter()
-    .map(task_record)
-    .collect()
+    .await?;
+    let cut_by_size = match rows.last() {
+        Some(row) => row.try_get::<i64, _>("running")? >= max_bytes,
+        None => false,
+    };
+    Ok(TaskPage {
+        tasks: rows.iter().map(task_record).collect::<Result<_, _>>()?,
+        cut_by_size,
+    })
 }
 
 /// The database clock minus `duration`.

@@ -25,7 +25,7 @@ use self::{
 };
 use super::{
     ClaimOutcome, DatabaseSettings, KeyLookup, LeaseOrder, NewKeyedTask, RetryRule, StorageError,
-    Store, TaskEvents,
+    Store, TaskEvents, TaskPage,
 };
 use crate::domain::{ApiKeyRecord, Completion, Failure, LeaseRef, TaskRecord};
 
@@ -150,8 +150,9 @@ impl Store for SqliteStore {
         agent_id: &str,
         after_seq: i64,
         limit: i64,
-    ) -> Result<Vec<TaskRecord>, StorageError> {
-        queries::list_tasks(&self.readers, agent_id, after_seq, limit).await
+        max_bytes: i64,
+    ) -> Result<TaskPage, StorageError> {
+        queries::list_tasks(&self.readers, agent_id, after_seq, limit, max_bytes).await
     }
 
     async fn cleanup_cutoff(&self, older_than: Duration) -> Result<DateTime<Utc>, StorageError> {

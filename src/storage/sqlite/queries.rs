@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::super::{
     ClaimOutcome, KeyLookup, LeaseOrder, NewKeyedTask, RetryRule, StorageError, StoredKey,
-    expired_message_template, object, role, token_hash,
+    TaskPage, expired_message_template, object, role, token_hash,
 };
 use crate::domain::{ApiKeyRecord, Completion, Failure, LeaseRef, Principal, TaskRecord};
 
@@ -186,26 +186,41 @@ pub async fn get_task(
 }
 
 /// Reads up to `limit` of an agent's tasks created after `after_seq`,
-/// oldest first.
+/// oldest first; a row is kept while the rows before it hold less than
+/// `max_bytes` of parameters and results.
 pub async fn list_tasks(
     db: impl SqliteExecutor<'_>,
     agent_id: &str,
     after_seq: i64,
     limit: i64,
-) -> Result<Vec<TaskRecord>, StorageError> {
-    sqlx::query(concat!(
+    max_bytes: i64,
+) -> Result<TaskPage, StorageError> {
+    let rows = sqlx::query(concat!(
         "SELECT ",
         task_columns!(),
-        " FROM tasks WHERE agent_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+        ", running, size FROM ( \
+             SELECT ",
+        task_columns!(),
+        ", sum(length(CAST(parameters AS BLOB)) + coalesce(length(CAST(result AS BLOB)), 0)) \
+                   OVER (ORDER BY seq) AS running, \
+                length(CAST(parameters AS BLOB)) + coalesce(length(CAST(result AS BLOB)), 0) AS size \
+             FROM tasks WHERE agent_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3 \
+         ) WHERE running - size < ?4 ORDER BY seq"
     ))
     .bind(agent_id)
     .bind(after_seq)
     .bind(limit)
+    .bind(max_bytes)
     .fetch_all(db)
-    .await?
-    .iter()
-    .map(task_record)
-    .collect()
+    .await?;
+    let cut_by_size = match rows.last() {
+        Some(row) => row.try_get::<i64, _>("running")? >= max_bytes,
+        None => false,
+    };
+    Ok(TaskPage {
+        tasks: rows.iter().map(task_record).collect::<Result<_, _>>()?,
+        cut_by_size,
+    })
 }
 
 /// The database clock minus `duration`.
