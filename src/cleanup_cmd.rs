@@ -62,6 +62,11 @@ pub enum CleanupError {
     /// The server answered with an error.
     #[error("the server refused: {code:?}: {message}", code = .0.code(), message = .0.message())]
     Rpc(tonic::Status),
+    /// An `https://` address: refused rather than called in plaintext.
+    #[error(
+        "{0:?} asks for TLS, which `oncely cleanup` does not support yet; use an http:// address"
+    )]
+    TlsUnsupported(String),
     /// The API key cannot be sent as metadata.
     #[error("the API key is not valid metadata; pass the token `oncely keys create` printed")]
     ApiKey,
@@ -72,6 +77,14 @@ pub enum CleanupError {
 
 /// Runs cleanup and returns how many records were deleted.
 pub async fn run(args: &CleanupArgs) -> Result<i64, CleanupError> {
+    if args
+        .server
+        .trim_start()
+        .to_ascii_lowercase()
+        .starts_with("https://")
+    {
+        return Err(CleanupError::TlsUnsupported(args.server.clone()));
+    }
     let server = if args.server.contains("://") {
         args.server.clone()
     } else {

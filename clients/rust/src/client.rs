@@ -67,6 +67,13 @@ pub struct OncelyClient {
 /// itself, so a server that is briefly down is just a retry.
 pub(crate) fn lazy_channel(address: impl Into<String>) -> Result<Channel, ClientError> {
     let address = address.into();
+    if address
+        .trim_start()
+        .to_ascii_lowercase()
+        .starts_with("https://")
+    {
+        return Err(ClientError::TlsUnsupported(address));
+    }
     Ok(Channel::from_shared(address.clone())
         .map_err(|_| ClientError::Address(address))?
         .connect_timeout(Duration::from_secs(5))

@@ -8,6 +8,12 @@ pub enum ClientError {
     /// The server address is not a valid URI.
     #[error("invalid server address {0:?}")]
     Address(String),
+    /// An `https://` address, which this client cannot secure yet: it
+    /// refuses rather than fall back to plaintext.
+    #[error(
+        "{0:?} asks for TLS, which this client does not support yet; use an http:// address on a trusted network, or a TLS-terminating proxy"
+    )]
+    TlsUnsupported(String),
     /// The idempotency key cannot be sent as metadata.
     #[error("the idempotency key must be 1 to 255 visible ASCII characters (0x21 to 0x7E)")]
     InvalidKey,

@@ -72,3 +72,13 @@ fn only_succeeded_failed_and_cancelled_are_finished() {
     assert!(!is_finished(&with(TaskStatus::Running)));
     assert!(!is_finished(&with(TaskStatus::Unspecified)));
 }
+
+#[tokio::test]
+async fn an_https_address_is_refused_rather_than_called_in_plaintext() {
+    let refused = OncelyClient::connect("https://oncely.example:443");
+    assert!(
+        matches!(refused, Err(ClientError::TlsUnsupported(_))),
+        "{refused:?}"
+    );
+    assert!(OncelyClient::connect("http://127.0.0.1:50051").is_ok());
+}
