@@ -75,13 +75,27 @@ impl<U: Message + Default> Decoder for RequestDecoder<U> {
     }
 }
 
-/// The end of prost's message: the field where decoding failed and why.
-/// Prost names every enclosing field before it, so the whole message grows
-/// with the nesting of the input; this part does not.
+/// The end of prost's message: the innermost field where decoding failed
+/// (`Message.field`) and why. Prost names every enclosing field before it,
+/// so the whole message grows with the nesting of the input; this part
+/// does not.
 fn innermost(message: &str) -> &str {
-    match message.rmatch_indices(": ").nth(1) {
-        Some((at, _)) => &message[at + 2..],
-        None => message,
+    let name = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let is_field = |part: &str| {
+        part.split_once('.')
+            .is_some_and(|(message, field)| name(message) && name(field))
+    };
+    let mut at = None;
+    let mut offset = 0;
+    for part in message.split(": ") {
+        if is_field(part) {
+            at = Some(offset);
+        }
+        offset += part.len() + 2;
+    }
+    match at {
+        Some(at) => &message[at..],
+        None => message.rsplit(": ").next().unwrap_or(message),
     }
 }
 
@@ -98,5 +112,12 @@ mod tests {
             "CreateTaskRequest.parameters: recursion limit reached"
         );
         assert_eq!(innermost("buffer underflow"), "buffer underflow");
+        // A reason that holds ": " itself keeps its field.
+        assert_eq!(
+            innermost(
+                "failed to decode Protobuf message: CreateTaskRequest.agent_id: invalid string value: data is not UTF-8 encoded"
+            ),
+            "CreateTaskRequest.agent_id: invalid string value: data is not UTF-8 encoded"
+        );
     }
 }

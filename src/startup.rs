@@ -243,12 +243,16 @@ fn check_protection(
             );
         }
         AuthMode::Auto if !ring.any_key() => match addr {
-            Some(addr) if !addr.ip().is_loopback() => {
-                return Err(StartupError::Unprotected { addr });
-            }
-            _ => tracing::info!(
+            Some(addr) if addr.ip().is_loopback() => tracing::info!(
                 "no API key exists: serving without authentication on a loopback address; calls need keys as soon as one is created"
             ),
+            // An address that is not loopback, or one that cannot be told:
+            // refuse rather than serve open.
+            addr => {
+                return Err(StartupError::Unprotected {
+                    addr: addr.unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+                });
+            }
         },
         _ => tracing::info!("calls need an API key"),
     }

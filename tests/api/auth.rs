@@ -119,11 +119,18 @@ async fn once_a_key_exists_every_call_needs_one(backend: Backend) {
     })
     .await;
     let forged = create_as(&app, "oncely_forged", "agent-7").await;
+    let keyless = app
+        .tasks
+        .clone()
+        .create_task(Request::new(crate::support::email_request()))
+        .await;
     let allowed = create_as(&app, &admin, "agent-7").await;
 
     before.expect("open while no key existed");
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
     assert_status(forged, Code::Unauthenticated, Some("API_KEY_INVALID"));
+    // Who calls is checked before what the call holds.
+    assert_status(keyless, Code::Unauthenticated, Some("API_KEY_INVALID"));
     allowed.expect("an admin may create");
     assert!(admin.starts_with("oncely_") && admin.len() > 40);
     app.health("").await.expect("health stays open");
