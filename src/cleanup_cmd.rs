@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use clap::Args;
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use oncely_client::proto::tasks_v1::{CleanupRequest, admin_client::AdminClient};
 
@@ -21,6 +21,10 @@ pub struct CleanupArgs {
     /// Give up after this long.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// A PEM CA certificate to trust for an https:// server, besides the
+    /// system's roots.
+    #[arg(long)]
+    pub ca_file: Option<std::path::PathBuf>,
     /// An admin API key, when the server requires keys.
     #[arg(long, env = "ONCELY_API_KEY", hide_env_values = true)]
     pub api_key: Option<ApiKey>,
@@ -62,11 +66,9 @@ pub enum CleanupError {
     /// The server answered with an error.
     #[error("the server refused: {code:?}: {message}", code = .0.code(), message = .0.message())]
     Rpc(tonic::Status),
-    /// An `https://` address: refused rather than called in plaintext.
-    #[error(
-        "{0:?} asks for TLS, which `oncely cleanup` does not support yet; use an http:// address"
-    )]
-    TlsUnsupported(String),
+    /// The TLS settings cannot be used.
+    #[error("cannot set up TLS: {0}")]
+    Tls(String),
     /// The API key cannot be sent as metadata.
     #[error("the API key is not valid metadata; pass the token `oncely keys create` printed")]
     ApiKey,
@@ -77,23 +79,31 @@ pub enum CleanupError {
 
 /// Runs cleanup and returns how many records were deleted.
 pub async fn run(args: &CleanupArgs) -> Result<i64, CleanupError> {
-    if args
-        .server
-        .trim_start()
-        .to_ascii_lowercase()
-        .starts_with("https://")
-    {
-        return Err(CleanupError::TlsUnsupported(args.server.clone()));
-    }
     let server = if args.server.contains("://") {
         args.server.clone()
     } else {
         format!("http://{}", args.server)
     };
-    let endpoint = Endpoint::from_shared(server.clone())
+    let mut endpoint = Endpoint::from_shared(server.clone())
         .map_err(|_| CleanupError::Address(args.server.clone()))?
         .connect_timeout(args.timeout.min(Duration::from_secs(10)))
         .timeout(args.timeout);
+    // An https:// server is called over TLS, never in plaintext.
+    if server.to_ascii_lowercase().starts_with("https://") {
+        let mut tls = ClientTlsConfig::new().with_native_roots();
+        if let Some(path) = &args.ca_file {
+            let ca = std::fs::read(path)
+                .map_err(|e| CleanupError::Tls(format!("cannot read {}: {e}", path.display())))?;
+            tls = tls.ca_certificate(Certificate::from_pem(ca));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| CleanupError::Tls(e.to_string()))?;
+    } else if args.ca_file.is_some() {
+        return Err(CleanupError::Tls(
+            "--ca-file is for an https:// server".into(),
+        ));
+    }
     let call = async {
         let channel = endpoint
             .connect()

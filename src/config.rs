@@ -133,6 +133,15 @@ pub struct ServeArgs {
     /// past it, calls are shed with RESOURCE_EXHAUSTED.
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,
+    /// A PEM certificate chain to serve TLS with (with --tls-key).
+    #[arg(long, env = "TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// A PEM CA: clients must show a certificate it signed (mTLS).
+    #[arg(long, env = "TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
     /// How long shutdown waits for in-flight requests before exiting anyway.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = positive_duration)]
     pub shutdown_grace: Duration,
@@ -181,6 +190,17 @@ fn retention_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// The files of the server's TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The PEM certificate chain.
+    pub cert: std::path::PathBuf,
+    /// Its PEM private key.
+    pub key: std::path::PathBuf,
+    /// A PEM CA that must have signed the clients' certificates (mTLS).
+    pub client_ca: Option<std::path::PathBuf>,
+}
+
 /// Everything the server needs, resolved from [`ServeArgs`].
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -205,6 +225,8 @@ pub struct Settings {
     pub key_refresh_interval: Duration,
     /// Per-caller rates and the in-flight bound.
     pub rate_limits: RateLimits,
+    /// TLS for the gRPC listener, if any.
+    pub tls: Option<TlsFiles>,
     /// The largest request message, in bytes.
     pub max_request_bytes: usize,
     /// Cleanup's batch size.
@@ -241,6 +263,11 @@ impl From<ServeArgs> for Settings {
             },
             auth: args.auth,
             key_refresh_interval: args.key_refresh_interval,
+            tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| TlsFiles {
+                cert,
+                key,
+                client_ca: args.tls_client_ca,
+            }),
             rate_limits: RateLimits {
                 per_second: std::num::NonZeroU32::new(args.rate_limit),
                 burst: std::num::NonZeroU32::new(args.rate_burst)

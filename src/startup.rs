@@ -4,7 +4,7 @@ use std::future::Future;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tower::Layer;
 
@@ -14,7 +14,7 @@ use crate::{
         RewriteOversizeLayer, TaskApi, WorkerApi,
     },
     auth::{AuthMode, KeyRing},
-    config::Settings,
+    config::{Settings, TlsFiles},
     health,
     idempotency::KeyPolicy,
     proto::{
@@ -55,6 +55,15 @@ pub enum StartupError {
     Unprotected {
         /// The address.
         addr: std::net::SocketAddr,
+    },
+    /// A TLS file could not be read.
+    #[error("cannot read the TLS file {path}")]
+    TlsFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
     },
     /// The API keys could not be read.
     #[error("cannot read the API keys")]
@@ -178,7 +187,12 @@ async fn serve_with<S: Store>(
     // Signalled when shutdown starts, to bound how long in-flight requests
     // (and endless streams such as Health/Watch) may hold the exit.
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = &settings.tls {
+        builder = builder.tls_config(server_tls(tls)?)?;
+        tracing::info!(mtls = tls.client_ca.is_some(), "serving TLS");
+    }
+    let server = builder
         .layer(
             tower::ServiceBuilder::new()
                 .layer(RewriteOversizeLayer)
@@ -222,6 +236,23 @@ async fn serve_with<S: Store>(
     result?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The server's TLS from its files: its identity, and the CA clients'
+/// certificates must be signed by, for mTLS.
+fn server_tls(files: &TlsFiles) -> Result<ServerTlsConfig, StartupError> {
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read(path).map_err(|source| StartupError::TlsFile {
+            path: path.clone(),
+            source,
+        })
+    };
+    let mut config =
+        ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
+    if let Some(ca) = &files.client_ca {
+        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(config)
 }
 
 /// Like Redis's protected mode: with no key and no explicit setting, the

@@ -44,5 +44,6 @@ mod read_tasks;
 mod reflection;
 mod restart;
 mod support;
+mod tls;
 mod worker;
 mod worker_helper;

@@ -109,21 +109,3 @@ async fn without_database_url_the_binary_keeps_its_data_in_an_embedded_file() {
         Some(0)
     );
 }
-
-#[test]
-fn cleanup_refuses_an_https_address_rather_than_talk_plaintext() {
-    let output = Command::new(BINARY)
-        .args([
-            "cleanup",
-            "--server",
-            "https://127.0.0.1:1",
-            "--timeout",
-            "2s",
-        ])
-        .output()
-        .expect("run cleanup");
-
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("TLS"), "{stderr}");
-}

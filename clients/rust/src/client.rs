@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tonic::{
     Request, Response, Status,
     metadata::{AsciiMetadataValue, MetadataValue},
-    transport::Channel,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
 };
 
 use crate::{
@@ -63,25 +63,65 @@ pub struct OncelyClient {
     api_key: Option<ApiKey>,
 }
 
+/// How to reach a server over TLS (an `https://` address). By default the
+/// operating system's roots are trusted; add a CA for a private one, and an
+/// identity when the server asks clients for certificates (mTLS).
+#[derive(Clone, Default)]
+pub struct TlsOptions {
+    /// A PEM CA certificate to trust besides the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// A PEM client certificate and its PEM private key.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field("ca_pem", &self.ca_pem.as_ref().map(|_| "…"))
+            .field("identity_pem", &self.identity_pem.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
 /// A channel to `address` that connects on first use and reconnects by
-/// itself, so a server that is briefly down is just a retry.
-pub(crate) fn lazy_channel(address: impl Into<String>) -> Result<Channel, ClientError> {
+/// itself, so a server that is briefly down is just a retry. An `https://`
+/// address is secured with TLS as `tls` says; it never falls back to
+/// plaintext.
+pub fn channel(address: impl Into<String>, tls: &TlsOptions) -> Result<Channel, ClientError> {
     let address = address.into();
-    if address
+    let secure = address
         .trim_start()
         .to_ascii_lowercase()
-        .starts_with("https://")
-    {
-        return Err(ClientError::TlsUnsupported(address));
-    }
-    Ok(Channel::from_shared(address.clone())
-        .map_err(|_| ClientError::Address(address))?
+        .starts_with("https://");
+    let mut endpoint = Channel::from_shared(address.clone())
+        .map_err(|_| ClientError::Address(address.clone()))?
         .connect_timeout(Duration::from_secs(5))
         // Notice a connection that went silent, rather than wait on it.
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+        .keep_alive_while_idle(true);
+    if secure {
+        let mut config = ClientTlsConfig::new().with_native_roots();
+        if let Some(ca) = &tls.ca_pem {
+            config = config.ca_certificate(Certificate::from_pem(ca));
+        }
+        if let Some((cert, key)) = &tls.identity_pem {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        endpoint = endpoint
+            .tls_config(config)
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+    } else if tls.ca_pem.is_some() || tls.identity_pem.is_some() {
+        return Err(ClientError::Tls(format!(
+            "TLS options were given for {address:?}, which is not an https:// address"
+        )));
+    }
+    Ok(endpoint.connect_lazy())
+}
+
+/// A channel as [`channel`] makes it, with the default TLS options.
+pub(crate) fn lazy_channel(address: impl Into<String>) -> Result<Channel, ClientError> {
+    channel(address, &TlsOptions::default())
 }
 
 impl OncelyClient {
@@ -92,6 +132,15 @@ impl OncelyClient {
     /// [`with_api_key`](Self::with_api_key).
     pub fn connect(address: impl Into<String>) -> Result<Self, ClientError> {
         Ok(Self::new(lazy_channel(address)?))
+    }
+
+    /// Like [`connect`](Self::connect), with TLS options for an `https://`
+    /// address: a private CA, a client certificate.
+    pub fn connect_with_tls(
+        address: impl Into<String>,
+        tls: &TlsOptions,
+    ) -> Result<Self, ClientError> {
+        Ok(Self::new(channel(address, tls)?))
     }
 
     /// A client over an existing channel.

@@ -8,12 +8,10 @@ pub enum ClientError {
     /// The server address is not a valid URI.
     #[error("invalid server address {0:?}")]
     Address(String),
-    /// An `https://` address, which this client cannot secure yet: it
-    /// refuses rather than fall back to plaintext.
-    #[error(
-        "{0:?} asks for TLS, which this client does not support yet; use an http:// address on a trusted network, or a TLS-terminating proxy"
-    )]
-    TlsUnsupported(String),
+    /// The TLS settings cannot be used (a CA or identity that is not PEM,
+    /// TLS options for an `http://` address).
+    #[error("cannot set up TLS: {0}")]
+    Tls(String),
     /// The idempotency key cannot be sent as metadata.
     #[error("the idempotency key must be 1 to 255 visible ASCII characters (0x21 to 0x7E)")]
     InvalidKey,

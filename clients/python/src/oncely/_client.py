@@ -3,8 +3,10 @@ retries, and the WorkerService calls of the workers that perform tasks."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
@@ -15,7 +17,7 @@ from ._errors import GaveUp, Rejected, retry_delay, retry_info_delay, rpc_status
 from ._models import Created, Lease, Task, TaskPage
 from ._proto.tasks.v1 import tasks_pb2, tasks_pb2_grpc, worker_pb2, worker_pb2_grpc
 from ._retry import RetryPolicy, backoff_delay, is_transient, new_idempotency_key
-from ._wire import VALID_KEY, channel_options, channel_target, to_duration, to_struct
+from ._wire import VALID_KEY, channel_options, channel_target, is_secure, to_duration, to_struct
 
 IDEMPOTENCY_KEY_HEADER = "idempotency-key"
 REPLAYED_HEADER = "idempotent-replayed"
@@ -59,9 +61,9 @@ class Client:
 
     Args:
         target: The server: ``"127.0.0.1:50051"`` or
-            ``"http://127.0.0.1:50051"`` (plaintext; ``https://`` raises
-            ValueError, as TLS is not supported yet). The channel connects
-            on first use and reconnects by itself.
+            ``"http://127.0.0.1:50051"`` (plaintext), or
+            ``"https://oncely.example:443"`` (TLS, never plaintext). The
+            channel connects on first use and reconnects by itself.
         api_key: The API key, as ``oncely keys create`` prints it (the token
             alone, without ``Bearer``; surrounding whitespace is dropped).
             None (the default) takes the environment variable
@@ -71,6 +73,8 @@ class Client:
             not show it).
         retry_policy: How hard to try; :class:`~oncely.RetryPolicy` defaults
             if None.
+        tls_ca: For an ``https://`` target: a PEM CA certificate (bytes, or
+            a path to the file) to trust instead of the system's roots.
         channel: A channel of your own (say, with interceptors), instead of
             ``target``. The caller keeps it: :meth:`close` leaves it open.
     """
@@ -82,6 +86,7 @@ class Client:
         api_key: str | None = None,
         retry_policy: RetryPolicy | None = None,
         channel: grpc.Channel | None = None,
+        tls_ca: bytes | str | os.PathLike[str] | None = None,
     ) -> None:
         self._policy = retry_policy or RetryPolicy()
         if (target is None) == (channel is None):
@@ -91,7 +96,16 @@ class Client:
         self._owns_channel = channel is None
         self._target = None if target is None else channel_target(target)
         if channel is None:
-            channel = grpc.insecure_channel(cast(str, self._target), options=channel_options(self._policy))
+            options = channel_options(self._policy)
+            if target is not None and is_secure(target):
+                # TLS for https://, trusting the system's roots, or tls_ca.
+                root = tls_ca if isinstance(tls_ca, bytes) or tls_ca is None else Path(tls_ca).read_bytes()
+                credentials = grpc.ssl_channel_credentials(root_certificates=root)
+                channel = grpc.secure_channel(cast(str, self._target), credentials, options=options)
+            elif tls_ca is not None:
+                raise ValueError("tls_ca is for an https:// target")
+            else:
+                channel = grpc.insecure_channel(cast(str, self._target), options=options)
         self._channel = channel
         self._stub = tasks_pb2_grpc.TaskServiceStub(channel)
         self._worker_stub = worker_pb2_grpc.WorkerServiceStub(channel)

@@ -28,18 +28,19 @@ def to_duration(seconds: float, name: str) -> duration_pb2.Duration:
 VALID_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 
+def is_secure(target: str) -> bool:
+    """Whether a server address asks for TLS: an ``https://`` URL."""
+    return target.strip().lower().startswith("https://")
+
+
 def channel_target(target: str) -> str:
     """The grpcio target for a server address: ``host:port``, or an
-    ``http://host:port`` URL (the scheme is dropped). Raises ValueError for
-    ``https://``, since the client cannot use TLS yet."""
+    ``http://host:port`` or ``https://host:port`` URL (the scheme is
+    dropped; :func:`is_secure` tells whether it asked for TLS)."""
     target = target.strip()
-    if target.lower().startswith("https://"):
-        raise ValueError(
-            f"{target!r}: TLS is not supported by the oncely client yet;"
-            " pass a plaintext address such as '127.0.0.1:50051' or 'http://127.0.0.1:50051'"
-        )
-    if target.lower().startswith("http://"):
-        target = target[len("http://") :].rstrip("/")
+    for scheme in ("http://", "https://"):
+        if target.lower().startswith(scheme):
+            target = target[len(scheme) :].rstrip("/")
     if not target:
         raise ValueError("the server address is empty")
     return target

@@ -74,11 +74,17 @@ fn only_succeeded_failed_and_cancelled_are_finished() {
 }
 
 #[tokio::test]
-async fn an_https_address_is_refused_rather_than_called_in_plaintext() {
-    let refused = OncelyClient::connect("https://oncely.example:443");
-    assert!(
-        matches!(refused, Err(ClientError::TlsUnsupported(_))),
-        "{refused:?}"
+async fn tls_options_are_for_https_addresses_only() {
+    assert!(OncelyClient::connect("https://oncely.example:443").is_ok());
+    let misplaced = OncelyClient::connect_with_tls(
+        "http://127.0.0.1:50051",
+        &TlsOptions {
+            ca_pem: Some(b"-----BEGIN CERTIFICATE-----".to_vec()),
+            identity_pem: None,
+        },
     );
-    assert!(OncelyClient::connect("http://127.0.0.1:50051").is_ok());
+    assert!(
+        matches!(misplaced, Err(ClientError::Tls(_))),
+        "{misplaced:?}"
+    );
 }

@@ -1,0 +1,76 @@
+"""The client over TLS: a server with a certificate of a test CA (made
+with openssl), reached with ``https://`` and the CA, and refused in
+plaintext or without the CA."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from oncely import Client, GaveUp, OncelyError, RetryPolicy
+
+from conftest import free_port
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture
+def certificates(tmp_path: Path) -> Path:
+    """A CA and a server certificate for 127.0.0.1 it signed, in tmp_path."""
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", "1", "-subj", "/CN=oncely test CA", cwd=tmp_path)
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=127.0.0.1", cwd=tmp_path)
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "1", "-extfile", "san.ext", cwd=tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def tls_server(oncely_binary: Path, certificates: Path) -> Iterator[str]:
+    """A TLS server; yields its port's ``host:port``."""
+    address = f"127.0.0.1:{free_port()}"
+    environment = {
+        "PATH": os.environ.get("PATH", os.defpath),
+        "DATABASE_URL": f"sqlite://{certificates / 'oncely.db'}",
+        "LISTEN_ADDR": address,
+        "TLS_CERT": str(certificates / "server.pem"),
+        "TLS_KEY": str(certificates / "server.key"),
+        "RUST_LOG": "warn",
+    }
+    process = subprocess.Popen([str(oncely_binary)], env=environment)
+    try:
+        yield address
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+def test_the_client_speaks_tls_to_an_https_address(tls_server: str, certificates: Path) -> None:
+    patient = RetryPolicy(max_attempts=50, initial_backoff=0.05, max_backoff=0.2, total_timeout=20)
+    with Client(f"https://{tls_server}", tls_ca=certificates / "ca.pem", retry_policy=patient) as client:
+        created = client.create_task("agent-7", "send_email", {"to": "ada@example.com"})
+        assert client.get_task(created.task.task_id) == created.task
+
+    once = RetryPolicy(max_attempts=1, attempt_timeout=3)
+    with Client(f"http://{tls_server}", retry_policy=once) as plaintext:
+        with pytest.raises(OncelyError):
+            plaintext.create_task("agent-7", "send_email")
+    with Client(f"https://{tls_server}", retry_policy=once) as untrusting:
+        with pytest.raises(GaveUp) as refused:
+            untrusting.create_task("agent-7", "send_email")
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_ca_is_only_for_https_targets(certificates: Path) -> None:
+    with pytest.raises(ValueError, match="https"):
+        Client("127.0.0.1:50051", tls_ca=certificates / "ca.pem")
+
