@@ -1,0 +1,179 @@
+//! The statements of the task lifecycle on PostgreSQL: leases, renewals,
+//! completions, failures and cancellations, each one statement fenced by
+//! the lease's token.
+
+use std::time::Duration;
+
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+use super::task_record;
+use crate::{
+    domain::{Completion, Failure, LeaseRef, TaskRecord},
+    storage::{LeaseOrder, RetryRule, StorageError, expired_message_template},
+};
+
+/// What one lease statement did.
+#[derive(Debug, Default)]
+pub struct Leased {
+    /// The leased tasks, RUNNING, oldest first.
+    pub leased: Vec<TaskRecord>,
+    /// How many picked tasks it ended FAILED instead (their last allowed
+    /// lease had run out); they took places of the limit.
+    pub failed: usize,
+}
+
+/// Leases up to `order.max_tasks` available tasks in one statement: a CTE
+/// picks the oldest `FOR UPDATE SKIP LOCKED` (so the limit holds and no
+/// caller waits on another's rows), and the update leases exactly those.
+/// A running task whose lease ran out on its last allowed attempt is ended
+/// FAILED instead, and its waiters notified. Status numbers: 1 queued,
+/// 2 running, 4 failed.
+pub async fn lease_tasks(
+    db: impl PgExecutor<'_>,
+    order: &LeaseOrder<'_>,
+) -> Result<Leased, StorageError> {
+    let rows = sqlx::query(concat!(
+        "WITH picked AS ( \
+             SELECT task_id FROM tasks \
+             WHERE status IN (1, 2) AND available_at <= now() \
+               AND (cardinality($2::text[]) = 0 OR action = ANY($2::text[])) \
+             ORDER BY available_at, seq \
+             LIMIT $3 \
+             FOR UPDATE SKIP LOCKED \
+         ), changed AS ( \
+             UPDATE tasks AS t SET \
+                 status = CASE WHEN t.status = 2 AND t.attempt >= $5 THEN 4 ELSE 2 END, \
+                 error_message = CASE WHEN t.status = 2 THEN format($6, t.attempt) \
+                                      ELSE t.error_message END, \
+                 attempt = CASE WHEN t.status = 2 AND t.attempt >= $5 THEN t.attempt \
+                                ELSE t.attempt + 1 END, \
+                 lease_token = CASE WHEN t.status = 2 AND t.attempt >= $5 THEN t.lease_token \
+                                    ELSE gen_random_uuid() END, \
+                 worker_id = CASE WHEN t.status = 2 AND t.attempt >= $5 THEN t.worker_id \
+                                  ELSE $1 END, \
+                 available_at = CASE WHEN t.status = 2 AND t.attempt >= $5 THEN t.available_at \
+                                     ELSE now() + $4::interval END, \
+                 update_time = now() \
+             FROM picked WHERE t.task_id = picked.task_id \
+             RETURNING t.* \
+         ) \
+         SELECT ",
+        task_columns!(),
+        ", CASE WHEN status = 4 \
+                THEN pg_notify('oncely_tasks', 'finished:' || task_id)::text END \
+         FROM changed ORDER BY available_at, seq"
+    ))
+    .bind(order.worker_id)
+    .bind(order.actions)
+    .bind(order.max_tasks)
+    .bind(order.lease_duration)
+    .bind(order.max_attempts)
+    .bind(expired_message_template(order.max_attempts))
+    .fetch_all(db)
+    .await?;
+    let mut done = Leased::default();
+    for row in &rows {
+        let task = task_record(row)?;
+        if task.status == 2 {
+            done.leased.push(task);
+        } else {
+            done.failed += 1;
+        }
+    }
+    Ok(done)
+}
+
+/// Extends a lease that is still the task's current one.
+pub async fn renew_lease(
+    db: impl PgExecutor<'_>,
+    lease: LeaseRef,
+    lease_duration: Duration,
+) -> Result<Option<TaskRecord>, StorageError> {
+    sqlx::query(concat!(
+        "UPDATE tasks SET available_at = now() + $3::interval, update_time = now() \
+         WHERE task_id = $1 AND lease_token = $2 AND status = 2 \
+         RETURNING ",
+        task_columns!()
+    ))
+    .bind(lease.task_id.0)
+    .bind(lease.token)
+    .bind(lease_duration)
+    .fetch_optional(db)
+    .await?
+    .map(|row| task_record(&row))
+    .transpose()
+}
+
+/// Marks the task SUCCEEDED (3) with its result, if the lease is current.
+pub async fn complete_task(
+    db: impl PgExecutor<'_>,
+    completion: &Completion,
+) -> Result<Option<TaskRecord>, StorageError> {
+    sqlx::query(concat!(
+        "UPDATE tasks SET status = 3, result = $3::jsonb, error_message = '', update_time = now() \
+         WHERE task_id = $1 AND lease_token = $2 AND status = 2",
+        returning_finished!()
+    ))
+    .bind(completion.lease.task_id.0)
+    .bind(completion.lease.token)
+    .bind(&completion.result_json)
+    .fetch_optional(db)
+    .await?
+    .map(|row| task_record(&row))
+    .transpose()
+}
+
+/// Records a failed attempt, if the lease is current: FAILED (4) when
+/// permanent or on the last allowed attempt, else queued (1) again after
+/// `retry_after` or a random delay up to the attempt's backoff ceiling.
+pub async fn fail_task(
+    db: impl PgExecutor<'_>,
+    failure: &Failure,
+    retry: &RetryRule,
+) -> Result<Option<TaskRecord>, StorageError> {
+    sqlx::query(concat!(
+        "UPDATE tasks AS t SET \
+             status = CASE WHEN $4 OR t.attempt >= $5 THEN 4 ELSE 1 END, \
+             error_message = $3, \
+             available_at = CASE WHEN $4 OR t.attempt >= $5 THEN t.available_at \
+                 ELSE now() + make_interval(secs => COALESCE($6::float8, \
+                     least($8::float8, $7::float8 * (1::bigint << least(t.attempt - 1, 30))) \
+                     * random())) END, \
+             update_time = now() \
+         WHERE task_id = $1 AND lease_token = $2 AND status = 2 \
+         RETURNING ",
+        task_columns!(),
+        ", CASE WHEN status = 4 THEN pg_notify('oncely_tasks', 'finished:' || task_id) \
+                ELSE pg_notify('oncely_tasks', 'ready') END::text"
+    ))
+    .bind(failure.lease.task_id.0)
+    .bind(failure.lease.token)
+    .bind(&failure.message)
+    .bind(failure.permanent)
+    .bind(retry.max_attempts)
+    .bind(failure.retry_after.map(|d| d.as_secs_f64()))
+    .bind(retry.backoff_base.as_secs_f64())
+    .bind(retry.backoff_max.as_secs_f64())
+    .fetch_optional(db)
+    .await?
+    .map(|row| task_record(&row))
+    .transpose()
+}
+
+/// Cancels (5) a queued or running task.
+pub async fn cancel_task(
+    db: impl PgExecutor<'_>,
+    task_id: Uuid,
+) -> Result<Option<TaskRecord>, StorageError> {
+    sqlx::query(concat!(
+        "UPDATE tasks SET status = 5, update_time = now() \
+         WHERE task_id = $1 AND status IN (1, 2)",
+        returning_finished!()
+    ))
+    .bind(task_id)
+    .fetch_optional(db)
+    .await?
+    .map(|row| task_record(&row))
+    .transpose()
+}

@@ -1,0 +1,246 @@
+//! Every statement the PostgreSQL store runs. Each takes any executor (a
+//! pool, a connection, or a caller's open transaction) and is one round
+//! trip. Idempotency records and tasks are here; the lifecycle's statements
+//! are in `lifecycle.rs`, the API keys' in `keys.rs`.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgExecutor, Row, postgres::PgRow, types::Json};
+use uuid::Uuid;
+
+use super::super::{
+    ClaimOutcome, KeyLookup, NewKeyedTask, StorageError, StoredKey, TaskPage, object,
+};
+use crate::domain::TaskRecord;
+
+/// The channel every instance listens on. Payloads: `ready` (a task may be
+/// leasable) and `finished:<task_id>`.
+pub const CHANNEL: &str = "oncely_tasks";
+
+/// Looks up a live key record with one indexed read, and reads the database
+/// clock in the same statement.
+pub async fn find_key(
+    db: impl PgExecutor<'_>,
+    scope: &str,
+    key: &str,
+    retention: Duration,
+) -> Result<KeyLookup, StorageError> {
+    let row = sqlx::query(
+        "SELECT now() AS now, k.fingerprint, k.response \
+         FROM (SELECT 1) AS one \
+         LEFT JOIN idempotency_keys AS k \
+           ON k.scope = $1 AND k.key = $2 AND k.created_at > now() - $3::interval",
+    )
+    .bind(scope)
+    .bind(key)
+    .bind(retention)
+    .fetch_one(db)
+    .await?;
+    let fingerprint: Option<Vec<u8>> = row.try_get("fingerprint")?;
+    let response: Option<Vec<u8>> = row.try_get("response")?;
+    Ok(KeyLookup {
+        record: fingerprint
+            .zip(response)
+            .map(|(fingerprint, response)| StoredKey {
+                fingerprint,
+                response,
+            }),
+        now: row.try_get("now")?,
+    })
+}
+
+/// Claims the key and inserts its task in one statement, which PostgreSQL
+/// runs as one transaction: both rows commit or neither does, and no
+/// explicit BEGIN is needed (so a cancelled request cannot leave a pooled
+/// connection inside a transaction).
+///
+/// A record older than the retention is replaced. A live record is left
+/// untouched. A concurrent uncommitted claim of the same key makes this
+/// statement wait for its outcome, at most `lock_timeout`.
+pub async fn claim_key_and_insert_task(
+    db: impl PgExecutor<'_>,
+    new: &NewKeyedTask<'_>,
+) -> Result<ClaimOutcome, StorageError> {
+    let inserted = sqlx::query(
+        "WITH claim AS ( \
+             INSERT INTO idempotency_keys AS k (scope, key, fingerprint, task_id, response) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (scope, key) DO UPDATE \
+                 SET fingerprint = EXCLUDED.fingerprint, task_id = EXCLUDED.task_id, \
+                     response = EXCLUDED.response, created_at = now() \
+                 WHERE k.created_at <= now() - $11::interval \
+             RETURNING task_id \
+         ) \
+         INSERT INTO tasks \
+             (task_id, agent_id, action, parameters, status, create_time, update_time, available_at) \
+         SELECT task_id, $6, $7, $8::jsonb, $9, $10, $10, $10 FROM claim \
+         RETURNING task_id, pg_notify('oncely_tasks', 'ready')::text",
+    )
+    .bind(new.scope)
+    .bind(new.key)
+    .bind(new.fingerprint.as_slice())
+    .bind(new.task_id)
+    .bind(new.response)
+    .bind(&new.task.agent_id)
+    .bind(&new.task.action)
+    .bind(&new.task.parameters_json)
+    .bind(new.status as i16)
+    .bind(new.create_time)
+    .bind(new.retention)
+    .fetch_optional(db)
+    .await?;
+    Ok(match inserted {
+        Some(_) => ClaimOutcome::Claimed,
+        None => ClaimOutcome::AlreadyClaimed,
+    })
+}
+
+/// The columns of a [`TaskRecord`], as [`task_record`] reads them.
+macro_rules! task_columns {
+    () => {
+        "seq, task_id, agent_id, action, parameters, status, result, create_time, \
+         attempt, update_time, error_message, lease_token, available_at"
+    };
+}
+
+/// A task's columns after an update that ended it, with the notification
+/// that wakes its waiters on every instance.
+macro_rules! returning_finished {
+    () => {
+        concat!(
+            " RETURNING ",
+            task_columns!(),
+            ", pg_notify('oncely_tasks', 'finished:' || task_id)::text"
+        )
+    };
+}
+
+mod keys;
+mod lifecycle;
+
+pub use keys::{api_keys, insert_api_key, revoke_api_key};
+pub use lifecycle::{Leased, cancel_task, complete_task, fail_task, lease_tasks, renew_lease};
+
+/// Reads one task.
+pub async fn get_task(
+    db: impl PgExecutor<'_>,
+    task_id: Uuid,
+) -> Result<Option<TaskRecord>, StorageError> {
+    sqlx::query(concat!(
+        "SELECT ",
+        task_columns!(),
+        " FROM tasks WHERE task_id = $1"
+    ))
+    .bind(task_id)
+    .fetch_optional(db)
+    .await?
+    .map(|row| task_record(&row))
+    .transpose()
+}
+
+/// Reads up to `limit` of an agent's tasks created after `after_seq`,
+/// oldest first.
+/// The running size of a page is summed over the rows in order; a row is
+/// kept while the rows before it hold less than `$4` bytes.
+pub async fn list_tasks(
+    db: impl PgExecutor<'_>,
+    agent_id: &str,
+    after_seq: i64,
+    limit: i64,
+    max_bytes: i64,
+) -> Result<TaskPage, StorageError> {
+    let rows = sqlx::query(concat!(
+        "SELECT ",
+        task_columns!(),
+        ", running, size FROM ( \
+             SELECT ",
+        task_columns!(),
+        ", sum(octet_length(parameters::text) + coalesce(octet_length(result::text), 0)) \
+                   OVER (ORDER BY seq) AS running, \
+                octet_length(parameters::text) + coalesce(octet_length(result::text), 0) AS size \
+             FROM tasks WHERE agent_id = $1 AND seq > $2 ORDER BY seq LIMIT $3 \
+         ) AS page WHERE running - size < $4 ORDER BY seq"
+    ))
+    .bind(agent_id)
+    .bind(after_seq)
+    .bind(limit)
+    .bind(max_bytes)
+    .fetch_all(db)
+    .await?;
+    let cut_by_size = match rows.last() {
+        Some(row) => row.try_get::<i64, _>("running")? >= max_bytes,
+        None => false,
+    };
+    Ok(TaskPage {
+        tasks: rows.iter().map(task_record).collect::<Result<_, _>>()?,
+        cut_by_size,
+    })
+}
+
+/// The database clock minus `duration`.
+pub async fn now_minus(
+    db: impl PgExecutor<'_>,
+    duration: Duration,
+) -> Result<DateTime<Utc>, StorageError> {
+    Ok(sqlx::query_scalar("SELECT now() - $1::interval")
+        .bind(duration)
+        .fetch_one(db)
+        .await?)
+}
+
+/// Deletes at most `limit` records of `scope` created before `cutoff`,
+/// oldest first. Rows locked by in-flight requests are skipped.
+pub async fn delete_keys_created_before(
+    db: impl PgExecutor<'_>,
+    scope: &str,
+    cutoff: DateTime<Utc>,
+    limit: i64,
+) -> Result<u64, StorageError> {
+    Ok(sqlx::query(
+        "DELETE FROM idempotency_keys AS k USING ( \
+             SELECT scope, key FROM idempotency_keys \
+             WHERE scope = $3 AND created_at < $1 \
+             ORDER BY created_at \
+             LIMIT $2 \
+             FOR UPDATE SKIP LOCKED \
+         ) AS doomed \
+         WHERE k.scope = doomed.scope AND k.key = doomed.key",
+    )
+    .bind(cutoff)
+    .bind(limit)
+    .bind(scope)
+    .execute(db)
+    .await?
+    .rows_affected())
+}
+
+/// Checks that the database answers.
+pub async fn ping(db: impl PgExecutor<'_>) -> Result<(), StorageError> {
+    sqlx::query("SELECT 1").execute(db).await?;
+    Ok(())
+}
+
+fn task_record(row: &PgRow) -> Result<TaskRecord, StorageError> {
+    let task_id: Uuid = row.try_get("task_id")?;
+    let Json(parameters) = row.try_get::<Json<serde_json::Value>, _>("parameters")?;
+    let result = row
+        .try_get::<Option<Json<serde_json::Value>>, _>("result")?
+        .map(|Json(v)| object(task_id, "result", v))
+        .transpose()?;
+    Ok(TaskRecord {
+        seq: row.try_get("seq")?,
+        task_id,
+        agent_id: row.try_get("agent_id")?,
+        action: row.try_get("action")?,
+        parameters: object(task_id, "parameters", parameters)?,
+        status: i32::from(row.try_get::<i16, _>("status")?),
+        result,
+        create_time: row.try_get("create_time")?,
+        attempt: row.try_get("attempt")?,
+        update_time: row.try_get("update_time")?,
+        error_message: row.try_get("error_message")?,
+        lease_token: row.try_get("lease_token")?,
+        available_at: row.try_get("available_at")?,
+    })
+}

@@ -1,0 +1,102 @@
+//! The statements of API keys on SQLite.
+
+use sqlx::{Row, SqliteConnection, SqliteExecutor};
+
+use super::time;
+use crate::{
+    domain::{ApiKeyRecord, Principal},
+    storage::{StorageError, role, token_hash},
+};
+
+/// Every API key, revoked ones included, oldest first.
+pub async fn api_keys(db: impl SqliteExecutor<'_>) -> Result<Vec<ApiKeyRecord>, StorageError> {
+    let rows = sqlx::query(
+        "SELECT name, token_hash, role, agent_ids, actions, created_at, revoked_at \
+         FROM api_keys ORDER BY created_at, name",
+    )
+    .fetch_all(db)
+    .await?;
+    let list = |text: String| {
+        serde_json::from_str::<Vec<String>>(&text)
+            .map_err(|e| StorageError::Corrupt(format!("an api key's list: {e}")))
+    };
+    rows.iter()
+        .map(|row| {
+            Ok(ApiKeyRecord {
+                principal: Principal {
+                    name: row.try_get("name")?,
+                    role: role(row.try_get("role")?)?,
+                    agent_ids: list(row.try_get("agent_ids")?)?,
+                    actions: list(row.try_get("actions")?)?,
+                },
+                token_hash: token_hash(row.try_get("token_hash")?)?,
+                created_at: time(row.try_get("created_at")?)?,
+                revoked_at: row
+                    .try_get::<Option<i64>, _>("revoked_at")?
+                    .map(time)
+                    .transpose()?,
+            })
+        })
+        .collect()
+}
+
+/// An owned API key record in the form SQLite stores it.
+#[derive(Debug)]
+pub struct ApiKeyRow {
+    name: String,
+    token_hash: Vec<u8>,
+    role: &'static str,
+    agent_ids: String,
+    actions: String,
+}
+
+impl From<&ApiKeyRecord> for ApiKeyRow {
+    fn from(key: &ApiKeyRecord) -> Self {
+        let list = |items: &[String]| serde_json::Value::from(items.to_vec()).to_string();
+        Self {
+            name: key.principal.name.clone(),
+            token_hash: key.token_hash.to_vec(),
+            role: key.principal.role.as_str(),
+            agent_ids: list(&key.principal.agent_ids),
+            actions: list(&key.principal.actions),
+        }
+    }
+}
+
+/// Stores a new API key; `false` when the name is taken.
+pub async fn insert_api_key(
+    connection: &mut SqliteConnection,
+    key: &ApiKeyRow,
+) -> Result<bool, StorageError> {
+    let inserted = sqlx::query(concat!(
+        "INSERT INTO api_keys (name, token_hash, role, agent_ids, actions, created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ",
+        now!(),
+        ") ON CONFLICT (name) DO NOTHING RETURNING name"
+    ))
+    .bind(&key.name)
+    .bind(&key.token_hash)
+    .bind(key.role)
+    .bind(&key.agent_ids)
+    .bind(&key.actions)
+    .fetch_optional(connection)
+    .await?;
+    Ok(inserted.is_some())
+}
+
+/// Revokes a live key; `false` when there is none of that name.
+pub async fn revoke_api_key(
+    connection: &mut SqliteConnection,
+    name: &str,
+) -> Result<bool, StorageError> {
+    Ok(sqlx::query(concat!(
+        "UPDATE api_keys SET revoked_at = ",
+        now!(),
+        " WHERE name = ?1 AND revoked_at IS NULL"
+    ))
+    .bind(name)
+    .execute(connection)
+    .await?
+    .rows_affected()
+        == 1)
+}
