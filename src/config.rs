@@ -133,6 +133,13 @@ pub struct ServeArgs {
     /// past it, calls are shed with RESOURCE_EXHAUSTED.
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,
+    /// The longest a PostgreSQL statement may run before the database
+    /// cancels it (the call answers UNAVAILABLE).
+    #[arg(long, env = "STATEMENT_TIMEOUT", default_value = "30s", value_parser = wait_duration)]
+    pub statement_timeout: Duration,
+    /// The longest any call may take; long polls answer before it.
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "90s", value_parser = positive_duration)]
+    pub request_timeout: Duration,
     /// A PEM certificate chain to serve TLS with (with --tls-key).
     #[arg(long, env = "TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<std::path::PathBuf>,
@@ -227,6 +234,8 @@ pub struct Settings {
     pub rate_limits: RateLimits,
     /// TLS for the gRPC listener, if any.
     pub tls: Option<TlsFiles>,
+    /// The longest any call may take.
+    pub request_timeout: Duration,
     /// The largest request message, in bytes.
     pub max_request_bytes: usize,
     /// Cleanup's batch size.
@@ -246,6 +255,7 @@ impl From<ServeArgs> for Settings {
                 max_connections: args.db_pool_size,
                 acquire_timeout: args.db_acquire_timeout,
                 in_flight_wait: args.in_flight_wait,
+                statement_timeout: args.statement_timeout,
                 create_database: args.create_database,
             },
             retention: args.idempotency_retention,
@@ -259,10 +269,12 @@ impl From<ServeArgs> for Settings {
                 max_attempts: args.max_attempts,
                 backoff_base: args.retry_backoff,
                 backoff_max: args.retry_backoff_max.max(args.retry_backoff),
+                request_timeout: args.request_timeout,
                 ..QueuePolicy::default()
             },
             auth: args.auth,
             key_refresh_interval: args.key_refresh_interval,
+            request_timeout: args.request_timeout,
             tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| TlsFiles {
                 cert,
                 key,

@@ -27,6 +27,11 @@ use crate::{
     storage::{Backend, PgStore, SqliteStore, StorageError, Store, redact_url},
 };
 
+/// The most calls one connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// The largest header block (metadata) a call may send, in bytes.
+const MAX_HEADER_BYTES: u32 = 16 * 1024;
+
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -187,7 +192,14 @@ async fn serve_with<S: Store>(
     // Signalled when shutdown starts, to bound how long in-flight requests
     // (and endless streams such as Health/Watch) may hold the exit.
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut builder = Server::builder();
+    // Bounds on what a connection may hold: dead peers are found by
+    // keepalive pings; streams, headers and calls are bounded.
+    let mut builder = Server::builder()
+        .timeout(settings.request_timeout)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_max_header_list_size(Some(MAX_HEADER_BYTES));
     if let Some(tls) = &settings.tls {
         builder = builder.tls_config(server_tls(tls)?)?;
         tracing::info!(mtls = tls.client_ca.is_some(), "serving TLS");

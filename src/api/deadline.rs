@@ -11,15 +11,16 @@ const MARGIN_DIVISOR: u32 = 10;
 const MAX_MARGIN: Duration = Duration::from_millis(500);
 
 /// How long a long poll may wait: `wanted`, but never past the caller's
-/// deadline (less a margin for the answer to arrive).
-pub(super) fn bounded_wait(metadata: &MetadataMap, wanted: Duration) -> Duration {
-    match grpc_timeout(metadata) {
-        Some(timeout) => {
-            let margin = (timeout / MARGIN_DIVISOR).min(MAX_MARGIN);
-            wanted.min(timeout.saturating_sub(margin))
-        }
-        None => wanted,
-    }
+/// deadline nor the server's `request_timeout` (less a margin for the
+/// answer to arrive).
+pub(super) fn bounded_wait(
+    metadata: &MetadataMap,
+    wanted: Duration,
+    request_timeout: Duration,
+) -> Duration {
+    let limit = grpc_timeout(metadata).map_or(request_timeout, |t| t.min(request_timeout));
+    let margin = (limit / MARGIN_DIVISOR).min(MAX_MARGIN);
+    wanted.min(limit.saturating_sub(margin))
 }
 
 /// The `grpc-timeout` header: at most 8 digits and a unit (`H`, `M`, `S`,
@@ -55,17 +56,26 @@ mod tests {
     #[test]
     fn the_wait_ends_before_the_callers_deadline() {
         let wanted = Duration::from_secs(30);
-        assert_eq!(bounded_wait(&MetadataMap::new(), wanted), wanted);
+        let server = Duration::from_secs(90);
+        assert_eq!(bounded_wait(&MetadataMap::new(), wanted, server), wanted);
         assert_eq!(
-            bounded_wait(&metadata("1S"), wanted),
+            bounded_wait(&metadata("1S"), wanted, server),
             Duration::from_millis(900)
         );
-        assert_eq!(bounded_wait(&metadata("2M"), wanted), wanted);
+        assert_eq!(bounded_wait(&metadata("2M"), wanted, server), wanted);
         assert_eq!(
-            bounded_wait(&metadata("10000m"), wanted),
+            bounded_wait(&metadata("10000m"), wanted, server),
             Duration::from_millis(9500)
         );
-        assert_eq!(bounded_wait(&metadata("bogus"), wanted), wanted);
-        assert_eq!(bounded_wait(&metadata("123456789S"), wanted), wanted);
+        assert_eq!(bounded_wait(&metadata("bogus"), wanted, server), wanted);
+        assert_eq!(
+            bounded_wait(&metadata("123456789S"), wanted, server),
+            wanted
+        );
+        // The server's own timeout bounds a long poll too.
+        assert_eq!(
+            bounded_wait(&MetadataMap::new(), wanted, Duration::from_secs(10)),
+            Duration::from_millis(9500)
+        );
     }
 }

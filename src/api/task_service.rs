@@ -146,7 +146,11 @@ impl<S: Store> TaskApi<S> {
 impl<S: Store> TaskApi<S> {
     async fn wait(&self, request: Request<WaitTaskRequest>) -> Result<Done<Task>, ServiceError> {
         let query = WaitQuery::parse(request.get_ref()).map_err(ServiceError::InvalidRequest)?;
-        let wait = bounded_wait(request.metadata(), query.timeout);
+        let wait = bounded_wait(
+            request.metadata(),
+            query.timeout,
+            self.queue.request_timeout,
+        );
         tracing::Span::current().record("task_id", tracing::field::display(query.task_id));
         self.visible_task(request.extensions().get::<Principal>(), query.task_id)
             .await?;

@@ -43,7 +43,8 @@ impl<S: Store> WorkerApi<S> {
         &self,
         request: Request<LeaseTasksRequest>,
     ) -> Result<Done<LeaseTasksResponse>, ServiceError> {
-        let wait_cap = |wanted| bounded_wait(request.metadata(), wanted);
+        let request_timeout = self.policy.request_timeout;
+        let wait_cap = |wanted| bounded_wait(request.metadata(), wanted, request_timeout);
         let mut query = LeaseQuery::parse(request.get_ref().clone(), self.policy.default_lease)
             .map_err(ServiceError::InvalidRequest)?;
         if let Some(caller) = request.extensions().get::<Principal>() {

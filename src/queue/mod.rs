@@ -37,6 +37,8 @@ pub struct QueuePolicy {
     /// wake-up was lost. One second; tests lengthen it to prove that the
     /// wake-ups work on their own.
     pub recheck: Duration,
+    /// The server's request timeout: long polls answer before it.
+    pub request_timeout: Duration,
 }
 
 impl Default for QueuePolicy {
@@ -47,6 +49,7 @@ impl Default for QueuePolicy {
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(600),
             recheck: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(90),
         }
     }
 }

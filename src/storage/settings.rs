@@ -41,6 +41,9 @@ pub struct DatabaseSettings {
     /// Create the database (or SQLite file) named in `url` when it does not
     /// exist yet.
     pub create_database: bool,
+    /// The longest a PostgreSQL statement may run before the database
+    /// cancels it (`statement_timeout`), whatever it waits for.
+    pub statement_timeout: Duration,
 }
 
 impl fmt::Debug for DatabaseSettings {
@@ -51,6 +54,7 @@ impl fmt::Debug for DatabaseSettings {
             .field("acquire_timeout", &self.acquire_timeout)
             .field("in_flight_wait", &self.in_flight_wait)
             .field("create_database", &self.create_database)
+            .field("statement_timeout", &self.statement_timeout)
             .finish()
     }
 }
@@ -118,6 +122,7 @@ mod tests {
             acquire_timeout: Duration::from_secs(1),
             in_flight_wait: Duration::from_secs(1),
             create_database: false,
+            statement_timeout: Duration::from_secs(30),
         };
         assert!(!format!("{settings:?}").contains("hunter2"));
     }

@@ -141,3 +141,97 @@ async fn the_client_waits_out_a_rate_limit_as_retry_info_asks() {
     assert!(second.attempts >= 2, "the second call met the limit first");
     assert_eq!(db.count("tasks").await, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_statement_past_the_statement_timeout_is_cancelled_by_the_database() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut settings = test_settings(&db.url);
+    settings.database.in_flight_wait = Duration::from_secs(10);
+    settings.database.statement_timeout = Duration::from_millis(500);
+    let app = TestApp::spawn_with(settings).await;
+    let mut lock = db.pg_pool().begin().await.expect("begin");
+    sqlx::query("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let mut call = Request::new(GetTaskRequest {
+        task_id: uuid::Uuid::new_v4().to_string(),
+    });
+    call.set_timeout(Duration::from_secs(5));
+
+    let answer = app.tasks.clone().get_task(call).await;
+
+    // Without the statement timeout the lock wait (10 s) would outlast the
+    // caller's 5 s deadline.
+    assert_status(answer, Code::Unavailable, Some("DATABASE_UNAVAILABLE"));
+    lock.rollback().await.expect("rollback");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_request_timeout_bounds_every_call_and_long_polls_answer_before_it() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut settings = test_settings(&db.url);
+    settings.request_timeout = Duration::from_secs(1);
+    settings.queue.request_timeout = Duration::from_secs(1);
+    settings.database.in_flight_wait = Duration::from_secs(10);
+    let app = TestApp::spawn_with(settings).await;
+    let created = app
+        .create(
+            Some(&crate::support::new_key()),
+            crate::support::email_request(),
+        )
+        .await
+        .expect("create")
+        .into_inner();
+    let lock = db.hold_writes().await;
+
+    let mut stuck = crate::support::keyed(
+        Some(&crate::support::new_key()),
+        crate::support::email_request(),
+    );
+    stuck.set_timeout(Duration::from_secs(5));
+    let cut = app.tasks.clone().create_task(stuck).await;
+    let waited = app
+        .tasks
+        .clone()
+        .wait_task(oncely::proto::tasks_v1::WaitTaskRequest {
+            task_id: created.task_id,
+            timeout: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+        })
+        .await;
+    lock.rollback().await;
+
+    // Without the server's timeout the write would wait for the caller's
+    // 5 s deadline.
+    let status = cut.expect_err("cut by the request timeout");
+    assert_eq!(status.code(), Code::Cancelled, "{status:?}");
+    let task = waited.expect("a long poll answers before the request timeout");
+    assert_eq!(
+        task.into_inner().status(),
+        oncely::proto::tasks_v1::TaskStatus::Queued
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_metadata_is_refused_and_the_server_keeps_serving() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let app = TestApp::spawn(&db).await;
+    let mut call = Request::new(GetTaskRequest {
+        task_id: uuid::Uuid::new_v4().to_string(),
+    });
+    let huge: tonic::metadata::MetadataValue<_> = "x".repeat(32 * 1024).parse().expect("metadata");
+    call.metadata_mut().insert("x-padding", huge);
+
+    let refused = app.tasks.clone().get_task(call).await;
+
+    let status = refused.expect_err("a 32 KiB header block is refused");
+    assert_ne!(
+        status.code(),
+        Code::NotFound,
+        "the call reached the service"
+    );
+    get_unknown(&app).await.expect("still serving");
+}

@@ -68,13 +68,19 @@ impl PgStore {
         // lock_timeout bounds how long a claim waits for a concurrent
         // request holding the same key.
         let lock_timeout = format!("{}ms", settings.in_flight_wait.as_millis().max(1));
+        // statement_timeout bounds every statement, so no request holds a
+        // connection for long whatever the database is doing.
+        let statement_timeout = format!("{}ms", settings.statement_timeout.as_millis().max(1));
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.acquire_timeout)
             .connect_lazy_with(
                 options
                     .clone()
-                    .options([("lock_timeout", lock_timeout.as_str())])
+                    .options([
+                        ("lock_timeout", lock_timeout.as_str()),
+                        ("statement_timeout", statement_timeout.as_str()),
+                    ])
                     .application_name("oncely"),
             );
         let health_pool = PgPoolOptions::new()
