@@ -110,6 +110,20 @@ impl<S: Store> TaskApi<S> {
             .ok_or_else(|| ServiceError::NotFound(format!("no task has id {task_id}")))
     }
 
+    /// Refuses a call about a task the caller may not see, as if it did not
+    /// exist. Without keys every task is visible, and nothing is read: the
+    /// call reads the task itself.
+    async fn check_visible(
+        &self,
+        caller: Option<&Principal>,
+        task_id: TaskId,
+    ) -> Result<(), ServiceError> {
+        match caller {
+            Some(caller) => self.visible_task(Some(caller), task_id).await.map(drop),
+            None => Ok(()),
+        }
+    }
+
     async fn list(
         &self,
         caller: Option<&Principal>,
@@ -152,7 +166,7 @@ impl<S: Store> TaskApi<S> {
             self.queue.request_timeout,
         );
         tracing::Span::current().record("task_id", tracing::field::display(query.task_id));
-        self.visible_task(request.extensions().get::<Principal>(), query.task_id)
+        self.check_visible(request.extensions().get::<Principal>(), query.task_id)
             .await?;
         let task = queue::wait_task(&self.store, query.task_id.0, wait, self.queue.recheck)
             .await
@@ -167,7 +181,7 @@ impl<S: Store> TaskApi<S> {
     ) -> Result<Done<Task>, ServiceError> {
         let task_id = TaskId::parse_cancel(&request).map_err(ServiceError::InvalidRequest)?;
         tracing::Span::current().record("task_id", tracing::field::display(task_id));
-        self.visible_task(caller, task_id).await?;
+        self.check_visible(caller, task_id).await?;
         let task = queue::cancel_task(&self.store, task_id.0)
             .await
             .map_err(|e| ServiceError::from_queue(e, task_id))?;
