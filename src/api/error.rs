@@ -54,6 +54,12 @@ pub enum ServiceError {
     /// The key's role or scope does not allow the call.
     #[error("{0}")]
     PermissionDenied(String),
+    /// The request is larger than the server accepts (the limit, as tonic
+    /// states it).
+    #[error(
+        "the request is larger than the server accepts ({0}); send a smaller request (parameters are limited by MAX_PARAMETERS_BYTES, the whole message by MAX_REQUEST_BYTES)"
+    )]
+    TooLarge(String),
     /// The caller sent more calls than its rate allows.
     #[error("too many calls from this caller; retry after {}", humantime::format_duration(*.0))]
     RateLimited(Duration),
@@ -99,6 +105,7 @@ impl ServiceError {
             Self::NotFound(_) => "not_found",
             Self::Unauthenticated(_) => "unauthenticated",
             Self::PermissionDenied(_) => "permission_denied",
+            Self::TooLarge(_) => "too_large",
             Self::RateLimited(_) => "rate_limited",
             Self::Overloaded(_) => "overloaded",
             Self::LeaseLost => "lease_lost",
@@ -182,6 +189,11 @@ impl From<ServiceError> for Status {
                 Code::PermissionDenied,
                 message,
                 info("PERMISSION_DENIED"),
+            ),
+            ServiceError::TooLarge(_) => Status::with_error_details(
+                Code::ResourceExhausted,
+                message,
+                info(reasons::REQUEST_TOO_LARGE),
             ),
             ServiceError::RateLimited(wait) => {
                 let mut details = info("RATE_LIMITED");

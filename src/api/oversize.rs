@@ -5,16 +5,15 @@
 //! bounded; this layer only rewrites the answer.
 
 use std::{
-    collections::HashMap,
     future::Future,
     pin::Pin,
     task::{Context, Poll},
 };
 
-use oncely_client::reasons;
 use tonic::{Code, Status, body::Body};
-use tonic_types::{ErrorDetails, StatusExt};
 use tower::{Layer, Service};
+
+use super::{ServiceError, reply};
 
 /// The start of tonic's message for a length prefix past the limit.
 const TONIC_TOO_LARGE: &str = "Error, decoded message length too large";
@@ -52,12 +51,13 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path().to_owned();
         let answer = self.inner.call(request);
-        Box::pin(async move { Ok(rewrite(answer.await?)) })
+        Box::pin(async move { Ok(rewrite(&path, answer.await?)) })
     }
 }
 
-fn rewrite(response: http::Response<Body>) -> http::Response<Body> {
+fn rewrite(path: &str, response: http::Response<Body>) -> http::Response<Body> {
     // An error before any message is a trailers-only answer: the status is
     // in the headers.
     let Some(status) = Status::from_header_map(response.headers()) else {
@@ -70,14 +70,5 @@ fn rewrite(response: http::Response<Body>) -> http::Response<Body> {
         .message()
         .rsplit_once("the limit is: ")
         .map_or("the server's limit", |(_, limit)| limit);
-    let message = format!(
-        "the request is larger than the server accepts ({limit}); send a smaller request (parameters are limited by MAX_PARAMETERS_BYTES, the whole message by MAX_REQUEST_BYTES)"
-    );
-    let details = ErrorDetails::with_error_info(
-        reasons::REQUEST_TOO_LARGE,
-        reasons::DOMAIN,
-        HashMap::<String, String>::new(),
-    );
-    tracing::info!(outcome = "too_large", %message, "request refused");
-    Status::with_error_details(Code::ResourceExhausted, message, details).into_http()
+    reply::refuse(path, ServiceError::TooLarge(limit.to_owned()), None).into_http()
 }
