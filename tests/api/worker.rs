@@ -4,8 +4,8 @@
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use oncely::proto::tasks_v1::{
-    CancelTaskRequest, CompleteTaskRequest, FailTaskRequest, GetTaskRequest, Lease,
-    LeaseTasksRequest, RenewLeaseRequest, Task, TaskStatus, WaitTaskRequest,
+    CancelTaskRequest, CompleteTaskRequest, FailTaskRequest, Lease, LeaseTasksRequest,
+    RenewLeaseRequest, Task, TaskStatus, WaitTaskRequest,
     worker_service_client::WorkerServiceClient,
 };
 use serde_json::json;
@@ -95,17 +95,6 @@ async fn renew(app: &TestApp, lease: &Lease) -> Result<Lease, Status> {
         .map(|r| r.into_inner())
 }
 
-async fn get(app: &TestApp, task_id: &str) -> Task {
-    app.tasks
-        .clone()
-        .get_task(GetTaskRequest {
-            task_id: task_id.into(),
-        })
-        .await
-        .expect("get")
-        .into_inner()
-}
-
 async fn wait(app: &TestApp, task_id: &str, timeout_secs: f64) -> Result<Task, Status> {
     app.tasks
         .clone()
@@ -143,13 +132,6 @@ async fn spawn_without_rechecks(db: &TestDb) -> TestApp {
     let mut settings = test_settings(&db.url);
     settings.queue.recheck = Duration::from_secs(60);
     TestApp::spawn_with(settings).await
-}
-
-async fn create(app: &TestApp) -> Task {
-    app.create(Some(&new_key()), email_request())
-        .await
-        .expect("create")
-        .into_inner()
 }
 
 async fn racing_workers_complete_every_task_exactly_once(backend: Backend) {
@@ -216,7 +198,7 @@ async fn a_long_poll_answers_as_soon_as_a_task_is_created(backend: Backend) {
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let created = create(&app).await;
+    let created = app.create_email().await;
 
     let leases = woken(polling).await;
     assert_eq!(leases.len(), 1);
@@ -239,7 +221,7 @@ async fn a_long_poll_with_nothing_to_do_answers_empty_when_its_wait_runs_out(bac
 async fn an_expired_lease_is_leased_again_and_the_old_token_refused(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
-    let created = create(&app).await;
+    let created = app.create_email().await;
     let first = lease(&app, 1, 1.0, 0.0).await.remove(0);
 
     let second = lease(&app, 1, 30.0, 10.0).await.remove(0);
@@ -256,7 +238,7 @@ async fn an_expired_lease_is_leased_again_and_the_old_token_refused(backend: Bac
     ] {
         assert_status(refused, Code::FailedPrecondition, Some("LEASE_LOST"));
     }
-    let task = get(&app, &created.task_id).await;
+    let task = app.task(&created.task_id).await;
     assert_eq!(task.status(), TaskStatus::Running);
     assert!(
         task.error_message.contains("expired"),
@@ -271,7 +253,7 @@ async fn an_expired_lease_is_leased_again_and_the_old_token_refused(backend: Bac
 async fn renewing_a_lease_extends_it(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
-    create(&app).await;
+    app.create_email().await;
     let leased = lease(&app, 1, 1.0, 0.0).await.remove(0);
 
     let renewed = renew(&app, &leased).await.expect("renew");
@@ -289,7 +271,7 @@ async fn renewing_a_lease_extends_it(backend: Backend) {
 async fn a_repeated_completion_returns_the_same_task(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
-    create(&app).await;
+    app.create_email().await;
     let leased = lease_one(&app).await;
 
     let first = complete(&app, &leased, json!({"message_id": "m-1", "n": 1})).await;
@@ -310,7 +292,7 @@ async fn a_repeated_completion_returns_the_same_task(backend: Backend) {
 async fn a_retryable_failure_is_leased_again_after_its_backoff(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
-    let created = create(&app).await;
+    let created = app.create_email().await;
     let leased = lease_one(&app).await;
 
     let failed = fail(&app, &leased, false, Some(1.0)).await.expect("fail");
@@ -335,7 +317,7 @@ async fn the_server_backoff_is_random_up_to_a_doubling_capped_ceiling(backend: B
     const TASKS: usize = 30;
     let mut tasks = Vec::new();
     for _ in 0..TASKS {
-        tasks.push(create(&app).await.task_id);
+        tasks.push(app.create_email().await.task_id);
     }
 
     // Attempt 1 fails with the server's backoff: up to 100 s.
@@ -373,7 +355,7 @@ async fn the_server_backoff_is_random_up_to_a_doubling_capped_ceiling(backend: B
 async fn a_task_failed_without_delay_wakes_a_waiting_worker(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = Arc::new(spawn_without_rechecks(&db).await);
-    create(&app).await;
+    app.create_email().await;
     let leased = lease_one(&app).await;
     let polling = {
         let app = app.clone();
@@ -393,17 +375,17 @@ async fn a_task_failed_for_its_last_lease_does_not_take_a_place_in_the_poll(back
     let mut settings = test_settings(&db.url);
     settings.queue.max_attempts = 1;
     let app = TestApp::spawn_with(settings).await;
-    let abandoned = create(&app).await;
+    let abandoned = app.create_email().await;
     lease(&app, 1, 1.0, 0.0).await.remove(0);
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let waiting = create(&app).await;
+    let waiting = app.create_email().await;
 
     let leases = lease(&app, 1, 30.0, 0.0).await;
 
     assert_eq!(leases.len(), 1, "the queued task, past the abandoned one");
     assert_eq!(task_id(&leases[0]), waiting.task_id);
     assert_eq!(
-        get(&app, &abandoned.task_id).await.status(),
+        app.task(&abandoned.task_id).await.status(),
         TaskStatus::Failed
     );
 }
@@ -453,7 +435,7 @@ async fn the_last_allowed_attempt_ends_the_task_failed(backend: Backend) {
     let mut settings = test_settings(&db.url);
     settings.queue.max_attempts = 2;
     let app = TestApp::spawn_with(settings).await;
-    let by_failure = create(&app).await;
+    let by_failure = app.create_email().await;
 
     let first = lease_one(&app).await;
     fail(&app, &first, false, Some(0.0)).await.expect("fail");
@@ -465,7 +447,7 @@ async fn the_last_allowed_attempt_ends_the_task_failed(backend: Backend) {
     assert_eq!(last.error_message, "the mail server said 451");
     assert!(lease(&app, 1, 30.0, 0.0).await.is_empty());
     assert_eq!(
-        get(&app, &by_failure.task_id).await.status(),
+        app.task(&by_failure.task_id).await.status(),
         TaskStatus::Failed
     );
 }
@@ -475,7 +457,7 @@ async fn leases_that_keep_expiring_end_the_task_failed(backend: Backend) {
     let mut settings = test_settings(&db.url);
     settings.queue.max_attempts = 2;
     let app = TestApp::spawn_with(settings).await;
-    let created = create(&app).await;
+    let created = app.create_email().await;
     lease(&app, 1, 1.0, 0.0).await.remove(0);
     lease(&app, 1, 1.0, 10.0).await.remove(0);
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -483,7 +465,7 @@ async fn leases_that_keep_expiring_end_the_task_failed(backend: Backend) {
     let third = lease(&app, 1, 30.0, 0.0).await;
 
     assert!(third.is_empty(), "no attempt is left");
-    let task = get(&app, &created.task_id).await;
+    let task = app.task(&created.task_id).await;
     assert_eq!(task.status(), TaskStatus::Failed);
     assert_eq!(task.attempt, 2);
     assert!(
@@ -496,7 +478,7 @@ async fn leases_that_keep_expiring_end_the_task_failed(backend: Backend) {
 async fn a_permanent_failure_ends_the_task_at_once(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
-    create(&app).await;
+    app.create_email().await;
     let leased = lease_one(&app).await;
 
     let failed = fail(&app, &leased, true, None).await.expect("fail");
@@ -509,7 +491,7 @@ async fn a_permanent_failure_ends_the_task_at_once(backend: Backend) {
 async fn wait_task_returns_when_another_client_completes_the_task(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = Arc::new(spawn_without_rechecks(&db).await);
-    let created = create(&app).await;
+    let created = app.create_email().await;
     let waiting = {
         let app = app.clone();
         let id = created.task_id.clone();
@@ -533,7 +515,7 @@ async fn wait_task_returns_when_another_client_completes_the_task(backend: Backe
 async fn wait_task_returns_the_task_as_it_is_when_its_timeout_runs_out(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
-    let created = create(&app).await;
+    let created = app.create_email().await;
 
     let task = wait(&app, &created.task_id, 0.3).await.expect("wait");
 
@@ -544,7 +526,7 @@ async fn wait_task_returns_the_task_as_it_is_when_its_timeout_runs_out(backend: 
 async fn a_wait_ends_before_the_calls_own_deadline(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
-    let created = create(&app).await;
+    let created = app.create_email().await;
     let mut request = tonic::Request::new(WaitTaskRequest {
         task_id: created.task_id.clone(),
         timeout: Some(seconds(30.0)),
@@ -560,8 +542,8 @@ async fn a_wait_ends_before_the_calls_own_deadline(backend: Backend) {
 async fn cancelling_stops_queued_and_running_tasks(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
-    let queued = create(&app).await;
-    let running = create(&app).await;
+    let queued = app.create_email().await;
+    let running = app.create_email().await;
     let cancelled = cancel(&app, &queued.task_id).await.expect("cancel queued");
     let leased = lease_one(&app).await;
     assert_eq!(
@@ -600,7 +582,7 @@ async fn cancelling_stops_queued_and_running_tasks(backend: Backend) {
 async fn a_finished_task_cannot_be_cancelled(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
-    create(&app).await;
+    app.create_email().await;
     let leased = lease_one(&app).await;
     let done = complete(&app, &leased, json!({})).await.expect("complete");
 
@@ -614,7 +596,7 @@ async fn bad_worker_calls_are_refused_and_change_nothing(backend: Backend) {
     let mut settings = test_settings(&db.url);
     settings.limits.max_parameters_bytes = 100;
     let app = TestApp::spawn_with(settings).await;
-    create(&app).await;
+    app.create_email().await;
     let leased = lease_one(&app).await;
     let mut client = workers(&app);
 
@@ -670,7 +652,7 @@ async fn bad_worker_calls_are_refused_and_change_nothing(backend: Backend) {
     let status = assert_status(too_big, Code::InvalidArgument, Some("INVALID_REQUEST"));
     assert_eq!(violated_fields(&status), ["result"]);
     assert_eq!(unknown.expect_err("unknown").code(), Code::NotFound);
-    let task = get(&app, &task_id(&leased)).await;
+    let task = app.task(&task_id(&leased)).await;
     assert_eq!(task.status(), TaskStatus::Running);
     assert!(task.result.is_none());
 }
@@ -696,7 +678,7 @@ async fn a_replay_of_create_shows_the_first_response_while_get_shows_the_current
         .await
         .expect("replay")
         .into_inner();
-    let now = get(&app, &first.task_id).await;
+    let now = app.task(&first.task_id).await;
 
     assert_eq!(replay, first);
     assert_eq!(replay.status(), TaskStatus::Queued);
@@ -710,7 +692,7 @@ async fn workers_lease_only_the_actions_they_perform(backend: Backend) {
     app.create(Some(&new_key()), request("a", "send_sms", json!({})))
         .await
         .expect("create");
-    let email = create(&app).await;
+    let email = app.create_email().await;
 
     let leases = workers(&app)
         .lease_tasks(LeaseTasksRequest {
@@ -764,7 +746,7 @@ async fn worker_process_that_hangs_after_leasing() {
 async fn a_worker_killed_mid_lease_has_its_task_finished_by_another(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
-    let created = create(&app).await;
+    let created = app.create_email().await;
     let mut doomed = std::process::Command::new(std::env::current_exe().expect("test binary"))
         .args([
             "--exact",
@@ -777,7 +759,7 @@ async fn a_worker_killed_mid_lease_has_its_task_finished_by_another(backend: Bac
         .spawn()
         .expect("start the worker process");
     crate::support::eventually(Duration::from_secs(20), "the worker to lease", || async {
-        (get(&app, &created.task_id).await.status() == TaskStatus::Running).then_some(())
+        (app.task(&created.task_id).await.status() == TaskStatus::Running).then_some(())
     })
     .await;
 
@@ -804,7 +786,7 @@ async fn workers_and_waiters_on_two_instances_see_each_others_tasks() {
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let created = create(&front).await;
+    let created = front.create_email().await;
     let waiting = {
         let front = front.clone();
         let id = created.task_id.clone();
@@ -825,7 +807,7 @@ async fn worker_calls_answer_unavailable_while_the_database_is_down() {
     let db = TestDb::new(Backend::Postgres).await;
     let proxy = crate::support::PgProxy::start(&db).await;
     let app = TestApp::spawn_with(test_settings(&db.url_via(proxy.port))).await;
-    create(&app).await;
+    app.create_email().await;
     let leased = lease_one(&app).await;
     proxy.cut();
 

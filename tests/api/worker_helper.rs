@@ -7,12 +7,12 @@ use std::{
     time::Duration,
 };
 
-use oncely::proto::tasks_v1::{GetTaskRequest, Task, TaskStatus};
+use oncely::proto::tasks_v1::{Task, TaskStatus};
 use oncely_client::{CancelReason, TaskContext, TaskError, Worker, WorkerOptions};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-use crate::support::{Backend, TestApp, TestDb, email_request, eventually, new_key};
+use crate::support::{Backend, TestApp, TestDb, eventually, new_key};
 
 fn options(id: &str) -> WorkerOptions {
     WorkerOptions {
@@ -20,24 +20,6 @@ fn options(id: &str) -> WorkerOptions {
         shutdown_grace: Duration::from_secs(5),
         ..WorkerOptions::new(id)
     }
-}
-
-async fn get(app: &TestApp, task_id: &str) -> Task {
-    app.tasks
-        .clone()
-        .get_task(GetTaskRequest {
-            task_id: task_id.into(),
-        })
-        .await
-        .expect("get")
-        .into_inner()
-}
-
-async fn create(app: &TestApp) -> Task {
-    app.create(Some(&new_key()), email_request())
-        .await
-        .expect("create")
-        .into_inner()
 }
 
 /// Runs `worker` with `handler` in the background; the sender stops it.
@@ -67,7 +49,7 @@ fn wait_for_status<'a>(
         Duration::from_secs(20),
         format!("task {task_id} to be {status:?}"),
         move || async move {
-            let task = get(app, task_id).await;
+            let task = app.task(task_id).await;
             (task.status() == status).then_some(task)
         },
     )
@@ -109,7 +91,7 @@ async fn workers_run_every_task_once_and_report_the_handlers_result(backend: Bac
     assert_eq!(runs.len(), 200);
     assert!(runs.values().all(|n| *n == 1), "a task ran twice: {runs:?}");
     let some_task = runs.keys().next().expect("a task");
-    let done = get(&app, some_task).await;
+    let done = app.task(some_task).await;
     let result = oncely_client::json::from_struct(&done.result.expect("a result"));
     assert_eq!(result["key"], json!(some_task));
 }
@@ -117,7 +99,7 @@ async fn workers_run_every_task_once_and_report_the_handlers_result(backend: Bac
 async fn heartbeats_keep_a_task_longer_than_its_lease(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
-    let created = create(&app).await;
+    let created = app.create_email().await;
     let worker = Worker::new(
         app.channel.clone(),
         WorkerOptions {
@@ -178,7 +160,7 @@ async fn handler_errors_fail_the_attempt_and_panics_are_retried(backend: Backend
 async fn a_cancelled_task_tells_its_handler_at_the_next_heartbeat(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
-    let created = create(&app).await;
+    let created = app.create_email().await;
     let seen: Arc<Mutex<Option<CancelReason>>> = Arc::default();
     let worker = Worker::new(
         app.channel.clone(),
@@ -218,7 +200,7 @@ async fn a_cancelled_task_tells_its_handler_at_the_next_heartbeat(backend: Backe
         *seen.lock().expect("lock"),
         Some(CancelReason::TaskCancelled)
     );
-    let task = get(&app, &created.task_id).await;
+    let task = app.task(&created.task_id).await;
     assert_eq!(task.status(), TaskStatus::Cancelled);
     assert!(
         task.result.is_none(),
@@ -229,7 +211,7 @@ async fn a_cancelled_task_tells_its_handler_at_the_next_heartbeat(backend: Backe
 async fn a_graceful_stop_releases_unfinished_work_to_another_worker(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
-    let created = create(&app).await;
+    let created = app.create_email().await;
     let worker = Worker::new(
         app.channel.clone(),
         WorkerOptions {
@@ -245,7 +227,7 @@ async fn a_graceful_stop_releases_unfinished_work_to_another_worker(backend: Bac
 
     let _ = stop.send(());
     running.await.expect("join").expect("a graceful stop");
-    let released = get(&app, &created.task_id).await;
+    let released = app.task(&created.task_id).await;
     let successor = Worker::new(app.channel.clone(), options("successor"));
     let (stop, running) = start(successor, |_task, ctx: TaskContext| async move {
         Ok(json!({"attempt": ctx.attempt()}))

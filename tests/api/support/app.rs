@@ -129,6 +129,26 @@ impl TestApp {
         self.tasks.clone().create_task(keyed(key, request)).await
     }
 
+    /// GetTask, which must succeed.
+    pub(crate) async fn task(&self, task_id: &str) -> Task {
+        self.tasks
+            .clone()
+            .get_task(oncely::proto::tasks_v1::GetTaskRequest {
+                task_id: task_id.into(),
+            })
+            .await
+            .expect("get")
+            .into_inner()
+    }
+
+    /// CreateTask of the e-mail request under a new key, which must succeed.
+    pub(crate) async fn create_email(&self) -> Task {
+        self.create(Some(&new_key()), email_request())
+            .await
+            .expect("create")
+            .into_inner()
+    }
+
     /// Admin.Cleanup; returns how many records it deleted.
     pub(crate) async fn cleanup(&self, older_than: Option<Duration>) -> Result<i64, Status> {
         let request = oncely::proto::tasks_v1::CleanupRequest {
