@@ -5,8 +5,13 @@ use std::{net::SocketAddr, time::Duration};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    api::RateLimits, auth::AuthMode, cleanup_cmd::CleanupArgs, domain::Limits,
-    idempotency::MissingKeyPolicy, keys_cmd::KeysArgs, queue::QueuePolicy,
+    api::{ConnectionLimits, RateLimits},
+    auth::AuthMode,
+    cleanup_cmd::CleanupArgs,
+    domain::Limits,
+    idempotency::MissingKeyPolicy,
+    keys_cmd::KeysArgs,
+    queue::QueuePolicy,
     storage::DatabaseSettings,
 };
 
@@ -133,6 +138,14 @@ pub struct ServeArgs {
     /// past it, calls are shed with RESOURCE_EXHAUSTED.
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,
+    /// The most calls one caller (an API key; without keys, a peer address)
+    /// may have open at once, long polls included.
+    #[arg(long, env = "MAX_IN_FLIGHT_PER_CALLER", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight_per_caller: u32,
+    /// How long a connection may stay open without a call before the server
+    /// closes it (counted from the connection's start, too).
+    #[arg(long, env = "CONNECTION_IDLE_TIMEOUT", default_value = "2m", value_parser = positive_duration)]
+    pub connection_idle_timeout: Duration,
     /// The longest a PostgreSQL statement may run before the database
     /// cancels it (the call answers UNAVAILABLE).
     #[arg(long, env = "STATEMENT_TIMEOUT", default_value = "30s", value_parser = wait_duration)]
@@ -153,6 +166,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = positive_duration)]
     pub shutdown_grace: Duration,
 }
+
+/// How long after the request timeout a call may take to send its answer
+/// before its connection is closed.
+const CALL_GRACE: Duration = Duration::from_secs(30);
 
 /// The longest duration any setting accepts: ten years.
 const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -236,6 +253,9 @@ pub struct Settings {
     pub tls: Option<TlsFiles>,
     /// The longest any call may take.
     pub request_timeout: Duration,
+    /// How long a connection may stay idle, and a call open (answer sent
+    /// included), before the server closes the connection.
+    pub connection: ConnectionLimits,
     /// The largest request message, in bytes.
     pub max_request_bytes: usize,
     /// Cleanup's batch size.
@@ -285,6 +305,12 @@ impl From<ServeArgs> for Settings {
                 burst: std::num::NonZeroU32::new(args.rate_burst)
                     .unwrap_or(std::num::NonZeroU32::MIN),
                 max_in_flight: args.max_in_flight as usize,
+                max_in_flight_per_caller: args.max_in_flight_per_caller as usize,
+            },
+            connection: ConnectionLimits {
+                idle_timeout: args.connection_idle_timeout,
+                // Time to send the answer, after the longest call.
+                call_limit: args.request_timeout + CALL_GRACE,
             },
             max_request_bytes: args.max_request_bytes as usize,
             cleanup_batch_size: i64::from(args.cleanup_batch_size),

@@ -3,15 +3,15 @@
 use std::future::Future;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tokio_stream::StreamExt;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
 use tonic_health::ServingStatus;
 use tower::Layer;
 
 use crate::{
     api::{
-        AdminApi, RateLimitLayer, RequireApiKeyLayer, RequireIdempotencyKeyLayer,
-        RewriteOversizeLayer, TaskApi, WorkerApi,
+        AdminApi, ConnectionLayer, GuardedIo, RateLimitLayer, RequireApiKeyLayer,
+        RequireIdempotencyKeyLayer, RewriteOversizeLayer, TaskApi, WorkerApi,
     },
     auth::{AuthMode, KeyRing},
     config::{Settings, TlsFiles},
@@ -31,6 +31,9 @@ use crate::{
 const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 /// The largest header block (metadata) a call may send, in bytes.
 const MAX_HEADER_BYTES: u32 = 16 * 1024;
+/// How long a connection may be silent before the kernel probes whether its
+/// peer is still there.
+const TCP_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -204,9 +207,18 @@ async fn serve_with<S: Store>(
         builder = builder.tls_config(server_tls(tls)?)?;
         tracing::info!(mtls = tls.client_ca.is_some(), "serving TLS");
     }
+    // Every accepted socket answers without Nagle's delay (a small answer
+    // would otherwise wait for the peer's delayed ACK), has the kernel probe
+    // a silent peer, and is closed when idle or holding a call too long.
+    let connection_limits = settings.connection;
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE))
+        .map(move |accepted| accepted.map(|io| GuardedIo::new(io, connection_limits)));
     let server = builder
         .layer(
             tower::ServiceBuilder::new()
+                .layer(ConnectionLayer)
                 .layer(RewriteOversizeLayer)
                 .layer(RequireApiKeyLayer::new(ring))
                 .layer(rate_limits),
@@ -217,7 +229,7 @@ async fn serve_with<S: Store>(
         .add_service(RequireIdempotencyKeyLayer::new(policy.missing_key).layer(tasks))
         .add_service(workers)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             // Long polls and waits answer now rather than hold the exit.
             events.drain();

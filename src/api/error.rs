@@ -66,6 +66,9 @@ pub enum ServiceError {
     /// The server works on as many calls as it takes.
     #[error("the server is at capacity; retry after {}", humantime::format_duration(*.0))]
     Overloaded(Duration),
+    /// This caller has as many calls open as one caller may.
+    #[error("you have {0} calls open, as many as one caller may; retry after {wait} or open fewer at once (long polls count)", wait = humantime::format_duration(*.1))]
+    CallerBusy(usize, Duration),
     /// The lease shown is not the task's current one.
     #[error(
         "this lease is no longer the task's current one (it expired and the task was leased again, or the token is not the latest); stop working on the task"
@@ -108,6 +111,7 @@ impl ServiceError {
             Self::TooLarge(_) => "too_large",
             Self::RateLimited(_) => "rate_limited",
             Self::Overloaded(_) => "overloaded",
+            Self::CallerBusy(..) => "caller_busy",
             Self::LeaseLost => "lease_lost",
             Self::TaskFinished => "finished",
             Self::TaskCancelled => "cancelled",
@@ -202,6 +206,11 @@ impl From<ServiceError> for Status {
             }
             ServiceError::Overloaded(wait) => {
                 let mut details = info("OVERLOADED");
+                details.set_retry_info(Some(wait));
+                Status::with_error_details(Code::ResourceExhausted, message, details)
+            }
+            ServiceError::CallerBusy(_, wait) => {
+                let mut details = info("CALLER_BUSY");
                 details.set_retry_info(Some(wait));
                 Status::with_error_details(Code::ResourceExhausted, message, details)
             }

@@ -4,6 +4,7 @@
 
 mod admin_service;
 mod auth_layer;
+mod connection;
 mod deadline;
 mod error;
 mod key_layer;
@@ -15,6 +16,7 @@ mod worker_service;
 
 pub use admin_service::AdminApi;
 pub use auth_layer::{RequireApiKey, RequireApiKeyLayer};
+pub use connection::{ConnectionInfo, ConnectionLayer, ConnectionLimits, GuardedIo, TrackCalls};
 pub use error::{ERROR_DOMAIN, IN_PROGRESS_RETRY_DELAY, ServiceError};
 pub use key_layer::{RequireIdempotencyKey, RequireIdempotencyKeyLayer};
 pub use oncely_client::metadata::{IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_SOURCE, IDEMPOTENT_REPLAYED};

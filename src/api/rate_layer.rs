@@ -1,17 +1,21 @@
 //! Rate limits and load shedding, after authentication: each caller (an API
 //! key, or without keys the peer's address) gets a token bucket of
 //! `RATE_LIMIT` calls per second with bursts of `RATE_BURST`, and the server
-//! takes at most `MAX_IN_FLIGHT` calls at once. Past either, the call is
+//! takes at most `MAX_IN_FLIGHT` calls at once, at most
+//! `MAX_IN_FLIGHT_PER_CALLER` of them from one caller (so that one caller's
+//! long polls cannot take every place). Past any of these, the call is
 //! answered `RESOURCE_EXHAUSTED` at once, with `RetryInfo` saying when to
-//! come back, rather than queued without bound. Health and reflection are
-//! exempt.
+//! come back, rather than queued without bound. A call holds its places
+//! until its answer has been sent, so the bounds cover answers waiting for
+//! a slow reader too. Health and reflection are exempt.
 
 use std::{
+    collections::HashMap,
     future::Future,
     net::IpAddr,
     num::NonZeroU32,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
@@ -24,7 +28,7 @@ use tokio::sync::Semaphore;
 use tonic::{body::Body, transport::server::TcpConnectInfo};
 use tower::{Layer, Service};
 
-use super::{ServiceError, reply};
+use super::{ServiceError, connection::hold_until_sent, reply};
 use crate::domain::Principal;
 
 /// How long a shed call is asked to wait before coming back.
@@ -39,6 +43,8 @@ pub struct RateLimits {
     pub burst: NonZeroU32,
     /// The most calls the server works on at once.
     pub max_in_flight: usize,
+    /// The most calls one caller may have open at once.
+    pub max_in_flight_per_caller: usize,
 }
 
 /// Adds [`RateLimit`] around a service.
@@ -46,6 +52,56 @@ pub struct RateLimits {
 pub struct RateLimitLayer {
     limiter: Option<Arc<DefaultKeyedRateLimiter<String>>>,
     in_flight: Arc<Semaphore>,
+    callers: Arc<OpenCalls>,
+}
+
+/// How many calls each caller has open.
+#[derive(Debug)]
+struct OpenCalls {
+    limit: usize,
+    by_caller: Mutex<HashMap<String, usize>>,
+}
+
+impl OpenCalls {
+    /// A place for one more call of `caller`, or how many it has open.
+    fn enter(self: &Arc<Self>, caller: String) -> Result<CallerPlace, usize> {
+        let mut by_caller = self
+            .by_caller
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let open = by_caller.entry(caller.clone()).or_default();
+        if *open >= self.limit {
+            return Err(*open);
+        }
+        *open += 1;
+        Ok(CallerPlace {
+            calls: Arc::clone(self),
+            caller,
+        })
+    }
+}
+
+/// One open call of a caller, given back on drop.
+#[derive(Debug)]
+struct CallerPlace {
+    calls: Arc<OpenCalls>,
+    caller: String,
+}
+
+impl Drop for CallerPlace {
+    fn drop(&mut self) {
+        let mut by_caller = self
+            .calls
+            .by_caller
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(open) = by_caller.get_mut(&self.caller) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                by_caller.remove(&self.caller);
+            }
+        }
+    }
 }
 
 impl RateLimitLayer {
@@ -59,6 +115,10 @@ impl RateLimitLayer {
         Self {
             limiter,
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
+            callers: Arc::new(OpenCalls {
+                limit: limits.max_in_flight_per_caller,
+                by_caller: Mutex::new(HashMap::new()),
+            }),
         }
     }
 
@@ -126,8 +186,9 @@ where
         if !limited(&path) {
             return Box::pin(self.inner.call(request));
         }
+        let caller = caller(&request);
         if let Some(limiter) = &self.layer.limiter
-            && let Err(not_until) = limiter.check_key(&caller(&request))
+            && let Err(not_until) = limiter.check_key(&caller)
         {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             let response = reply::refuse(&path, ServiceError::RateLimited(wait), None).into_http();
@@ -138,11 +199,19 @@ where
                 reply::refuse(&path, ServiceError::Overloaded(SHED_RETRY), None).into_http();
             return Box::pin(async move { Ok(response) });
         };
+        let place = match self.layer.callers.enter(caller) {
+            Ok(place) => place,
+            Err(open) => {
+                let response =
+                    reply::refuse(&path, ServiceError::CallerBusy(open, SHED_RETRY), None)
+                        .into_http();
+                return Box::pin(async move { Ok(response) });
+            }
+        };
         let answer = self.inner.call(request);
         Box::pin(async move {
-            let response = answer.await;
-            drop(permit);
-            response
+            let response = answer.await?;
+            Ok(hold_until_sent(response, (permit, place)))
         })
     }
 }

@@ -22,6 +22,10 @@ use crate::{
     storage::{StorageError, Store},
 };
 
+/// What each task adds to a ListTasks answer around its own bytes: its
+/// field tag and length.
+const TASK_FRAMING_BYTES: usize = 6;
+
 /// The TaskService implementation.
 #[derive(Debug, Clone)]
 pub struct TaskApi<S> {
@@ -144,14 +148,32 @@ impl<S: Store> TaskApi<S> {
             .list_tasks(&query.agent_id, query.after.0, limit, MAX_PAGE_BYTES)
             .await?;
         let mut records = page.tasks;
-        let more = records.len() > query.page_size || page.cut_by_size;
+        let mut more = records.len() > query.page_size || page.cut_by_size;
         records.truncate(query.page_size);
-        let next_page_token = match records.last() {
-            Some(last) if more => PageToken(last.seq).encode(),
+        // The store counts the bytes it keeps (JSON); what is sent can be
+        // several times more (a number is 2 bytes of JSON, 11 of protobuf),
+        // so the page also ends before its answer passes MAX_PAGE_BYTES.
+        let budget = usize::try_from(MAX_PAGE_BYTES).unwrap_or(usize::MAX);
+        let mut tasks = Vec::with_capacity(records.len());
+        let mut bytes = 0;
+        let mut last_seq = None;
+        for record in &records {
+            let task = record.to_task();
+            let size = prost::Message::encoded_len(&task) + TASK_FRAMING_BYTES;
+            if !tasks.is_empty() && bytes + size > budget {
+                more = true;
+                break;
+            }
+            bytes += size;
+            last_seq = Some(record.seq);
+            tasks.push(task);
+        }
+        let next_page_token = match last_seq {
+            Some(seq) if more => PageToken(seq).encode(),
             _ => String::new(),
         };
         Ok(Done::Ok(ListTasksResponse {
-            tasks: records.iter().map(|record| record.to_task()).collect(),
+            tasks,
             next_page_token,
         }))
     }

@@ -33,6 +33,7 @@ mod cancellation;
 mod cleanup;
 mod client;
 mod concurrency;
+mod connections;
 mod create_task;
 mod fingerprint;
 mod health;

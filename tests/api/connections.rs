@@ -1,0 +1,211 @@
+//! What a connection may hold and for how long: idle and never-sending
+//! connections are closed, a slowloris preface does not keep its socket, a
+//! peer that never reads its answers loses its connection (and the places
+//! its calls held), and one caller cannot take every in-flight place.
+
+use std::time::Duration;
+
+use oncely::proto::tasks_v1::{
+    GetTaskRequest, LeaseTasksRequest, ListTasksRequest, worker_service_client::WorkerServiceClient,
+};
+use prost::Message;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tonic::{Code, Request};
+use tonic_types::StatusExt;
+
+use crate::support::{Backend, TestApp, TestDb, assert_status, test_settings};
+
+/// The longest a test waits for the server to act; it acts much sooner.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Reads until the peer closes the socket; true if it did within PATIENCE.
+async fn closed_by_server(socket: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 1024];
+    let read_all = async {
+        loop {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, read_all).await.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connection_that_never_sends_a_call_is_closed_and_others_are_served() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut settings = test_settings(&db.url);
+    settings.connection.idle_timeout = Duration::from_millis(500);
+    let app = TestApp::spawn_with(settings).await;
+
+    let mut silent = TcpStream::connect(app.addr).await.expect("connect");
+    let mut slow = TcpStream::connect(app.addr).await.expect("connect");
+    // A slowloris: the HTTP/2 preface, one byte at a time.
+    let dribble = tokio::spawn(async move {
+        for byte in b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" {
+            if slow.write_all(&[*byte]).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        closed_by_server(&mut slow).await
+    });
+
+    assert!(
+        closed_by_server(&mut silent).await,
+        "the silent socket stays open"
+    );
+    assert!(
+        dribble.await.expect("join"),
+        "the slowloris socket stays open"
+    );
+    app.health("").await.expect("others are served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_idle_past_the_timeout_calls_again_without_noticing() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut settings = test_settings(&db.url);
+    settings.connection.idle_timeout = Duration::from_millis(300);
+    let app = TestApp::spawn_with(settings).await;
+    let created = app.create_email().await;
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let task = app.task(&created.task_id).await;
+    assert_eq!(
+        task.task_id, created.task_id,
+        "the channel reconnected by itself"
+    );
+}
+
+/// A gRPC message frame around `message`.
+fn grpc_frame(message: &impl Message) -> bytes::Bytes {
+    let body = message.encode_to_vec();
+    let mut frame = Vec::with_capacity(body.len() + 5);
+    frame.push(0);
+    frame.extend_from_slice(&u32::try_from(body.len()).expect("small").to_be_bytes());
+    frame.extend_from_slice(&body);
+    frame.into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_that_never_reads_its_answers_loses_its_connection_and_its_places() {
+    const STUCK: usize = 8;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut settings = test_settings(&db.url);
+    settings.connection.call_limit = Duration::from_secs(1);
+    settings.rate_limits.max_in_flight = STUCK;
+    let app = TestApp::spawn_with(settings).await;
+    app.create_email().await;
+
+    // A raw HTTP/2 client that opens no flow-control window: the server can
+    // send headers but never an answer's bytes.
+    let socket = TcpStream::connect(app.addr).await.expect("connect");
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(socket)
+        .await
+        .expect("h2 handshake");
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let mut answers = Vec::new();
+    for _ in 0..STUCK {
+        let request = http::Request::post(format!(
+            "http://{}/tasks.v1.TaskService/ListTasks",
+            app.addr
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+        let (answer, mut body) = client.send_request(request, false).expect("send");
+        body.send_data(
+            grpc_frame(&ListTasksRequest {
+                agent_id: "agent-7".into(),
+                ..Default::default()
+            }),
+            true,
+        )
+        .expect("body");
+        answers.push(answer);
+        client = client.ready().await.expect("ready");
+    }
+    // Wait until the stuck answers hold every in-flight place.
+    let full = crate::support::eventually(PATIENCE, "the in-flight places to fill", || async {
+        let call = Request::new(GetTaskRequest {
+            task_id: uuid::Uuid::new_v4().to_string(),
+        });
+        match app.tasks.clone().get_task(call).await {
+            Err(status) if status.code() == Code::ResourceExhausted => Some(status),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(full.get_details_retry_info().is_some());
+
+    let closed = tokio::time::timeout(PATIENCE, connection).await;
+    assert!(closed.is_ok(), "the never-reading connection stays open");
+    for answer in answers {
+        // Headers may have arrived; the body never can.
+        if let Ok(response) = answer.await {
+            let mut body = response.into_body();
+            assert!(body.data().await.is_none_or(|chunk| chunk.is_err()));
+        }
+    }
+    let task = app.create_email().await;
+    assert_eq!(
+        app.task(&task.task_id).await.task_id,
+        task.task_id,
+        "the places are free again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_callers_long_polls_cannot_take_every_place() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let busy = crate::auth::create_key(&db, "busy", "admin", &[]);
+    let calm = crate::auth::create_key(&db, "calm", "admin", &[]);
+    let mut settings = test_settings(&db.url);
+    settings.rate_limits.max_in_flight_per_caller = 2;
+    let app = TestApp::spawn_with(settings).await;
+    let long_poll = |token: &str| {
+        let mut workers = WorkerServiceClient::new(app.channel.clone());
+        let call = crate::auth::with_token(
+            token,
+            Request::new(LeaseTasksRequest {
+                worker_id: "w".into(),
+                wait: Some(prost_types::Duration {
+                    seconds: 3,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+        );
+        tokio::spawn(async move { workers.lease_tasks(call).await.map(drop) })
+    };
+    let polls = [long_poll(&busy), long_poll(&busy)];
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let third = long_poll(&busy).await.expect("join");
+    let other = long_poll(&calm);
+
+    let status = assert_status(third, Code::ResourceExhausted, Some("CALLER_BUSY"));
+    assert!(status.get_details_retry_info().is_some());
+    assert!(status.message().contains("2 calls open"), "{status:?}");
+    other
+        .await
+        .expect("join")
+        .expect("another caller has places of its own");
+    for poll in polls {
+        poll.await.expect("join").expect("the open calls finish");
+    }
+    long_poll(&busy)
+        .await
+        .expect("join")
+        .expect("served once its calls end");
+}
