@@ -27,4 +27,4 @@ pub use principal::{ApiKeyRecord, Principal, Role};
 pub use requests::{CleanupQuery, ListQuery, PageToken, TaskId, WaitQuery};
 pub use task::{MAX_NAME_BYTES, NewTask, TaskRecord, is_finished, timestamp};
 pub use violation::{FieldViolation, echo};
-pub use worker::{Completion, Failure, LeaseQuery, LeaseRef, Renewal};
+pub use worker::{Completion, Failure, LeaseQuery, LeaseRef, MAX_LEASED_BYTES, Renewal};

@@ -18,6 +18,11 @@ use crate::proto::tasks_v1::{
 
 /// The most tasks one LeaseTasks call hands out.
 pub const MAX_LEASED_TASKS: usize = 100;
+/// The most bytes of parameters (as JSON) one lease answer carries; past
+/// it the answer holds fewer tasks (always at least one). Protobuf can be
+/// 5.5 times bigger than JSON (an array of digits), so the answer stays
+/// under the 4 MiB clients accept by default.
+pub const MAX_LEASED_BYTES: i64 = 512 * 1024;
 /// The shortest lease.
 pub const MIN_LEASE: Duration = Duration::from_secs(1);
 /// The longest lease.

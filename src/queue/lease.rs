@@ -6,7 +6,7 @@ use tokio::time::Instant;
 
 use super::QueuePolicy;
 use crate::{
-    domain::{LeaseQuery, TaskRecord},
+    domain::{LeaseQuery, MAX_LEASED_BYTES, TaskRecord},
     storage::{LeaseOrder, StorageError, Store},
 };
 
@@ -25,6 +25,7 @@ pub async fn lease_tasks<S: Store>(
         worker_id: &query.worker_id,
         actions: &query.actions,
         max_tasks: i64::try_from(query.max_tasks).unwrap_or(1),
+        max_bytes: MAX_LEASED_BYTES,
         lease_duration: query.lease_duration,
         max_attempts: policy.max_attempts,
     };

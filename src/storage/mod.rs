@@ -190,6 +190,9 @@ pub struct LeaseOrder<'a> {
     pub actions: &'a [String],
     /// How many tasks at most.
     pub max_tasks: i64,
+    /// How many bytes of parameters (as JSON) at most; the first task is
+    /// leased whatever its size.
+    pub max_bytes: i64,
     /// How long each lease lasts.
     pub lease_duration: Duration,
     /// The most leases a task may have; an expired lease on the last one

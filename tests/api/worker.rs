@@ -821,7 +821,42 @@ async fn worker_calls_answer_unavailable_while_the_database_is_down() {
     .await;
 }
 
+/// Twenty tasks of dense numbers are 6.6 MB of protobuf: one lease of all
+/// of them would be past the client's 4 MiB and lost (leased, never seen).
+async fn a_lease_of_large_tasks_is_cut_to_what_a_client_can_receive(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let ones = vec![1; 30_000];
+    let mut created = HashSet::new();
+    for i in 0..20 {
+        let task = app
+            .create(
+                Some(&new_key()),
+                request("dense", "step", json!({"i": i, "n": ones})),
+            )
+            .await
+            .expect("create")
+            .into_inner();
+        created.insert(task.task_id);
+    }
+
+    let mut leased = HashSet::new();
+    let mut calls = 0;
+    while leased.len() < created.len() && calls < 20 {
+        let leases = lease(&app, 100, 60.0, 0.0).await;
+        calls += 1;
+        assert!(!leases.is_empty(), "a lease call got nothing");
+        for lease in &leases {
+            assert!(leased.insert(task_id(lease)), "leased twice");
+        }
+    }
+
+    assert_eq!(leased, created);
+    assert!(calls >= 3, "{calls} calls");
+}
+
 conformance!(
+    a_lease_of_large_tasks_is_cut_to_what_a_client_can_receive,
     a_worker_killed_mid_lease_has_its_task_finished_by_another,
     racing_workers_complete_every_task_exactly_once,
     a_long_poll_answers_as_soon_as_a_task_is_created,

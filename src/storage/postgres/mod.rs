@@ -169,16 +169,22 @@ impl Store for PgStore {
     #[tracing::instrument(skip_all)]
     async fn lease_tasks(&self, order: &LeaseOrder<'_>) -> Result<Vec<TaskRecord>, StorageError> {
         let mut leased = Vec::new();
+        let mut bytes = 0;
         loop {
             let wanted = LeaseOrder {
                 max_tasks: order.max_tasks - leased.len() as i64,
+                max_bytes: order.max_bytes - bytes,
                 ..*order
             };
             let done = queries::lease_tasks(&self.pool, &wanted).await?;
             leased.extend(done.leased);
+            bytes += done.bytes;
             // Tasks ended FAILED took places of the limit: pick again, so a
             // poll is not answered empty while others wait.
-            if done.failed == 0 || leased.len() as i64 >= order.max_tasks {
+            if done.failed == 0
+                || leased.len() as i64 >= order.max_tasks
+                || bytes >= order.max_bytes
+            {
                 return Ok(leased);
             }
         }

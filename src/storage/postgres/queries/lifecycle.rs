@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use sqlx::PgExecutor;
+use sqlx::{PgExecutor, Row};
 use uuid::Uuid;
 
 use super::task_record;
@@ -21,6 +21,8 @@ pub struct Leased {
     /// How many picked tasks it ended FAILED instead (their last allowed
     /// lease had run out); they took places of the limit.
     pub failed: usize,
+    /// The bytes of parameters the picked tasks hold.
+    pub bytes: i64,
 }
 
 /// Leases up to `order.max_tasks` available tasks in one statement: a CTE
@@ -34,13 +36,21 @@ pub async fn lease_tasks(
     order: &LeaseOrder<'_>,
 ) -> Result<Leased, StorageError> {
     let rows = sqlx::query(concat!(
-        "WITH picked AS ( \
-             SELECT task_id FROM tasks \
+        "WITH locked AS ( \
+             SELECT task_id, available_at, seq, \
+                    CASE WHEN status = 2 AND attempt >= $5 THEN 0 \
+                         ELSE octet_length(parameters::text) END AS size \
+             FROM tasks \
              WHERE status IN (1, 2) AND available_at <= now() \
                AND (cardinality($2::text[]) = 0 OR action = ANY($2::text[])) \
              ORDER BY available_at, seq \
              LIMIT $3 \
              FOR UPDATE SKIP LOCKED \
+         ), sized AS ( \
+             SELECT task_id, size, sum(size) OVER (ORDER BY available_at, seq) AS running \
+             FROM locked \
+         ), picked AS ( \
+             SELECT task_id FROM sized WHERE running - size = 0 OR running <= $7 \
          ), changed AS ( \
              UPDATE tasks AS t SET \
                  status = CASE WHEN t.status = 2 AND t.attempt >= $5 THEN 4 ELSE 2 END, \
@@ -61,7 +71,8 @@ pub async fn lease_tasks(
          SELECT ",
         task_columns!(),
         ", CASE WHEN status = 4 \
-                THEN pg_notify('oncely_tasks', 'finished:' || task_id)::text END \
+                THEN pg_notify('oncely_tasks', 'finished:' || task_id)::text END, \
+           (SELECT max(running) FROM sized JOIN picked USING (task_id)) AS picked_bytes \
          FROM changed ORDER BY available_at, seq"
     ))
     .bind(order.worker_id)
@@ -70,10 +81,12 @@ pub async fn lease_tasks(
     .bind(order.lease_duration)
     .bind(order.max_attempts)
     .bind(expired_message_template(order.max_attempts))
+    .bind(order.max_bytes)
     .fetch_all(db)
     .await?;
     let mut done = Leased::default();
     for row in &rows {
+        done.bytes = row.try_get::<Option<i64>, _>("picked_bytes")?.unwrap_or(0);
         let task = task_record(row)?;
         if task.status == 2 {
             done.leased.push(task);

@@ -20,6 +20,7 @@ pub struct LeaseRow {
     /// The actions as a JSON array, for `json_each`.
     actions: String,
     max_tasks: i64,
+    max_bytes: i64,
     lease_duration: i64,
     max_attempts: i32,
     expired_message: String,
@@ -31,6 +32,7 @@ impl From<&LeaseOrder<'_>> for LeaseRow {
             worker_id: order.worker_id.to_owned(),
             actions: serde_json::Value::from(order.actions.to_vec()).to_string(),
             max_tasks: order.max_tasks,
+            max_bytes: order.max_bytes,
             lease_duration: micros(order.lease_duration),
             max_attempts: order.max_attempts,
             expired_message: expired_message_template(order.max_attempts),
@@ -46,6 +48,8 @@ pub struct Leased {
     pub leased: Vec<TaskRecord>,
     /// The tasks ended FAILED.
     pub failed: Vec<Uuid>,
+    /// The bytes of the leased tasks' parameters.
+    pub bytes: i64,
 }
 
 /// Whether any task is leasable now, read without the writer: so idle
@@ -81,8 +85,9 @@ pub async fn lease_in_transaction(
     loop {
         let failed_before = done.failed.len();
         let wanted = order.max_tasks - done.leased.len() as i64;
-        lease_some(connection, order, wanted, &mut done).await?;
-        if done.failed.len() == failed_before || done.leased.len() as i64 >= order.max_tasks {
+        let full = lease_some(connection, order, wanted, &mut done).await?;
+        if full || done.failed.len() == failed_before || done.leased.len() as i64 >= order.max_tasks
+        {
             break;
         }
     }
@@ -91,15 +96,15 @@ pub async fn lease_in_transaction(
 }
 
 /// One pick and lease of up to `wanted` tasks, inside the caller's
-/// transaction.
+/// transaction; true once the leased parameters reach `max_bytes`.
 async fn lease_some(
     connection: &mut SqliteConnection,
     order: &LeaseRow,
     wanted: i64,
     done: &mut Leased,
-) -> Result<(), StorageError> {
-    let picked: Vec<(String, i64, i32)> = sqlx::query_as(concat!(
-        "SELECT task_id, status, attempt FROM tasks \
+) -> Result<bool, StorageError> {
+    let picked: Vec<(String, i64, i32, i64)> = sqlx::query_as(concat!(
+        "SELECT task_id, status, attempt, length(CAST(parameters AS BLOB)) FROM tasks \
          WHERE status IN (1, 2) AND available_at <= ",
         now!(),
         " AND (json_array_length(?1) = 0 OR action IN (SELECT value FROM json_each(?1))) \
@@ -109,7 +114,10 @@ async fn lease_some(
     .bind(wanted)
     .fetch_all(&mut *connection)
     .await?;
-    for (task_id, status, attempt) in picked {
+    for (task_id, status, attempt, size) in picked {
+        if !done.leased.is_empty() && done.bytes + size > order.max_bytes {
+            return Ok(true);
+        }
         if status == 2 && attempt >= order.max_attempts {
             sqlx::query(concat!(
                 "UPDATE tasks SET status = 4, error_message = format(?2, attempt), update_time = ",
@@ -142,8 +150,9 @@ async fn lease_some(
         .fetch_one(&mut *connection)
         .await?;
         done.leased.push(task_record(&row)?);
+        done.bytes += size;
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Extends a lease that is still the task's current one.
