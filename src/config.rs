@@ -142,6 +142,11 @@ pub struct ServeArgs {
     /// may have open at once, long polls included.
     #[arg(long, env = "MAX_IN_FLIGHT_PER_CALLER", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight_per_caller: u32,
+    /// The most bytes of answers the server holds at once, from when they
+    /// are made until the caller has read them; past it, calls are shed
+    /// with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MAX_ANSWER_BYTES", default_value_t = 128 * 1024 * 1024, value_parser = clap::value_parser!(u32).range(1024 * 1024..))]
+    pub max_answer_bytes: u32,
     /// How long a connection may stay open without a call before the server
     /// closes it (counted from the connection's start, too).
     #[arg(long, env = "CONNECTION_IDLE_TIMEOUT", default_value = "2m", value_parser = positive_duration)]
@@ -306,6 +311,7 @@ impl From<ServeArgs> for Settings {
                     .unwrap_or(std::num::NonZeroU32::MIN),
                 max_in_flight: args.max_in_flight as usize,
                 max_in_flight_per_caller: args.max_in_flight_per_caller as usize,
+                max_answer_bytes: args.max_answer_bytes as usize,
             },
             connection: ConnectionLimits {
                 idle_timeout: args.connection_idle_timeout,

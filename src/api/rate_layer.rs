@@ -7,7 +7,8 @@
 //! answered `RESOURCE_EXHAUSTED` at once, with `RetryInfo` saying when to
 //! come back, rather than queued without bound. A call holds its places
 //! until its answer has been sent, so the bounds cover answers waiting for
-//! a slow reader too. Health and reflection are exempt.
+//! a slow reader too; and answers hold at most `MAX_ANSWER_BYTES` in all
+//! until they are sent. Health and reflection are exempt.
 
 use std::{
     collections::HashMap,
@@ -28,8 +29,15 @@ use tokio::sync::Semaphore;
 use tonic::{body::Body, transport::server::TcpConnectInfo};
 use tower::{Layer, Service};
 
-use super::{ServiceError, connection::hold_until_sent, reply};
+use super::{
+    ServiceError,
+    connection::hold_until_sent,
+    reply::{self, AnswerSize},
+};
 use crate::domain::Principal;
+
+/// The one call whose answer is never dropped to shed load.
+const LEASE_TASKS_PATH: &str = "/tasks.v1.WorkerService/LeaseTasks";
 
 /// How long a shed call is asked to wait before coming back.
 const SHED_RETRY: Duration = Duration::from_secs(1);
@@ -45,6 +53,9 @@ pub struct RateLimits {
     pub max_in_flight: usize,
     /// The most calls one caller may have open at once.
     pub max_in_flight_per_caller: usize,
+    /// The most bytes of answers held at once, from when they are made
+    /// until they are sent.
+    pub max_answer_bytes: usize,
 }
 
 /// Adds [`RateLimit`] around a service.
@@ -53,6 +64,8 @@ pub struct RateLimitLayer {
     limiter: Option<Arc<DefaultKeyedRateLimiter<String>>>,
     in_flight: Arc<Semaphore>,
     callers: Arc<OpenCalls>,
+    answer_bytes: Arc<Semaphore>,
+    max_answer_bytes: u32,
 }
 
 /// How many calls each caller has open.
@@ -115,6 +128,8 @@ impl RateLimitLayer {
         Self {
             limiter,
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
+            answer_bytes: Arc::new(Semaphore::new(limits.max_answer_bytes)),
+            max_answer_bytes: u32::try_from(limits.max_answer_bytes).unwrap_or(u32::MAX),
             callers: Arc::new(OpenCalls {
                 limit: limits.max_in_flight_per_caller,
                 by_caller: Mutex::new(HashMap::new()),
@@ -209,9 +224,29 @@ where
             }
         };
         let answer = self.inner.call(request);
+        let answer_bytes = self.layer.answer_bytes.clone();
+        let max_answer_bytes = self.layer.max_answer_bytes;
         Box::pin(async move {
             let response = answer.await?;
-            Ok(hold_until_sent(response, (permit, place)))
+            // The answer's bytes count until they are sent; one answer may
+            // take the whole allowance. Leases are sent whatever the count:
+            // dropping one would strand its tasks until their leases ran out.
+            let size = response
+                .extensions()
+                .get::<AnswerSize>()
+                .map_or(0, |size| u32::try_from(size.0).unwrap_or(u32::MAX))
+                .min(max_answer_bytes);
+            let bytes = match answer_bytes.try_acquire_many_owned(size) {
+                Ok(bytes) => Some(bytes),
+                Err(_) if path == LEASE_TASKS_PATH => None,
+                Err(_) => {
+                    return Ok(
+                        reply::refuse(&path, ServiceError::Overloaded(SHED_RETRY), None)
+                            .into_http(),
+                    );
+                }
+            };
+            Ok(hold_until_sent(response, (permit, place, bytes)))
         })
     }
 }

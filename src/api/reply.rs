@@ -20,10 +20,15 @@ pub(super) enum Done<T> {
     Ok(T),
 }
 
+/// The encoded size of an answer, in the response's extensions, so that
+/// the rate layer can count the bytes it holds until they are sent.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct AnswerSize(pub(super) usize);
+
 /// Ends an RPC inside its span: records `outcome`, logs one line, maps the
 /// error. `source` is set for CreateTask, whose answers (errors included)
 /// say which rule deduplicated the request.
-pub(super) fn finish<T>(
+pub(super) fn finish<T: prost::Message>(
     result: Result<Done<T>, ServiceError>,
     source: Option<KeySource<'_>>,
 ) -> Result<Response<T>, Status> {
@@ -37,7 +42,9 @@ pub(super) fn finish<T>(
             };
             span.record("outcome", outcome);
             tracing::info!("done");
+            let size = AnswerSize(message.encoded_len());
             let mut response = Response::new(message);
+            response.extensions_mut().insert(size);
             let metadata = response.metadata_mut();
             if let Some(replayed) = replayed {
                 metadata.insert(IDEMPOTENT_REPLAYED, MetadataValue::from_static(replayed));

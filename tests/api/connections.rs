@@ -16,7 +16,9 @@ use tokio::{
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
 
-use crate::support::{Backend, TestApp, TestDb, assert_status, test_settings};
+use serde_json::json;
+
+use crate::support::{Backend, TestApp, TestDb, assert_status, new_key, request, test_settings};
 
 /// The longest a test waits for the server to act; it acts much sooner.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -35,9 +37,8 @@ async fn closed_by_server(socket: &mut TcpStream) -> bool {
     tokio::time::timeout(PATIENCE, read_all).await.is_ok()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_connection_that_never_sends_a_call_is_closed_and_others_are_served() {
-    let db = TestDb::new(Backend::Sqlite).await;
+async fn a_connection_that_never_sends_a_call_is_closed_and_others_are_served(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
     settings.connection.idle_timeout = Duration::from_millis(500);
     let app = TestApp::spawn_with(settings).await;
@@ -66,9 +67,8 @@ async fn a_connection_that_never_sends_a_call_is_closed_and_others_are_served() 
     app.health("").await.expect("others are served");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_client_idle_past_the_timeout_calls_again_without_noticing() {
-    let db = TestDb::new(Backend::Sqlite).await;
+async fn a_client_idle_past_the_timeout_calls_again_without_noticing(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
     settings.connection.idle_timeout = Duration::from_millis(300);
     let app = TestApp::spawn_with(settings).await;
@@ -93,18 +93,19 @@ fn grpc_frame(message: &impl Message) -> bytes::Bytes {
     frame.into()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_peer_that_never_reads_its_answers_loses_its_connection_and_its_places() {
-    const STUCK: usize = 8;
-    let db = TestDb::new(Backend::Sqlite).await;
-    let mut settings = test_settings(&db.url);
-    settings.connection.call_limit = Duration::from_secs(1);
-    settings.rate_limits.max_in_flight = STUCK;
-    let app = TestApp::spawn_with(settings).await;
-    app.create_email().await;
-
-    // A raw HTTP/2 client that opens no flow-control window: the server can
-    // send headers but never an answer's bytes.
+/// A raw HTTP/2 client that opens no flow-control window (the server can
+/// send headers but never an answer's bytes) and sends `calls` calls of
+/// `method` with `message`. Returns the task driving the connection (it
+/// ends when the connection closes) and the calls' answers.
+async fn never_reading(
+    app: &TestApp,
+    method: &str,
+    message: &impl Message,
+    calls: usize,
+) -> (
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+    Vec<h2::client::ResponseFuture>,
+) {
     let socket = TcpStream::connect(app.addr).await.expect("connect");
     let (client, connection) = h2::client::Builder::new()
         .initial_window_size(0)
@@ -114,48 +115,61 @@ async fn a_peer_that_never_reads_its_answers_loses_its_connection_and_its_places
     let connection = tokio::spawn(connection);
     let mut client = client.ready().await.expect("ready");
     let mut answers = Vec::new();
-    for _ in 0..STUCK {
-        let request = http::Request::post(format!(
-            "http://{}/tasks.v1.TaskService/ListTasks",
-            app.addr
-        ))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .expect("request");
+    for _ in 0..calls {
+        let request =
+            http::Request::post(format!("http://{}/tasks.v1.TaskService/{method}", app.addr))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(())
+                .expect("request");
         let (answer, mut body) = client.send_request(request, false).expect("send");
-        body.send_data(
-            grpc_frame(&ListTasksRequest {
-                agent_id: "agent-7".into(),
-                ..Default::default()
-            }),
-            true,
-        )
-        .expect("body");
+        body.send_data(grpc_frame(message), true).expect("body");
         answers.push(answer);
         client = client.ready().await.expect("ready");
     }
-    // Wait until the stuck answers hold every in-flight place.
-    let full = crate::support::eventually(PATIENCE, "the in-flight places to fill", || async {
-        let call = Request::new(GetTaskRequest {
-            task_id: uuid::Uuid::new_v4().to_string(),
-        });
-        match app.tasks.clone().get_task(call).await {
-            Err(status) if status.code() == Code::ResourceExhausted => Some(status),
-            _ => None,
-        }
-    })
+    (connection, answers)
+}
+
+async fn a_peer_that_never_reads_its_answers_loses_its_connection_and_its_places(backend: Backend) {
+    const STUCK: usize = 8;
+    let db = TestDb::new(backend).await;
+    let mut settings = test_settings(&db.url);
+    settings.connection.call_limit = Duration::from_secs(1);
+    settings.rate_limits.max_in_flight = STUCK;
+    let app = TestApp::spawn_with(settings).await;
+    app.create_email().await;
+
+    let (connection, answers) = never_reading(
+        &app,
+        "ListTasks",
+        &ListTasksRequest {
+            agent_id: "agent-7".into(),
+            ..Default::default()
+        },
+        STUCK,
+    )
     .await;
+    // Each answer's headers arrive (they need no window), its body never.
+    let mut bodies = Vec::new();
+    for answer in answers {
+        let response = answer.await.expect("the answer's headers");
+        assert!(
+            response.headers().get("grpc-status").is_none(),
+            "an answer that is not stuck: {response:?}"
+        );
+        bodies.push(response.into_body());
+    }
+    let call = Request::new(GetTaskRequest {
+        task_id: uuid::Uuid::new_v4().to_string(),
+    });
+    let full = app.tasks.clone().get_task(call).await;
+    let full = assert_status(full, Code::ResourceExhausted, Some("OVERLOADED"));
     assert!(full.get_details_retry_info().is_some());
 
     let closed = tokio::time::timeout(PATIENCE, connection).await;
     assert!(closed.is_ok(), "the never-reading connection stays open");
-    for answer in answers {
-        // Headers may have arrived; the body never can.
-        if let Ok(response) = answer.await {
-            let mut body = response.into_body();
-            assert!(body.data().await.is_none_or(|chunk| chunk.is_err()));
-        }
+    for mut body in bodies {
+        assert!(body.data().await.is_none_or(|chunk| chunk.is_err()));
     }
     let task = app.create_email().await;
     assert_eq!(
@@ -165,9 +179,8 @@ async fn a_peer_that_never_reads_its_answers_loses_its_connection_and_its_places
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn one_callers_long_polls_cannot_take_every_place() {
-    let db = TestDb::new(Backend::Sqlite).await;
+async fn one_callers_long_polls_cannot_take_every_place(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let busy = crate::auth::create_key(&db, "busy", "admin", &[]);
     let calm = crate::auth::create_key(&db, "calm", "admin", &[]);
     let mut settings = test_settings(&db.url);
@@ -209,3 +222,69 @@ async fn one_callers_long_polls_cannot_take_every_place() {
         .expect("join")
         .expect("served once its calls end");
 }
+
+async fn answers_held_for_a_peer_that_never_reads_are_bounded_in_bytes(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut settings = test_settings(&db.url);
+    settings.rate_limits.max_answer_bytes = 150 * 1024;
+    settings.connection.call_limit = Duration::from_secs(2);
+    let app = TestApp::spawn_with(settings).await;
+    let big = app
+        .create(
+            Some(&new_key()),
+            request("agent-7", "upload", json!({"body": "x".repeat(60 * 1024)})),
+        )
+        .await
+        .expect("create")
+        .into_inner();
+    let small = app.create_email().await;
+    let get = |task_id: &str| {
+        let mut tasks = app.tasks.clone();
+        let call = Request::new(GetTaskRequest {
+            task_id: task_id.to_owned(),
+        });
+        async move { tasks.get_task(call).await.map(|r| r.into_inner()) }
+    };
+
+    // Two unread answers of 60 KiB hold 120 of the 150 KiB.
+    let (connection, answers) = never_reading(
+        &app,
+        "GetTask",
+        &GetTaskRequest {
+            task_id: big.task_id.clone(),
+        },
+        2,
+    )
+    .await;
+    let mut bodies = Vec::new();
+    for answer in answers {
+        let response = answer.await.expect("the answer's headers");
+        assert!(response.headers().get("grpc-status").is_none());
+        bodies.push(response.into_body());
+    }
+
+    let refused = get(&big.task_id).await;
+
+    assert_status(refused, Code::ResourceExhausted, Some("OVERLOADED"));
+    get(&small.task_id)
+        .await
+        .expect("a small answer still fits");
+
+    let closed = tokio::time::timeout(PATIENCE, connection).await;
+    assert!(closed.is_ok(), "the never-reading connection stays open");
+    assert_eq!(
+        get(&big.task_id)
+            .await
+            .expect("the bytes are free again")
+            .task_id,
+        big.task_id
+    );
+}
+
+conformance!(
+    a_connection_that_never_sends_a_call_is_closed_and_others_are_served,
+    a_client_idle_past_the_timeout_calls_again_without_noticing,
+    a_peer_that_never_reads_its_answers_loses_its_connection_and_its_places,
+    one_callers_long_polls_cannot_take_every_place,
+    answers_held_for_a_peer_that_never_reads_are_bounded_in_bytes,
+);

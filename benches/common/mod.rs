@@ -1,0 +1,161 @@
+//! What the benchmarks share: the release server on a free port, a
+//! PostgreSQL database of their own, percentiles and the server's memory.
+
+// Each benchmark uses part of this module.
+#![allow(dead_code)]
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use oncely::proto::tasks_v1::task_service_client::TaskServiceClient;
+use sqlx::Connection;
+use tonic::transport::Channel;
+
+/// The release binary, serving on a free port.
+pub(crate) struct Server {
+    child: Child,
+    pub(crate) addr: String,
+}
+
+impl Server {
+    /// Starts the server on `url` with `env` on top of the benchmark's
+    /// settings, and waits until it answers.
+    pub(crate) async fn start(url: &str, env: &[(&str, &str)]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_oncely"));
+        command
+            .env("DATABASE_URL", url)
+            .env("LISTEN_ADDR", &addr)
+            .env("RUST_LOG", "warn")
+            // All the load comes from one address: measure the server, not
+            // its per-caller limits.
+            .env("RATE_LIMIT", "0")
+            .env("MAX_IN_FLIGHT_PER_CALLER", "100000")
+            .stdout(Stdio::null());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let child = command.spawn().expect("start the server");
+        let server = Self { child, addr };
+        for _ in 0..200 {
+            let mut tasks = TaskServiceClient::new(server.channel());
+            let probe = tasks
+                .get_task(oncely::proto::tasks_v1::GetTaskRequest {
+                    task_id: uuid::Uuid::nil().to_string(),
+                })
+                .await;
+            if matches!(probe, Err(status) if status.code() == tonic::Code::NotFound) {
+                return server;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the server did not start");
+    }
+
+    /// A new channel (one connection) to the server.
+    pub(crate) fn channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("address")
+            .tcp_nodelay(true)
+            .connect_lazy()
+    }
+
+    /// The server's resident memory now, in MiB.
+    pub(crate) fn rss_mib(&self) -> f64 {
+        status_kib(self.child.id(), "VmRSS:") / 1024.0
+    }
+
+    /// The server's peak resident memory so far, in MiB.
+    pub(crate) fn peak_rss_mib(&self) -> f64 {
+        status_kib(self.child.id(), "VmHWM:") / 1024.0
+    }
+}
+
+fn status_kib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with(field))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse().ok())
+        })
+        .unwrap_or(f64::NAN)
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A PostgreSQL database of the benchmark's own, dropped at the end.
+pub(crate) struct PgDatabase {
+    admin: sqlx::PgConnection,
+    name: String,
+    pub(crate) url: String,
+}
+
+impl PgDatabase {
+    /// Creates it on the server of `DATABASE_URL` (default: the local
+    /// PostgreSQL).
+    pub(crate) async fn create() -> Self {
+        let base = base_url();
+        let name = format!("oncely_bench_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = sqlx::PgConnection::connect(&base)
+            .await
+            .expect("PostgreSQL (set DATABASE_URL)");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .expect("create the benchmark database");
+        let url = match base.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{name}"),
+            None => panic!("DATABASE_URL names no database"),
+        };
+        Self { admin, name, url }
+    }
+
+    /// Drops it.
+    pub(crate) async fn drop_now(mut self) {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&mut self.admin)
+        .await;
+    }
+}
+
+/// The PostgreSQL server the benchmarks use.
+pub(crate) fn base_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// The `p` quantile of sorted latencies, in milliseconds.
+pub(crate) fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() as f64 * p) as usize).min(sorted.len() - 1);
+    sorted[index].as_secs_f64() * 1000.0
+}
+
+/// Which stores to run: `BENCH_STORES` (comma-separated), default both.
+pub(crate) fn stores() -> Vec<String> {
+    std::env::var("BENCH_STORES")
+        .unwrap_or_else(|_| "sqlite,postgres".to_owned())
+        .split(',')
+        .map(|store| store.trim().to_owned())
+        .filter(|store| !store.is_empty())
+        .collect()
+}
