@@ -142,6 +142,10 @@ pub struct ServeArgs {
     /// may have open at once, long polls included.
     #[arg(long, env = "MAX_IN_FLIGHT_PER_CALLER", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight_per_caller: u32,
+    /// The most bytes of live idempotency records kept in memory, so that
+    /// replays are answered without the database; 0 turns the cache off.
+    #[arg(long, env = "REPLAY_CACHE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub replay_cache_bytes: u64,
     /// The most bytes of answers the server holds at once, from when they
     /// are made until the caller has read them; past it, calls are shed
     /// with RESOURCE_EXHAUSTED.
@@ -263,6 +267,8 @@ pub struct Settings {
     pub connection: ConnectionLimits,
     /// The largest request message, in bytes.
     pub max_request_bytes: usize,
+    /// The replay cache's capacity in bytes; 0 for none.
+    pub replay_cache_bytes: u64,
     /// Cleanup's batch size.
     pub cleanup_batch_size: i64,
     /// The health check period.
@@ -319,6 +325,7 @@ impl From<ServeArgs> for Settings {
                 call_limit: args.request_timeout + CALL_GRACE,
             },
             max_request_bytes: args.max_request_bytes as usize,
+            replay_cache_bytes: args.replay_cache_bytes,
             cleanup_batch_size: i64::from(args.cleanup_batch_size),
             health_check_interval: args.health_check_interval,
             shutdown_grace: args.shutdown_grace,

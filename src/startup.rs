@@ -16,7 +16,7 @@ use crate::{
     auth::{AuthMode, KeyRing},
     config::{Settings, TlsFiles},
     health,
-    idempotency::KeyPolicy,
+    idempotency::{KeyPolicy, ReplayCache},
     proto::{
         FILE_DESCRIPTOR_SET,
         tasks_v1::{
@@ -172,6 +172,7 @@ async fn serve_with<S: Store>(
     };
     let tasks = TaskServiceServer::new(TaskApi::new(
         store.clone(),
+        ReplayCache::new(settings.replay_cache_bytes),
         policy,
         settings.limits,
         settings.queue,

@@ -13,7 +13,9 @@ use crate::{
         Limits, ListQuery, NewTask, PageToken, Principal, TaskId, TaskRecord, WaitQuery, echo,
         requests::MAX_PAGE_BYTES,
     },
-    idempotency::{self, IdempotencyKey, KeyPolicy, KeySource, MissingKeyPolicy, Outcome},
+    idempotency::{
+        self, IdempotencyKey, KeyPolicy, KeySource, MissingKeyPolicy, Outcome, ReplayCache,
+    },
     proto::tasks_v1::{
         CancelTaskRequest, CreateTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse,
         Task, WaitTaskRequest, task_service_server::TaskService,
@@ -30,17 +32,26 @@ const TASK_FRAMING_BYTES: usize = 6;
 #[derive(Debug, Clone)]
 pub struct TaskApi<S> {
     store: S,
+    replays: ReplayCache,
     policy: KeyPolicy,
     limits: Limits,
     queue: QueuePolicy,
 }
 
 impl<S: Store> TaskApi<S> {
-    /// A service over `store` that remembers requests as `policy` says and
-    /// waits for tasks as `queue` says.
-    pub fn new(store: S, policy: KeyPolicy, limits: Limits, queue: QueuePolicy) -> Self {
+    /// A service over `store` that remembers requests as `policy` says
+    /// (keeping live records in `replays`) and waits for tasks as `queue`
+    /// says.
+    pub fn new(
+        store: S,
+        replays: ReplayCache,
+        policy: KeyPolicy,
+        limits: Limits,
+        queue: QueuePolicy,
+    ) -> Self {
         Self {
             store,
+            replays,
             policy,
             limits,
             queue,
@@ -71,8 +82,15 @@ impl<S: Store> TaskApi<S> {
         // Each caller's keys are its own: the same key from two callers
         // names two records.
         let owner = caller.map(|c| c.name.as_str());
-        let done = match idempotency::create_task(&self.store, source, owner, &task, &self.policy)
-            .await?
+        let done = match idempotency::create_task(
+            &self.store,
+            &self.replays,
+            source,
+            owner,
+            &task,
+            &self.policy,
+        )
+        .await?
         {
             Outcome::Created(task) => Done::Created(task),
             Outcome::Replayed(bytes) => Done::Replayed(

@@ -1,25 +1,31 @@
 //! The decision for an idempotent CreateTask: create, replay or refuse.
 //!
-//! 1. One indexed read of the key (and the database clock). A live record
-//!    answers at once: the stored response when the fingerprints match (a
-//!    replay, no write), a refusal when they differ.
-//! 2. Otherwise one atomic claim takes the key and inserts the task together.
-//!    If a concurrent request claimed the key first, the claim waits for
-//!    that request's outcome and writes nothing; the read is then repeated
-//!    and answers as a retry would.
+//! 1. The replay cache: a live record cached on this instance answers at
+//!    once, without the database: the stored response when the
+//!    fingerprints match (a replay), a refusal when they differ.
+//! 2. Otherwise one atomic claim, in one round trip (and committed with
+//!    the claims that arrived with it): it takes the key and inserts the
+//!    task together, or, when a live record holds the key, reads that
+//!    record, which answers as in 1. If a concurrent request claimed the
+//!    key first, the claim waits for that request's outcome; should the
+//!    claim's statement not see the record committed meanwhile, one read
+//!    fetches it.
 
-use chrono::{DateTime, Utc};
+use std::time::Instant;
+
+use chrono::{DateTime, SubsecRound, Utc};
 use prost::Message;
 use uuid::Uuid;
 
 use super::{
+    cache::ReplayCache,
     fingerprint::Fingerprint,
     policy::{CREATE_TASK_SCOPE, KEYLESS_CREATE_TASK_SCOPE, KeyPolicy, KeySource},
 };
 use crate::{
     domain::NewTask,
-    proto::tasks_v1::{Task, TaskStatus},
-    storage::{ClaimOutcome, NewKeyedTask, StorageError, Store, StoredKey},
+    proto::tasks_v1::Task,
+    storage::{Claimed, KeyClaim, StorageError, Store, StoredKey},
 };
 
 /// How often a request re-reads after losing a claim race before it reports
@@ -98,17 +104,27 @@ impl ClaimTarget {
     }
 
     /// The claim of this record for `creation`, ready for the store.
-    pub fn claim<'a>(&'a self, task: &'a NewTask, creation: &'a Creation) -> NewKeyedTask<'a> {
-        NewKeyedTask {
+    pub fn claim(&self, task: &NewTask, creation: &Creation) -> KeyClaim {
+        KeyClaim {
             scope: self.scope,
-            key: &self.key,
-            fingerprint: &self.fingerprint.0,
-            task,
+            key: self.key.clone(),
+            fingerprint: self.fingerprint.0,
             task_id: creation.task_id,
-            status: TaskStatus::Queued,
+            agent_id: task.agent_id.clone(),
+            action: task.action.clone(),
+            parameters_json: task.parameters_json.clone(),
             create_time: creation.create_time,
-            response: &creation.encoded,
+            response: creation.encoded.clone(),
             retention: self.retention,
+        }
+    }
+
+    /// The record a claim of this target for `creation` wrote.
+    fn record_of(&self, creation: &Creation) -> StoredKey {
+        StoredKey {
+            fingerprint: self.fingerprint.0.to_vec(),
+            response: creation.encoded.clone(),
+            remaining: self.retention,
         }
     }
 }
@@ -123,7 +139,7 @@ pub struct Creation {
 }
 
 impl Creation {
-    /// A new queued task for `task`, created at `now` (the database clock).
+    /// A new queued task for `task`, created at `now`.
     pub fn new(task: &NewTask, now: DateTime<Utc>) -> Self {
         let task_id = Uuid::new_v4();
         let response = task.to_queued_task(task_id, now);
@@ -147,34 +163,54 @@ impl Creation {
 /// was answered.
 pub async fn create_task<S: Store>(
     store: &S,
+    replays: &ReplayCache,
     source: KeySource<'_>,
     owner: Option<&str>,
     task: &NewTask,
     policy: &KeyPolicy,
 ) -> Result<Outcome, StorageError> {
     let target = ClaimTarget::new(source, owner, task, policy);
+    if let Some(stored) = replays.get(target.scope, &target.key) {
+        return Ok(target.answer(stored));
+    }
     for _ in 0..MAX_CLAIM_ATTEMPTS {
-        let lookup = store
-            .find_key(target.scope, &target.key, target.retention)
-            .await?;
-        if let Some(stored) = lookup.record {
-            return Ok(target.answer(stored));
-        }
-
-        let creation = Creation::new(task, lookup.now);
-        match store
-            .claim_key_and_insert_task(&target.claim(task, &creation))
-            .await
-        {
-            Ok(ClaimOutcome::Claimed) => return Ok(Outcome::Created(creation.response)),
-            Ok(ClaimOutcome::AlreadyClaimed) => continue,
+        // The stores keep microseconds; the response says what they keep.
+        let creation = Creation::new(task, Utc::now().trunc_subsecs(6));
+        let sent = Instant::now();
+        let stored = match store.claim_key(target.claim(task, &creation)).await {
+            Ok(Claimed::Created) => {
+                replays.insert(
+                    target.scope,
+                    &target.key,
+                    &target.record_of(&creation),
+                    sent,
+                );
+                return Ok(Outcome::Created(creation.response));
+            }
+            Ok(Claimed::Held(stored)) => stored,
+            Ok(Claimed::Unseen) => {
+                let sent = Instant::now();
+                let lookup = store
+                    .find_key(target.scope, &target.key, target.retention)
+                    .await?;
+                match lookup.record {
+                    Some(stored) => {
+                        replays.insert(target.scope, &target.key, &stored, sent);
+                        return Ok(target.answer(stored));
+                    }
+                    // Expired, or deleted, between the two statements.
+                    None => continue,
+                }
+            }
             // The claim waited the whole bound for a concurrent request
             // holding this key.
             Err(StorageError::LockTimeout(_) | StorageError::WriterBusy(_)) => {
                 return Ok(Outcome::InFlight);
             }
             Err(error) => return Err(error),
-        }
+        };
+        replays.insert(target.scope, &target.key, &stored, sent);
+        return Ok(target.answer(stored));
     }
     Ok(Outcome::InFlight)
 }

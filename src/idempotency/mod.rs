@@ -5,13 +5,16 @@
 //! - [`fingerprint`]: SHA-256 of a request's canonical JSON, "same request
 //!   or not".
 //! - [`policy`]: scopes, retention, and what a missing key means.
+//! - [`cache`]: live records kept in memory, so replays skip the database.
 //! - [`create`]: the create / replay / refuse decision.
 
+pub mod cache;
 pub mod create;
 pub mod fingerprint;
 pub mod key;
 pub mod policy;
 
+pub use cache::ReplayCache;
 pub use create::{ClaimTarget, Creation, Outcome, create_task};
 pub use fingerprint::Fingerprint;
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};

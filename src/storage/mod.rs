@@ -25,14 +25,11 @@ pub use postgres::PgStore;
 pub use settings::{Backend, DatabaseSettings, redact_url};
 pub use sqlite::SqliteStore;
 
-use crate::{
-    domain::{ApiKeyRecord, Completion, Failure, LeaseRef, NewTask, TaskRecord},
-    proto::tasks_v1::TaskStatus,
-};
+use crate::domain::{ApiKeyRecord, Completion, Failure, LeaseRef, TaskRecord};
 
 /// What the service needs from a database. Every method is one short unit
-/// of work; `claim_key_and_insert_task` is the only write that must be
-/// atomic, and each backend makes it so.
+/// of work; `claim_key` is the only write that must be atomic, and each
+/// backend makes it so.
 pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
     /// Which backend this is and where, for logs (no secrets).
     fn describe(&self) -> String;
@@ -46,15 +43,17 @@ pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
         retention: Duration,
     ) -> impl Future<Output = Result<KeyLookup, StorageError>> + Send;
 
-    /// Claims the key and inserts its task atomically. A record older than
-    /// the retention is replaced; a live one is left untouched. Waits at most
-    /// the in-flight bound for a concurrent claim of the same key, then fails
-    /// with [`StorageError::LockTimeout`] (or, on SQLite,
+    /// Claims the key and inserts its task atomically, or reads the live
+    /// record that holds the key, in one round trip; concurrent claims are
+    /// committed together (group commit). A record older than the
+    /// retention is replaced; a live one is left untouched. Waits at most
+    /// the in-flight bound for a concurrent claim of the same key, then
+    /// fails with [`StorageError::LockTimeout`] (or, on SQLite,
     /// [`StorageError::WriterBusy`]).
-    fn claim_key_and_insert_task(
+    fn claim_key(
         &self,
-        new: &NewKeyedTask<'_>,
-    ) -> impl Future<Output = Result<ClaimOutcome, StorageError>> + Send;
+        claim: KeyClaim,
+    ) -> impl Future<Output = Result<Claimed, StorageError>> + Send;
 
     /// Reads one task.
     fn get_task(
@@ -238,6 +237,8 @@ pub struct StoredKey {
     pub fingerprint: Vec<u8>,
     /// The encoded response given to that request.
     pub response: Vec<u8>,
+    /// How long the record stays live, as of the read.
+    pub remaining: Duration,
 }
 
 /// The result of looking a key up.
@@ -249,36 +250,59 @@ pub struct KeyLookup {
     pub now: DateTime<Utc>,
 }
 
-/// Everything needed to claim a key and create its task in one go.
-#[derive(Debug)]
-pub struct NewKeyedTask<'a> {
+/// Everything needed to claim a key and create its task in one go, owned
+/// so that it can wait for its batch.
+#[derive(Debug, Clone)]
+pub struct KeyClaim {
     /// The key's scope: the RPC method, keyed or keyless.
-    pub scope: &'a str,
-    /// The client's key, or a keyless request's fingerprint in hex.
-    pub key: &'a str,
+    pub scope: &'static str,
+    /// The client's key, or a keyless request's fingerprint in hex (after
+    /// its owner's name, when calls are authenticated).
+    pub key: String,
     /// The request's fingerprint (SHA-256).
-    pub fingerprint: &'a [u8; 32],
-    /// The validated request.
-    pub task: &'a NewTask,
+    pub fingerprint: [u8; 32],
     /// The new task's id.
     pub task_id: Uuid,
-    /// The new task's status.
-    pub status: TaskStatus,
-    /// The new task's creation time.
+    /// The new task's agent.
+    pub agent_id: String,
+    /// The new task's action.
+    pub action: String,
+    /// The new task's parameters as canonical JSON.
+    pub parameters_json: String,
+    /// The new task's creation time, as its response says.
     pub create_time: DateTime<Utc>,
     /// The encoded response to store for replays.
-    pub response: &'a [u8],
+    pub response: Vec<u8>,
     /// Records older than this count as absent and may be replaced.
     pub retention: Duration,
 }
 
-/// Whether a claim took the key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClaimOutcome {
-    /// The key and the task were committed together.
-    Claimed,
-    /// A live record for the key already exists; nothing was written.
-    AlreadyClaimed,
+/// What a claim came to.
+#[derive(Debug, Clone)]
+pub enum Claimed {
+    /// The key and the new queued task were committed together.
+    Created,
+    /// A live record holds the key; nothing was written.
+    Held(StoredKey),
+    /// A record committed while the claim waited holds the key, but the
+    /// claim's statement could not read it: read it with
+    /// [`Store::find_key`].
+    Unseen,
+}
+
+impl Claimed {
+    /// What a request with the same key, claimed in the same batch right
+    /// after `claim`, comes to.
+    pub fn for_duplicate_of(&self, claim: &KeyClaim) -> Self {
+        match self {
+            Self::Created => Self::Held(StoredKey {
+                fingerprint: claim.fingerprint.to_vec(),
+                response: claim.response.clone(),
+                remaining: claim.retention,
+            }),
+            other => other.clone(),
+        }
+    }
 }
 
 /// A key's role as stored.

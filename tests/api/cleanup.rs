@@ -8,7 +8,7 @@ use oncely::proto::tasks_v1::CleanupRequest;
 use tonic::Code;
 
 use crate::support::{
-    TestApp, TestDb, assert_status, email_request, new_key, replayed, test_settings,
+    TestApp, TestDb, assert_status, email_request, new_key, replayed, test_settings, uncached,
     violated_fields,
 };
 
@@ -16,7 +16,7 @@ const HOUR: Duration = Duration::from_secs(3600);
 
 async fn cleanup_deletes_only_older_records_and_never_tasks(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let app = TestApp::spawn(&db).await;
+    let app = TestApp::spawn_uncached(&db).await;
     let old_key = new_key();
     app.create(Some(&old_key), email_request())
         .await
@@ -37,7 +37,7 @@ async fn cleanup_deletes_only_older_records_and_never_tasks(backend: Backend) {
 
 async fn a_deleted_key_executes_afresh(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let app = TestApp::spawn(&db).await;
+    let app = TestApp::spawn_uncached(&db).await;
     let key = new_key();
     let first = app
         .create(Some(&key), email_request())
@@ -79,7 +79,7 @@ async fn cleanup_refuses_to_delete_records_younger_than_the_retention(backend: B
 
 async fn cleanup_accepts_durations_with_nanoseconds(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let app = TestApp::spawn(&db).await;
+    let app = TestApp::spawn_uncached(&db).await;
     app.create(Some(&new_key()), email_request())
         .await
         .expect("create");
@@ -106,7 +106,7 @@ async fn cleanup_works_in_batches_until_all_old_records_are_gone(backend: Backen
     let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
     settings.cleanup_batch_size = 2;
-    let app = TestApp::spawn_with(settings).await;
+    let app = TestApp::spawn_with(uncached(settings)).await;
     for _ in 0..5 {
         app.create(Some(&new_key()), email_request())
             .await
@@ -124,7 +124,7 @@ async fn cleanup_without_older_than_uses_the_retention(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
     settings.retention = 3 * HOUR;
-    let app = TestApp::spawn_with(settings).await;
+    let app = TestApp::spawn_with(uncached(settings)).await;
     app.create(Some(&new_key()), email_request())
         .await
         .expect("create");
@@ -169,7 +169,7 @@ async fn a_record_older_than_the_retention_is_treated_as_absent_before_cleanup(b
     let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
     settings.retention = HOUR;
-    let app = TestApp::spawn_with(settings).await;
+    let app = TestApp::spawn_with(uncached(settings)).await;
     let key = new_key();
     let first = app
         .create(Some(&key), email_request())
@@ -200,7 +200,7 @@ async fn an_expired_record_does_not_refuse_a_different_request(backend: Backend)
     let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
     settings.retention = HOUR;
-    let app = TestApp::spawn_with(settings).await;
+    let app = TestApp::spawn_with(uncached(settings)).await;
     let key = new_key();
     app.create(Some(&key), email_request())
         .await

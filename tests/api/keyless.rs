@@ -9,7 +9,7 @@ use tonic::{Code, Status};
 
 use crate::support::{
     Backend, CREATE_TASK_PATH, TestApp, TestDb, assert_status, create_all_at_once, email_request,
-    new_key, replayed, request, test_settings,
+    new_key, replayed, request, test_settings, uncached,
 };
 
 const WINDOW: Duration = Duration::from_secs(300);
@@ -61,7 +61,7 @@ async fn a_keyless_repeat_within_the_window_replays_the_first_response_byte_for_
 
 async fn a_keyless_repeat_after_the_window_executes_afresh(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let app = TestApp::spawn_with(fingerprint_settings(&db)).await;
+    let app = TestApp::spawn_with(uncached(fingerprint_settings(&db))).await;
     let first = app
         .create(None, email_request())
         .await
@@ -209,7 +209,7 @@ async fn cleanup_removes_keyless_records_past_the_window_and_keeps_live_keyed_on
     backend: Backend,
 ) {
     let db = TestDb::new(backend).await;
-    let app = TestApp::spawn_with(fingerprint_settings(&db)).await;
+    let app = TestApp::spawn_with(uncached(fingerprint_settings(&db))).await;
     let key = new_key();
     app.create(None, email_request()).await.expect("keyless");
     app.create(Some(&key), email_request())
@@ -230,7 +230,7 @@ async fn cleanup_never_deletes_keyless_records_inside_the_window(backend: Backen
     let mut settings = fingerprint_settings(&db);
     // A window longer than the 1h retention: cleanup must still honour it.
     settings.dedup_window = Duration::from_secs(7200);
-    let app = TestApp::spawn_with(settings).await;
+    let app = TestApp::spawn_with(uncached(settings)).await;
     let first = app.create(None, email_request()).await.expect("keyless");
     db.age_keys(Duration::from_secs(5400)).await;
 

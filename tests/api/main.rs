@@ -36,6 +36,7 @@ mod concurrency;
 mod connections;
 mod create_task;
 mod fingerprint;
+mod group_commit;
 mod health;
 mod in_flight;
 mod keyless;

@@ -2,6 +2,7 @@
 //! that turns other instances' notifications into wake-ups. The statements
 //! are in [`queries`].
 
+mod batch;
 mod listener;
 pub mod queries;
 
@@ -16,8 +17,8 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    ClaimOutcome, DatabaseSettings, KeyLookup, LeaseOrder, NewKeyedTask, RetryRule, StorageError,
-    Store, TaskEvents, TaskPage, redact_url,
+    Claimed, DatabaseSettings, KeyClaim, KeyLookup, LeaseOrder, RetryRule, StorageError, Store,
+    TaskEvents, TaskPage, redact_url,
 };
 use crate::domain::{ApiKeyRecord, Completion, Failure, LeaseRef, TaskRecord};
 
@@ -25,6 +26,8 @@ use crate::domain::{ApiKeyRecord, Completion, Failure, LeaseRef, TaskRecord};
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Sends concurrent claims together.
+    claims: batch::ClaimBatcher,
     /// A connection of its own for health checks, so a pool busy with
     /// waiting requests does not look like a dead database.
     health_pool: PgPool,
@@ -96,6 +99,7 @@ impl PgStore {
         let events = TaskEvents::default();
         let listener = listener::start(listener_pool, events.clone());
         Ok(Self {
+            claims: batch::ClaimBatcher::start(pool.clone()),
             pool,
             health_pool,
             events,
@@ -120,12 +124,9 @@ impl Store for PgStore {
         queries::find_key(&self.pool, scope, key, retention).await
     }
 
-    #[tracing::instrument(skip_all, fields(task_id = %new.task_id))]
-    async fn claim_key_and_insert_task(
-        &self,
-        new: &NewKeyedTask<'_>,
-    ) -> Result<ClaimOutcome, StorageError> {
-        queries::claim_key_and_insert_task(&self.pool, new).await
+    #[tracing::instrument(skip_all, fields(task_id = %claim.task_id))]
+    async fn claim_key(&self, claim: KeyClaim) -> Result<Claimed, StorageError> {
+        self.claims.claim(claim).await
     }
 
     #[tracing::instrument(skip_all)]

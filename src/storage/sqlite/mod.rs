@@ -24,8 +24,8 @@ use self::{
     writer::Writer,
 };
 use super::{
-    ClaimOutcome, DatabaseSettings, KeyLookup, LeaseOrder, NewKeyedTask, RetryRule, StorageError,
-    Store, TaskEvents, TaskPage,
+    Claimed, DatabaseSettings, KeyClaim, KeyLookup, LeaseOrder, RetryRule, StorageError, Store,
+    TaskEvents, TaskPage,
 };
 use crate::domain::{ApiKeyRecord, Completion, Failure, LeaseRef, TaskRecord};
 
@@ -121,19 +121,10 @@ impl Store for SqliteStore {
         queries::find_key(&self.readers, scope, key, retention).await
     }
 
-    #[tracing::instrument(skip_all, fields(task_id = %new.task_id))]
-    async fn claim_key_and_insert_task(
-        &self,
-        new: &NewKeyedTask<'_>,
-    ) -> Result<ClaimOutcome, StorageError> {
-        let claim = ClaimRow::from(new);
-        let outcome = self
-            .writer
-            .run(move |connection| {
-                Box::pin(async move { queries::claim_in_transaction(connection, &claim).await })
-            })
-            .await?;
-        if outcome == ClaimOutcome::Claimed {
+    #[tracing::instrument(skip_all, fields(task_id = %claim.task_id))]
+    async fn claim_key(&self, claim: KeyClaim) -> Result<Claimed, StorageError> {
+        let outcome = self.writer.claim(ClaimRow::from(claim)).await?;
+        if matches!(outcome, Claimed::Created) {
             self.events.task_ready();
         }
         Ok(outcome)

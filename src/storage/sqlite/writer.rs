@@ -21,10 +21,15 @@ use std::{
 use sqlx::{Connection, SqliteConnection, sqlite::SqliteConnectOptions};
 use tokio::sync::{mpsc, oneshot};
 
-use super::super::StorageError;
+use super::{
+    super::{Claimed, StorageError},
+    queries::{self, ClaimRow},
+};
 
 /// How many writes may queue for the writer before callers wait to enqueue.
-const WRITE_QUEUE: usize = 1024;
+const WRITE_QUEUE: usize = 4096;
+/// The most claims committed in one transaction.
+const MAX_BATCH: usize = 256;
 
 /// A future that borrows the writer's connection.
 pub(super) type ConnFuture<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
@@ -77,10 +82,25 @@ where
     }
 }
 
+/// A claim waiting for its batch, and where its answer goes.
+#[derive(Debug)]
+struct Claim {
+    row: ClaimRow,
+    reply: oneshot::Sender<Result<Claimed, StorageError>>,
+}
+
+/// What the writer is asked to do.
+enum Item {
+    /// A job of its own, in a transaction of its own.
+    Job(Box<dyn Job>),
+    /// A claim, committed with the claims queued with it.
+    Claim(Claim),
+}
+
 /// A handle on the writer task; cloning it shares the one writer.
 #[derive(Debug, Clone)]
 pub(super) struct Writer {
-    jobs: mpsc::Sender<Box<dyn Job>>,
+    jobs: mpsc::Sender<Item>,
     /// False while the writer has no working connection.
     healthy: Arc<AtomicBool>,
     /// How long a write may wait for the writer, queue included.
@@ -124,9 +144,26 @@ impl Writer {
     {
         let (reply, answer) = oneshot::channel();
         let job: Box<dyn Job> = Box::new(Work { work, reply });
+        self.send(Item::Job(job), answer).await
+    }
+
+    /// Claims a key in the writer's next batch: every claim queued when the
+    /// writer gets to it is committed in one transaction, with one fsync.
+    /// Waits as [`Writer::run`] does.
+    pub(super) async fn claim(&self, row: ClaimRow) -> Result<Claimed, StorageError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Item::Claim(Claim { row, reply }), answer).await
+    }
+
+    /// Queues `item` and waits for its `answer`, at most the wait bound.
+    async fn send<T>(
+        &self,
+        item: Item,
+        answer: oneshot::Receiver<Result<T, StorageError>>,
+    ) -> Result<T, StorageError> {
         let round_trip = async {
             self.jobs
-                .send(job)
+                .send(item)
                 .await
                 .map_err(|_| StorageError::Unavailable(sqlx::Error::WorkerCrashed))?;
             answer
@@ -149,20 +186,26 @@ impl Writer {
     }
 }
 
-/// Runs jobs one at a time until every sender is gone. After a failed job
-/// it makes sure no transaction is left open; a connection that no longer
-/// works is dropped and reopened for the next job.
+/// Runs jobs one at a time, and claims in batches, until every sender is
+/// gone. After a failed job it makes sure no transaction is left open; a
+/// connection that no longer works is dropped and reopened for the next
+/// job.
 async fn run(
     options: SqliteConnectOptions,
     connection: SqliteConnection,
-    mut queue: mpsc::Receiver<Box<dyn Job>>,
+    mut queue: mpsc::Receiver<Item>,
     healthy: Arc<AtomicBool>,
 ) {
     let mut connection = Some(connection);
-    while let Some(job) = queue.recv().await {
-        if job.abandoned() {
-            continue;
-        }
+    let mut next = None;
+    loop {
+        let item = match next.take() {
+            Some(item) => item,
+            None => match queue.recv().await {
+                Some(item) => item,
+                None => break,
+            },
+        };
         let conn = match connection.as_mut() {
             Some(conn) => conn,
             None => match SqliteConnection::connect_with(&options).await {
@@ -170,12 +213,42 @@ async fn run(
                 Err(error) => {
                     tracing::warn!(%error, "cannot reopen the SQLite writer connection");
                     healthy.store(false, Ordering::SeqCst);
-                    job.run(Err(error.into())).await;
+                    match item {
+                        Item::Job(job) => {
+                            job.run(Err(error.into())).await;
+                        }
+                        Item::Claim(claim) => {
+                            let _ = claim.reply.send(Err(error.into()));
+                        }
+                    }
                     continue;
                 }
             },
         };
-        let ok = job.run(Ok(&mut *conn)).await;
+        let ok = match item {
+            Item::Job(job) => {
+                if job.abandoned() {
+                    continue;
+                }
+                job.run(Ok(&mut *conn)).await
+            }
+            Item::Claim(first) => {
+                // Every claim queued now joins the batch; the first other
+                // job ends it and runs next.
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match queue.try_recv() {
+                        Ok(Item::Claim(claim)) => batch.push(claim),
+                        Ok(job) => {
+                            next = Some(job);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                claim_batch(conn, batch).await
+            }
+        };
         let working = ok || recover(conn).await;
         if !working {
             tracing::warn!("the SQLite writer connection is broken; reopening it");
@@ -187,6 +260,75 @@ async fn run(
     }
     if let Some(conn) = connection {
         let _ = conn.close().await;
+    }
+}
+
+/// Commits a batch of claims in one IMMEDIATE transaction, each claim in a
+/// savepoint of its own so that one claim's failure is its own; answers
+/// each claim once the transaction is committed. Claims of the same key
+/// run in order: the later ones find the first one's record. Returns
+/// whether the transaction committed.
+async fn claim_batch(connection: &mut SqliteConnection, batch: Vec<Claim>) -> bool {
+    // A claim whose caller stopped waiting need not be made: nothing was
+    // written, and a retry claims afresh.
+    let batch: Vec<Claim> = batch.into_iter().filter(|c| !c.reply.is_closed()).collect();
+    if batch.is_empty() {
+        return true;
+    }
+    // IMMEDIATE takes the write lock now, waiting out another process's
+    // writer for at most the busy timeout.
+    if let Err(error) = sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *connection)
+        .await
+    {
+        answer_all(batch, &error);
+        return false;
+    }
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for claim in &batch {
+        outcomes.push(claim_in_savepoint(connection, &claim.row).await);
+    }
+    if let Err(error) = sqlx::query("COMMIT").execute(&mut *connection).await {
+        answer_all(batch, &error);
+        return false;
+    }
+    for (claim, outcome) in batch.into_iter().zip(outcomes) {
+        let _ = claim.reply.send(outcome);
+    }
+    true
+}
+
+/// One claim inside the batch's transaction, undone alone if it fails.
+async fn claim_in_savepoint(
+    connection: &mut SqliteConnection,
+    row: &ClaimRow,
+) -> Result<Claimed, StorageError> {
+    sqlx::query("SAVEPOINT claim")
+        .execute(&mut *connection)
+        .await?;
+    match queries::claim_key(connection, row).await {
+        Ok(outcome) => {
+            sqlx::query("RELEASE claim")
+                .execute(&mut *connection)
+                .await?;
+            Ok(outcome)
+        }
+        Err(error) => {
+            sqlx::query("ROLLBACK TO claim; RELEASE claim")
+                .execute(&mut *connection)
+                .await?;
+            Err(error)
+        }
+    }
+}
+
+/// Answers every claim of a batch that could not be committed.
+fn answer_all(batch: Vec<Claim>, error: &sqlx::Error) {
+    for claim in batch {
+        let failure = StorageError::from(sqlx::Error::Protocol(format!(
+            "the batch of claims could not be committed: {error}"
+        )));
+        let _ = claim.reply.send(Err(failure));
     }
 }
 

@@ -53,11 +53,24 @@ pub(crate) fn test_settings(url: &str) -> Settings {
     settings
 }
 
+/// `settings` without the replay cache, for tests that age records behind
+/// the server's back (which a real clock never does): the cache would
+/// rightly go on answering from the records as they were written.
+pub(crate) fn uncached(mut settings: Settings) -> Settings {
+    settings.replay_cache_bytes = 0;
+    settings
+}
+
 impl TestApp {
     /// Starts a server on `db` with default test settings and waits until it
     /// reports SERVING.
     pub(crate) async fn spawn(db: &TestDb) -> Self {
         Self::spawn_with(test_settings(&db.url)).await
+    }
+
+    /// [`TestApp::spawn`] without the replay cache; see [`uncached`].
+    pub(crate) async fn spawn_uncached(db: &TestDb) -> Self {
+        Self::spawn_with(uncached(test_settings(&db.url))).await
     }
 
     /// Starts a server with `settings` and waits until it reports SERVING.

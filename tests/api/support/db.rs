@@ -106,13 +106,15 @@ impl OpenTransaction {
     async fn claim(&mut self, target: &ClaimTarget, task: &NewTask, creation: &Creation) {
         let claim = target.claim(task, creation);
         match self {
-            Self::Postgres(tx) => postgres::queries::claim_key_and_insert_task(&mut **tx, &claim)
-                .await
-                .expect("claim"),
-            Self::Sqlite(conn) => {
-                sqlite::queries::claim_key_and_insert_task(conn, &(&claim).into())
+            Self::Postgres(tx) => {
+                postgres::queries::claim_keys(&mut **tx, std::slice::from_ref(&claim))
                     .await
-                    .expect("claim")
+                    .expect("claim");
+            }
+            Self::Sqlite(conn) => {
+                sqlite::queries::claim_key(conn, &claim.into())
+                    .await
+                    .expect("claim");
             }
         };
     }
@@ -262,6 +264,16 @@ impl TestDb {
     }
 
     /// Pretends every key record was created `age` earlier than it was.
+    /// Deletes every key record behind the server's back.
+    pub(crate) async fn delete_key_records(&self) {
+        on_pool!(self, |pool| {
+            sqlx::query("DELETE FROM idempotency_keys")
+                .execute(pool)
+                .await
+                .expect("delete key records");
+        });
+    }
+
     pub(crate) async fn age_keys(&self, age: Duration) {
         // An interval on PostgreSQL, microseconds on SQLite.
         let sql = "UPDATE idempotency_keys SET created_at = created_at - $1";

@@ -9,9 +9,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, Row, postgres::PgRow, types::Json};
 use uuid::Uuid;
 
-use super::super::{
-    ClaimOutcome, KeyLookup, NewKeyedTask, StorageError, StoredKey, TaskPage, object,
-};
+use super::super::{Claimed, KeyClaim, KeyLookup, StorageError, StoredKey, TaskPage, object};
 use crate::domain::TaskRecord;
 
 /// The channel every instance listens on. Payloads: `ready` (a task may be
@@ -27,7 +25,8 @@ pub async fn find_key(
     retention: Duration,
 ) -> Result<KeyLookup, StorageError> {
     let row = sqlx::query(
-        "SELECT now() AS now, k.fingerprint, k.response \
+        "SELECT now() AS now, k.fingerprint, k.response, \
+                (extract(epoch FROM k.created_at - now()) * 1000000)::bigint + $4 AS remaining_us \
          FROM (SELECT 1) AS one \
          LEFT JOIN idempotency_keys AS k \
            ON k.scope = $1 AND k.key = $2 AND k.created_at > now() - $3::interval",
@@ -35,65 +34,116 @@ pub async fn find_key(
     .bind(scope)
     .bind(key)
     .bind(retention)
+    .bind(micros(retention))
     .fetch_one(db)
     .await?;
-    let fingerprint: Option<Vec<u8>> = row.try_get("fingerprint")?;
-    let response: Option<Vec<u8>> = row.try_get("response")?;
     Ok(KeyLookup {
-        record: fingerprint
-            .zip(response)
-            .map(|(fingerprint, response)| StoredKey {
-                fingerprint,
-                response,
-            }),
+        record: stored_key(&row)?,
         now: row.try_get("now")?,
     })
 }
 
-/// Claims the key and inserts its task in one statement, which PostgreSQL
-/// runs as one transaction: both rows commit or neither does, and no
-/// explicit BEGIN is needed (so a cancelled request cannot leave a pooled
-/// connection inside a transaction).
+/// The live record a row shows, if any: `fingerprint`, `response` and
+/// `remaining_us`.
+fn stored_key(row: &PgRow) -> Result<Option<StoredKey>, StorageError> {
+    let fingerprint: Option<Vec<u8>> = row.try_get("fingerprint")?;
+    let response: Option<Vec<u8>> = row.try_get("response")?;
+    let remaining: Option<i64> = row.try_get("remaining_us")?;
+    Ok(fingerprint
+        .zip(response)
+        .map(|(fingerprint, response)| StoredKey {
+            fingerprint,
+            response,
+            remaining: Duration::from_micros(remaining.unwrap_or(0).max(0).unsigned_abs()),
+        }))
+}
+
+/// A duration in whole microseconds, as the statements take retentions.
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Claims each key and inserts its task, in one statement, which
+/// PostgreSQL runs as one transaction: for each claim, its key and its
+/// task commit together or not at all, and no explicit BEGIN is needed (so
+/// a cancelled request cannot leave a pooled connection inside a
+/// transaction). Answers in the claims' order, in one round trip: a claim
+/// whose key a live record holds reads that record in the same statement.
 ///
-/// A record older than the retention is replaced. A live record is left
-/// untouched. A concurrent uncommitted claim of the same key makes this
-/// statement wait for its outcome, at most `lock_timeout`.
-pub async fn claim_key_and_insert_task(
+/// The keys must be distinct. A record older than the retention is
+/// replaced; a live one is left untouched (and locked until the statement
+/// ends). A concurrent uncommitted claim of the same key makes this
+/// statement wait for its outcome, at most `lock_timeout`. Keys are
+/// inserted in (scope, key) order, so two batches never deadlock.
+pub async fn claim_keys(
     db: impl PgExecutor<'_>,
-    new: &NewKeyedTask<'_>,
-) -> Result<ClaimOutcome, StorageError> {
-    let inserted = sqlx::query(
-        "WITH claim AS ( \
+    claims: &[KeyClaim],
+) -> Result<Vec<Claimed>, StorageError> {
+    let rows = sqlx::query(
+        "WITH input AS ( \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::uuid[], $5::text[], \
+                                  $6::text[], $7::text[], $8::bytea[], $9::timestamptz[], $10::bigint[]) \
+                 WITH ORDINALITY AS i(scope, key, fingerprint, task_id, agent_id, action, \
+                                      parameters, response, create_time, retention_us, ord) \
+         ), claim AS ( \
              INSERT INTO idempotency_keys AS k (scope, key, fingerprint, task_id, response) \
-             VALUES ($1, $2, $3, $4, $5) \
+             SELECT scope, key, fingerprint, task_id, response FROM input ORDER BY scope, key \
              ON CONFLICT (scope, key) DO UPDATE \
                  SET fingerprint = EXCLUDED.fingerprint, task_id = EXCLUDED.task_id, \
                      response = EXCLUDED.response, created_at = now() \
-                 WHERE k.created_at <= now() - $11::interval \
+                 WHERE k.created_at <= now() - interval '1 microsecond' * ( \
+                     SELECT i.retention_us FROM input AS i \
+                     WHERE i.scope = EXCLUDED.scope AND i.key = EXCLUDED.key) \
+             RETURNING task_id \
+         ), created AS ( \
+             INSERT INTO tasks (task_id, agent_id, action, parameters, status, \
+                                create_time, update_time, available_at) \
+             SELECT i.task_id, i.agent_id, i.action, i.parameters::jsonb, 1, \
+                    i.create_time, i.create_time, now() \
+             FROM input AS i JOIN claim AS c ON c.task_id = i.task_id \
              RETURNING task_id \
          ) \
-         INSERT INTO tasks \
-             (task_id, agent_id, action, parameters, status, create_time, update_time, available_at) \
-         SELECT task_id, $6, $7, $8::jsonb, $9, $10, $10, $10 FROM claim \
-         RETURNING task_id, pg_notify('oncely_tasks', 'ready')::text",
+         SELECT i.ord, c.task_id IS NOT NULL AS claimed, k.fingerprint, k.response, \
+                (extract(epoch FROM k.created_at - now()) * 1000000)::bigint + i.retention_us \
+                    AS remaining_us, \
+                CASE WHEN EXISTS (SELECT 1 FROM created) \
+                     THEN pg_notify('oncely_tasks', 'ready')::text END AS notified \
+         FROM input AS i \
+         LEFT JOIN claim AS c ON c.task_id = i.task_id \
+         LEFT JOIN idempotency_keys AS k \
+           ON c.task_id IS NULL AND k.scope = i.scope AND k.key = i.key \
+         ORDER BY i.ord",
     )
-    .bind(new.scope)
-    .bind(new.key)
-    .bind(new.fingerprint.as_slice())
-    .bind(new.task_id)
-    .bind(new.response)
-    .bind(&new.task.agent_id)
-    .bind(&new.task.action)
-    .bind(&new.task.parameters_json)
-    .bind(new.status as i16)
-    .bind(new.create_time)
-    .bind(new.retention)
-    .fetch_optional(db)
+    .bind(claims.iter().map(|c| c.scope).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| c.key.as_str()).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| c.fingerprint.as_slice()).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| c.task_id).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| c.agent_id.as_str()).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| c.action.as_str()).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| c.parameters_json.as_str()).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| c.response.as_slice()).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| c.create_time).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| micros(c.retention)).collect::<Vec<_>>())
+    .fetch_all(db)
     .await?;
-    Ok(match inserted {
-        Some(_) => ClaimOutcome::Claimed,
-        None => ClaimOutcome::AlreadyClaimed,
-    })
+    if rows.len() != claims.len() {
+        return Err(StorageError::Corrupt(format!(
+            "a claim of {} keys answered {} rows",
+            claims.len(),
+            rows.len()
+        )));
+    }
+    rows.iter()
+        .map(|row| {
+            if row.try_get::<bool, _>("claimed")? {
+                return Ok(Claimed::Created);
+            }
+            Ok(match stored_key(row)? {
+                Some(stored) => Claimed::Held(stored),
+                None => Claimed::Unseen,
+            })
+        })
+        .collect()
 }
 
 /// The columns of a [`TaskRecord`], as [`task_record`] reads them.

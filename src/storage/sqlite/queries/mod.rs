@@ -12,9 +12,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{Row, SqliteConnection, SqliteExecutor, sqlite::SqliteRow};
 use uuid::Uuid;
 
-use super::super::{
-    ClaimOutcome, KeyLookup, NewKeyedTask, StorageError, StoredKey, TaskPage, object,
-};
+use super::super::{Claimed, KeyClaim, KeyLookup, StorageError, StoredKey, TaskPage, object};
 use crate::domain::TaskRecord;
 
 /// SQLite's clock in microseconds, the unit of every stored time.
@@ -41,11 +39,10 @@ pub use lifecycle::{
     renew_lease,
 };
 
-/// An owned [`NewKeyedTask`] in the form SQLite stores it, so it can cross
-/// into the writer task.
+/// A [`KeyClaim`] in the form SQLite stores it.
 #[derive(Debug)]
 pub struct ClaimRow {
-    scope: String,
+    scope: &'static str,
     key: String,
     fingerprint: Vec<u8>,
     task_id: String,
@@ -53,25 +50,23 @@ pub struct ClaimRow {
     agent_id: String,
     action: String,
     parameters_json: String,
-    status: i16,
     create_time: i64,
     retention: i64,
 }
 
-impl From<&NewKeyedTask<'_>> for ClaimRow {
-    fn from(new: &NewKeyedTask<'_>) -> Self {
+impl From<KeyClaim> for ClaimRow {
+    fn from(claim: KeyClaim) -> Self {
         Self {
-            scope: new.scope.to_owned(),
-            key: new.key.to_owned(),
-            fingerprint: new.fingerprint.to_vec(),
-            task_id: new.task_id.to_string(),
-            response: new.response.to_vec(),
-            agent_id: new.task.agent_id.clone(),
-            action: new.task.action.clone(),
-            parameters_json: new.task.parameters_json.clone(),
-            status: new.status as i16,
-            create_time: new.create_time.timestamp_micros(),
-            retention: micros(new.retention),
+            scope: claim.scope,
+            key: claim.key,
+            fingerprint: claim.fingerprint.to_vec(),
+            task_id: claim.task_id.to_string(),
+            response: claim.response,
+            agent_id: claim.agent_id,
+            action: claim.action,
+            parameters_json: claim.parameters_json,
+            create_time: claim.create_time.timestamp_micros(),
+            retention: micros(claim.retention),
         }
     }
 }
@@ -87,7 +82,9 @@ pub async fn find_key(
     let row = sqlx::query(concat!(
         "SELECT ",
         now!(),
-        " AS now, k.fingerprint, k.response \
+        " AS now, k.fingerprint, k.response, k.created_at + ?3 - ",
+        now!(),
+        " AS remaining_us \
          FROM (SELECT 1) AS one \
          LEFT JOIN idempotency_keys AS k \
            ON k.scope = ?1 AND k.key = ?2 AND k.created_at > ",
@@ -99,47 +96,35 @@ pub async fn find_key(
     .bind(micros(retention))
     .fetch_one(db)
     .await?;
-    let fingerprint: Option<Vec<u8>> = row.try_get("fingerprint")?;
-    let response: Option<Vec<u8>> = row.try_get("response")?;
     Ok(KeyLookup {
-        record: fingerprint
-            .zip(response)
-            .map(|(fingerprint, response)| StoredKey {
-                fingerprint,
-                response,
-            }),
+        record: stored_key(&row)?,
         now: time(row.try_get("now")?)?,
     })
 }
 
-/// Claims the key and inserts its task in one IMMEDIATE transaction. On any
-/// failure the statement's error is returned; the writer then makes sure the
-/// transaction is gone.
-pub async fn claim_in_transaction(
-    connection: &mut SqliteConnection,
-    claim: &ClaimRow,
-) -> Result<ClaimOutcome, StorageError> {
-    // IMMEDIATE takes the write lock now, waiting out another process's
-    // writer for at most the busy timeout.
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut *connection)
-        .await?;
-    let outcome = claim_key_and_insert_task(connection, claim).await?;
-    let end = match outcome {
-        ClaimOutcome::Claimed => "COMMIT",
-        ClaimOutcome::AlreadyClaimed => "ROLLBACK",
-    };
-    sqlx::query(end).execute(&mut *connection).await?;
-    Ok(outcome)
+/// The live record a row shows, if any: `fingerprint`, `response` and
+/// `remaining_us`.
+fn stored_key(row: &SqliteRow) -> Result<Option<StoredKey>, StorageError> {
+    let fingerprint: Option<Vec<u8>> = row.try_get("fingerprint")?;
+    let response: Option<Vec<u8>> = row.try_get("response")?;
+    let remaining: Option<i64> = row.try_get("remaining_us")?;
+    Ok(fingerprint
+        .zip(response)
+        .map(|(fingerprint, response)| StoredKey {
+            fingerprint,
+            response,
+            remaining: Duration::from_micros(remaining.unwrap_or(0).max(0).unsigned_abs()),
+        }))
 }
 
-/// The claim's statements, inside the caller's transaction: claim the key
-/// (replacing a record older than the retention, leaving a live one), then
-/// insert the task if the key was taken.
-pub async fn claim_key_and_insert_task(
+/// The claim's statements, inside the caller's (write) transaction: claim
+/// the key (replacing a record older than the retention, leaving a live
+/// one) and insert the task if the key was taken; otherwise read the live
+/// record, which the transaction sees.
+pub async fn claim_key(
     connection: &mut SqliteConnection,
     claim: &ClaimRow,
-) -> Result<ClaimOutcome, StorageError> {
+) -> Result<Claimed, StorageError> {
     let claimed = sqlx::query(concat!(
         "INSERT INTO idempotency_keys AS k (scope, key, fingerprint, task_id, response, created_at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ",
@@ -151,7 +136,7 @@ pub async fn claim_key_and_insert_task(
              WHERE k.created_at <= excluded.created_at - ?6 \
          RETURNING task_id"
     ))
-    .bind(&claim.scope)
+    .bind(claim.scope)
     .bind(&claim.key)
     .bind(&claim.fingerprint)
     .bind(&claim.task_id)
@@ -160,22 +145,36 @@ pub async fn claim_key_and_insert_task(
     .fetch_optional(&mut *connection)
     .await?;
     if claimed.is_none() {
-        return Ok(ClaimOutcome::AlreadyClaimed);
+        let row = sqlx::query(concat!(
+            "SELECT fingerprint, response, created_at + ?3 - ",
+            now!(),
+            " AS remaining_us FROM idempotency_keys WHERE scope = ?1 AND key = ?2"
+        ))
+        .bind(claim.scope)
+        .bind(&claim.key)
+        .bind(claim.retention)
+        .fetch_optional(&mut *connection)
+        .await?;
+        return Ok(match row.as_ref().map(stored_key).transpose()?.flatten() {
+            Some(stored) => Claimed::Held(stored),
+            None => Claimed::Unseen,
+        });
     }
-    sqlx::query(
+    sqlx::query(concat!(
         "INSERT INTO tasks \
              (task_id, agent_id, action, parameters, status, create_time, update_time, available_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6)",
-    )
+         VALUES (?1, ?2, ?3, ?4, 1, ?5, ?5, ",
+        now!(),
+        ")"
+    ))
     .bind(&claim.task_id)
     .bind(&claim.agent_id)
     .bind(&claim.action)
     .bind(&claim.parameters_json)
-    .bind(claim.status)
     .bind(claim.create_time)
     .execute(&mut *connection)
     .await?;
-    Ok(ClaimOutcome::Claimed)
+    Ok(Claimed::Created)
 }
 
 /// Reads one task.

@@ -1,0 +1,182 @@
+//! A bounded in-process cache of committed key records, so that a replay
+//! (and a refusal of a reused key) is answered without the database.
+//!
+//! A record never changes while it is live: it is written once, and only
+//! replaced after it expires. So any instance may keep a copy, as long as
+//! the copy expires no later than the record. Each entry expires at the
+//! instant measured *before* the statement that read or wrote the record
+//! was sent, plus the time the database said the record had left: never
+//! later than the database's own expiry. An expired record is never
+//! replayed from here; the request goes to the database, which replaces the
+//! record if it expired there too, so a key reused after expiry executes
+//! afresh. Cleanup deletes only expired records, which the cache has
+//! already dropped.
+//!
+//! The cache holds at most `REPLAY_CACHE_BYTES` of records (keys,
+//! fingerprints and responses), evicting the least useful first.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use moka::{Expiry, sync::Cache};
+
+use crate::storage::StoredKey;
+
+/// What each entry costs beyond its bytes, for the capacity.
+const ENTRY_OVERHEAD: usize = 96;
+
+/// A cached record.
+#[derive(Debug)]
+struct Entry {
+    fingerprint: Vec<u8>,
+    response: Vec<u8>,
+    expires: Instant,
+}
+
+/// Expires each entry at its own instant.
+struct UntilExpiry;
+
+impl Expiry<String, Arc<Entry>> for UntilExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        entry: &Arc<Entry>,
+        created_at: Instant,
+    ) -> Option<Duration> {
+        Some(entry.expires.saturating_duration_since(created_at))
+    }
+}
+
+/// The cache; cloning it shares it. Disabled (every lookup misses) with a
+/// capacity of 0.
+#[derive(Clone)]
+pub struct ReplayCache {
+    entries: Option<Cache<String, Arc<Entry>>>,
+}
+
+impl std::fmt::Debug for ReplayCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayCache")
+            .field("entries", &self.entries.as_ref().map(Cache::entry_count))
+            .finish()
+    }
+}
+
+/// The cache's name for a record.
+fn name(scope: &str, key: &str) -> String {
+    let mut name = String::with_capacity(scope.len() + 1 + key.len());
+    name.push_str(scope);
+    name.push('\n');
+    name.push_str(key);
+    name
+}
+
+impl ReplayCache {
+    /// A cache of at most `max_bytes` of records; 0 disables it.
+    pub fn new(max_bytes: u64) -> Self {
+        let entries = (max_bytes > 0).then(|| {
+            Cache::builder()
+                .max_capacity(max_bytes)
+                .weigher(|name: &String, entry: &Arc<Entry>| {
+                    let bytes = name.len()
+                        + entry.fingerprint.len()
+                        + entry.response.len()
+                        + ENTRY_OVERHEAD;
+                    u32::try_from(bytes).unwrap_or(u32::MAX)
+                })
+                .expire_after(UntilExpiry)
+                .build()
+        });
+        Self { entries }
+    }
+
+    /// The live record of `key` in `scope`, if cached.
+    pub fn get(&self, scope: &str, key: &str) -> Option<StoredKey> {
+        let entry = self.entries.as_ref()?.get(&name(scope, key))?;
+        let remaining = entry.expires.checked_duration_since(Instant::now())?;
+        if remaining.is_zero() {
+            return None;
+        }
+        Some(StoredKey {
+            fingerprint: entry.fingerprint.clone(),
+            response: entry.response.clone(),
+            remaining,
+        })
+    }
+
+    /// Keeps `record` of `key` in `scope`, as read or written by a
+    /// statement sent at `sent`.
+    pub fn insert(&self, scope: &str, key: &str, record: &StoredKey, sent: Instant) {
+        let Some(entries) = &self.entries else {
+            return;
+        };
+        let Some(expires) = sent.checked_add(record.remaining) else {
+            return;
+        };
+        entries.insert(
+            name(scope, key),
+            Arc::new(Entry {
+                fingerprint: record.fingerprint.clone(),
+                response: record.response.clone(),
+                expires,
+            }),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(remaining: Duration) -> StoredKey {
+        StoredKey {
+            fingerprint: vec![1; 32],
+            response: vec![2; 10],
+            remaining,
+        }
+    }
+
+    #[test]
+    fn a_record_is_served_until_its_remaining_time_from_when_it_was_sent() {
+        let cache = ReplayCache::new(1 << 20);
+        let sent = Instant::now();
+        cache.insert("s", "live", &record(Duration::from_secs(60)), sent);
+        cache.insert("s", "gone", &record(Duration::from_millis(1)), sent);
+        std::thread::sleep(Duration::from_millis(5));
+
+        let live = cache.get("s", "live").expect("live");
+        assert_eq!(live.response, vec![2; 10]);
+        assert!(live.remaining <= Duration::from_secs(60));
+        assert!(cache.get("s", "gone").is_none(), "expired");
+        assert!(cache.get("other", "live").is_none(), "scopes apart");
+    }
+
+    #[test]
+    fn a_disabled_cache_misses() {
+        let cache = ReplayCache::new(0);
+        cache.insert("s", "k", &record(Duration::from_secs(60)), Instant::now());
+        assert!(cache.get("s", "k").is_none());
+    }
+
+    #[test]
+    fn the_cache_holds_at_most_its_capacity() {
+        let cache = ReplayCache::new(64 * 1024);
+        let big = StoredKey {
+            fingerprint: vec![1; 32],
+            response: vec![2; 1000],
+            remaining: Duration::from_secs(60),
+        };
+        for i in 0..1000 {
+            cache.insert("s", &i.to_string(), &big, Instant::now());
+        }
+        let entries = cache.entries.as_ref().expect("enabled");
+        entries.run_pending_tasks();
+        assert!(
+            entries.weighted_size() <= 64 * 1024,
+            "{} bytes",
+            entries.weighted_size()
+        );
+    }
+}
