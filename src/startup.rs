@@ -199,7 +199,6 @@ async fn serve_with<S: Store>(
     // Bounds on what a connection may hold: dead peers are found by
     // keepalive pings; streams, headers and calls are bounded.
     let mut builder = Server::builder()
-        .timeout(settings.request_timeout)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
@@ -219,7 +218,7 @@ async fn serve_with<S: Store>(
     let server = builder
         .layer(
             tower::ServiceBuilder::new()
-                .layer(ConnectionLayer)
+                .layer(ConnectionLayer::new(settings.request_timeout))
                 .layer(RewriteOversizeLayer)
                 .layer(RequireApiKeyLayer::new(ring))
                 .layer(rate_limits),

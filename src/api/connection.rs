@@ -38,6 +38,8 @@ use tonic::{
 };
 use tower::{Layer, Service};
 
+use super::{ServiceError, reply};
+
 /// How long connections and calls may last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionLimits {
@@ -244,16 +246,29 @@ impl Connected for GuardedIo {
 }
 
 /// Registers each call with its connection's [`Watch`] until its answer
-/// has been sent (or abandoned), and gives the call the plain
-/// [`TcpConnectInfo`] the layers after it read the peer from.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ConnectionLayer;
+/// has been sent (or abandoned), gives the call the plain
+/// [`TcpConnectInfo`] the layers after it read the peer from, and answers
+/// `DEADLINE_EXCEEDED` for a call that runs past the request timeout.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLayer {
+    request_timeout: Duration,
+}
+
+impl ConnectionLayer {
+    /// Calls are cut after `request_timeout`.
+    pub fn new(request_timeout: Duration) -> Self {
+        Self { request_timeout }
+    }
+}
 
 impl<S> Layer<S> for ConnectionLayer {
     type Service = TrackCalls<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        TrackCalls { inner }
+        TrackCalls {
+            inner,
+            request_timeout: self.request_timeout,
+        }
     }
 }
 
@@ -261,6 +276,7 @@ impl<S> Layer<S> for ConnectionLayer {
 #[derive(Debug, Clone)]
 pub struct TrackCalls<S> {
     inner: S,
+    request_timeout: Duration,
 }
 
 /// Whether a call on `path` is an endless stream by design.
@@ -288,13 +304,18 @@ where
                 .get::<TlsConnectInfo<ConnectionInfo>>()
                 .map(|tls| tls.get_ref().clone())
         });
+        let path = request.uri().path().to_owned();
         let guard = info.map(|info| {
             request.extensions_mut().insert(info.tcp);
-            info.watch.open(endless(request.uri().path()))
+            info.watch.open(endless(&path))
         });
         let answer = self.inner.call(request);
+        let timeout = self.request_timeout;
         Box::pin(async move {
-            let response = answer.await?;
+            let Ok(response) = tokio::time::timeout(timeout, answer).await else {
+                return Ok(reply::refuse(&path, ServiceError::TimedOut(timeout), None).into_http());
+            };
+            let response = response?;
             Ok(match guard {
                 Some(guard) => hold_until_sent(response, guard),
                 None => response,

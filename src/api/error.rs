@@ -69,6 +69,9 @@ pub enum ServiceError {
     /// This caller has as many calls open as one caller may.
     #[error("you have {0} calls open, as many as one caller may; retry after {wait} or open fewer at once (long polls count)", wait = humantime::format_duration(*.1))]
     CallerBusy(usize, Duration),
+    /// The call ran past the server's request timeout.
+    #[error("the call took longer than the server's request timeout of {}; retry it (with the same idempotency key, a create is safe to retry)", humantime::format_duration(*.0))]
+    TimedOut(Duration),
     /// The lease shown is not the task's current one.
     #[error(
         "this lease is no longer the task's current one (it expired and the task was leased again, or the token is not the latest); stop working on the task"
@@ -112,6 +115,7 @@ impl ServiceError {
             Self::RateLimited(_) => "rate_limited",
             Self::Overloaded(_) => "overloaded",
             Self::CallerBusy(..) => "caller_busy",
+            Self::TimedOut(_) => "timed_out",
             Self::LeaseLost => "lease_lost",
             Self::TaskFinished => "finished",
             Self::TaskCancelled => "cancelled",
@@ -209,6 +213,7 @@ impl From<ServiceError> for Status {
                 details.set_retry_info(Some(wait));
                 Status::with_error_details(Code::ResourceExhausted, message, details)
             }
+            ServiceError::TimedOut(_) => Status::deadline_exceeded(message),
             ServiceError::CallerBusy(_, wait) => {
                 let mut details = info("CALLER_BUSY");
                 details.set_retry_info(Some(wait));

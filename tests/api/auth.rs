@@ -17,7 +17,7 @@ use tonic::{Code, Request, Status, metadata::MetadataValue};
 
 use crate::support::{
     BINARY, Backend, BinaryServer, TestApp, TestDb, assert_status, eventually, free_port, keyed,
-    new_key, request, test_settings,
+    new_key, replayed, request, test_settings,
 };
 
 /// Runs `oncely keys ARGS` on `db`; returns its standard output.
@@ -408,6 +408,7 @@ async fn without_keys_the_server_refuses_to_serve_beyond_loopback(backend: Backe
 
     let error = refused.expect_err("refused");
     assert!(error.to_string().contains("oncely keys create"), "{error}");
+    assert!(error.to_string().contains("AUTH=disabled"), "{error}");
     disabled.expect("AUTH=disabled serves anywhere");
     protected.expect("a key protects it");
 }
@@ -449,9 +450,14 @@ async fn tokens_never_appear_in_the_logs() {
         .create_task(create(&token, "agent-7"))
         .await
         .expect("allowed");
-    let _ = tasks.create_task(create(&token, "agent-8")).await;
+    let denied = tasks.create_task(create(&token, "agent-8")).await;
     let wrong = format!("{token}x");
-    let _ = tasks.create_task(create(&wrong, "agent-7")).await;
+    let unknown = tasks.create_task(create(&wrong, "agent-7")).await;
+    for refused in [denied, unknown] {
+        let status = refused.expect_err("refused");
+        let shown = format!("{status:?} {:?}", status.details());
+        assert!(!shown.contains(&token["oncely_".len()..]), "{shown}");
+    }
     server.terminate();
     server.wait_for_exit(Duration::from_secs(20));
 
@@ -467,7 +473,73 @@ async fn tokens_never_appear_in_the_logs() {
     );
 }
 
+async fn auth_required_refuses_calls_before_any_key_exists(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut required = settings(&db);
+    required.auth = AuthMode::Required;
+    let app = TestApp::spawn_with(required).await;
+
+    let refused = app
+        .create(Some(&new_key()), crate::support::email_request())
+        .await;
+
+    assert_status(refused, Code::Unauthenticated, None);
+    app.health("").await.expect("health stays open");
+}
+
+async fn auth_disabled_serves_calls_without_a_key_while_keys_exist(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let token = create_key(&db, "ops", "admin", &[]);
+    let mut disabled = settings(&db);
+    disabled.auth = AuthMode::Disabled;
+    let app = TestApp::spawn_with(disabled).await;
+
+    let anonymous = app
+        .create(Some(&new_key()), crate::support::email_request())
+        .await;
+    let with_key = create_as(&app, &token, "agent-7").await;
+
+    anonymous.expect("no key needed");
+    with_key.expect("a key is simply not checked");
+}
+
+async fn keyless_requests_of_two_callers_are_two_tasks(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let first = create_key(&db, "first", "agent", &[("--agent-id", "agent-7")]);
+    let second = create_key(&db, "second", "agent", &[("--agent-id", "agent-7")]);
+    let mut fingerprints = settings(&db);
+    fingerprints.missing_key_policy = oncely::idempotency::MissingKeyPolicy::Fingerprint;
+    let app = TestApp::spawn_with(fingerprints).await;
+    let keyless = |token: &str| {
+        let call = keyed(None, crate::support::email_request());
+        let mut tasks = app.tasks.clone();
+        let call = with_token(token, call);
+        async move { tasks.create_task(call).await }
+    };
+
+    let a = keyless(&first).await.expect("first caller");
+    let a_again = keyless(&first).await.expect("first caller again");
+    let b = keyless(&second).await.expect("second caller");
+
+    assert_eq!(
+        a_again.get_ref().task_id,
+        a.get_ref().task_id,
+        "deduplicated"
+    );
+    assert_eq!(replayed(&a_again), Some("true"));
+    assert_ne!(
+        b.get_ref().task_id,
+        a.get_ref().task_id,
+        "a task of its own"
+    );
+    assert_eq!(replayed(&b), Some("false"));
+    assert_eq!(db.count("tasks").await, 2);
+}
+
 conformance!(
+    auth_required_refuses_calls_before_any_key_exists,
+    auth_disabled_serves_calls_without_a_key_while_keys_exist,
+    keyless_requests_of_two_callers_are_two_tasks,
     once_a_key_exists_every_call_needs_one,
     each_role_may_call_its_services_only,
     an_agent_key_sees_only_its_own_agents_tasks,

@@ -281,7 +281,84 @@ async fn answers_held_for_a_peer_that_never_reads_are_bounded_in_bytes(backend: 
     );
 }
 
+async fn a_connection_may_open_at_most_128_calls_at_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let socket = TcpStream::connect(app.addr).await.expect("connect");
+    let (client, driver) = h2::client::handshake(socket).await.expect("h2 handshake");
+    let driver = tokio::spawn(driver);
+    let mut client = client.ready().await.expect("ready");
+    let request = http::Request::post(format!("http://{}/grpc.health.v1.Health/Check", app.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let (answer, mut body) = client.send_request(request, false).expect("send");
+    body.send_data(
+        grpc_frame(&tonic_health::pb::HealthCheckRequest::default()),
+        true,
+    )
+    .expect("body");
+    // Once answered, the client has the server's settings.
+    answer.await.expect("an answer");
+
+    assert_eq!(client.current_max_send_streams(), 128);
+    driver.abort();
+}
+
+async fn a_request_body_that_never_finishes_is_cut_and_frees_its_place(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut settings = test_settings(&db.url);
+    settings.request_timeout = Duration::from_secs(1);
+    settings.rate_limits.max_in_flight = 1;
+    let app = TestApp::spawn_with(settings).await;
+    let socket = TcpStream::connect(app.addr).await.expect("connect");
+    let (client, driver) = h2::client::handshake(socket).await.expect("h2 handshake");
+    let driver = tokio::spawn(driver);
+    let mut client = client.ready().await.expect("ready");
+    let request = http::Request::post(format!(
+        "http://{}/tasks.v1.TaskService/ListTasks",
+        app.addr
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .expect("request");
+    let (answer, mut body) = client.send_request(request, false).expect("send");
+    // A frame that announces 1,000 bytes and brings 10, then nothing.
+    let mut partial = vec![0u8];
+    partial.extend_from_slice(&1000u32.to_be_bytes());
+    partial.extend_from_slice(&[0; 10]);
+    body.send_data(partial.into(), false)
+        .expect("part of a body");
+
+    let response = tokio::time::timeout(PATIENCE, answer)
+        .await
+        .expect("an answer within the request timeout")
+        .expect("an answer");
+    let status = response
+        .headers()
+        .get("grpc-status")
+        .and_then(|code| code.to_str().ok())
+        .map(str::to_owned);
+
+    assert_eq!(
+        status.as_deref(),
+        Some("4"),
+        "DEADLINE_EXCEEDED: {response:?}"
+    );
+    let task = app.create_email().await;
+    assert_eq!(
+        app.task(&task.task_id).await.task_id,
+        task.task_id,
+        "its place is free again"
+    );
+    driver.abort();
+}
+
 conformance!(
+    a_connection_may_open_at_most_128_calls_at_once,
+    a_request_body_that_never_finishes_is_cut_and_frees_its_place,
     a_connection_that_never_sends_a_call_is_closed_and_others_are_served,
     a_client_idle_past_the_timeout_calls_again_without_noticing,
     a_peer_that_never_reads_its_answers_loses_its_connection_and_its_places,

@@ -87,10 +87,9 @@ async fn create_eventually(client: &OncelyClient) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_tls_server_serves_tls_clients_and_refuses_plaintext() {
+async fn a_tls_server_serves_tls_clients_and_refuses_plaintext(backend: Backend) {
     let certs = Certificates::new();
-    let db = TestDb::new(Backend::Sqlite).await;
+    let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
     settings.tls = Some(certs.server_files(false));
     let (address, server) = serve(settings).await;
@@ -125,10 +124,9 @@ async fn a_tls_server_serves_tls_clients_and_refuses_plaintext() {
     server.abort();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn mtls_refuses_a_client_without_a_certificate() {
+async fn mtls_refuses_a_client_without_a_certificate(backend: Backend) {
     let certs = Certificates::new();
-    let db = TestDb::new(Backend::Sqlite).await;
+    let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
     settings.tls = Some(certs.server_files(true));
     let (address, server) = serve(settings).await;
@@ -141,25 +139,67 @@ async fn mtls_refuses_a_client_without_a_certificate() {
         identity_pem: None,
     };
 
+    // A certificate, but from a CA the server does not know.
+    let stranger = TlsOptions {
+        ca_pem: Some(certs.ca.clone()),
+        identity_pem: Some(Certificates::new().client),
+    };
+
     let known = OncelyClient::connect_with_tls(&address, &with_identity).expect("client");
     create_eventually(&known).await;
     let anonymous = OncelyClient::connect_with_tls(&address, &without)
         .expect("client")
         .with_retry_policy(one_attempt());
     let refused = anonymous.create_task(email_request()).await;
+    let unknown = OncelyClient::connect_with_tls(&address, &stranger)
+        .expect("client")
+        .with_retry_policy(one_attempt())
+        .create_task(email_request())
+        .await;
 
     assert!(
         refused.is_err(),
         "a client without a certificate was served"
     );
+    assert!(
+        unknown.is_err(),
+        "a client certificate from an unknown CA was accepted"
+    );
     assert_eq!(db.count("tasks").await, 1);
     server.abort();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn cleanup_calls_a_tls_server_with_a_ca_file() {
+/// A client asked for `https://` never falls back to plaintext: against a
+/// plaintext server, the call fails and nothing is created.
+async fn clients_asked_for_https_never_fall_back_to_plaintext(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (address, server) = serve(test_settings(&db.url)).await;
+    let plain = address.replace("https://", "http://");
+    let client = OncelyClient::connect(&plain).expect("client");
+    create_eventually(&client).await;
+
+    let secure = OncelyClient::connect(&address)
+        .expect("client")
+        .with_retry_policy(one_attempt())
+        .create_task(email_request())
+        .await;
+    let cleanup = std::process::Command::new(crate::support::BINARY)
+        .args(["cleanup", "--server", &address, "--timeout", "5s"])
+        .output()
+        .expect("run cleanup");
+
+    assert!(secure.is_err(), "the client spoke plaintext: {secure:?}");
+    assert!(
+        !cleanup.status.success(),
+        "cleanup spoke plaintext: {cleanup:?}"
+    );
+    assert_eq!(db.count("tasks").await, 1, "only the plaintext create");
+    server.abort();
+}
+
+async fn cleanup_calls_a_tls_server_with_a_ca_file(backend: Backend) {
     let certs = Certificates::new();
-    let db = TestDb::new(Backend::Sqlite).await;
+    let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
     settings.tls = Some(certs.server_files(false));
     let (address, server) = serve(settings).await;
@@ -209,3 +249,10 @@ async fn postgres_is_reached_over_tls_when_the_url_asks() {
     .expect("read pg_stat_ssl");
     assert!(encrypted, "the server's connections are not encrypted");
 }
+
+conformance!(
+    a_tls_server_serves_tls_clients_and_refuses_plaintext,
+    mtls_refuses_a_client_without_a_certificate,
+    clients_asked_for_https_never_fall_back_to_plaintext,
+    cleanup_calls_a_tls_server_with_a_ca_file,
+);

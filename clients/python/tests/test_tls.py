@@ -70,6 +70,18 @@ def test_the_client_speaks_tls_to_an_https_address(tls_server: str, certificates
         assert refused.value.code == grpc.StatusCode.UNAVAILABLE
 
 
+def test_an_https_address_never_falls_back_to_plaintext(server) -> None:
+    """Against a plaintext server, an ``https://`` client fails rather than
+    speak plaintext, and creates nothing."""
+    once = RetryPolicy(max_attempts=1, attempt_timeout=3)
+    agent = "agent-no-downgrade"
+    with Client(f"https://{server.address}", retry_policy=once) as secure:
+        with pytest.raises(OncelyError):
+            secure.create_task(agent, "send_email")
+    with Client(server.address) as plain:
+        assert plain.list_tasks(agent).tasks == ()
+
+
 def test_a_ca_is_only_for_https_targets(certificates: Path) -> None:
     with pytest.raises(ValueError, match="https"):
         Client("127.0.0.1:50051", tls_ca=certificates / "ca.pem")
