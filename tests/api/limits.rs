@@ -233,15 +233,12 @@ async fn oversized_metadata_is_refused_and_the_server_keeps_serving(backend: Bac
     let (client, driver) = h2::client::handshake(socket).await.expect("h2 handshake");
     let driver = tokio::spawn(driver);
     let mut client = client.ready().await.expect("ready");
-    let raw = http::Request::post(format!(
-        "http://{}/tasks.v1.TaskService/GetTask",
-        app.addr
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .header("x-padding", "x".repeat(32 * 1024))
-    .body(())
-    .expect("request");
+    let raw = http::Request::post(format!("http://{}/tasks.v1.TaskService/GetTask", app.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("x-padding", "x".repeat(32 * 1024))
+        .body(())
+        .expect("request");
     let answer = match client.send_request(raw, true) {
         Ok((answer, _)) => answer.await.map(|r| r.status()),
         Err(error) => Err(error),
