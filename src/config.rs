@@ -180,6 +180,10 @@ pub struct ServeArgs {
 /// before its connection is closed.
 const CALL_GRACE: Duration = Duration::from_secs(30);
 
+/// How long a health `Watch` stream may stay open before its connection is
+/// closed (the client then watches again on a new one).
+const STREAM_LIMIT: Duration = Duration::from_secs(3600);
+
 /// The longest duration any setting accepts: ten years.
 const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
@@ -323,6 +327,7 @@ impl From<ServeArgs> for Settings {
                 idle_timeout: args.connection_idle_timeout,
                 // Time to send the answer, after the longest call.
                 call_limit: args.request_timeout + CALL_GRACE,
+                stream_limit: STREAM_LIMIT,
             },
             max_request_bytes: args.max_request_bytes as usize,
             replay_cache_bytes: args.replay_cache_bytes,

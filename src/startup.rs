@@ -141,13 +141,16 @@ async fn serve_with<S: Store>(
     check_protection(&ring, settings.auth, listener.local_addr().ok())?;
     let key_refresher = ring.refresh(store.clone(), settings.key_refresh_interval);
     let rate_limits = RateLimitLayer::new(settings.rate_limits);
+    let require_keys = RequireApiKeyLayer::new(ring);
     let forgetter = tokio::spawn({
         let rate_limits = rate_limits.clone();
+        let require_keys = require_keys.clone();
         async move {
             let mut ticker = tokio::time::interval(std::time::Duration::from_secs(60));
             loop {
                 ticker.tick().await;
                 rate_limits.forget_idle_callers();
+                require_keys.forget_idle_peers();
             }
         }
     });
@@ -220,7 +223,7 @@ async fn serve_with<S: Store>(
             tower::ServiceBuilder::new()
                 .layer(ConnectionLayer::new(settings.request_timeout))
                 .layer(RewriteOversizeLayer)
-                .layer(RequireApiKeyLayer::new(ring))
+                .layer(require_keys)
                 .layer(rate_limits),
         )
         .add_service(health_service)

@@ -2,14 +2,26 @@
 //! may call its service, and hands the caller (a [`Principal`]) to the
 //! service in the request's extensions. Health and reflection stay open.
 //! While the key ring does not require keys, every call passes as before.
+//!
+//! Refusals for a missing or unknown key are rate limited per peer address
+//! (`FAILURES_PER_SECOND`, bursts of `FAILURE_BURST`): past it, a peer that
+//! keeps guessing gets `RESOURCE_EXHAUSTED` with `RetryInfo`, and no log
+//! line, so guessing costs neither CPU nor log space without bound.
 
 use std::{
     future::Future,
+    net::IpAddr,
+    num::NonZeroU32,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
-use tonic::body::Body;
+use governor::{
+    DefaultKeyedRateLimiter, Quota, RateLimiter,
+    clock::{Clock, DefaultClock},
+};
+use tonic::{body::Body, transport::server::TcpConnectInfo};
 use tower::{Layer, Service};
 
 use super::{ServiceError, reply};
@@ -21,16 +33,33 @@ use crate::{
 /// The metadata that carries the key.
 const AUTHORIZATION: &str = "authorization";
 
+/// How many calls without a valid key a peer may make per second.
+const FAILURES_PER_SECOND: NonZeroU32 = NonZeroU32::new(10).expect("non-zero");
+/// How many such calls a peer may make at once beyond the rate.
+const FAILURE_BURST: NonZeroU32 = NonZeroU32::new(50).expect("non-zero");
+
 /// Adds [`RequireApiKey`] around a service.
 #[derive(Debug, Clone)]
 pub struct RequireApiKeyLayer {
     ring: KeyRing,
+    failures: Arc<DefaultKeyedRateLimiter<IpAddr>>,
 }
 
 impl RequireApiKeyLayer {
     /// A layer that checks calls against `ring`.
     pub fn new(ring: KeyRing) -> Self {
-        Self { ring }
+        Self {
+            ring,
+            failures: Arc::new(RateLimiter::keyed(
+                Quota::per_second(FAILURES_PER_SECOND).allow_burst(FAILURE_BURST),
+            )),
+        }
+    }
+
+    /// Forgets peers whose buckets are full again; call it now and then.
+    pub fn forget_idle_peers(&self) {
+        self.failures.retain_recent();
+        self.failures.shrink_to_fit();
     }
 }
 
@@ -40,7 +69,7 @@ impl<S> Layer<S> for RequireApiKeyLayer {
     fn layer(&self, inner: S) -> Self::Service {
         RequireApiKey {
             inner,
-            ring: self.ring.clone(),
+            layer: self.clone(),
         }
     }
 }
@@ -49,7 +78,7 @@ impl<S> Layer<S> for RequireApiKeyLayer {
 #[derive(Debug, Clone)]
 pub struct RequireApiKey<S> {
     inner: S,
-    ring: KeyRing,
+    layer: RequireApiKeyLayer,
 }
 
 /// The roles that may call the service of `path`; `None` for open services
@@ -105,15 +134,32 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let path = request.uri().path().to_owned();
-        if let Some(roles) = allowed_roles(&path).filter(|_| self.ring.required()) {
-            let checked = self
-                .ring
+        let ring = &self.layer.ring;
+        if let Some(roles) = allowed_roles(&path).filter(|_| ring.required()) {
+            let checked = ring
                 .authenticate(bearer(request.headers()))
                 .map_err(ServiceError::Unauthenticated)
                 .and_then(|principal| admit(&principal, &path, roles).map(|()| principal));
             match checked {
                 Ok(principal) => {
                     request.extensions_mut().insert(principal);
+                }
+                Err(error @ ServiceError::Unauthenticated(_)) => {
+                    let peer = request
+                        .extensions()
+                        .get::<TcpConnectInfo>()
+                        .and_then(TcpConnectInfo::remote_addr)
+                        .map(|addr| addr.ip());
+                    let limited = peer.and_then(|ip| self.layer.failures.check_key(&ip).err());
+                    let response = match limited {
+                        // Quietly: a flood of guesses must not flood the log.
+                        Some(not_until) => tonic::Status::from(ServiceError::RateLimited(
+                            not_until.wait_time_from(DefaultClock::default().now()),
+                        ))
+                        .into_http(),
+                        None => reply::refuse(&path, error, None).into_http(),
+                    };
+                    return Box::pin(async move { Ok(response) });
                 }
                 Err(error) => {
                     let response = reply::refuse(&path, error, None).into_http();

@@ -15,7 +15,8 @@
 //!
 //! Closing the socket drops every stream on it and the memory they held.
 //! Health `Watch` streams are endless by design: they keep a connection
-//! from being idle but have no limit.
+//! from being idle and have a limit of their own (an hour by default), after
+//! which the client opens a new connection and watches again.
 
 use std::{
     collections::BTreeMap,
@@ -47,14 +48,16 @@ pub struct ConnectionLimits {
     pub idle_timeout: Duration,
     /// How long a call may stay open, answer sent included.
     pub call_limit: Duration,
+    /// How long an endless stream (health `Watch`) may stay open.
+    pub stream_limit: Duration,
 }
 
 /// The calls open on one connection.
 #[derive(Debug)]
 struct Calls {
-    /// Each open call's deadline, by the order it started; `None` for
-    /// endless streams.
-    open: BTreeMap<u64, Option<Instant>>,
+    /// Each open call's deadline, by the order it started; endless
+    /// streams' deadlines are later than the order says.
+    open: BTreeMap<u64, Instant>,
     next: u64,
     /// When the last call ended (or the connection was accepted).
     idle_since: Instant,
@@ -78,12 +81,11 @@ impl Watch {
     }
 
     /// When the connection must be closed, if nothing changes.
-    fn deadline(calls: &Calls, limits: ConnectionLimits) -> Option<Instant> {
-        if calls.open.is_empty() {
-            return Some(calls.idle_since + limits.idle_timeout);
+    fn deadline(calls: &Calls, limits: ConnectionLimits) -> Instant {
+        match calls.open.values().min() {
+            Some(first) => *first,
+            None => calls.idle_since + limits.idle_timeout,
         }
-        // Deadlines grow with the order calls started in.
-        calls.open.values().flatten().next().copied()
     }
 
     /// Registers a call; it stays open until the returned guard drops.
@@ -92,8 +94,12 @@ impl Watch {
         let before = Self::deadline(&calls, self.limits);
         let id = calls.next;
         calls.next += 1;
-        let deadline = (!endless).then(|| Instant::now() + self.limits.call_limit);
-        calls.open.insert(id, deadline);
+        let limit = if endless {
+            self.limits.stream_limit
+        } else {
+            self.limits.call_limit
+        };
+        calls.open.insert(id, Instant::now() + limit);
         if Self::deadline(&calls, self.limits) < before
             && let Some(waker) = calls.waker.take()
         {
@@ -162,9 +168,6 @@ impl GuardedIo {
             let mut calls = self.watch.calls();
             calls.waker = Some(cx.waker().clone());
             Watch::deadline(&calls, self.watch.limits)
-        };
-        let Some(deadline) = deadline else {
-            return Ok(());
         };
         if Instant::now() >= deadline {
             tracing::debug!("closing a connection past its idle timeout or call limit");
@@ -369,6 +372,7 @@ mod tests {
         ConnectionLimits {
             idle_timeout: Duration::from_secs(60),
             call_limit: Duration::from_secs(10),
+            stream_limit: Duration::from_secs(3600),
         }
     }
 
@@ -389,33 +393,39 @@ mod tests {
         let watch = watch();
         let start = Instant::now();
         let deadline = || Watch::deadline(&watch.calls(), watch.limits);
-        assert_eq!(deadline(), Some(start + limits().idle_timeout));
+        assert_eq!(deadline(), start + limits().idle_timeout);
 
         let first = watch.open(false);
         tokio::time::advance(Duration::from_secs(1)).await;
         let second = watch.open(false);
-        assert_eq!(deadline(), Some(start + limits().call_limit));
+        assert_eq!(deadline(), start + limits().call_limit);
         drop(first);
         assert_eq!(
             deadline(),
-            Some(start + Duration::from_secs(1) + limits().call_limit)
+            start + Duration::from_secs(1) + limits().call_limit
         );
         drop(second);
         assert_eq!(
             deadline(),
-            Some(start + Duration::from_secs(1) + limits().idle_timeout)
+            start + Duration::from_secs(1) + limits().idle_timeout
         );
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_endless_stream_keeps_a_connection_open_without_a_deadline() {
+    async fn an_endless_stream_has_a_limit_of_its_own() {
         let watch = watch();
+        let start = Instant::now();
         let stream = watch.open(true);
-        assert_eq!(Watch::deadline(&watch.calls(), watch.limits), None);
+        assert_eq!(
+            Watch::deadline(&watch.calls(), watch.limits),
+            start + limits().stream_limit
+        );
         let call = watch.open(false);
-        assert!(Watch::deadline(&watch.calls(), watch.limits).is_some());
+        assert_eq!(
+            Watch::deadline(&watch.calls(), watch.limits),
+            start + limits().call_limit
+        );
         drop(call);
         drop(stream);
-        assert!(Watch::deadline(&watch.calls(), watch.limits).is_some());
     }
 }

@@ -350,18 +350,27 @@ async fn a_revoked_key_stops_working_on_a_running_server(backend: Backend) {
     let db = TestDb::new(backend).await;
     let agent = create_key(&db, "leaving", "agent", &[("--agent-id", "agent-7")]);
     let app = Arc::new(TestApp::spawn_with(settings(&db)).await);
-    create_as(&app, &agent, "agent-7")
-        .await
-        .expect("works before");
+    // On PostgreSQL, a second instance on the same database.
+    let other = match backend {
+        Backend::Postgres => Some(TestApp::spawn_with(settings(&db)).await),
+        Backend::Sqlite => None,
+    };
+    for instance in std::iter::once(&*app).chain(other.as_ref()) {
+        create_as(instance, &agent, "agent-7")
+            .await
+            .expect("works before");
+    }
 
     let output = keys_command(&db, &["revoke", "leaving"]);
 
     assert!(output.status.success(), "{output:?}");
-    let refused = eventually(Duration::from_secs(10), "the revocation", || async {
-        create_as(&app, &agent, "agent-7").await.err()
-    })
-    .await;
-    assert_eq!(refused.code(), Code::Unauthenticated);
+    for instance in std::iter::once(&*app).chain(other.as_ref()) {
+        let refused = eventually(Duration::from_secs(10), "the revocation", || async {
+            create_as(instance, &agent, "agent-7").await.err()
+        })
+        .await;
+        assert_eq!(refused.code(), Code::Unauthenticated);
+    }
     let listed = String::from_utf8(keys_command(&db, &["list"]).stdout).expect("utf-8");
     assert!(
         listed.contains("leaving\tagent\tagents: agent-7"),
@@ -536,7 +545,40 @@ async fn keyless_requests_of_two_callers_are_two_tasks(backend: Backend) {
     assert_eq!(db.count("tasks").await, 2);
 }
 
+async fn a_peer_guessing_tokens_is_slowed_down_and_keys_still_work(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let token = create_key(&db, "ops", "admin", &[]);
+    let app = TestApp::spawn_with(settings(&db)).await;
+    let guess = format!("{token}x");
+
+    let mut unauthenticated = 0;
+    let mut slowed = None;
+    for _ in 0..80 {
+        match create_as(&app, &guess, "agent-7").await {
+            Err(status) if status.code() == Code::Unauthenticated => unauthenticated += 1,
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                slowed = Some(status);
+                break;
+            }
+            other => panic!("a guess got {other:?}"),
+        }
+    }
+
+    let slowed = slowed.expect("guesses past the burst are slowed down");
+    assert_status(
+        Err::<(), _>(slowed.clone()),
+        Code::ResourceExhausted,
+        Some("RATE_LIMITED"),
+    );
+    assert!(tonic_types::StatusExt::get_details_retry_info(&slowed).is_some());
+    assert!(unauthenticated >= 10, "{unauthenticated} refusals first");
+    create_as(&app, &token, "agent-7")
+        .await
+        .expect("a valid key is not slowed down");
+}
+
 conformance!(
+    a_peer_guessing_tokens_is_slowed_down_and_keys_still_work,
     auth_required_refuses_calls_before_any_key_exists,
     auth_disabled_serves_calls_without_a_key_while_keys_exist,
     keyless_requests_of_two_callers_are_two_tasks,

@@ -356,7 +356,33 @@ async fn a_request_body_that_never_finishes_is_cut_and_frees_its_place(backend: 
     driver.abort();
 }
 
+async fn a_health_watch_has_a_limit_of_its_own(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut settings = test_settings(&db.url);
+    settings.connection.stream_limit = Duration::from_secs(1);
+    let app = TestApp::spawn_with(settings).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.addr))
+        .expect("address")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut watch = health
+        .watch(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    watch.message().await.expect("the first status");
+
+    let ended = tokio::time::timeout(PATIENCE, watch.message()).await;
+
+    let ended = ended.expect("the watch ends once past its limit");
+    assert!(!matches!(ended, Ok(Some(_))), "{ended:?}");
+    app.health("").await.expect("others are served");
+}
+
 conformance!(
+    a_health_watch_has_a_limit_of_its_own,
     a_connection_may_open_at_most_128_calls_at_once,
     a_request_body_that_never_finishes_is_cut_and_frees_its_place,
     a_connection_that_never_sends_a_call_is_closed_and_others_are_served,

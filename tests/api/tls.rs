@@ -250,6 +250,38 @@ async fn postgres_is_reached_over_tls_when_the_url_asks() {
     assert!(encrypted, "the server's connections are not encrypted");
 }
 
+/// `verify-full` checks the database's certificate against a CA and its
+/// name: this machine's PostgreSQL serves the Debian "snakeoil"
+/// certificate, self-signed for `localhost`, so it is its own CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_verify_full_checks_the_certificate_and_its_name() {
+    const SNAKEOIL: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    let db = TestDb::new(Backend::Postgres).await;
+    let database = db.url.rsplit('/').next().expect("a database name");
+    let url = |ca: &str| {
+        format!(
+            "postgres://postgres@localhost:5432/{database}?sslmode=verify-full&sslrootcert={ca}"
+        )
+    };
+    let other_ca = Certificates::new();
+    std::fs::write(other_ca.path("other.pem"), &other_ca.ca).expect("write");
+
+    let verified = oncely::storage::PgStore::connect(&test_settings(&url(SNAKEOIL)).database).await;
+    let unverified = oncely::storage::PgStore::connect(
+        &test_settings(&url(&other_ca.path("other.pem").display().to_string())).database,
+    )
+    .await;
+
+    let store = verified.expect("the certificate verifies against its CA and name");
+    oncely::storage::Store::ping(&store)
+        .await
+        .expect("ping over verified TLS");
+    assert!(
+        unverified.is_err(),
+        "a certificate from another CA was trusted"
+    );
+}
+
 conformance!(
     a_tls_server_serves_tls_clients_and_refuses_plaintext,
     mtls_refuses_a_client_without_a_certificate,
