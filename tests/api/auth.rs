@@ -577,7 +577,120 @@ async fn a_peer_guessing_tokens_is_slowed_down_and_keys_still_work(backend: Back
         .expect("a valid key is not slowed down");
 }
 
+/// `call` with `token`'s key, if any.
+fn maybe<T>(token: Option<&str>, call: Request<T>) -> Request<T> {
+    match token {
+        Some(token) => with_token(token, call),
+        None => call,
+    }
+}
+
+/// Every caller against one call of each service: no token, a revoked
+/// key, and each role.
+async fn the_role_matrix_holds_for_every_service(backend: Backend) {
+    use oncely::proto::tasks_v1::ListTasksRequest;
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest,
+    };
+    let db = TestDb::new(backend).await;
+    let agent = create_key(&db, "agent", "agent", &[("--agent-id", "agent-7")]);
+    let worker = create_key(&db, "worker", "worker", &[]);
+    let admin = create_key(&db, "admin", "admin", &[]);
+    let revoked = create_key(&db, "gone", "admin", &[]);
+    let output = keys_command(&db, &["revoke", "gone"]);
+    assert!(output.status.success(), "{output:?}");
+    let app = TestApp::spawn_with(settings(&db)).await;
+    let task = create_as(&app, &admin, "agent-7").await.expect("a task");
+    let code = |result: Result<(), Status>| result.map_or_else(|s| s.code(), |()| Code::Ok);
+    let calls = |token: Option<String>| {
+        let (app, task_id) = (&app, task.task_id.clone());
+        async move {
+            let token = token.as_deref();
+            let mut tasks = app.tasks.clone();
+            let mut workers = WorkerServiceClient::new(app.channel.clone());
+            let create = tasks
+                .create_task(maybe(
+                    token,
+                    keyed(Some(&new_key()), crate::support::email_request()),
+                ))
+                .await
+                .map(drop);
+            let get = tasks
+                .get_task(maybe(token, Request::new(GetTaskRequest { task_id })))
+                .await
+                .map(drop);
+            let list = tasks
+                .list_tasks(maybe(
+                    token,
+                    Request::new(ListTasksRequest {
+                        agent_id: "agent-7".into(),
+                        ..Default::default()
+                    }),
+                ))
+                .await
+                .map(drop);
+            let lease = workers
+                .lease_tasks(maybe(
+                    token,
+                    Request::new(LeaseTasksRequest {
+                        worker_id: "w".into(),
+                        ..Default::default()
+                    }),
+                ))
+                .await
+                .map(drop);
+            let cleanup = app
+                .admin
+                .clone()
+                .cleanup(maybe(
+                    token,
+                    Request::new(CleanupRequest { older_than: None }),
+                ))
+                .await
+                .map(drop);
+            [
+                code(create),
+                code(get),
+                code(list),
+                code(lease),
+                code(cleanup),
+            ]
+        }
+    };
+    use Code::{Ok as Y, PermissionDenied as D, Unauthenticated as U};
+
+    let expected = [
+        ("no token", None, [U, U, U, U, U]),
+        ("a revoked key", Some(revoked), [U, U, U, U, U]),
+        ("an agent key", Some(agent), [Y, Y, Y, D, D]),
+        ("a worker key", Some(worker), [D, D, D, Y, D]),
+        ("an admin key", Some(admin), [Y, Y, Y, Y, Y]),
+    ];
+    for (who, token, codes) in expected {
+        assert_eq!(
+            calls(token).await,
+            codes,
+            "{who}: create, get, list, lease, cleanup"
+        );
+    }
+    let mut reflection = ServerReflectionClient::new(app.channel.clone());
+    let listed = reflection
+        .server_reflection_info(tokio_stream::iter([ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        }]))
+        .await
+        .expect("reflection stays open")
+        .into_inner()
+        .message()
+        .await;
+    assert!(matches!(listed, Ok(Some(_))), "{listed:?}");
+    app.health("").await.expect("health stays open");
+}
+
 conformance!(
+    the_role_matrix_holds_for_every_service,
     a_peer_guessing_tokens_is_slowed_down_and_keys_still_work,
     auth_required_refuses_calls_before_any_key_exists,
     auth_disabled_serves_calls_without_a_key_while_keys_exist,
