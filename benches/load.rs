@@ -1,7 +1,628 @@
-//! The load generator: see BENCHMARKS.md. (Being written.)
+//! The load generator: the real server binary (release build) driven over
+//! gRPC on loopback by many concurrent callers, one scenario after another,
+//! on each store.
+//!
+//! ```sh
+//! cargo bench --bench load                          # 10 s per scenario, both stores
+//! BENCH_SECONDS=3 BENCH_STORES=postgres cargo bench --bench load
+//! BENCH_CONCURRENCY=64 BENCH_CONNECTIONS=8 cargo bench --bench load
+//! scripts/bench                                     # with pgbench in the same run, and ratios
+//! ```
+//!
+//! Settings (environment):
+//!
+//! - `BENCH_SECONDS` (10): how long each scenario is measured, after a
+//!   one-second warm-up that is not counted.
+//! - `BENCH_CONCURRENCY` (32): concurrent callers; caller `i` uses
+//!   connection `i % BENCH_CONNECTIONS`.
+//! - `BENCH_CONNECTIONS` (4): HTTP/2 connections (tonic channels).
+//! - `BENCH_STORES` (`sqlite,postgres`); PostgreSQL is reached at
+//!   `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`),
+//!   where the benchmark makes a database of its own and drops it.
+//!
+//! Each store gets one server (`MISSING_KEY_POLICY=fingerprint`, so keyless
+//! calls are accepted) and these scenarios, in order:
+//!
+//! - `create`: CreateTask with a fresh key each call.
+//! - `replay`: 1,000 tasks are created first (not timed); each call then
+//!   re-sends one of those 1,000 requests, round-robin, and must be answered
+//!   with `idempotent-replayed: true`.
+//! - `mixed`: alternately a fresh create and a replay.
+//! - `keyless`: CreateTask without a key, distinct parameters each call (so
+//!   each creates a task, deduplicated by fingerprint).
+//! - `lease+complete`: enough queued tasks are ensured first (not timed);
+//!   then every caller is a worker looping LeaseTasks (one task) and
+//!   CompleteTask. One operation is the pair. It stops early if the queue
+//!   runs dry.
+//!
+//! Per scenario it prints a line for people and a `RESULT` line for
+//! scripts, e.g.
+//!
+//! ```text
+//! RESULT store=postgres scenario=create ops=12345 rate=4115.0 p50_ms=6.1 p99_ms=14.2 p999_ms=30.0 errors=0 wrong=0 rss_mib=23.4 peak_rss_mib=30.1
+//! ```
+//!
+//! `ops` counts successful calls started in the measured window; `rate` is
+//! ops per second of that window; latencies are per successful call. Any
+//! error status (or a call taking over 30 s) counts in `errors`, never
+//! stops the run; `wrong` counts answers that succeeded but contradicted
+//! the scenario (a replay not marked replayed, a fresh create marked
+//! replayed). `rss_mib` is the server's resident memory after the scenario,
+//! `peak_rss_mib` its high-water mark so far. Nothing here is asserted.
 
 mod common;
 
-fn main() {
-    let _ = common::stores();
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use oncely::proto::tasks_v1::{
+    CompleteTaskRequest, CreateTaskRequest, LeaseTasksRequest,
+    task_service_client::TaskServiceClient, worker_service_client::WorkerServiceClient,
+};
+use prost_types::{Struct, Value, value::Kind};
+use tonic::{
+    Request, Status,
+    metadata::{AsciiMetadataValue, MetadataMap},
+    transport::Channel,
+};
+
+/// The uncounted run before each scenario's measurement.
+const WARMUP: Duration = Duration::from_secs(1);
+/// A call taking longer than this counts as an error.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many keyed requests the replay scenarios re-send.
+const REPLAY_KEYS: usize = 1000;
+/// The fewest queued tasks the lease scenario starts with.
+const MIN_QUEUED: u64 = 20_000;
+/// The longest the lease scenario's untimed top-up may take.
+const MAX_TOPUP: Duration = Duration::from_secs(120);
+
+/// The benchmark's settings, from the environment.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    seconds: u64,
+    concurrency: usize,
+    connections: usize,
+}
+
+impl Settings {
+    fn from_env() -> Self {
+        fn read(name: &str, default: u64) -> u64 {
+            match std::env::var(name) {
+                Ok(value) => value
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .unwrap_or_else(|| panic!("{name} must be a positive whole number")),
+                Err(_) => default,
+            }
+        }
+        Self {
+            seconds: read("BENCH_SECONDS", 10),
+            concurrency: read("BENCH_CONCURRENCY", 32) as usize,
+            connections: read("BENCH_CONNECTIONS", 4) as usize,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    Create,
+    Replay,
+    Mixed,
+    Keyless,
+    LeaseComplete,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::Replay => "replay",
+            Self::Mixed => "mixed",
+            Self::Keyless => "keyless",
+            Self::LeaseComplete => "lease+complete",
+        }
+    }
+}
+
+/// What the callers of one server share.
+#[derive(Debug)]
+struct Shared {
+    /// The replayed requests' keys; request `i` has parameters `n = i`.
+    replay_keys: Vec<AsciiMetadataValue>,
+    /// Makes every fresh request's parameters distinct.
+    counter: AtomicU64,
+    /// Which replayed request goes next.
+    next_replay: AtomicU64,
+    /// Tasks created so far on this server (all still queued until the
+    /// lease scenario).
+    created: AtomicU64,
+}
+
+/// One call's outcome.
+#[derive(Debug)]
+enum Outcome {
+    Ok,
+    /// Succeeded, but contradicted the scenario.
+    Wrong,
+    Error(Status),
+    /// The lease found no task: the queue is empty.
+    Empty,
+}
+
+/// One caller's clients, on its connection.
+#[derive(Debug)]
+struct Caller {
+    index: usize,
+    /// Calls this caller has made; the mixed scenario alternates on it.
+    calls: u64,
+    tasks: TaskServiceClient<Channel>,
+    workers: WorkerServiceClient<Channel>,
+    worker_id: String,
+}
+
+/// What one caller saw in the measured window.
+#[derive(Debug, Default)]
+struct Tally {
+    latencies: Vec<Duration>,
+    wrong: u64,
+    errors: BTreeMap<String, u64>,
+    first_error: Option<String>,
+    /// How many callers stopped because the queue was empty, and when the
+    /// last of them did.
+    drained: usize,
+    drained_at: Option<Instant>,
+}
+
+impl Tally {
+    fn merge(&mut self, other: Self) {
+        self.latencies.extend(other.latencies);
+        self.wrong += other.wrong;
+        for (code, count) in other.errors {
+            *self.errors.entry(code).or_default() += count;
+        }
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+        self.drained += other.drained;
+        self.drained_at = match (self.drained_at, other.drained_at) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
+    fn error(&mut self, status: &Status) {
+        *self
+            .errors
+            .entry(format!("{:?}", status.code()))
+            .or_default() += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(format!("{:?}: {}", status.code(), status.message()));
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let settings = Settings::from_env();
+    println!(
+        "load benchmark: {} s per scenario after a {} s warm-up, {} callers over {} connections",
+        settings.seconds,
+        WARMUP.as_secs(),
+        settings.concurrency,
+        settings.connections
+    );
+    for store in common::stores() {
+        match store.as_str() {
+            "sqlite" => {
+                let dir = tempfile::tempdir().expect("temporary directory");
+                let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+                run_store("sqlite", &url, settings).await;
+            }
+            "postgres" => {
+                let db = common::PgDatabase::create().await;
+                run_store("postgres", &db.url, settings).await;
+                db.drop_now().await;
+            }
+            other => panic!("unknown store {other}; BENCH_STORES takes sqlite and postgres"),
+        }
+    }
+}
+
+/// Starts one server on `url` and runs every scenario against it.
+async fn run_store(store: &str, url: &str, settings: Settings) {
+    let server = common::Server::start(url, &[("MISSING_KEY_POLICY", "fingerprint")]).await;
+    let channels: Vec<Channel> = (0..settings.connections)
+        .map(|_| server.channel())
+        .collect();
+    let shared = Arc::new(Shared {
+        replay_keys: (0..REPLAY_KEYS)
+            .map(|_| {
+                uuid::Uuid::new_v4()
+                    .to_string()
+                    .parse()
+                    .expect("a uuid is a metadata value")
+            })
+            .collect(),
+        counter: AtomicU64::new(0),
+        next_replay: AtomicU64::new(0),
+        created: AtomicU64::new(0),
+    });
+    println!(
+        "\n{store}: server started, {:.1} MiB resident",
+        server.rss_mib()
+    );
+
+    let mut create_rate = 0.0;
+    for scenario in [
+        Scenario::Create,
+        Scenario::Replay,
+        Scenario::Mixed,
+        Scenario::Keyless,
+        Scenario::LeaseComplete,
+    ] {
+        match scenario {
+            Scenario::Replay => prefill_replays(&channels, &shared, settings).await,
+            Scenario::LeaseComplete => {
+                ensure_queued(&channels, &shared, settings, create_rate).await;
+            }
+            _ => {}
+        }
+        let (tally, window) = drive(scenario, &channels, &shared, settings).await;
+        let rate = report(store, scenario, tally, window, &server);
+        if scenario == Scenario::Create {
+            create_rate = rate;
+        }
+    }
+}
+
+/// Runs `scenario` with every caller for the warm-up and the measured
+/// window; returns what was seen in the window and how long it was.
+async fn drive(
+    scenario: Scenario,
+    channels: &[Channel],
+    shared: &Arc<Shared>,
+    settings: Settings,
+) -> (Tally, Duration) {
+    let measure_from = Instant::now() + WARMUP;
+    let deadline = measure_from + Duration::from_secs(settings.seconds);
+    let callers: Vec<_> = (0..settings.concurrency)
+        .map(|index| {
+            let mut caller = Caller::new(index, channels);
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let mut tally = Tally::default();
+                loop {
+                    let begun = Instant::now();
+                    if begun >= deadline {
+                        break;
+                    }
+                    let outcome = caller.call(scenario, &shared).await;
+                    let took = begun.elapsed();
+                    if let Outcome::Empty = outcome {
+                        tally.drained = 1;
+                        tally.drained_at = Some(Instant::now());
+                        break;
+                    }
+                    if begun < measure_from {
+                        continue;
+                    }
+                    match outcome {
+                        Outcome::Ok => tally.latencies.push(took),
+                        Outcome::Wrong => tally.wrong += 1,
+                        Outcome::Error(status) => tally.error(&status),
+                        Outcome::Empty => {}
+                    }
+                }
+                tally
+            })
+        })
+        .collect();
+    let mut all = Tally::default();
+    for caller in callers {
+        all.merge(caller.await.expect("a caller panicked"));
+    }
+    // The window ends at the deadline, or earlier when every worker found
+    // the queue empty.
+    let end = match all.drained_at {
+        Some(drained) if all.drained == settings.concurrency => drained.min(deadline),
+        _ => deadline,
+    };
+    (all, end.saturating_duration_since(measure_from))
+}
+
+/// Prints the scenario's two lines; returns its rate.
+fn report(
+    store: &str,
+    scenario: Scenario,
+    mut tally: Tally,
+    window: Duration,
+    server: &common::Server,
+) -> f64 {
+    tally.latencies.sort_unstable();
+    let ops = tally.latencies.len();
+    let seconds = window.as_secs_f64();
+    let rate = if seconds > 0.0 {
+        ops as f64 / seconds
+    } else {
+        0.0
+    };
+    let p = |q: f64| common::percentile_ms(&tally.latencies, q);
+    let (p50, p99, p999) = (p(0.5), p(0.99), p(0.999));
+    let errors: u64 = tally.errors.values().sum();
+    let (rss, peak) = (server.rss_mib(), server.peak_rss_mib());
+    let name = scenario.name();
+    let mut line = format!(
+        "{store:<9} {name:<15} {ops:>8} ops in {seconds:>5.1} s = {rate:>8.0}/s   p50 {p50:>6.2} ms  p99 {p99:>6.2} ms  p99.9 {p999:>7.2} ms   RSS {rss:.1} MiB (peak {peak:.1})"
+    );
+    if errors > 0 {
+        let codes: Vec<String> = tally
+            .errors
+            .iter()
+            .map(|(code, count)| format!("{code} {count}"))
+            .collect();
+        line += &format!(
+            "   ERRORS {errors} ({}; first: {})",
+            codes.join(", "),
+            tally.first_error.as_deref().unwrap_or("?")
+        );
+    }
+    if tally.wrong > 0 {
+        line += &format!("   WRONG ANSWERS {}", tally.wrong);
+    }
+    if tally.drained > 0 {
+        line += "   (the queue ran dry)";
+    }
+    println!("{line}");
+    println!(
+        "RESULT store={store} scenario={name} ops={ops} rate={rate:.1} p50_ms={p50:.2} p99_ms={p99:.2} p999_ms={p999:.2} errors={errors} wrong={} rss_mib={rss:.1} peak_rss_mib={peak:.1}",
+        tally.wrong
+    );
+    rate
+}
+
+/// Creates the replayed requests' tasks (not timed). Panics if any fails:
+/// the replay scenarios would measure nothing.
+async fn prefill_replays(channels: &[Channel], shared: &Arc<Shared>, settings: Settings) {
+    let next = Arc::new(AtomicU64::new(0));
+    let fillers: Vec<_> = (0..settings.concurrency)
+        .map(|index| {
+            let mut caller = Caller::new(index, channels);
+            let (shared, next) = (shared.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= REPLAY_KEYS {
+                        return;
+                    }
+                    let request = keyed(shared.replay_keys[i].clone(), i as u64);
+                    match timed(caller.tasks.create_task(request)).await {
+                        Ok(_) => {
+                            shared.created.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(status) => panic!("creating replayed request {i}: {status}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for filler in fillers {
+        filler.await.expect("creating the replayed requests");
+    }
+}
+
+/// Makes sure the queue holds enough tasks for the lease scenario: at least
+/// [`MIN_QUEUED`], and half again what the create rate would make in the
+/// warm-up and the window. The earlier scenarios' tasks count; the rest are
+/// created now (not timed), for at most [`MAX_TOPUP`].
+async fn ensure_queued(
+    channels: &[Channel],
+    shared: &Arc<Shared>,
+    settings: Settings,
+    create_rate: f64,
+) {
+    let span = (WARMUP.as_secs() + settings.seconds) as f64;
+    let wanted = MIN_QUEUED.max((create_rate * span * 1.5) as u64);
+    let queued = shared.created.load(Ordering::Relaxed);
+    if queued >= wanted {
+        return;
+    }
+    let missing = wanted - queued;
+    let stop_at = Instant::now() + MAX_TOPUP;
+    let left = Arc::new(AtomicU64::new(missing));
+    let fillers: Vec<_> = (0..settings.concurrency)
+        .map(|index| {
+            let mut caller = Caller::new(index, channels);
+            let (shared, left) = (shared.clone(), left.clone());
+            tokio::spawn(async move {
+                let mut failures = 0u64;
+                while Instant::now() < stop_at
+                    && left
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                        .is_ok()
+                {
+                    if !matches!(caller.create(&shared).await, Outcome::Ok) {
+                        failures += 1;
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let mut failures = 0;
+    for filler in fillers {
+        failures += filler.await.expect("topping up the queue");
+    }
+    println!(
+        "(queue topped up from {queued} to {} tasks before lease+complete{})",
+        shared.created.load(Ordering::Relaxed),
+        if failures > 0 {
+            format!("; {failures} creates failed")
+        } else {
+            String::new()
+        }
+    );
+}
+
+impl Caller {
+    fn new(index: usize, channels: &[Channel]) -> Self {
+        let channel = channels[index % channels.len()].clone();
+        Self {
+            index,
+            calls: 0,
+            tasks: TaskServiceClient::new(channel.clone()),
+            workers: WorkerServiceClient::new(channel),
+            worker_id: format!("bench-{index}"),
+        }
+    }
+
+    async fn call(&mut self, scenario: Scenario, shared: &Shared) -> Outcome {
+        match scenario {
+            Scenario::Create => self.create(shared).await,
+            Scenario::Replay => self.replay(shared).await,
+            Scenario::Mixed => {
+                // Each caller alternates, half of them starting with a
+                // create: as many creates as replays are made.
+                self.calls += 1;
+                if (self.index as u64 + self.calls).is_multiple_of(2) {
+                    self.create(shared).await
+                } else {
+                    self.replay(shared).await
+                }
+            }
+            Scenario::Keyless => self.keyless(shared).await,
+            Scenario::LeaseComplete => self.lease_and_complete().await,
+        }
+    }
+
+    /// A create with a fresh key: must not be marked replayed.
+    async fn create(&mut self, shared: &Shared) -> Outcome {
+        let n = shared.counter.fetch_add(1, Ordering::Relaxed);
+        let key = uuid::Uuid::new_v4()
+            .to_string()
+            .parse()
+            .expect("a uuid is a metadata value");
+        match timed(self.tasks.create_task(keyed(key, n))).await {
+            Ok(response) => {
+                shared.created.fetch_add(1, Ordering::Relaxed);
+                if replayed(response.metadata()) {
+                    Outcome::Wrong
+                } else {
+                    Outcome::Ok
+                }
+            }
+            Err(status) => Outcome::Error(status),
+        }
+    }
+
+    /// One of the replayed requests again, byte for byte: must be marked
+    /// replayed.
+    async fn replay(&mut self, shared: &Shared) -> Outcome {
+        let i = shared.next_replay.fetch_add(1, Ordering::Relaxed) as usize % REPLAY_KEYS;
+        let request = keyed(shared.replay_keys[i].clone(), i as u64);
+        match timed(self.tasks.create_task(request)).await {
+            Ok(response) if replayed(response.metadata()) => Outcome::Ok,
+            Ok(_) => Outcome::Wrong,
+            Err(status) => Outcome::Error(status),
+        }
+    }
+
+    /// A create without a key, with parameters no other call has.
+    async fn keyless(&mut self, shared: &Shared) -> Outcome {
+        let n = shared.counter.fetch_add(1, Ordering::Relaxed);
+        match timed(self.tasks.create_task(Request::new(create_request(n)))).await {
+            Ok(response) => {
+                shared.created.fetch_add(1, Ordering::Relaxed);
+                if replayed(response.metadata()) {
+                    Outcome::Wrong
+                } else {
+                    Outcome::Ok
+                }
+            }
+            Err(status) => Outcome::Error(status),
+        }
+    }
+
+    /// Leases one task and completes it.
+    async fn lease_and_complete(&mut self) -> Outcome {
+        let leased = timed(self.workers.lease_tasks(LeaseTasksRequest {
+            worker_id: self.worker_id.clone(),
+            max_tasks: 1,
+            ..Default::default()
+        }))
+        .await;
+        let lease = match leased {
+            Ok(response) => match response.into_inner().leases.into_iter().next() {
+                Some(lease) => lease,
+                None => return Outcome::Empty,
+            },
+            Err(status) => return Outcome::Error(status),
+        };
+        let task_id = lease.task.map(|task| task.task_id).unwrap_or_default();
+        match timed(self.workers.complete_task(CompleteTaskRequest {
+            task_id,
+            lease_token: lease.lease_token,
+            result: None,
+        }))
+        .await
+        {
+            Ok(_) => Outcome::Ok,
+            Err(status) => Outcome::Error(status),
+        }
+    }
+}
+
+/// The CreateTask every scenario sends, told apart by `n`.
+fn create_request(n: u64) -> CreateTaskRequest {
+    let string = |s: &str| Value {
+        kind: Some(Kind::StringValue(s.to_owned())),
+    };
+    let number = Value {
+        kind: Some(Kind::NumberValue(n as f64)),
+    };
+    CreateTaskRequest {
+        agent_id: "bench".into(),
+        action: "send_email".into(),
+        parameters: Some(Struct {
+            fields: [
+                ("to".to_owned(), string("a@example.com")),
+                ("n".to_owned(), number),
+            ]
+            .into_iter()
+            .collect(),
+        }),
+    }
+}
+
+/// [`create_request`] `n` with `key` as its idempotency key.
+fn keyed(key: AsciiMetadataValue, n: u64) -> Request<CreateTaskRequest> {
+    let mut request = Request::new(create_request(n));
+    request.metadata_mut().insert("idempotency-key", key);
+    request
+}
+
+fn replayed(metadata: &MetadataMap) -> bool {
+    metadata
+        .get("idempotent-replayed")
+        .is_some_and(|value| value == "true")
+}
+
+/// `call`, failed with DEADLINE_EXCEEDED past [`CALL_TIMEOUT`].
+async fn timed<T>(call: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(
+                "the benchmark's 30 s call timeout",
+            ))
+        })
 }
