@@ -144,7 +144,7 @@ pub struct ServeArgs {
     pub max_in_flight_per_caller: u32,
     /// The most bytes of live idempotency records kept in memory, so that
     /// replays are answered without the database; 0 turns the cache off.
-    #[arg(long, env = "REPLAY_CACHE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, env = "REPLAY_CACHE_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub replay_cache_bytes: u64,
     /// The most bytes of answers the server holds at once, from when they
     /// are made until the caller has read them; past it, calls are shed

@@ -32,7 +32,10 @@ impl Server {
         command
             .env("DATABASE_URL", url)
             .env("LISTEN_ADDR", &addr)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             // All the load comes from one address: measure the server, not
             // its per-caller limits.
             .env("RATE_LIMIT", "0")

@@ -117,6 +117,7 @@ async fn send_batch(pool: &PgPool, batch: Vec<Pending>) {
         }
     }
     let claims: Vec<KeyClaim> = leaders.iter().map(|p| p.claim.clone()).collect();
+    tracing::trace!(claims = claims.len(), "sending a batch of claims");
     match queries::claim_keys(pool, &claims).await {
         Ok(outcomes) => {
             for (index, (leader, outcome)) in leaders.into_iter().zip(outcomes).enumerate() {

@@ -30,6 +30,8 @@ use super::{
 const WRITE_QUEUE: usize = 4096;
 /// The most claims committed in one transaction.
 const MAX_BATCH: usize = 256;
+/// The most claims in one statement (SQLite binds at most 32,766 values).
+const CHUNK: usize = 128;
 
 /// A future that borrows the writer's connection.
 pub(super) type ConnFuture<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
@@ -284,18 +286,71 @@ async fn claim_batch(connection: &mut SqliteConnection, batch: Vec<Claim>) -> bo
         answer_all(batch, &error);
         return false;
     }
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for claim in &batch {
-        outcomes.push(claim_in_savepoint(connection, &claim.row).await);
-    }
+    let outcomes = match claim_together(connection, &batch).await {
+        Ok(outcomes) => outcomes,
+        Err(error) => {
+            // Find out whose claim failed: undo, and claim one by one,
+            // each in a savepoint, so that one failure is its own.
+            tracing::debug!(%error, claims = batch.len(), "a batch of claims failed; claiming one by one");
+            if let Err(error) = restart(connection).await {
+                answer_all(batch, &error);
+                return false;
+            }
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for claim in &batch {
+                outcomes.push(claim_in_savepoint(connection, &claim.row).await);
+            }
+            outcomes
+        }
+    };
     if let Err(error) = sqlx::query("COMMIT").execute(&mut *connection).await {
         answer_all(batch, &error);
         return false;
     }
+    tracing::trace!(claims = batch.len(), "committed a batch of claims");
     for (claim, outcome) in batch.into_iter().zip(outcomes) {
         let _ = claim.reply.send(outcome);
     }
     true
+}
+
+/// Every claim of the batch in a few statements, grouped by retention
+/// (keyed and keyless records keep theirs); answers in the batch's order.
+async fn claim_together(
+    connection: &mut SqliteConnection,
+    batch: &[Claim],
+) -> Result<Vec<Result<Claimed, StorageError>>, StorageError> {
+    let mut outcomes: Vec<Option<Claimed>> = vec![None; batch.len()];
+    let mut retentions: Vec<i64> = batch.iter().map(|c| c.row.retention()).collect();
+    retentions.sort_unstable();
+    retentions.dedup();
+    for retention in retentions {
+        let (indices, rows): (Vec<usize>, Vec<&ClaimRow>) = batch
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.row.retention() == retention)
+            .map(|(i, c)| (i, &c.row))
+            .unzip();
+        for chunk in indices.chunks(CHUNK).zip(rows.chunks(CHUNK)) {
+            let claimed = queries::claim_keys(connection, chunk.1, retention).await?;
+            for (index, outcome) in chunk.0.iter().zip(claimed) {
+                outcomes[*index] = Some(outcome);
+            }
+        }
+    }
+    Ok(outcomes
+        .into_iter()
+        .map(|o| o.ok_or_else(|| StorageError::Corrupt("a claim got no answer".into())))
+        .collect())
+}
+
+/// Undoes the batch's transaction and begins another.
+async fn restart(connection: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("ROLLBACK").execute(&mut *connection).await?;
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *connection)
+        .await?;
+    Ok(())
 }
 
 /// One claim inside the batch's transaction, undone alone if it fails.

@@ -117,6 +117,110 @@ fn stored_key(row: &SqliteRow) -> Result<Option<StoredKey>, StorageError> {
         }))
 }
 
+/// Claims a batch of keys with retention `retention` (every row's), in
+/// three statements whatever the batch's size, inside the caller's (write)
+/// transaction: one claims the keys (replacing records older than the
+/// retention, leaving live ones; rows run in order, so a key's second
+/// claim finds its first), one inserts the tasks of the claims that took
+/// their key, and the live records of the others are read. Answers in the
+/// claims' order. On an error the caller undoes the transaction.
+pub async fn claim_keys(
+    connection: &mut SqliteConnection,
+    claims: &[&ClaimRow],
+    retention: i64,
+) -> Result<Vec<Claimed>, StorageError> {
+    if claims.is_empty() {
+        return Ok(Vec::new());
+    }
+    let values = vec![concat!("(?, ?, ?, ?, ?, ", now!(), ")"); claims.len()].join(", ");
+    let sql = format!(
+        "INSERT INTO idempotency_keys AS k (scope, key, fingerprint, task_id, response, created_at) \
+         VALUES {values} \
+         ON CONFLICT (scope, key) DO UPDATE \
+             SET fingerprint = excluded.fingerprint, task_id = excluded.task_id, \
+                 response = excluded.response, created_at = excluded.created_at \
+             WHERE k.created_at <= excluded.created_at - {retention} \
+         RETURNING task_id"
+    );
+    let mut claim = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for row in claims {
+        claim = claim
+            .bind(row.scope)
+            .bind(&row.key)
+            .bind(&row.fingerprint)
+            .bind(&row.task_id)
+            .bind(&row.response);
+    }
+    let taken: std::collections::HashSet<String> = claim
+        .fetch_all(&mut *connection)
+        .await?
+        .iter()
+        .map(|row| row.try_get::<String, _>("task_id"))
+        .collect::<Result<_, _>>()?;
+
+    let created: Vec<&&ClaimRow> = claims
+        .iter()
+        .filter(|c| taken.contains(&c.task_id))
+        .collect();
+    if !created.is_empty() {
+        let values = vec![concat!("(?, ?, ?, ?, 1, ?, ?, ", now!(), ")"); created.len()].join(", ");
+        let sql = format!(
+            "INSERT INTO tasks \
+                 (task_id, agent_id, action, parameters, status, create_time, update_time, available_at) \
+             VALUES {values}"
+        );
+        let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for row in &created {
+            insert = insert
+                .bind(&row.task_id)
+                .bind(&row.agent_id)
+                .bind(&row.action)
+                .bind(&row.parameters_json)
+                .bind(row.create_time)
+                .bind(row.create_time);
+        }
+        insert.execute(&mut *connection).await?;
+    }
+
+    let mut outcomes = Vec::with_capacity(claims.len());
+    for row in claims {
+        outcomes.push(if taken.contains(&row.task_id) {
+            Claimed::Created
+        } else {
+            held(connection, row).await?
+        });
+    }
+    Ok(outcomes)
+}
+
+/// The live record that holds `claim`'s key, read inside the transaction.
+async fn held(
+    connection: &mut SqliteConnection,
+    claim: &ClaimRow,
+) -> Result<Claimed, StorageError> {
+    let row = sqlx::query(concat!(
+        "SELECT fingerprint, response, created_at + ?3 - ",
+        now!(),
+        " AS remaining_us FROM idempotency_keys WHERE scope = ?1 AND key = ?2"
+    ))
+    .bind(claim.scope)
+    .bind(&claim.key)
+    .bind(claim.retention)
+    .fetch_optional(&mut *connection)
+    .await?;
+    Ok(match row.as_ref().map(stored_key).transpose()?.flatten() {
+        Some(stored) => Claimed::Held(stored),
+        None => Claimed::Unseen,
+    })
+}
+
+impl ClaimRow {
+    /// Records older than this (in microseconds) may be replaced.
+    pub fn retention(&self) -> i64 {
+        self.retention
+    }
+}
+
 /// The claim's statements, inside the caller's (write) transaction: claim
 /// the key (replacing a record older than the retention, leaving a live
 /// one) and insert the task if the key was taken; otherwise read the live
@@ -145,20 +249,7 @@ pub async fn claim_key(
     .fetch_optional(&mut *connection)
     .await?;
     if claimed.is_none() {
-        let row = sqlx::query(concat!(
-            "SELECT fingerprint, response, created_at + ?3 - ",
-            now!(),
-            " AS remaining_us FROM idempotency_keys WHERE scope = ?1 AND key = ?2"
-        ))
-        .bind(claim.scope)
-        .bind(&claim.key)
-        .bind(claim.retention)
-        .fetch_optional(&mut *connection)
-        .await?;
-        return Ok(match row.as_ref().map(stored_key).transpose()?.flatten() {
-            Some(stored) => Claimed::Held(stored),
-            None => Claimed::Unseen,
-        });
+        return held(connection, claim).await;
     }
     sqlx::query(concat!(
         "INSERT INTO tasks \
