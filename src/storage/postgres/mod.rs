@@ -4,6 +4,7 @@
 
 mod batch;
 mod listener;
+mod notify;
 pub mod queries;
 
 use std::{str::FromStr, sync::Arc, time::Duration};
@@ -28,6 +29,8 @@ pub struct PgStore {
     pool: PgPool,
     /// Sends concurrent claims together.
     claims: batch::ClaimBatcher,
+    /// Notifies completed tasks after their commit.
+    finished: notify::FinishedNotifier,
     /// A connection of its own for health checks, so a pool busy with
     /// waiting requests does not look like a dead database.
     health_pool: PgPool,
@@ -100,6 +103,7 @@ impl PgStore {
         let listener = listener::start(listener_pool, events.clone());
         Ok(Self {
             claims: batch::ClaimBatcher::start(pool.clone()),
+            finished: notify::FinishedNotifier::start(pool.clone()),
             pool,
             health_pool,
             events,
@@ -205,7 +209,11 @@ impl Store for PgStore {
         &self,
         completion: &Completion,
     ) -> Result<Option<TaskRecord>, StorageError> {
-        queries::complete_task(&self.pool, completion).await
+        let task = queries::complete_task(&self.pool, completion).await?;
+        if let Some(task) = &task {
+            self.finished.finished(task.task_id).await;
+        }
+        Ok(task)
     }
 
     #[tracing::instrument(skip_all)]

@@ -119,14 +119,15 @@ pub async fn renew_lease(
 }
 
 /// Marks the task SUCCEEDED (3) with its result, if the lease is current.
+/// Notifies no one: the caller does, after the commit (see `notify.rs`).
 pub async fn complete_task(
     db: impl PgExecutor<'_>,
     completion: &Completion,
 ) -> Result<Option<TaskRecord>, StorageError> {
     sqlx::query(concat!(
         "UPDATE tasks SET status = 3, result = $3::jsonb, error_message = '', update_time = now() \
-         WHERE task_id = $1 AND lease_token = $2 AND status = 2",
-        returning_finished!()
+         WHERE task_id = $1 AND lease_token = $2 AND status = 2 RETURNING ",
+        task_columns!()
     ))
     .bind(completion.lease.task_id.0)
     .bind(completion.lease.token)
