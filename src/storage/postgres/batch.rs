@@ -23,7 +23,8 @@ use sqlx::PgPool;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
-    super::{Claimed, KeyClaim, StorageError},
+    super::{Claimed, KeyClaim, StorageError, TaskEvents},
+    notify::Notifier,
     queries,
 };
 
@@ -50,9 +51,9 @@ pub(super) struct ClaimBatcher {
 impl ClaimBatcher {
     /// Starts the batching task on `pool`; it ends when every handle is
     /// dropped.
-    pub(super) fn start(pool: PgPool) -> Self {
+    pub(super) fn start(pool: PgPool, notifier: Notifier, events: TaskEvents) -> Self {
         let (queue, claims) = mpsc::channel(QUEUE);
-        tokio::spawn(run(pool, claims));
+        tokio::spawn(run(pool, notifier, events, claims));
         Self { queue }
     }
 
@@ -71,7 +72,12 @@ impl ClaimBatcher {
 
 /// Takes claims as they come and sends them in batches, at most `LANES`
 /// batches at once.
-async fn run(pool: PgPool, mut claims: mpsc::Receiver<Pending>) {
+async fn run(
+    pool: PgPool,
+    notifier: Notifier,
+    events: TaskEvents,
+    mut claims: mpsc::Receiver<Pending>,
+) {
     let lanes = Arc::new(Semaphore::new(LANES));
     loop {
         let Ok(lane) = lanes.clone().acquire_owned().await else {
@@ -88,20 +94,28 @@ async fn run(pool: PgPool, mut claims: mpsc::Receiver<Pending>) {
             }
         }
         let pool = pool.clone();
+        let notifier = notifier.clone();
+        let events = events.clone();
         tokio::spawn(async move {
-            send_batch(&pool, batch).await;
+            if send_batch(&pool, batch).await {
+                // This instance's pollers at once; the others through
+                // the database.
+                events.task_ready();
+                notifier.ready().await;
+            }
             drop(lane);
         });
     }
 }
 
-/// Sends one batch and answers each of its claims.
-async fn send_batch(pool: &PgPool, batch: Vec<Pending>) {
+/// Sends one batch and answers each of its claims; true if a task was
+/// created.
+async fn send_batch(pool: &PgPool, batch: Vec<Pending>) -> bool {
     // A claim whose caller stopped waiting need not be made: nothing was
     // written, and a retry claims afresh.
     let batch: Vec<Pending> = batch.into_iter().filter(|p| !p.reply.is_closed()).collect();
     if batch.is_empty() {
-        return;
+        return false;
     }
     // The first claim of each key goes to the database; later ones follow it.
     let mut leaders: Vec<Pending> = Vec::with_capacity(batch.len());
@@ -120,6 +134,7 @@ async fn send_batch(pool: &PgPool, batch: Vec<Pending>) {
     tracing::trace!(claims = claims.len(), "sending a batch of claims");
     match queries::claim_keys(pool, &claims).await {
         Ok(outcomes) => {
+            let created = outcomes.iter().any(|o| matches!(o, Claimed::Created));
             for (index, (leader, outcome)) in leaders.into_iter().zip(outcomes).enumerate() {
                 for follower in followers.remove(&index).unwrap_or_default() {
                     let _ = follower
@@ -128,11 +143,13 @@ async fn send_batch(pool: &PgPool, batch: Vec<Pending>) {
                 }
                 let _ = leader.reply.send(Ok(outcome));
             }
+            created
         }
         Err(error) if claims.len() == 1 && followers.is_empty() => {
             if let Some(leader) = leaders.pop() {
                 let _ = leader.reply.send(Err(error));
             }
+            false
         }
         Err(error) => {
             // One claim at a time, each with its own outcome; duplicates
@@ -143,6 +160,7 @@ async fn send_batch(pool: &PgPool, batch: Vec<Pending>) {
                 let pool = pool.clone();
                 let rest = followers.remove(&index).unwrap_or_default();
                 singles.spawn(async move {
+                    let mut created = false;
                     for pending in std::iter::once(leader).chain(rest) {
                         let outcome =
                             queries::claim_keys(&pool, std::slice::from_ref(&pending.claim))
@@ -152,11 +170,17 @@ async fn send_batch(pool: &PgPool, batch: Vec<Pending>) {
                                         StorageError::Corrupt("a claim answered no row".into())
                                     })
                                 });
+                        created |= matches!(outcome, Ok(Claimed::Created));
                         let _ = pending.reply.send(outcome);
                     }
+                    created
                 });
             }
-            while singles.join_next().await.is_some() {}
+            let mut created = false;
+            while let Some(joined) = singles.join_next().await {
+                created |= joined.unwrap_or(false);
+            }
+            created
         }
     }
 }

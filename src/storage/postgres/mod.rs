@@ -29,8 +29,8 @@ pub struct PgStore {
     pool: PgPool,
     /// Sends concurrent claims together.
     claims: batch::ClaimBatcher,
-    /// Notifies completed tasks after their commit.
-    finished: notify::FinishedNotifier,
+    /// Notifies other instances after a commit.
+    notifier: notify::Notifier,
     /// A connection of its own for health checks, so a pool busy with
     /// waiting requests does not look like a dead database.
     health_pool: PgPool,
@@ -101,9 +101,10 @@ impl PgStore {
             .connect_lazy_with(options.application_name("oncely-listener"));
         let events = TaskEvents::default();
         let listener = listener::start(listener_pool, events.clone());
+        let notifier = notify::Notifier::start(pool.clone());
         Ok(Self {
-            claims: batch::ClaimBatcher::start(pool.clone()),
-            finished: notify::FinishedNotifier::start(pool.clone()),
+            claims: batch::ClaimBatcher::start(pool.clone(), notifier.clone(), events.clone()),
+            notifier,
             pool,
             health_pool,
             events,
@@ -211,7 +212,8 @@ impl Store for PgStore {
     ) -> Result<Option<TaskRecord>, StorageError> {
         let task = queries::complete_task(&self.pool, completion).await?;
         if let Some(task) = &task {
-            self.finished.finished(task.task_id).await;
+            self.events.task_finished(task.task_id);
+            self.notifier.finished(task.task_id).await;
         }
         Ok(task)
     }

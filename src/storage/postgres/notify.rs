@@ -1,30 +1,40 @@
-//! Notifications of finished tasks, sent after their commit and in batches.
+//! Notifications to every instance (a task is ready, a task finished),
+//! sent after the commit of what they announce, and in batches.
 //!
 //! PostgreSQL serializes the commits of transactions that NOTIFY (they
 //! take one lock on the notification queue through commit, WAL flush
-//! included), so a NOTIFY inside each CompleteTask's statement would let
-//! one completion commit at a time. Instead the completion commits alone,
-//! then its task id is queued here, and one statement that writes nothing
-//! (so flushes nothing) notifies every queued id. Waiters on every instance
-//! also re-read now and then, so a notification lost with a connection
-//! delays a waiter, never strands it.
+//! included), so a NOTIFY inside each create's or completion's statement
+//! let one of them commit at a time (creates ran at half the rate, and
+//! slower as the run went on). Instead each commits alone, then its
+//! notification is queued here, and one statement that writes nothing (so
+//! flushes nothing) sends every queued one, each payload once, at most
+//! every `GAP` (a NOTIFY still commits, and commits contend). The instance
+//! that made the change wakes its own waiters at once, without the
+//! database; other instances hear within `GAP`. Waiters and lease pollers
+//! on every instance also re-read now and then, so a notification lost
+//! with a connection delays them, never strands them.
+
+use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-/// The most ids notified by one statement.
+/// The least time between two notifying statements.
+const GAP: Duration = Duration::from_millis(5);
+
+/// The most notifications sent by one statement.
 const MAX_BATCH: usize = 1024;
-/// How many ids may wait before completions wait to queue theirs.
+/// How many notifications may wait before their senders wait to queue.
 const QUEUE: usize = 8192;
 
 /// A handle on the notifying task; cloning it shares the task.
 #[derive(Debug, Clone)]
-pub(super) struct FinishedNotifier {
-    queue: mpsc::Sender<Uuid>,
+pub(super) struct Notifier {
+    queue: mpsc::Sender<String>,
 }
 
-impl FinishedNotifier {
+impl Notifier {
     /// Starts the notifying task on `pool`; it ends when every handle is
     /// dropped.
     pub(super) fn start(pool: PgPool) -> Self {
@@ -36,27 +46,34 @@ impl FinishedNotifier {
     /// Queues the notification that `task_id` finished.
     pub(super) async fn finished(&self, task_id: Uuid) {
         // Only fails once the store is gone.
-        let _ = self.queue.send(task_id).await;
+        let _ = self.queue.send(format!("finished:{task_id}")).await;
+    }
+
+    /// Queues the notification that a task may be leasable.
+    pub(super) async fn ready(&self) {
+        let _ = self.queue.send("ready".to_owned()).await;
     }
 }
 
-async fn run(pool: PgPool, mut ids: mpsc::Receiver<Uuid>) {
-    while let Some(first) = ids.recv().await {
-        let mut batch = vec![first.to_string()];
+async fn run(pool: PgPool, mut payloads: mpsc::Receiver<String>) {
+    while let Some(first) = payloads.recv().await {
+        let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
-            match ids.try_recv() {
-                Ok(id) => batch.push(id.to_string()),
+            match payloads.try_recv() {
+                Ok(payload) if !batch.contains(&payload) => batch.push(payload),
+                Ok(_) => {}
                 Err(_) => break,
             }
         }
         let sent = sqlx::query(
-            "SELECT pg_notify('oncely_tasks', 'finished:' || id) FROM unnest($1::text[]) AS id",
+            "SELECT pg_notify('oncely_tasks', payload) FROM unnest($1::text[]) AS payload",
         )
         .bind(&batch)
         .execute(&pool)
         .await;
         if let Err(error) = sent {
-            tracing::debug!(%error, tasks = batch.len(), "could not notify finished tasks; waiters will re-read");
+            tracing::debug!(%error, notifications = batch.len(), "could not notify; waiters will re-read");
         }
+        tokio::time::sleep(GAP).await;
     }
 }

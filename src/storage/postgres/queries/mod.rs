@@ -70,6 +70,8 @@ fn micros(duration: Duration) -> i64 {
 /// transaction). Answers in the claims' order, in one round trip: a claim
 /// whose key a live record holds reads that record in the same statement.
 ///
+/// Notifies no one: the caller does, after the commit (see `notify.rs`).
+///
 /// The keys must be distinct. A record older than the retention is
 /// replaced; a live one is left untouched (and locked until the statement
 /// ends). A concurrent uncommitted claim of the same key makes this
@@ -106,8 +108,7 @@ pub async fn claim_keys(
          SELECT i.ord, c.task_id IS NOT NULL AS claimed, k.fingerprint, k.response, \
                 (extract(epoch FROM k.created_at - now()) * 1000000)::bigint + i.retention_us \
                     AS remaining_us, \
-                CASE WHEN EXISTS (SELECT 1 FROM created) \
-                     THEN pg_notify('oncely_tasks', 'ready')::text END AS notified \
+                (SELECT count(*) FROM created) AS created \
          FROM input AS i \
          LEFT JOIN claim AS c ON c.task_id = i.task_id \
          LEFT JOIN idempotency_keys AS k \
