@@ -47,6 +47,16 @@ impl Expiry<String, Arc<Entry>> for UntilExpiry {
     ) -> Option<Duration> {
         Some(entry.expires.saturating_duration_since(created_at))
     }
+
+    fn expire_after_update(
+        &self,
+        _key: &String,
+        entry: &Arc<Entry>,
+        updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(entry.expires.saturating_duration_since(updated_at))
+    }
 }
 
 /// The cache; cloning it shares it. Disabled (every lookup misses) with a

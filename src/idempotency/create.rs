@@ -187,8 +187,9 @@ pub async fn create_task<S: Store>(
                 );
                 return Ok(Outcome::Created(creation.response));
             }
-            Ok(Claimed::Held(stored)) => stored,
-            Ok(Claimed::Unseen) => {
+            Ok(Claimed::Held(stored)) if !stored.remaining.is_zero() => stored,
+            // A record that has expired answers nothing: read again.
+            Ok(Claimed::Held(_) | Claimed::Unseen) => {
                 let sent = Instant::now();
                 let lookup = store
                     .find_key(target.scope, &target.key, target.retention)

@@ -220,7 +220,35 @@ async fn after_cleanup_a_cached_key_executes_afresh(backend: Backend) {
     assert_eq!(db.count("idempotency_keys").await, 1);
 }
 
+/// A claim that waits while another request replaces an expired record
+/// must answer from the new record, never from the expired one it read
+/// before the wait.
+async fn a_claim_that_waited_on_a_replaced_record_answers_from_the_new_one(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn_uncached(&db).await;
+    let key = new_key();
+    let expired = app
+        .create(Some(&key), crate::support::email_request())
+        .await
+        .expect("create")
+        .into_inner();
+    db.age_keys(Duration::from_secs(2 * 3600)).await;
+    let (tx, replacement) = db
+        .begin_in_flight(&key, &crate::support::email_request())
+        .await;
+
+    let waiting = app.spawn_create(&key, crate::support::email_request());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.commit().await;
+    let answer = waiting.await.expect("join").expect("an answer");
+
+    assert_eq!(replayed(&answer), Some("true"));
+    assert_eq!(answer.get_ref().task_id, replacement.task_id);
+    assert_ne!(answer.get_ref().task_id, expired.task_id);
+}
+
 conformance!(
+    a_claim_that_waited_on_a_replaced_record_answers_from_the_new_one,
     one_key_with_two_bodies_at_once_gives_one_task_and_refuses_the_other_body,
     many_keys_at_once_each_get_their_own_task,
     a_replay_is_answered_from_memory_without_the_database,

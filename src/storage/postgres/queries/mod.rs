@@ -72,6 +72,11 @@ fn micros(duration: Duration) -> i64 {
 ///
 /// Notifies no one: the caller does, after the commit (see `notify.rs`).
 ///
+/// The read of a live record uses the statement's snapshot, so a record
+/// that replaced an expired one while this statement waited for its lock
+/// is not seen: the claim answers [`Claimed::Unseen`] (never the expired
+/// record it replaced), and the caller reads again.
+///
 /// The keys must be distinct. A record older than the retention is
 /// replaced; a live one is left untouched (and locked until the statement
 /// ends). A concurrent uncommitted claim of the same key makes this
@@ -113,6 +118,7 @@ pub async fn claim_keys(
          LEFT JOIN claim AS c ON c.task_id = i.task_id \
          LEFT JOIN idempotency_keys AS k \
            ON c.task_id IS NULL AND k.scope = i.scope AND k.key = i.key \
+          AND k.created_at > now() - interval '1 microsecond' * i.retention_us \
          ORDER BY i.ord",
     )
     .bind(claims.iter().map(|c| c.scope).collect::<Vec<_>>())
