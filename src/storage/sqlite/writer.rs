@@ -2,11 +2,17 @@
 //!
 //! SQLite lets one transaction write at a time. Rather than let pooled
 //! connections race for the write lock (and surface "database is locked"),
-//! every write is a job sent to one writer task that owns one connection and
-//! runs each job to completion, in order. Because the writer task, not the
-//! request, runs each transaction, a cancelled request cannot leave one half
-//! done. This module is only the machinery; the statements are in
-//! [`super::queries`].
+//! every write is a job sent to one writer task that owns one connection.
+//! Because the writer task, not the request, runs each transaction, a
+//! cancelled request cannot leave one half done.
+//!
+//! Group commit: the writer takes every job queued when it gets to them
+//! and runs them in one IMMEDIATE transaction, so they share one fsync.
+//! Each job runs in a savepoint of its own, so that one job's failure is
+//! its own, and every job is answered only once the transaction has
+//! committed (or with an error if it could not). Claims of keys are run
+//! together in a few statements. This module is only the machinery; the
+//! statements are in [`super::queries`].
 
 use std::{
     future::Future,
@@ -42,18 +48,50 @@ trait Job: Send {
     /// nothing was written and a retry executes afresh.
     fn abandoned(&self) -> bool;
 
-    /// Runs on the writer's connection (or learns why there is none),
-    /// answers the caller, and says whether it succeeded.
+    /// Runs inside the writer's transaction and returns the answer to give
+    /// once the transaction has ended.
     fn run<'c>(
         self: Box<Self>,
-        connection: Result<&'c mut SqliteConnection, StorageError>,
-    ) -> ConnFuture<'c, bool>;
+        connection: &'c mut SqliteConnection,
+    ) -> ConnFuture<'c, Box<dyn Answer>>;
+
+    /// Answers with `error`, the work not done.
+    fn refuse(self: Box<Self>, error: StorageError);
+}
+
+/// A job's result, held until its transaction has ended.
+trait Answer: Send {
+    /// Whether the job failed (its savepoint is then rolled back).
+    fn failed(&self) -> bool;
+
+    /// Gives the result if the transaction committed, an error otherwise.
+    fn send(self: Box<Self>, committed: Result<(), &sqlx::Error>);
 }
 
 /// A caller's work and where its answer goes.
 struct Work<T, F> {
     work: F,
     reply: oneshot::Sender<Result<T, StorageError>>,
+}
+
+/// A [`Work`]'s result and where it goes.
+struct WorkAnswer<T> {
+    result: Result<T, StorageError>,
+    reply: oneshot::Sender<Result<T, StorageError>>,
+}
+
+impl<T: Send + 'static> Answer for WorkAnswer<T> {
+    fn failed(&self) -> bool {
+        self.result.is_err()
+    }
+
+    fn send(self: Box<Self>, committed: Result<(), &sqlx::Error>) {
+        let result = match committed {
+            Ok(()) => self.result,
+            Err(error) => Err(not_committed(error)),
+        };
+        let _ = self.reply.send(result);
+    }
 }
 
 impl<T, F> Job for Work<T, F>
@@ -69,19 +107,25 @@ where
 
     fn run<'c>(
         self: Box<Self>,
-        connection: Result<&'c mut SqliteConnection, StorageError>,
-    ) -> ConnFuture<'c, bool> {
+        connection: &'c mut SqliteConnection,
+    ) -> ConnFuture<'c, Box<dyn Answer>> {
         let Work { work, reply } = *self;
         Box::pin(async move {
-            let result = match connection {
-                Ok(connection) => work(connection).await,
-                Err(error) => Err(error),
-            };
-            let ok = result.is_ok();
-            let _ = reply.send(result);
-            ok
+            let result = work(connection).await;
+            Box::new(WorkAnswer { result, reply }) as Box<dyn Answer>
         })
     }
+
+    fn refuse(self: Box<Self>, error: StorageError) {
+        let _ = self.reply.send(Err(error));
+    }
+}
+
+/// The error of a job whose transaction could not commit.
+fn not_committed(error: &sqlx::Error) -> StorageError {
+    StorageError::from(sqlx::Error::Protocol(format!(
+        "the write could not be committed: {error}"
+    )))
 }
 
 /// A claim waiting for its batch, and where its answer goes.
@@ -188,10 +232,10 @@ impl Writer {
     }
 }
 
-/// Runs jobs one at a time, and claims in batches, until every sender is
-/// gone. After a failed job it makes sure no transaction is left open; a
-/// connection that no longer works is dropped and reopened for the next
-/// job.
+/// Runs what is queued in batches, each in one transaction, until every
+/// sender is gone. After a failed batch it makes sure no transaction is
+/// left open; a connection that no longer works is dropped and reopened
+/// for the next batch.
 async fn run(
     options: SqliteConnectOptions,
     connection: SqliteConnection,
@@ -199,15 +243,25 @@ async fn run(
     healthy: Arc<AtomicBool>,
 ) {
     let mut connection = Some(connection);
-    let mut next = None;
-    loop {
-        let item = match next.take() {
-            Some(item) => item,
-            None => match queue.recv().await {
-                Some(item) => item,
-                None => break,
-            },
-        };
+    while let Some(first) = queue.recv().await {
+        // Every item queued now joins the batch.
+        let mut claims = Vec::new();
+        let mut jobs = Vec::new();
+        let mut item = Some(first);
+        while let Some(next) = item.take() {
+            match next {
+                Item::Claim(claim) if !claim.reply.is_closed() => claims.push(claim),
+                Item::Job(job) if !job.abandoned() => jobs.push(job),
+                // Callers that stopped waiting: nothing to do.
+                Item::Claim(_) | Item::Job(_) => {}
+            }
+            if claims.len() + jobs.len() < MAX_BATCH {
+                item = queue.try_recv().ok();
+            }
+        }
+        if claims.is_empty() && jobs.is_empty() {
+            continue;
+        }
         let conn = match connection.as_mut() {
             Some(conn) => conn,
             None => match SqliteConnection::connect_with(&options).await {
@@ -215,42 +269,15 @@ async fn run(
                 Err(error) => {
                     tracing::warn!(%error, "cannot reopen the SQLite writer connection");
                     healthy.store(false, Ordering::SeqCst);
-                    match item {
-                        Item::Job(job) => {
-                            job.run(Err(error.into())).await;
-                        }
-                        Item::Claim(claim) => {
-                            let _ = claim.reply.send(Err(error.into()));
-                        }
+                    answer_all(claims, &error);
+                    for job in jobs {
+                        job.refuse(not_committed(&error));
                     }
                     continue;
                 }
             },
         };
-        let ok = match item {
-            Item::Job(job) => {
-                if job.abandoned() {
-                    continue;
-                }
-                job.run(Ok(&mut *conn)).await
-            }
-            Item::Claim(first) => {
-                // Every claim queued now joins the batch; the first other
-                // job ends it and runs next.
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match queue.try_recv() {
-                        Ok(Item::Claim(claim)) => batch.push(claim),
-                        Ok(job) => {
-                            next = Some(job);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                claim_batch(conn, batch).await
-            }
-        };
+        let ok = run_batch(conn, claims, jobs).await;
         let working = ok || recover(conn).await;
         if !working {
             tracing::warn!("the SQLite writer connection is broken; reopening it");
@@ -265,53 +292,104 @@ async fn run(
     }
 }
 
-/// Commits a batch of claims in one IMMEDIATE transaction, each claim in a
-/// savepoint of its own so that one claim's failure is its own; answers
-/// each claim once the transaction is committed. Claims of the same key
-/// run in order: the later ones find the first one's record. Returns
-/// whether the transaction committed.
-async fn claim_batch(connection: &mut SqliteConnection, batch: Vec<Claim>) -> bool {
-    // A claim whose caller stopped waiting need not be made: nothing was
-    // written, and a retry claims afresh.
-    let batch: Vec<Claim> = batch.into_iter().filter(|c| !c.reply.is_closed()).collect();
-    if batch.is_empty() {
-        return true;
-    }
+/// Runs one batch in one IMMEDIATE transaction: the claims together, then
+/// each job in a savepoint of its own; answers everyone once the
+/// transaction has ended. Returns whether it committed.
+async fn run_batch(
+    connection: &mut SqliteConnection,
+    claims: Vec<Claim>,
+    jobs: Vec<Box<dyn Job>>,
+) -> bool {
     // IMMEDIATE takes the write lock now, waiting out another process's
     // writer for at most the busy timeout.
     if let Err(error) = sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut *connection)
         .await
     {
-        answer_all(batch, &error);
+        answer_all(claims, &error);
+        for job in jobs {
+            job.refuse(not_committed(&error));
+        }
         return false;
     }
-    let outcomes = match claim_together(connection, &batch).await {
-        Ok(outcomes) => outcomes,
-        Err(error) => {
-            // Find out whose claim failed: undo, and claim one by one,
-            // each in a savepoint, so that one failure is its own.
-            tracing::debug!(%error, claims = batch.len(), "a batch of claims failed; claiming one by one");
-            if let Err(error) = restart(connection).await {
-                answer_all(batch, &error);
-                return false;
+    let outcomes = if claims.is_empty() {
+        Vec::new()
+    } else {
+        match claim_together(connection, &claims).await {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                // Find out whose claim failed: undo, and claim one by one,
+                // each in a savepoint, so that one failure is its own.
+                tracing::debug!(%error, claims = claims.len(), "a batch of claims failed; claiming one by one");
+                if let Err(error) = restart(connection).await {
+                    answer_all(claims, &error);
+                    for job in jobs {
+                        job.refuse(not_committed(&error));
+                    }
+                    return false;
+                }
+                let mut outcomes = Vec::with_capacity(claims.len());
+                for claim in &claims {
+                    outcomes.push(claim_in_savepoint(connection, &claim.row).await);
+                }
+                outcomes
             }
-            let mut outcomes = Vec::with_capacity(batch.len());
-            for claim in &batch {
-                outcomes.push(claim_in_savepoint(connection, &claim.row).await);
-            }
-            outcomes
         }
     };
-    if let Err(error) = sqlx::query("COMMIT").execute(&mut *connection).await {
-        answer_all(batch, &error);
-        return false;
+    let mut answers = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        answers.push(job_in_savepoint(connection, job).await);
     }
-    tracing::trace!(claims = batch.len(), "committed a batch of claims");
-    for (claim, outcome) in batch.into_iter().zip(outcomes) {
-        let _ = claim.reply.send(outcome);
+    let committed = sqlx::query("COMMIT").execute(&mut *connection).await;
+    match &committed {
+        Ok(_) => {
+            tracing::trace!(
+                claims = claims.len(),
+                jobs = answers.len(),
+                "committed a batch"
+            );
+            for (claim, outcome) in claims.into_iter().zip(outcomes) {
+                let _ = claim.reply.send(outcome);
+            }
+        }
+        Err(error) => answer_all(claims, error),
     }
-    true
+    let status = committed.as_ref().map(drop);
+    for answer in answers {
+        answer.send(status);
+    }
+    committed.is_ok()
+}
+
+/// One job inside the batch's transaction, undone alone if it fails.
+async fn job_in_savepoint(connection: &mut SqliteConnection, job: Box<dyn Job>) -> Box<dyn Answer> {
+    if let Err(error) = sqlx::query("SAVEPOINT job").execute(&mut *connection).await {
+        return Box::new(Refused(Some((job, StorageError::from(error)))));
+    }
+    let answer = job.run(connection).await;
+    let end = if answer.failed() {
+        "ROLLBACK TO job; RELEASE job"
+    } else {
+        "RELEASE job"
+    };
+    // If this fails the transaction is broken, and COMMIT says so.
+    let _ = sqlx::query(end).execute(&mut *connection).await;
+    answer
+}
+
+/// The answer of a job that could not be started.
+struct Refused(Option<(Box<dyn Job>, StorageError)>);
+
+impl Answer for Refused {
+    fn failed(&self) -> bool {
+        true
+    }
+
+    fn send(mut self: Box<Self>, _committed: Result<(), &sqlx::Error>) {
+        if let Some((job, error)) = self.0.take() {
+            job.refuse(error);
+        }
+    }
 }
 
 /// Every claim of the batch in a few statements, grouped by retention

@@ -69,16 +69,13 @@ pub async fn any_leasable(
     Ok(found.is_some())
 }
 
-/// Leases up to `order.max_tasks` available tasks, oldest first, in one
-/// IMMEDIATE transaction (the single writer's, so no two callers get one
-/// task). Status numbers: 1 queued, 2 running, 4 failed.
+/// Leases up to `order.max_tasks` available tasks, oldest first, inside
+/// the writer's transaction (the single writer's, so no two callers get
+/// one task). Status numbers: 1 queued, 2 running, 4 failed.
 pub async fn lease_in_transaction(
     connection: &mut SqliteConnection,
     order: &LeaseRow,
 ) -> Result<Leased, StorageError> {
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut *connection)
-        .await?;
     let mut done = Leased::default();
     // Tasks ended FAILED take places of the limit: pick again while any
     // were, so a poll is not answered empty while others wait.
@@ -91,7 +88,6 @@ pub async fn lease_in_transaction(
             break;
         }
     }
-    sqlx::query("COMMIT").execute(&mut *connection).await?;
     Ok(done)
 }
 
