@@ -34,7 +34,7 @@ use super::{
 
 /// How many writes may queue for the writer before callers wait to enqueue.
 const WRITE_QUEUE: usize = 4096;
-/// The most claims committed in one transaction.
+/// The most claims and jobs committed in one transaction.
 const MAX_BATCH: usize = 256;
 /// The most claims in one statement (SQLite binds at most 32,766 values).
 const CHUNK: usize = 128;
@@ -137,7 +137,7 @@ struct Claim {
 
 /// What the writer is asked to do.
 enum Item {
-    /// A job of its own, in a transaction of its own.
+    /// A job, in a savepoint of its batch's transaction.
     Job(Box<dyn Job>),
     /// A claim, committed with the claims queued with it.
     Claim(Claim),
@@ -337,8 +337,22 @@ async fn run_batch(
         }
     };
     let mut answers = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        answers.push(job_in_savepoint(connection, job).await);
+    let mut jobs = jobs.into_iter();
+    while let Some(job) = jobs.next() {
+        let (answer, intact) = job_in_savepoint(connection, job).await;
+        answers.push(answer);
+        if !intact {
+            // The transaction is gone (SQLite ends it by itself after some
+            // errors): the rest would run outside it. Refuse them instead.
+            for job in jobs.by_ref() {
+                answers.push(Box::new(Refused(Some((
+                    job,
+                    StorageError::from(sqlx::Error::Protocol(
+                        "the write's transaction ended early".into(),
+                    )),
+                )))));
+            }
+        }
     }
     let committed = sqlx::query("COMMIT").execute(&mut *connection).await;
     match &committed {
@@ -361,10 +375,17 @@ async fn run_batch(
     committed.is_ok()
 }
 
-/// One job inside the batch's transaction, undone alone if it fails.
-async fn job_in_savepoint(connection: &mut SqliteConnection, job: Box<dyn Job>) -> Box<dyn Answer> {
+/// One job inside the batch's transaction, undone alone if it fails; and
+/// whether the transaction is still there.
+async fn job_in_savepoint(
+    connection: &mut SqliteConnection,
+    job: Box<dyn Job>,
+) -> (Box<dyn Answer>, bool) {
     if let Err(error) = sqlx::query("SAVEPOINT job").execute(&mut *connection).await {
-        return Box::new(Refused(Some((job, StorageError::from(error)))));
+        return (
+            Box::new(Refused(Some((job, StorageError::from(error))))),
+            false,
+        );
     }
     let answer = job.run(connection).await;
     let end = if answer.failed() {
@@ -372,9 +393,9 @@ async fn job_in_savepoint(connection: &mut SqliteConnection, job: Box<dyn Job>) 
     } else {
         "RELEASE job"
     };
-    // If this fails the transaction is broken, and COMMIT says so.
-    let _ = sqlx::query(end).execute(&mut *connection).await;
-    answer
+    // If this fails the transaction is gone, and COMMIT fails too.
+    let intact = sqlx::query(end).execute(&mut *connection).await.is_ok();
+    (answer, intact)
 }
 
 /// The answer of a job that could not be started.
@@ -465,7 +486,7 @@ fn answer_all(batch: Vec<Claim>, error: &sqlx::Error) {
     }
 }
 
-/// After a failed job: leaves no transaction open and checks that the
+/// After a failed batch: leaves no transaction open and checks that the
 /// connection still answers. SQLite may already have rolled back by itself
 /// (after I/O errors or a full disk), in which case ROLLBACK fails with
 /// SQLITE_ERROR, "no transaction is active", which is fine.
