@@ -21,10 +21,10 @@ use governor::{
     DefaultKeyedRateLimiter, Quota, RateLimiter,
     clock::{Clock, DefaultClock},
 };
-use tonic::{body::Body, transport::server::TcpConnectInfo};
+use tonic::body::Body;
 use tower::{Layer, Service};
 
-use super::{ServiceError, reply};
+use super::{ServiceError, connection::peer_ip, reply};
 use crate::{
     auth::KeyRing,
     domain::{Principal, Role},
@@ -145,12 +145,8 @@ where
                     request.extensions_mut().insert(principal);
                 }
                 Err(error @ ServiceError::Unauthenticated(_)) => {
-                    let peer = request
-                        .extensions()
-                        .get::<TcpConnectInfo>()
-                        .and_then(TcpConnectInfo::remote_addr)
-                        .map(|addr| addr.ip());
-                    let limited = peer.and_then(|ip| self.layer.failures.check_key(&ip).err());
+                    let limited =
+                        peer_ip(&request).and_then(|ip| self.layer.failures.check_key(&ip).err());
                     let response = match limited {
                         // Quietly: a flood of guesses must not flood the log.
                         Some(not_until) => tonic::Status::from(ServiceError::RateLimited(

@@ -282,6 +282,16 @@ pub struct TrackCalls<S> {
     request_timeout: Duration,
 }
 
+/// The address of the peer that sent `request`, from the
+/// [`TcpConnectInfo`] that [`ConnectionLayer`] gives each call.
+pub(super) fn peer_ip<B>(request: &http::Request<B>) -> Option<std::net::IpAddr> {
+    request
+        .extensions()
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .map(|addr| addr.ip())
+}
+
 /// Whether a call on `path` is an endless stream by design.
 fn endless(path: &str) -> bool {
     path == "/grpc.health.v1.Health/Watch"

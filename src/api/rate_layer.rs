@@ -13,7 +13,6 @@
 use std::{
     collections::HashMap,
     future::Future,
-    net::IpAddr,
     num::NonZeroU32,
     pin::Pin,
     sync::{Arc, Mutex},
@@ -26,12 +25,12 @@ use governor::{
     clock::{Clock, DefaultClock},
 };
 use tokio::sync::Semaphore;
-use tonic::{body::Body, transport::server::TcpConnectInfo};
+use tonic::body::Body;
 use tower::{Layer, Service};
 
 use super::{
     ServiceError,
-    connection::hold_until_sent,
+    connection::{hold_until_sent, peer_ip},
     reply::{self, AnswerSize},
 };
 use crate::domain::Principal;
@@ -170,12 +169,7 @@ fn caller<B>(request: &http::Request<B>) -> String {
     if let Some(principal) = request.extensions().get::<Principal>() {
         return format!("key:{}", principal.name);
     }
-    let ip: Option<IpAddr> = request
-        .extensions()
-        .get::<TcpConnectInfo>()
-        .and_then(|info| info.remote_addr())
-        .map(|addr| addr.ip());
-    ip.map_or_else(|| "peer:unknown".to_owned(), |ip| format!("peer:{ip}"))
+    peer_ip(request).map_or_else(|| "peer:unknown".to_owned(), |ip| format!("peer:{ip}"))
 }
 
 /// Whether the limits apply to `path`: not to health and reflection.

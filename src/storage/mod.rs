@@ -241,6 +241,30 @@ pub struct StoredKey {
     pub remaining: Duration,
 }
 
+impl StoredKey {
+    /// The live record a row shows, from its nullable columns: none when
+    /// the row holds no record; a remaining time past due counts as zero.
+    fn from_columns(
+        fingerprint: Option<Vec<u8>>,
+        response: Option<Vec<u8>>,
+        remaining_us: Option<i64>,
+    ) -> Option<Self> {
+        fingerprint
+            .zip(response)
+            .map(|(fingerprint, response)| Self {
+                fingerprint,
+                response,
+                remaining: Duration::from_micros(remaining_us.unwrap_or(0).max(0).unsigned_abs()),
+            })
+    }
+}
+
+/// A duration in whole microseconds, saturating: how both stores take
+/// durations in their statements.
+pub fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
 /// The result of looking a key up.
 #[derive(Debug, Clone)]
 pub struct KeyLookup {

@@ -269,10 +269,7 @@ async fn run(
                 Err(error) => {
                     tracing::warn!(%error, "cannot reopen the SQLite writer connection");
                     healthy.store(false, Ordering::SeqCst);
-                    answer_all(claims, &error);
-                    for job in jobs {
-                        job.refuse(not_committed(&error));
-                    }
+                    refuse_batch(claims, jobs, &error);
                     continue;
                 }
             },
@@ -306,10 +303,7 @@ async fn run_batch(
         .execute(&mut *connection)
         .await
     {
-        answer_all(claims, &error);
-        for job in jobs {
-            job.refuse(not_committed(&error));
-        }
+        refuse_batch(claims, jobs, &error);
         return false;
     }
     let outcomes = if claims.is_empty() {
@@ -322,10 +316,7 @@ async fn run_batch(
                 // each in a savepoint, so that one failure is its own.
                 tracing::debug!(%error, claims = claims.len(), "a batch of claims failed; claiming one by one");
                 if let Err(error) = restart(connection).await {
-                    answer_all(claims, &error);
-                    for job in jobs {
-                        job.refuse(not_committed(&error));
-                    }
+                    refuse_batch(claims, jobs, &error);
                     return false;
                 }
                 let mut outcomes = Vec::with_capacity(claims.len());
@@ -479,10 +470,15 @@ async fn claim_in_savepoint(
 /// Answers every claim of a batch that could not be committed.
 fn answer_all(batch: Vec<Claim>, error: &sqlx::Error) {
     for claim in batch {
-        let failure = StorageError::from(sqlx::Error::Protocol(format!(
-            "the batch of claims could not be committed: {error}"
-        )));
-        let _ = claim.reply.send(Err(failure));
+        let _ = claim.reply.send(Err(not_committed(error)));
+    }
+}
+
+/// Answers a whole batch that could not be run.
+fn refuse_batch(claims: Vec<Claim>, jobs: Vec<Box<dyn Job>>, error: &sqlx::Error) {
+    answer_all(claims, error);
+    for job in jobs {
+        job.refuse(not_committed(error));
     }
 }
 

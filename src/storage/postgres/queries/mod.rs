@@ -9,7 +9,9 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, Row, postgres::PgRow, types::Json};
 use uuid::Uuid;
 
-use super::super::{Claimed, KeyClaim, KeyLookup, StorageError, StoredKey, TaskPage, object};
+use super::super::{
+    Claimed, KeyClaim, KeyLookup, StorageError, StoredKey, TaskPage, micros, object,
+};
 use crate::domain::TaskRecord;
 
 /// The channel every instance listens on. Payloads: `ready` (a task may be
@@ -46,21 +48,11 @@ pub async fn find_key(
 /// The live record a row shows, if any: `fingerprint`, `response` and
 /// `remaining_us`.
 fn stored_key(row: &PgRow) -> Result<Option<StoredKey>, StorageError> {
-    let fingerprint: Option<Vec<u8>> = row.try_get("fingerprint")?;
-    let response: Option<Vec<u8>> = row.try_get("response")?;
-    let remaining: Option<i64> = row.try_get("remaining_us")?;
-    Ok(fingerprint
-        .zip(response)
-        .map(|(fingerprint, response)| StoredKey {
-            fingerprint,
-            response,
-            remaining: Duration::from_micros(remaining.unwrap_or(0).max(0).unsigned_abs()),
-        }))
-}
-
-/// A duration in whole microseconds, as the statements take retentions.
-fn micros(duration: Duration) -> i64 {
-    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+    Ok(StoredKey::from_columns(
+        row.try_get("fingerprint")?,
+        row.try_get("response")?,
+        row.try_get("remaining_us")?,
+    ))
 }
 
 /// Claims each key and inserts its task, in one statement, which

@@ -105,16 +105,11 @@ pub async fn find_key(
 /// The live record a row shows, if any: `fingerprint`, `response` and
 /// `remaining_us`.
 fn stored_key(row: &SqliteRow) -> Result<Option<StoredKey>, StorageError> {
-    let fingerprint: Option<Vec<u8>> = row.try_get("fingerprint")?;
-    let response: Option<Vec<u8>> = row.try_get("response")?;
-    let remaining: Option<i64> = row.try_get("remaining_us")?;
-    Ok(fingerprint
-        .zip(response)
-        .map(|(fingerprint, response)| StoredKey {
-            fingerprint,
-            response,
-            remaining: Duration::from_micros(remaining.unwrap_or(0).max(0).unsigned_abs()),
-        }))
+    Ok(StoredKey::from_columns(
+        row.try_get("fingerprint")?,
+        row.try_get("response")?,
+        row.try_get("remaining_us")?,
+    ))
 }
 
 /// Claims a batch of keys with retention `retention` (every row's), in
@@ -375,10 +370,7 @@ fn parse_id(id: &str) -> Result<Uuid, StorageError> {
     Uuid::parse_str(id).map_err(|e| StorageError::Corrupt(format!("task id {id:?}: {e}")))
 }
 
-/// A duration in microseconds, saturating.
-pub fn micros(duration: Duration) -> i64 {
-    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
-}
+pub use super::super::micros;
 
 fn time(micros: i64) -> Result<DateTime<Utc>, StorageError> {
     DateTime::from_timestamp_micros(micros)
