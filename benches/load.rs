@@ -16,6 +16,8 @@
 //! - `BENCH_CONCURRENCY` (32): concurrent callers; caller `i` uses
 //!   connection `i % BENCH_CONNECTIONS`.
 //! - `BENCH_CONNECTIONS` (4): HTTP/2 connections (tonic channels).
+//! - `BENCH_SCENARIOS` (all): which of the scenarios below to run,
+//!   comma-separated.
 //! - `BENCH_STORES` (`sqlite,postgres`); PostgreSQL is reached at
 //!   `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`),
 //!   where the benchmark makes a database of its own and drops it.
@@ -132,6 +134,31 @@ impl Scenario {
             Self::LeaseComplete => "lease+complete",
         }
     }
+}
+
+/// The scenarios to run: `BENCH_SCENARIOS` (comma-separated names), default
+/// all, always in the order above.
+fn scenarios() -> Vec<Scenario> {
+    let all = [
+        Scenario::Create,
+        Scenario::Replay,
+        Scenario::Mixed,
+        Scenario::Keyless,
+        Scenario::LeaseComplete,
+    ];
+    let Ok(wanted) = std::env::var("BENCH_SCENARIOS") else {
+        return all.to_vec();
+    };
+    let wanted: Vec<&str> = wanted.split(',').map(str::trim).collect();
+    for name in &wanted {
+        assert!(
+            all.iter().any(|s| s.name() == *name),
+            "unknown scenario {name}; BENCH_SCENARIOS takes create, replay, mixed, keyless and lease+complete"
+        );
+    }
+    all.into_iter()
+        .filter(|s| wanted.contains(&s.name()))
+        .collect()
 }
 
 /// What the callers of one server share.
@@ -263,13 +290,7 @@ async fn run_store(store: &str, url: &str, settings: Settings) {
     );
 
     let mut create_rate = 0.0;
-    for scenario in [
-        Scenario::Create,
-        Scenario::Replay,
-        Scenario::Mixed,
-        Scenario::Keyless,
-        Scenario::LeaseComplete,
-    ] {
+    for scenario in scenarios() {
         match scenario {
             Scenario::Replay => prefill_replays(&channels, &shared, settings).await,
             Scenario::LeaseComplete => {

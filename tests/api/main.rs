@@ -41,6 +41,7 @@ mod health;
 mod in_flight;
 mod keyless;
 mod limits;
+mod plans;
 mod process;
 mod read_tasks;
 mod reflection;

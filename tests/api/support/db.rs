@@ -107,9 +107,14 @@ impl OpenTransaction {
         let claim = target.claim(task, creation);
         match self {
             Self::Postgres(tx) => {
-                postgres::queries::claim_keys(&mut **tx, std::slice::from_ref(&claim))
-                    .await
-                    .expect("claim");
+                let retention = claim.retention;
+                postgres::queries::claim_keys_retained(
+                    &mut **tx,
+                    std::slice::from_ref(&claim),
+                    retention,
+                )
+                .await
+                .expect("claim");
             }
             Self::Sqlite(conn) => {
                 sqlite::queries::claim_key(conn, &claim.into())

@@ -1,12 +1,14 @@
 //! Every statement the PostgreSQL store runs. Each takes any executor (a
 //! pool, a connection, or a caller's open transaction) and is one round
-//! trip. Idempotency records and tasks are here; the lifecycle's statements
+//! trip (but `claim_keys`, which takes the pool, and is one round trip per
+//! retention in its batch; `claim_keys_retained` is its one-retention
+//! statement, on any executor). Idempotency records and tasks are here; the lifecycle's statements
 //! are in `lifecycle.rs`, the API keys' in `keys.rs`.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgExecutor, Row, postgres::PgRow, types::Json};
+use sqlx::{PgExecutor, PgPool, Row, postgres::PgRow, types::Json};
 use uuid::Uuid;
 
 use super::super::{
@@ -20,6 +22,12 @@ pub const CHANNEL: &str = "oncely_tasks";
 
 /// Looks up a live key record with one indexed read, and reads the database
 /// clock in the same statement.
+///
+/// Liveness is tested as `now() - created_at < retention`, a form no index
+/// can serve, so that the only index the lookup can use is the primary key:
+/// as `created_at > now() - retention` it matches the cleanup index on
+/// `(scope, created_at)` as well, and a plan cached while the table was
+/// small walks every live key of the scope.
 pub async fn find_key(
     db: impl PgExecutor<'_>,
     scope: &str,
@@ -31,7 +39,7 @@ pub async fn find_key(
                 (extract(epoch FROM k.created_at - now()) * 1000000)::bigint + $4 AS remaining_us \
          FROM (SELECT 1) AS one \
          LEFT JOIN idempotency_keys AS k \
-           ON k.scope = $1 AND k.key = $2 AND k.created_at > now() - $3::interval",
+           ON k.scope = $1 AND k.key = $2 AND now() - k.created_at < $3::interval",
     )
     .bind(scope)
     .bind(key)
@@ -64,6 +72,18 @@ fn stored_key(row: &PgRow) -> Result<Option<StoredKey>, StorageError> {
 ///
 /// Notifies no one: the caller does, after the commit (see `notify.rs`).
 ///
+/// The read of a held record is a lateral subquery with `LIMIT 1`, which
+/// the planner cannot turn into a join, and it tests liveness in a form no
+/// index serves (as `find_key` does): it is one primary-key probe per
+/// unclaimed key, whatever the table's statistics said when the plan was
+/// cached. (As a plain join, a generic plan made while the table was
+/// small hashed a sequential scan of every key record, each batch, long
+/// after the table had grown.)
+///
+/// Claims with different retentions (keyed and keyless) go in one
+/// statement per retention, so that the retention is one parameter rather
+/// than looked up per conflicting row.
+///
 /// The read of a live record uses the statement's snapshot, so a record
 /// that replaced an expired one while this statement waited for its lock
 /// is not seen: the claim answers [`Claimed::Unseen`] (never the expired
@@ -74,25 +94,55 @@ fn stored_key(row: &PgRow) -> Result<Option<StoredKey>, StorageError> {
 /// ends). A concurrent uncommitted claim of the same key makes this
 /// statement wait for its outcome, at most `lock_timeout`. Keys are
 /// inserted in (scope, key) order, so two batches never deadlock.
-pub async fn claim_keys(
+pub async fn claim_keys(db: &PgPool, claims: &[KeyClaim]) -> Result<Vec<Claimed>, StorageError> {
+    let Some(first) = claims.first() else {
+        return Ok(Vec::new());
+    };
+    if claims.iter().all(|c| c.retention == first.retention) {
+        return claim_keys_retained(db, claims, first.retention).await;
+    }
+    let mut retentions: Vec<Duration> = claims.iter().map(|c| c.retention).collect();
+    retentions.sort_unstable();
+    retentions.dedup();
+    let mut outcomes: Vec<Option<Claimed>> = claims.iter().map(|_| None).collect();
+    for retention in retentions {
+        let (places, group): (Vec<usize>, Vec<KeyClaim>) = claims
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.retention == retention)
+            .map(|(place, c)| (place, c.clone()))
+            .unzip();
+        let claimed = claim_keys_retained(db, &group, retention).await?;
+        for (place, outcome) in places.into_iter().zip(claimed) {
+            outcomes[place] = Some(outcome);
+        }
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.ok_or_else(|| StorageError::Corrupt("a claim went unanswered".into())))
+        .collect()
+}
+
+/// [`claim_keys`] for claims that share one retention, in one statement,
+/// on any executor.
+pub async fn claim_keys_retained(
     db: impl PgExecutor<'_>,
     claims: &[KeyClaim],
+    retention: Duration,
 ) -> Result<Vec<Claimed>, StorageError> {
     let rows = sqlx::query(
         "WITH input AS ( \
              SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::uuid[], $5::text[], \
-                                  $6::text[], $7::text[], $8::bytea[], $9::timestamptz[], $10::bigint[]) \
+                                  $6::text[], $7::text[], $8::bytea[], $9::timestamptz[]) \
                  WITH ORDINALITY AS i(scope, key, fingerprint, task_id, agent_id, action, \
-                                      parameters, response, create_time, retention_us, ord) \
+                                      parameters, response, create_time, ord) \
          ), claim AS ( \
              INSERT INTO idempotency_keys AS k (scope, key, fingerprint, task_id, response) \
              SELECT scope, key, fingerprint, task_id, response FROM input ORDER BY scope, key \
              ON CONFLICT (scope, key) DO UPDATE \
                  SET fingerprint = EXCLUDED.fingerprint, task_id = EXCLUDED.task_id, \
                      response = EXCLUDED.response, created_at = now() \
-                 WHERE k.created_at <= now() - interval '1 microsecond' * ( \
-                     SELECT i.retention_us FROM input AS i \
-                     WHERE i.scope = EXCLUDED.scope AND i.key = EXCLUDED.key) \
+                 WHERE k.created_at <= now() - interval '1 microsecond' * $10 \
              RETURNING task_id \
          ), created AS ( \
              INSERT INTO tasks (task_id, agent_id, action, parameters, status, \
@@ -103,26 +153,49 @@ pub async fn claim_keys(
              RETURNING task_id \
          ) \
          SELECT i.ord, c.task_id IS NOT NULL AS claimed, k.fingerprint, k.response, \
-                (extract(epoch FROM k.created_at - now()) * 1000000)::bigint + i.retention_us \
+                (extract(epoch FROM k.created_at - now()) * 1000000)::bigint + $10 \
                     AS remaining_us, \
                 (SELECT count(*) FROM created) AS created \
          FROM input AS i \
          LEFT JOIN claim AS c ON c.task_id = i.task_id \
-         LEFT JOIN idempotency_keys AS k \
-           ON c.task_id IS NULL AND k.scope = i.scope AND k.key = i.key \
-          AND k.created_at > now() - interval '1 microsecond' * i.retention_us \
+         LEFT JOIN LATERAL ( \
+             SELECT k.fingerprint, k.response, k.created_at FROM idempotency_keys AS k \
+             WHERE c.task_id IS NULL AND k.scope = i.scope AND k.key = i.key \
+               AND now() - k.created_at < interval '1 microsecond' * $10 \
+             LIMIT 1 \
+         ) AS k ON true \
          ORDER BY i.ord",
     )
     .bind(claims.iter().map(|c| c.scope).collect::<Vec<_>>())
     .bind(claims.iter().map(|c| c.key.as_str()).collect::<Vec<_>>())
-    .bind(claims.iter().map(|c| c.fingerprint.as_slice()).collect::<Vec<_>>())
+    .bind(
+        claims
+            .iter()
+            .map(|c| c.fingerprint.as_slice())
+            .collect::<Vec<_>>(),
+    )
     .bind(claims.iter().map(|c| c.task_id).collect::<Vec<_>>())
-    .bind(claims.iter().map(|c| c.agent_id.as_str()).collect::<Vec<_>>())
+    .bind(
+        claims
+            .iter()
+            .map(|c| c.agent_id.as_str())
+            .collect::<Vec<_>>(),
+    )
     .bind(claims.iter().map(|c| c.action.as_str()).collect::<Vec<_>>())
-    .bind(claims.iter().map(|c| c.parameters_json.as_str()).collect::<Vec<_>>())
-    .bind(claims.iter().map(|c| c.response.as_slice()).collect::<Vec<_>>())
+    .bind(
+        claims
+            .iter()
+            .map(|c| c.parameters_json.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        claims
+            .iter()
+            .map(|c| c.response.as_slice())
+            .collect::<Vec<_>>(),
+    )
     .bind(claims.iter().map(|c| c.create_time).collect::<Vec<_>>())
-    .bind(claims.iter().map(|c| micros(c.retention)).collect::<Vec<_>>())
+    .bind(micros(retention))
     .fetch_all(db)
     .await?;
     if rows.len() != claims.len() {
