@@ -289,6 +289,73 @@ async fn a_repeated_completion_returns_the_same_task(backend: Backend) {
     );
 }
 
+/// Completions sent at once share batches; each still gets its own outcome,
+/// a repeat of one in the same batch included.
+async fn completions_at_once_each_get_their_own_outcome(backend: Backend) {
+    const TASKS: usize = 24;
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    for _ in 0..=TASKS {
+        app.create_email().await;
+    }
+    let mut leases = lease(&app, TASKS as i32 + 1, 30.0, 0.0).await;
+    assert_eq!(leases.len(), TASKS + 1);
+    let stale = Lease {
+        lease_token: uuid::Uuid::new_v4().to_string(),
+        ..leases.pop().expect("a lease")
+    };
+
+    // Each lease completed twice with its own result, and one more task
+    // with a token that was never given.
+    let calls = 2 * TASKS + 1;
+    let barrier = Arc::new(tokio::sync::Barrier::new(calls));
+    let mut sent = Vec::new();
+    for (i, leased) in leases
+        .iter()
+        .enumerate()
+        .flat_map(|(i, l)| [(i, l.clone()), (i, l.clone())])
+        .chain([(usize::MAX, stale)])
+    {
+        let mut workers = workers(&app);
+        let barrier = barrier.clone();
+        sent.push(tokio::spawn(async move {
+            let request = CompleteTaskRequest {
+                task_id: task_id(&leased),
+                lease_token: leased.lease_token.clone(),
+                result: Some(oncely_client::json::to_struct(json!({"n": i})).expect("an object")),
+            };
+            barrier.wait().await;
+            let answer = workers.complete_task(request).await.map(|r| r.into_inner());
+            (i, task_id(&leased), answer)
+        }));
+    }
+
+    let mut answered = HashSet::new();
+    for call in sent {
+        let (i, id, answer) = call.await.expect("join");
+        if i == usize::MAX {
+            assert_status(answer, Code::FailedPrecondition, Some("LEASE_LOST"));
+            continue;
+        }
+        let task = answer.unwrap_or_else(|e| panic!("completion {i}: {e:?}"));
+        assert_eq!(task.task_id, id);
+        assert_eq!(task.status(), TaskStatus::Succeeded);
+        let result = oncely_client::json::from_struct(task.result.as_ref().expect("a result"));
+        assert_eq!(
+            serde_json::Value::Object(result),
+            json!({"n": i}),
+            "task {id} has its own result"
+        );
+        answered.insert(id);
+    }
+    assert_eq!(answered.len(), TASKS, "every task answered");
+    assert_eq!(
+        db.count_tasks_with_status(TaskStatus::Succeeded).await,
+        TASKS as i64
+    );
+    assert_eq!(db.count_tasks_with_status(TaskStatus::Running).await, 1);
+}
+
 async fn a_retryable_failure_is_leased_again_after_its_backoff(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
@@ -864,6 +931,7 @@ conformance!(
     an_expired_lease_is_leased_again_and_the_old_token_refused,
     renewing_a_lease_extends_it,
     a_repeated_completion_returns_the_same_task,
+    completions_at_once_each_get_their_own_outcome,
     a_retryable_failure_is_leased_again_after_its_backoff,
     the_server_backoff_is_random_up_to_a_doubling_capped_ceiling,
     a_task_failed_without_delay_wakes_a_waiting_worker,

@@ -1,4 +1,9 @@
-//! Group commit of claims on PostgreSQL.
+//! Group commit on PostgreSQL, of claims and of completions.
+//!
+//! A [`Batcher`] sends what arrives concurrently to the database together,
+//! through its [`Job`]: [`Claims`] for CreateTask, [`Completions`] for
+//! CompleteTask (each completion still answers its own outcome; a repeat
+//! of a task in one batch goes after the batch, on its own).
 //!
 //! Concurrent CreateTask claims are sent to the database together: one
 //! statement, one transaction, one commit for the whole batch. A batch
@@ -15,11 +20,13 @@
 //!   failure is its own.
 
 use std::{
-    collections::{HashMap, hash_map::Entry},
+    collections::{HashMap, HashSet, hash_map::Entry},
     sync::Arc,
 };
 
 use sqlx::PgPool;
+
+use crate::domain::{Completion, TaskRecord};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
@@ -28,40 +35,59 @@ use super::{
     queries,
 };
 
-/// How many batches may be in the database at once.
+/// How many batches of one kind may be in the database at once.
 const LANES: usize = 2;
-/// The most claims in one statement.
+/// The most items in one statement.
 const MAX_BATCH: usize = 256;
-/// How many claims may wait for a lane before callers wait to enqueue.
+/// How many items may wait for a lane before callers wait to enqueue.
 const QUEUE: usize = 4096;
 
-/// A claim waiting for its batch, and where its answer goes.
+/// An item waiting for its batch, and where its answer goes.
 #[derive(Debug)]
-struct Pending {
-    claim: KeyClaim,
-    reply: oneshot::Sender<Result<Claimed, StorageError>>,
+pub(super) struct Pending<T, A> {
+    item: T,
+    reply: oneshot::Sender<Result<A, StorageError>>,
 }
 
-/// A handle on the batching task; cloning it shares the task.
-#[derive(Debug, Clone)]
-pub(super) struct ClaimBatcher {
-    queue: mpsc::Sender<Pending>,
+/// What is sent in batches, and how.
+pub(super) trait Job: Send + Sync + 'static {
+    type Item: Send + 'static;
+    type Answer: Send + 'static;
+
+    /// Sends one batch and answers each of its items.
+    fn send(
+        &self,
+        batch: Vec<Pending<Self::Item, Self::Answer>>,
+    ) -> impl Future<Output = ()> + Send;
 }
 
-impl ClaimBatcher {
-    /// Starts the batching task on `pool`; it ends when every handle is
-    /// dropped.
-    pub(super) fn start(pool: PgPool, notifier: Notifier, events: TaskEvents) -> Self {
-        let (queue, claims) = mpsc::channel(QUEUE);
-        tokio::spawn(run(pool, notifier, events, claims));
+/// A handle on a batching task; cloning it shares the task.
+#[derive(Debug)]
+pub(super) struct Batcher<J: Job> {
+    queue: mpsc::Sender<Pending<J::Item, J::Answer>>,
+}
+
+impl<J: Job> Clone for Batcher<J> {
+    fn clone(&self) -> Self {
+        Self {
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+impl<J: Job> Batcher<J> {
+    /// Starts the batching task; it ends when every handle is dropped.
+    pub(super) fn start(job: J) -> Self {
+        let (queue, items) = mpsc::channel(QUEUE);
+        tokio::spawn(run(Arc::new(job), items));
         Self { queue }
     }
 
-    /// Claims in the next batch and waits for the outcome.
-    pub(super) async fn claim(&self, claim: KeyClaim) -> Result<Claimed, StorageError> {
+    /// Sends `item` in the next batch and waits for its answer.
+    pub(super) async fn submit(&self, item: J::Item) -> Result<J::Answer, StorageError> {
         let (reply, answer) = oneshot::channel();
         self.queue
-            .send(Pending { claim, reply })
+            .send(Pending { item, reply })
             .await
             .map_err(|_| StorageError::Unavailable(sqlx::Error::WorkerCrashed))?;
         answer
@@ -70,59 +96,72 @@ impl ClaimBatcher {
     }
 }
 
-/// Takes claims as they come and sends them in batches, at most `LANES`
-/// batches at once.
-async fn run(
-    pool: PgPool,
-    notifier: Notifier,
-    events: TaskEvents,
-    mut claims: mpsc::Receiver<Pending>,
-) {
+/// Takes items as they come and sends them in batches, at most `LANES`
+/// batches at once. An item whose caller stopped waiting is dropped before
+/// its batch is sent: nothing was written, and a retry starts afresh.
+async fn run<J: Job>(job: Arc<J>, mut items: mpsc::Receiver<Pending<J::Item, J::Answer>>) {
     let lanes = Arc::new(Semaphore::new(LANES));
     loop {
         let Ok(lane) = lanes.clone().acquire_owned().await else {
             return;
         };
-        let Some(first) = claims.recv().await else {
+        let Some(first) = items.recv().await else {
             return;
         };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
-            match claims.try_recv() {
+            match items.try_recv() {
                 Ok(pending) => batch.push(pending),
                 Err(_) => break,
             }
         }
-        let pool = pool.clone();
-        let notifier = notifier.clone();
-        let events = events.clone();
+        let job = job.clone();
         tokio::spawn(async move {
-            if send_batch(&pool, batch).await {
-                // This instance's pollers at once; the others through
-                // the database.
-                events.task_ready();
-                notifier.ready().await;
+            let batch: Vec<_> = batch.into_iter().filter(|p| !p.reply.is_closed()).collect();
+            if !batch.is_empty() {
+                job.send(batch).await;
             }
             drop(lane);
         });
     }
 }
 
-/// Sends one batch and answers each of its claims; true if a task was
-/// created.
-async fn send_batch(pool: &PgPool, batch: Vec<Pending>) -> bool {
-    // A claim whose caller stopped waiting need not be made: nothing was
-    // written, and a retry claims afresh.
-    let batch: Vec<Pending> = batch.into_iter().filter(|p| !p.reply.is_closed()).collect();
-    if batch.is_empty() {
-        return false;
+/// Where a job's batches go, and whom a commit wakes.
+#[derive(Debug, Clone)]
+pub(super) struct Target {
+    pub(super) pool: PgPool,
+    /// Other instances, through the database.
+    pub(super) notifier: Notifier,
+    /// This instance's waiters.
+    pub(super) events: TaskEvents,
+}
+
+/// Claims: CreateTask's key records and tasks.
+#[derive(Debug)]
+pub(super) struct Claims(pub(super) Target);
+
+impl Job for Claims {
+    type Item = KeyClaim;
+    type Answer = Claimed;
+
+    async fn send(&self, batch: Vec<Pending<KeyClaim, Claimed>>) {
+        if send_claims(&self.0.pool, batch).await {
+            // This instance's pollers at once; the others through the
+            // database.
+            self.0.events.task_ready();
+            self.0.notifier.ready().await;
+        }
     }
+}
+
+/// Sends one batch of claims and answers each; true if a task was created.
+async fn send_claims(pool: &PgPool, batch: Vec<Pending<KeyClaim, Claimed>>) -> bool {
     // The first claim of each key goes to the database; later ones follow it.
-    let mut leaders: Vec<Pending> = Vec::with_capacity(batch.len());
-    let mut followers: HashMap<usize, Vec<Pending>> = HashMap::new();
+    let mut leaders: Vec<Pending<KeyClaim, Claimed>> = Vec::with_capacity(batch.len());
+    let mut followers: HashMap<usize, Vec<Pending<KeyClaim, Claimed>>> = HashMap::new();
     let mut by_key: HashMap<(&'static str, String), usize> = HashMap::new();
     for pending in batch {
-        match by_key.entry((pending.claim.scope, pending.claim.key.clone())) {
+        match by_key.entry((pending.item.scope, pending.item.key.clone())) {
             Entry::Occupied(leader) => followers.entry(*leader.get()).or_default().push(pending),
             Entry::Vacant(slot) => {
                 slot.insert(leaders.len());
@@ -130,7 +169,7 @@ async fn send_batch(pool: &PgPool, batch: Vec<Pending>) -> bool {
             }
         }
     }
-    let claims: Vec<KeyClaim> = leaders.iter().map(|p| p.claim.clone()).collect();
+    let claims: Vec<KeyClaim> = leaders.iter().map(|p| p.item.clone()).collect();
     tracing::trace!(claims = claims.len(), "sending a batch of claims");
     match queries::claim_keys(pool, &claims).await {
         Ok(outcomes) => {
@@ -139,7 +178,7 @@ async fn send_batch(pool: &PgPool, batch: Vec<Pending>) -> bool {
                 for follower in followers.remove(&index).unwrap_or_default() {
                     let _ = follower
                         .reply
-                        .send(Ok(outcome.for_duplicate_of(&leader.claim)));
+                        .send(Ok(outcome.for_duplicate_of(&leader.item)));
                 }
                 let _ = leader.reply.send(Ok(outcome));
             }
@@ -163,7 +202,7 @@ async fn send_batch(pool: &PgPool, batch: Vec<Pending>) -> bool {
                     let mut created = false;
                     for pending in std::iter::once(leader).chain(rest) {
                         let outcome =
-                            queries::claim_keys(&pool, std::slice::from_ref(&pending.claim))
+                            queries::claim_keys(&pool, std::slice::from_ref(&pending.item))
                                 .await
                                 .and_then(|mut outcomes| {
                                     outcomes.pop().ok_or_else(|| {
@@ -182,5 +221,67 @@ async fn send_batch(pool: &PgPool, batch: Vec<Pending>) -> bool {
             }
             created
         }
+    }
+}
+
+/// Completions: CompleteTask's updates of leased tasks.
+#[derive(Debug)]
+pub(super) struct Completions(pub(super) Target);
+
+impl Job for Completions {
+    type Item = Completion;
+    type Answer = Option<TaskRecord>;
+
+    async fn send(&self, batch: Vec<Pending<Completion, Option<TaskRecord>>>) {
+        // The first completion of each task goes in the batch; a repeat (a
+        // retry racing its first attempt) goes after it, on its own, and
+        // finds the task as the batch left it.
+        let mut seen = HashSet::new();
+        let (leaders, repeats): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|p| seen.insert(p.item.lease.task_id));
+        let completions: Vec<Completion> = leaders.iter().map(|p| p.item.clone()).collect();
+        match queries::complete_tasks(&self.0.pool, &completions).await {
+            Ok(outcomes) => {
+                for (pending, outcome) in leaders.into_iter().zip(outcomes) {
+                    self.answer(pending, Ok(outcome)).await;
+                }
+            }
+            Err(error) if leaders.len() == 1 => {
+                if let Some(pending) = leaders.into_iter().next() {
+                    self.answer(pending, Err(error)).await;
+                }
+            }
+            Err(error) => {
+                // One at a time, each with its own outcome.
+                tracing::debug!(%error, completions = leaders.len(), "a batch of completions failed; completing one by one");
+                for pending in leaders {
+                    self.send_one(pending).await;
+                }
+            }
+        }
+        for pending in repeats {
+            self.send_one(pending).await;
+        }
+    }
+}
+
+impl Completions {
+    async fn send_one(&self, pending: Pending<Completion, Option<TaskRecord>>) {
+        let outcome = queries::complete_task(&self.0.pool, &pending.item).await;
+        self.answer(pending, outcome).await;
+    }
+
+    /// Wakes the task's waiters, here and on every instance, then answers.
+    async fn answer(
+        &self,
+        pending: Pending<Completion, Option<TaskRecord>>,
+        outcome: Result<Option<TaskRecord>, StorageError>,
+    ) {
+        if let Ok(Some(task)) = &outcome {
+            self.0.events.task_finished(task.task_id);
+            self.0.notifier.finished(task.task_id).await;
+        }
+        let _ = pending.reply.send(outcome);
     }
 }

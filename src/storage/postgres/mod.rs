@@ -28,9 +28,9 @@ use crate::domain::{ApiKeyRecord, Completion, Failure, LeaseRef, TaskRecord};
 pub struct PgStore {
     pool: PgPool,
     /// Sends concurrent claims together.
-    claims: batch::ClaimBatcher,
-    /// Notifies other instances after a commit.
-    notifier: notify::Notifier,
+    claims: batch::Batcher<batch::Claims>,
+    /// Sends concurrent completions together.
+    completions: batch::Batcher<batch::Completions>,
     /// A connection of its own for health checks, so a pool busy with
     /// waiting requests does not look like a dead database.
     health_pool: PgPool,
@@ -108,10 +108,14 @@ impl PgStore {
             .connect_lazy_with(options.application_name("oncely-listener"));
         let events = TaskEvents::default();
         let listener = listener::start(listener_pool, events.clone());
-        let notifier = notify::Notifier::start(pool.clone());
+        let target = batch::Target {
+            pool: pool.clone(),
+            notifier: notify::Notifier::start(pool.clone()),
+            events: events.clone(),
+        };
         Ok(Self {
-            claims: batch::ClaimBatcher::start(pool.clone(), notifier.clone(), events.clone()),
-            notifier,
+            claims: batch::Batcher::start(batch::Claims(target.clone())),
+            completions: batch::Batcher::start(batch::Completions(target)),
             pool,
             health_pool,
             events,
@@ -138,7 +142,7 @@ impl Store for PgStore {
 
     #[tracing::instrument(skip_all, fields(task_id = %claim.task_id))]
     async fn claim_key(&self, claim: KeyClaim) -> Result<Claimed, StorageError> {
-        self.claims.claim(claim).await
+        self.claims.submit(claim).await
     }
 
     #[tracing::instrument(skip_all)]
@@ -217,12 +221,9 @@ impl Store for PgStore {
         &self,
         completion: &Completion,
     ) -> Result<Option<TaskRecord>, StorageError> {
-        let task = queries::complete_task(&self.pool, completion).await?;
-        if let Some(task) = &task {
-            self.events.task_finished(task.task_id);
-            self.notifier.finished(task.task_id).await;
-        }
-        Ok(task)
+        // Sent with the completions that arrive with it, in one statement;
+        // the batcher wakes the task's waiters.
+        self.completions.submit(completion.clone()).await
     }
 
     #[tracing::instrument(skip_all)]

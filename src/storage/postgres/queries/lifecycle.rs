@@ -124,18 +124,67 @@ pub async fn complete_task(
     db: impl PgExecutor<'_>,
     completion: &Completion,
 ) -> Result<Option<TaskRecord>, StorageError> {
-    sqlx::query(concat!(
-        "UPDATE tasks SET status = 3, result = $3::jsonb, error_message = '', update_time = now() \
-         WHERE task_id = $1 AND lease_token = $2 AND status = 2 RETURNING ",
-        task_columns!()
+    Ok(complete_tasks(db, std::slice::from_ref(completion))
+        .await?
+        .pop()
+        .flatten())
+}
+
+/// [`complete_task`] for many completions in one statement (one
+/// transaction), answered in their order: each task whose lease is current
+/// is SUCCEEDED, the others are left alone and answer `None`. The tasks
+/// must be distinct; they are locked in `task_id` order, so two batches
+/// never deadlock.
+pub async fn complete_tasks(
+    db: impl PgExecutor<'_>,
+    completions: &[Completion],
+) -> Result<Vec<Option<TaskRecord>>, StorageError> {
+    let rows = sqlx::query(concat!(
+        "WITH input AS ( \
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[]) \
+                 WITH ORDINALITY AS c(task_id, token, result, ord) \
+             ORDER BY task_id \
+         ), done AS ( \
+             UPDATE tasks AS t SET status = 3, result = c.result::jsonb, error_message = '', \
+                                   update_time = now() \
+             FROM input AS c \
+             WHERE t.task_id = c.task_id AND t.lease_token = c.token AND t.status = 2 \
+             RETURNING c.ord, t.* \
+         ) \
+         SELECT ord, ",
+        task_columns!(),
+        " FROM done"
     ))
-    .bind(completion.lease.task_id.0)
-    .bind(completion.lease.token)
-    .bind(&completion.result_json)
-    .fetch_optional(db)
-    .await?
-    .map(|row| task_record(&row))
-    .transpose()
+    .bind(
+        completions
+            .iter()
+            .map(|c| c.lease.task_id.0)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        completions
+            .iter()
+            .map(|c| c.lease.token)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        completions
+            .iter()
+            .map(|c| c.result_json.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(db)
+    .await?;
+    let mut done: Vec<Option<TaskRecord>> = completions.iter().map(|_| None).collect();
+    for row in &rows {
+        let ord: i64 = row.try_get("ord")?;
+        let slot = usize::try_from(ord - 1)
+            .ok()
+            .and_then(|place| done.get_mut(place))
+            .ok_or_else(|| StorageError::Corrupt(format!("a completion answered place {ord}")))?;
+        *slot = Some(task_record(row)?);
+    }
+    Ok(done)
 }
 
 /// Records a failed attempt, if the lease is current: FAILED (4) when

@@ -242,7 +242,9 @@ mod keys;
 mod lifecycle;
 
 pub use keys::{api_keys, insert_api_key, revoke_api_key};
-pub use lifecycle::{Leased, cancel_task, complete_task, fail_task, lease_tasks, renew_lease};
+pub use lifecycle::{
+    Leased, cancel_task, complete_task, complete_tasks, fail_task, lease_tasks, renew_lease,
+};
 
 /// Reads one task.
 pub async fn get_task(
