@@ -289,6 +289,55 @@ async fn a_repeated_completion_returns_the_same_task(backend: Backend) {
     );
 }
 
+/// Polls sent at once share batches; the tasks go to them in turn, each
+/// task to one poll, no poll past its own limit.
+async fn polls_at_once_share_the_tasks_each_within_its_limit(backend: Backend) {
+    const TASKS: usize = 30;
+    const POLLS: usize = 12;
+    const EACH: i32 = 3;
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    for _ in 0..TASKS {
+        app.create_email().await;
+    }
+
+    let barrier = Arc::new(tokio::sync::Barrier::new(POLLS));
+    let polls: Vec<_> = (0..POLLS)
+        .map(|i| {
+            let mut workers = workers(&app);
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                let request = LeaseTasksRequest {
+                    worker_id: format!("worker-{i}"),
+                    actions: vec![],
+                    max_tasks: EACH,
+                    lease_duration: Some(seconds(30.0)),
+                    wait: None,
+                };
+                barrier.wait().await;
+                workers
+                    .lease_tasks(request)
+                    .await
+                    .map(|r| r.into_inner().leases)
+            })
+        })
+        .collect();
+
+    let mut leased = HashSet::new();
+    for poll in polls {
+        let leases = poll.await.expect("join").expect("lease");
+        assert!(leases.len() <= EACH as usize, "{} leases", leases.len());
+        for lease in leases {
+            assert!(leased.insert(task_id(&lease)), "a task leased twice");
+        }
+    }
+    assert_eq!(leased.len(), TASKS, "every task leased");
+    assert_eq!(
+        db.count_tasks_with_status(TaskStatus::Running).await,
+        TASKS as i64
+    );
+}
+
 /// Completions sent at once share batches; each still gets its own outcome,
 /// a repeat of one in the same batch included.
 async fn completions_at_once_each_get_their_own_outcome(backend: Backend) {
@@ -932,6 +981,7 @@ conformance!(
     renewing_a_lease_extends_it,
     a_repeated_completion_returns_the_same_task,
     completions_at_once_each_get_their_own_outcome,
+    polls_at_once_share_the_tasks_each_within_its_limit,
     a_retryable_failure_is_leased_again_after_its_backoff,
     the_server_backoff_is_random_up_to_a_doubling_capped_ceiling,
     a_task_failed_without_delay_wakes_a_waiting_worker,

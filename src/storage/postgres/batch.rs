@@ -3,7 +3,8 @@
 //! A [`Batcher`] sends what arrives concurrently to the database together,
 //! through its [`Job`]: [`Claims`] for CreateTask, [`Completions`] for
 //! CompleteTask (each completion still answers its own outcome; a repeat
-//! of a task in one batch goes after the batch, on its own).
+//! of a task in one batch goes after the batch, on its own), [`Leases`] for
+//! LeaseTasks (the orders of a batch take the tasks it locked in turn).
 //!
 //! Concurrent CreateTask claims are sent to the database together: one
 //! statement, one transaction, one commit for the whole batch. A batch
@@ -22,6 +23,7 @@
 use std::{
     collections::{HashMap, HashSet, hash_map::Entry},
     sync::Arc,
+    time::Duration,
 };
 
 use sqlx::PgPool;
@@ -30,9 +32,9 @@ use crate::domain::{Completion, TaskRecord};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
-    super::{Claimed, KeyClaim, StorageError, TaskEvents},
+    super::{Claimed, KeyClaim, LeaseOrder, StorageError, TaskEvents},
     notify::Notifier,
-    queries,
+    queries::{self, Leased},
 };
 
 /// How many batches of one kind may be in the database at once.
@@ -283,5 +285,97 @@ impl Completions {
             self.0.notifier.finished(task.task_id).await;
         }
         let _ = pending.reply.send(outcome);
+    }
+}
+
+/// A lease order that can wait in a queue: [`LeaseOrder`], owned.
+#[derive(Debug)]
+pub(super) struct LeaseRequest {
+    pub(super) worker_id: String,
+    pub(super) actions: Vec<String>,
+    pub(super) max_tasks: i64,
+    pub(super) max_bytes: i64,
+    pub(super) lease_duration: Duration,
+    pub(super) max_attempts: i32,
+}
+
+impl LeaseRequest {
+    pub(super) fn new(order: &LeaseOrder<'_>) -> Self {
+        Self {
+            worker_id: order.worker_id.to_owned(),
+            actions: order.actions.to_vec(),
+            max_tasks: order.max_tasks,
+            max_bytes: order.max_bytes,
+            lease_duration: order.lease_duration,
+            max_attempts: order.max_attempts,
+        }
+    }
+
+    fn order(&self) -> LeaseOrder<'_> {
+        LeaseOrder {
+            worker_id: &self.worker_id,
+            actions: &self.actions,
+            max_tasks: self.max_tasks,
+            max_bytes: self.max_bytes,
+            lease_duration: self.lease_duration,
+            max_attempts: self.max_attempts,
+        }
+    }
+
+    /// Whether one statement can serve both.
+    fn same_shape(&self, other: &Self) -> bool {
+        self.actions == other.actions
+            && self.lease_duration == other.lease_duration
+            && self.max_attempts == other.max_attempts
+    }
+}
+
+/// Leases: one LeaseTasks poll each. Orders that want the same actions on
+/// the same terms share a statement; the statement's tasks go to them in
+/// turn.
+#[derive(Debug)]
+pub(super) struct Leases(pub(super) Target);
+
+impl Job for Leases {
+    type Item = LeaseRequest;
+    type Answer = Leased;
+
+    async fn send(&self, batch: Vec<Pending<LeaseRequest, Leased>>) {
+        let mut rest = batch;
+        while !rest.is_empty() {
+            let first = rest.remove(0);
+            let (mut group, others): (Vec<_>, Vec<_>) = rest
+                .into_iter()
+                .partition(|p| p.item.same_shape(&first.item));
+            group.insert(0, first);
+            rest = others;
+            self.send_group(group).await;
+        }
+    }
+}
+
+impl Leases {
+    async fn send_group(&self, group: Vec<Pending<LeaseRequest, Leased>>) {
+        let orders: Vec<LeaseOrder<'_>> = group.iter().map(|p| p.item.order()).collect();
+        match queries::lease_batch(&self.0.pool, &orders).await {
+            Ok(outcomes) => {
+                for (pending, outcome) in group.into_iter().zip(outcomes) {
+                    let _ = pending.reply.send(Ok(outcome));
+                }
+            }
+            Err(error) if group.len() == 1 => {
+                if let Some(pending) = group.into_iter().next() {
+                    let _ = pending.reply.send(Err(error));
+                }
+            }
+            Err(error) => {
+                // One at a time, each with its own outcome.
+                tracing::debug!(%error, orders = group.len(), "a batch of leases failed; leasing one by one");
+                for pending in group {
+                    let outcome = queries::lease_tasks(&self.0.pool, &pending.item.order()).await;
+                    let _ = pending.reply.send(outcome);
+                }
+            }
+        }
     }
 }

@@ -31,6 +31,8 @@ pub struct PgStore {
     claims: batch::Batcher<batch::Claims>,
     /// Sends concurrent completions together.
     completions: batch::Batcher<batch::Completions>,
+    /// Sends concurrent leases together.
+    leases: batch::Batcher<batch::Leases>,
     /// A connection of its own for health checks, so a pool busy with
     /// waiting requests does not look like a dead database.
     health_pool: PgPool,
@@ -115,7 +117,8 @@ impl PgStore {
         };
         Ok(Self {
             claims: batch::Batcher::start(batch::Claims(target.clone())),
-            completions: batch::Batcher::start(batch::Completions(target)),
+            completions: batch::Batcher::start(batch::Completions(target.clone())),
+            leases: batch::Batcher::start(batch::Leases(target)),
             pool,
             health_pool,
             events,
@@ -193,7 +196,11 @@ impl Store for PgStore {
                 max_bytes: order.max_bytes - bytes,
                 ..*order
             };
-            let done = queries::lease_tasks(&self.pool, &wanted).await?;
+            // Sent with the polls that arrive with it, in one statement.
+            let done = self
+                .leases
+                .submit(batch::LeaseRequest::new(&wanted))
+                .await?;
             leased.extend(done.leased);
             bytes += done.bytes;
             // Tasks ended FAILED took places of the limit: pick again, so a

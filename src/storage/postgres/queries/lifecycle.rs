@@ -25,32 +25,66 @@ pub struct Leased {
     pub bytes: i64,
 }
 
-/// Leases up to `order.max_tasks` available tasks in one statement: a CTE
-/// picks the oldest `FOR UPDATE SKIP LOCKED` (so the limit holds and no
-/// caller waits on another's rows), and the update leases exactly those.
-/// A running task whose lease ran out on its last allowed attempt is ended
-/// FAILED instead, and its waiters notified. Status numbers: 1 queued,
-/// 2 running, 4 failed.
+/// Leases up to `order.max_tasks` available tasks in one statement; see
+/// [`lease_batch`].
 pub async fn lease_tasks(
     db: impl PgExecutor<'_>,
     order: &LeaseOrder<'_>,
 ) -> Result<Leased, StorageError> {
+    Ok(lease_batch(db, std::slice::from_ref(order))
+        .await?
+        .pop()
+        .unwrap_or_default())
+}
+
+/// Leases tasks for several orders in one statement (one transaction),
+/// answered in their order. The orders must share their actions, lease
+/// duration and attempt limit (the first order's are used); each has its
+/// own worker, task limit and byte limit.
+///
+/// A CTE picks the oldest available tasks `FOR UPDATE SKIP LOCKED` (so the
+/// limits hold and no caller waits on another's rows), as many as the
+/// orders want together; the orders take them in turn, oldest first, each
+/// up to its task limit, then up to its byte limit (its first task
+/// whatever its size: the rest stay queued); and the update leases exactly
+/// those. A running task whose lease ran out on its last allowed attempt
+/// is ended FAILED instead, and its waiters notified. Status numbers:
+/// 1 queued, 2 running, 4 failed.
+pub async fn lease_batch(
+    db: impl PgExecutor<'_>,
+    orders: &[LeaseOrder<'_>],
+) -> Result<Vec<Leased>, StorageError> {
+    let Some(shape) = orders.first() else {
+        return Ok(Vec::new());
+    };
     let rows = sqlx::query(concat!(
-        "WITH locked AS ( \
+        "WITH orders AS ( \
+             SELECT o.worker_id, o.max_tasks, o.max_bytes, o.ord, \
+                    sum(o.max_tasks) OVER (ORDER BY o.ord) - o.max_tasks AS first_slot \
+             FROM unnest($1::text[], $2::bigint[], $3::bigint[]) \
+                 WITH ORDINALITY AS o(worker_id, max_tasks, max_bytes, ord) \
+         ), locked AS ( \
              SELECT task_id, available_at, seq, \
                     CASE WHEN status = 2 AND attempt >= $5 THEN 0 \
                          ELSE octet_length(parameters::text) END AS size \
              FROM tasks \
              WHERE status IN (1, 2) AND available_at <= now() \
-               AND (cardinality($2::text[]) = 0 OR action = ANY($2::text[])) \
+               AND (cardinality($4::text[]) = 0 OR action = ANY($4::text[])) \
              ORDER BY available_at, seq \
-             LIMIT $3 \
+             LIMIT $8 \
              FOR UPDATE SKIP LOCKED \
-         ), sized AS ( \
-             SELECT task_id, size, sum(size) OVER (ORDER BY available_at, seq) AS running \
+         ), slotted AS ( \
+             SELECT task_id, available_at, seq, size, \
+                    row_number() OVER (ORDER BY available_at, seq) - 1 AS slot \
              FROM locked \
+         ), sized AS ( \
+             SELECT s.task_id, s.size, o.ord, o.worker_id, o.max_bytes, \
+                    sum(s.size) OVER (PARTITION BY o.ord ORDER BY s.available_at, s.seq) AS running \
+             FROM slotted AS s \
+             JOIN orders AS o ON s.slot >= o.first_slot AND s.slot < o.first_slot + o.max_tasks \
          ), picked AS ( \
-             SELECT task_id FROM sized WHERE running - size = 0 OR running <= $7 \
+             SELECT task_id, ord, worker_id, running FROM sized \
+             WHERE running - size = 0 OR running <= max_bytes \
          ), changed AS ( \
              UPDATE tasks AS t SET \
                  status = CASE WHEN t.status = 2 AND t.attempt >= $5 THEN 4 ELSE 2 END, \
@@ -61,37 +95,42 @@ pub async fn lease_tasks(
                  lease_token = CASE WHEN t.status = 2 AND t.attempt >= $5 THEN t.lease_token \
                                     ELSE gen_random_uuid() END, \
                  worker_id = CASE WHEN t.status = 2 AND t.attempt >= $5 THEN t.worker_id \
-                                  ELSE $1 END, \
+                                  ELSE picked.worker_id END, \
                  available_at = CASE WHEN t.status = 2 AND t.attempt >= $5 THEN t.available_at \
-                                     ELSE now() + $4::interval END, \
+                                     ELSE now() + $7::interval END, \
                  update_time = now() \
              FROM picked WHERE t.task_id = picked.task_id \
-             RETURNING t.* \
+             RETURNING picked.ord, picked.running, t.* \
          ) \
-         SELECT ",
+         SELECT ord, running, ",
         task_columns!(),
         ", CASE WHEN status = 4 \
-                THEN pg_notify('oncely_tasks', 'finished:' || task_id)::text END, \
-           (SELECT max(running) FROM sized JOIN picked USING (task_id)) AS picked_bytes \
-         FROM changed ORDER BY available_at, seq"
+                THEN pg_notify('oncely_tasks', 'finished:' || task_id)::text END \
+         FROM changed ORDER BY ord, available_at, seq"
     ))
-    .bind(order.worker_id)
-    .bind(order.actions)
-    .bind(order.max_tasks)
-    .bind(order.lease_duration)
-    .bind(order.max_attempts)
-    .bind(expired_message_template(order.max_attempts))
-    .bind(order.max_bytes)
+    .bind(orders.iter().map(|o| o.worker_id).collect::<Vec<_>>())
+    .bind(orders.iter().map(|o| o.max_tasks).collect::<Vec<_>>())
+    .bind(orders.iter().map(|o| o.max_bytes).collect::<Vec<_>>())
+    .bind(shape.actions)
+    .bind(shape.max_attempts)
+    .bind(expired_message_template(shape.max_attempts))
+    .bind(shape.lease_duration)
+    .bind(orders.iter().map(|o| o.max_tasks.max(0)).sum::<i64>())
     .fetch_all(db)
     .await?;
-    let mut done = Leased::default();
+    let mut done: Vec<Leased> = orders.iter().map(|_| Leased::default()).collect();
     for row in &rows {
-        done.bytes = row.try_get::<Option<i64>, _>("picked_bytes")?.unwrap_or(0);
+        let ord: i64 = row.try_get("ord")?;
+        let leased = usize::try_from(ord - 1)
+            .ok()
+            .and_then(|place| done.get_mut(place))
+            .ok_or_else(|| StorageError::Corrupt(format!("a lease answered order {ord}")))?;
+        leased.bytes = leased.bytes.max(row.try_get::<i64, _>("running")?);
         let task = task_record(row)?;
         if task.status == 2 {
-            done.leased.push(task);
+            leased.leased.push(task);
         } else {
-            done.failed += 1;
+            leased.failed += 1;
         }
     }
     Ok(done)

@@ -243,7 +243,8 @@ mod lifecycle;
 
 pub use keys::{api_keys, insert_api_key, revoke_api_key};
 pub use lifecycle::{
-    Leased, cancel_task, complete_task, complete_tasks, fail_task, lease_tasks, renew_lease,
+    Leased, cancel_task, complete_task, complete_tasks, fail_task, lease_batch, lease_tasks,
+    renew_lease,
 };
 
 /// Reads one task.
