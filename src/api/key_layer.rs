@@ -1,4 +1,5 @@
-//! The layer that reads `idempotency-key` before any work is done.
+//! The layer that reads `idempotency-key` before any work is done, and
+//! sends a replay's stored response as stored (see [`reply::send_stored`]).
 //!
 //! It is a tower layer rather than a `tonic::Interceptor` because only
 //! CreateTask needs a key: GetTask and ListTasks ignore it, and a tonic
@@ -89,7 +90,9 @@ where
                 return Box::pin(async move { Ok(response) });
             }
         }
-        Box::pin(self.inner.call(request))
+        // A replay's stored bytes replace the body tonic encoded.
+        let call = self.inner.call(request);
+        Box::pin(async move { call.await.map(reply::send_stored) })
     }
 }
 

@@ -3,7 +3,14 @@
 //! the idempotency contract (`idempotent-replayed`,
 //! `idempotency-key-source`) attached.
 
-use tonic::{Response, Status, metadata::MetadataValue};
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use tonic::{Response, Status, body::Body, metadata::MetadataValue};
 
 use super::ServiceError;
 use crate::idempotency::KeySource;
@@ -14,8 +21,10 @@ use oncely_client::metadata::{IDEMPOTENCY_KEY_SOURCE, IDEMPOTENT_REPLAYED};
 pub(super) enum Done<T> {
     /// CreateTask created the task.
     Created(T),
-    /// CreateTask answered with the first request's stored response.
-    Replayed(T),
+    /// CreateTask answered with the first request's stored response: the
+    /// message as this build reads it (for the logs), and the bytes as
+    /// stored, which are what is sent.
+    Replayed(T, Vec<u8>),
     /// Any other RPC succeeded.
     Ok(T),
 }
@@ -25,26 +34,92 @@ pub(super) enum Done<T> {
 #[derive(Debug, Clone, Copy)]
 pub(super) struct AnswerSize(pub(super) usize);
 
+/// A replay's response exactly as stored, in the response's extensions:
+/// the key layer sends these bytes as the message, in place of what tonic
+/// encoded (an empty message), so that a replay is byte for byte the first
+/// response even when another build wrote it with fields this one does not
+/// know.
+#[derive(Debug, Clone)]
+pub(super) struct StoredReply(Bytes);
+
+/// Sends the response's [`StoredReply`], if it has one, as its message:
+/// one uncompressed gRPC frame, then the OK status in the trailers.
+pub(super) fn send_stored(mut response: http::Response<Body>) -> http::Response<Body> {
+    let Some(StoredReply(message)) = response.extensions_mut().remove::<StoredReply>() else {
+        return response;
+    };
+    let (parts, _encoded) = response.into_parts();
+    http::Response::from_parts(parts, Body::new(StoredBody::new(&message)))
+}
+
+/// The body of a stored reply: one data frame, then the trailers.
+#[derive(Debug)]
+struct StoredBody {
+    frame: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl StoredBody {
+    fn new(message: &[u8]) -> Self {
+        // The gRPC length prefix: not compressed, then the length, big-endian.
+        // A stored response is far below 4 GiB (the request limit bounds it).
+        let length = u32::try_from(message.len()).unwrap_or(u32::MAX);
+        let mut frame = Vec::with_capacity(5 + message.len());
+        frame.push(0);
+        frame.extend_from_slice(&length.to_be_bytes());
+        frame.extend_from_slice(message);
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        Self {
+            frame: Some(frame.into()),
+            trailers: Some(trailers),
+        }
+    }
+}
+
+impl http_body::Body for StoredBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        let next = match self.frame.take() {
+            Some(data) => Some(http_body::Frame::data(data)),
+            None => self.trailers.take().map(http_body::Frame::trailers),
+        };
+        Poll::Ready(next.map(Ok))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frame.is_none() && self.trailers.is_none()
+    }
+}
+
 /// Ends an RPC inside its span: records `outcome`, logs one line, maps the
 /// error. `source` is set for CreateTask, whose answers (errors included)
 /// say which rule deduplicated the request.
-pub(super) fn finish<T: prost::Message>(
+pub(super) fn finish<T: prost::Message + Default>(
     result: Result<Done<T>, ServiceError>,
     source: Option<KeySource<'_>>,
 ) -> Result<Response<T>, Status> {
     let span = tracing::Span::current();
     match result {
         Ok(done) => {
-            let (message, outcome, replayed) = match done {
-                Done::Created(message) => (message, "created", Some("false")),
-                Done::Replayed(message) => (message, "replayed", Some("true")),
-                Done::Ok(message) => (message, "ok", None),
+            let (message, stored, outcome, replayed) = match done {
+                Done::Created(message) => (message, None, "created", Some("false")),
+                Done::Replayed(_, stored) => (T::default(), Some(stored), "replayed", Some("true")),
+                Done::Ok(message) => (message, None, "ok", None),
             };
             span.record("outcome", outcome);
             tracing::info!("done");
-            let size = AnswerSize(message.encoded_len());
+            let size = AnswerSize(stored.as_ref().map_or(message.encoded_len(), Vec::len));
             let mut response = Response::new(message);
             response.extensions_mut().insert(size);
+            if let Some(stored) = stored {
+                response.extensions_mut().insert(StoredReply(stored.into()));
+            }
             let metadata = response.metadata_mut();
             if let Some(replayed) = replayed {
                 metadata.insert(IDEMPOTENT_REPLAYED, MetadataValue::from_static(replayed));

@@ -96,11 +96,12 @@ impl<S: Store> TaskApi<S> {
             Outcome::Replayed(bytes) => Done::Replayed(
                 Task::decode(bytes.as_slice())
                     .map_err(|e| StorageError::Corrupt(format!("stored response: {e}")))?,
+                bytes,
             ),
             Outcome::Mismatch => return Err(ServiceError::KeyReused),
             Outcome::InFlight => return Err(ServiceError::InProgress),
         };
-        if let Done::Created(task) | Done::Replayed(task) = &done {
+        if let Done::Created(task) | Done::Replayed(task, _) = &done {
             span.record("task_id", task.task_id.as_str());
         }
         Ok(done)

@@ -63,6 +63,34 @@ async fn retry_with_same_key_returns_the_first_response_byte_for_byte(backend: B
     assert_eq!(db.count("idempotency_keys").await, 1);
 }
 
+/// A record written by another build (newer, or older after a rollback)
+/// may hold fields this build does not know: its replay still sends the
+/// bytes as stored, not what this build would make of them.
+async fn a_replay_sends_the_stored_bytes_even_with_fields_this_build_does_not_know(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn_uncached(&db).await;
+    let key = new_key();
+    let body = email_request().encode_to_vec();
+    let first = app
+        .raw_call(CREATE_TASK_PATH, Some(&key), body.clone())
+        .await
+        .expect("first");
+    // Field 100, a varint 1: unknown to this build's Task.
+    let mut stored = first.get_ref().clone();
+    stored.extend_from_slice(&[0xa0, 0x06, 0x01]);
+    db.set_stored_response(&key, &stored).await;
+
+    let retry = app
+        .raw_call(CREATE_TASK_PATH, Some(&key), body)
+        .await
+        .expect("retry");
+
+    assert_eq!(replayed(&retry), Some("true"));
+    assert_eq!(retry.get_ref(), &stored, "the stored bytes, as stored");
+}
+
 async fn same_key_with_a_different_request_is_refused_and_the_original_still_replays(
     backend: Backend,
 ) {
@@ -609,6 +637,7 @@ async fn a_failing_write_stores_nothing_reveals_no_internals_and_the_next_reques
 }
 
 conformance!(
+    a_replay_sends_the_stored_bytes_even_with_fields_this_build_does_not_know,
     costly_request_shapes_get_clean_errors_while_health_is_answered,
     a_failing_write_stores_nothing_reveals_no_internals_and_the_next_request_works,
     first_request_creates_a_queued_task_and_its_key_record_together,

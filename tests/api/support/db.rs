@@ -292,6 +292,22 @@ impl TestDb {
         .expect("age key records");
     }
 
+    /// Replaces the stored response of `key`, as another build could have
+    /// written it.
+    pub(crate) async fn set_stored_response(&self, key: &str, response: &[u8]) {
+        let sql = "UPDATE idempotency_keys SET response = $1 WHERE key = $2";
+        let updated = on_pool!(self, |pool| {
+            sqlx::query(sql)
+                .bind(response)
+                .bind(key)
+                .execute(pool)
+                .await
+                .map(|done| done.rows_affected())
+        })
+        .expect("update the stored response");
+        assert_eq!(updated, 1, "one record holds the key");
+    }
+
     /// The stored record of `key`.
     pub(crate) async fn key_record(&self, key: &str) -> Option<KeyRecord> {
         let sql = "SELECT CAST(task_id AS TEXT) AS task_id, fingerprint, response, \
