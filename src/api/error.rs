@@ -131,7 +131,9 @@ impl From<StorageError> for ServiceError {
             // Only a claim's lock wait means "a request with this key is in
             // flight"; idempotency::create_task maps that one itself.
             StorageError::LockTimeout(_)
+            | StorageError::LockWait(_)
             | StorageError::WriterBusy(_)
+            | StorageError::WriteLocked(_)
             | StorageError::Unavailable(_) => Self::Unavailable(error),
             StorageError::Internal(_) | StorageError::Corrupt(_) | StorageError::Config(_) => {
                 Self::Internal(error)

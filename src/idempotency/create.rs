@@ -204,8 +204,11 @@ pub async fn create_task<S: Store>(
                 }
             }
             // The claim waited the whole bound for a concurrent request
-            // holding this key.
-            Err(StorageError::LockTimeout(_) | StorageError::WriterBusy(_)) => {
+            // holding this key (on SQLite: for a write lock held elsewhere,
+            // which may be such a request). A wait for anything else, a
+            // table lock or a congested SQLite writer, is the database
+            // being busy: an error, UNAVAILABLE.
+            Err(StorageError::LockTimeout(_) | StorageError::WriteLocked(_)) => {
                 return Ok(Outcome::InFlight);
             }
             Err(error) => return Err(error),

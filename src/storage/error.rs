@@ -3,10 +3,16 @@
 /// What went wrong talking to the database.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    /// A statement waited longer than the lock timeout, which for a claim
-    /// means another request with the same key is still in flight.
+    /// A statement waited longer than the lock timeout for a key record
+    /// another transaction holds: for a claim, another request with the
+    /// same key is still in flight. (On SQLite, whose locks cover the whole
+    /// file, any write lock held elsewhere.)
     #[error("timed out waiting for a lock held by a concurrent request")]
     LockTimeout(#[source] sqlx::Error),
+    /// A statement waited longer than the lock timeout for anything else
+    /// (a table lock, as DDL takes): the database is busy, not the key.
+    #[error("timed out waiting for a lock the database held")]
+    LockWait(#[source] sqlx::Error),
     /// The database cannot be reached or refused the work for now; retrying
     /// later may succeed.
     #[error("the database is unavailable")]
@@ -14,9 +20,16 @@ pub enum StorageError {
     /// Anything else: a bug or corrupt data, not worth retrying.
     #[error("database error")]
     Internal(#[source] sqlx::Error),
-    /// The single SQLite writer did not get to a write within the wait bound.
+    /// The single SQLite writer did not get to a write within the wait
+    /// bound: it was busy with other work.
     #[error("the database writer was busy for {0:?}")]
     WriterBusy(std::time::Duration),
+    /// The single SQLite writer did not get to a write within the wait
+    /// bound because another connection held the file's write lock: it may
+    /// hold a request with the same key (SQLite's lock covers the file, so
+    /// the store cannot tell).
+    #[error("another connection held the database's write lock for {0:?}")]
+    WriteLocked(std::time::Duration),
     /// The configuration names a store that cannot be used.
     #[error("{0}")]
     Config(String),
@@ -35,7 +48,10 @@ impl From<sqlx::Error> for StorageError {
                 if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
                     sqlite_class(db.code().as_deref())
                 } else {
-                    postgres_class(db.code().as_deref())
+                    let context = db
+                        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                        .and_then(|e| e.r#where());
+                    postgres_class(db.code().as_deref(), context)
                 }
             }
             sqlx::Error::Io(_)
@@ -48,25 +64,45 @@ impl From<sqlx::Error> for StorageError {
         };
         match class {
             Class::LockTimeout => Self::LockTimeout(error),
+            Class::LockWait => Self::LockWait(error),
             Class::Unavailable => Self::Unavailable(error),
             Class::Internal => Self::Internal(error),
         }
     }
 }
 
+#[derive(Debug, PartialEq, Eq)]
 enum Class {
     LockTimeout,
+    LockWait,
     Unavailable,
     Internal,
 }
 
-/// Classifies a PostgreSQL SQLSTATE.
-fn postgres_class(code: Option<&str>) -> Class {
+/// PostgreSQL's `object_not_in_prerequisite_state`: seen while a server is
+/// not accepting connections yet (starting, recovering).
+const NOT_IN_PREREQUISITE_STATE: &str = "55000";
+/// PostgreSQL's `read_only_sql_transaction`: a write sent to a standby, as
+/// after a failover until the pool reaches the new primary.
+const READ_ONLY_TRANSACTION: &str = "25006";
+
+/// Classifies a PostgreSQL SQLSTATE; `context` is the error's CONTEXT line.
+fn postgres_class(code: Option<&str>, context: Option<&str>) -> Class {
     match code {
-        Some(LOCK_NOT_AVAILABLE) => Class::LockTimeout,
+        // A wait on a key record's row (a tuple of idempotency_keys, as the
+        // CONTEXT says) is a wait for the request holding that key; any
+        // other (a table lock) is not.
+        Some(LOCK_NOT_AVAILABLE)
+            if context
+                .is_some_and(|c| c.contains(" tuple ") && c.contains("\"idempotency_keys\"")) =>
+        {
+            Class::LockTimeout
+        }
+        Some(LOCK_NOT_AVAILABLE) => Class::LockWait,
+        Some(NOT_IN_PREREQUISITE_STATE | READ_ONLY_TRANSACTION) => Class::Unavailable,
         // 08: connection exception; 40: serialization failure or deadlock;
         // 53: insufficient resources; 57: operator intervention (shutdown,
-        // cancel); 58: system error.
+        // cancel, cannot connect now); 58: system error.
         Some(code)
             if ["08", "40", "53", "57", "58"]
                 .iter()
@@ -88,5 +124,40 @@ fn sqlite_class(code: Option<&str>) -> Class {
         // SQLITE_PROTOCOL: the file or disk is failing, maybe for a while.
         Some(8 | 10 | 13 | 14 | 15) => Class::Unavailable,
         _ => Class::Internal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_postgres_states_are_unavailable() {
+        for code in [
+            "55000", "25006", "57P03", "57P01", "08006", "40001", "53300",
+        ] {
+            assert_eq!(
+                postgres_class(Some(code), None),
+                Class::Unavailable,
+                "{code}"
+            );
+        }
+        for code in ["23505", "42P01", "22P02", "XX000"] {
+            assert_eq!(postgres_class(Some(code), None), Class::Internal, "{code}");
+        }
+    }
+
+    #[test]
+    fn only_a_wait_on_a_key_record_is_a_key_held_elsewhere() {
+        let row = "while inserting index tuple (4659,31) in relation \"idempotency_keys\"";
+        assert_eq!(postgres_class(Some("55P03"), Some(row)), Class::LockTimeout);
+        let locked = "while locking tuple (3,1) in relation \"idempotency_keys\"";
+        assert_eq!(
+            postgres_class(Some("55P03"), Some(locked)),
+            Class::LockTimeout
+        );
+        let task = "while locking tuple (3,1) in relation \"tasks\"";
+        assert_eq!(postgres_class(Some("55P03"), Some(task)), Class::LockWait);
+        assert_eq!(postgres_class(Some("55P03"), None), Class::LockWait);
     }
 }

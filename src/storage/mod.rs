@@ -48,8 +48,11 @@ pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
     /// committed together (group commit). A record older than the
     /// retention is replaced; a live one is left untouched. Waits at most
     /// the in-flight bound for a concurrent claim of the same key, then
-    /// fails with [`StorageError::LockTimeout`] (or, on SQLite,
-    /// [`StorageError::WriterBusy`]).
+    /// fails with [`StorageError::LockTimeout`] (on SQLite, whose lock
+    /// covers the file, [`StorageError::WriteLocked`] for a write lock held
+    /// by another connection); a wait for anything else fails with
+    /// [`StorageError::LockWait`] or, when the SQLite writer was busy with
+    /// other work, [`StorageError::WriterBusy`].
     fn claim_key(
         &self,
         claim: KeyClaim,

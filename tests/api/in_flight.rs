@@ -103,6 +103,94 @@ async fn a_duplicate_still_unfinished_after_the_wait_bound_is_aborted_with_retry
     assert_eq!(db.count("tasks").await, 1);
 }
 
+/// A lock the database holds that is not the key's (a table lock, as DDL
+/// takes) makes a claim wait, but it is the database being busy: answered
+/// UNAVAILABLE, which clients retry, not IN_PROGRESS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_lock_is_not_a_request_in_flight() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut settings = test_settings(&db.url);
+    settings.database.in_flight_wait = Duration::from_millis(300);
+    let app = TestApp::spawn_with(settings).await;
+    let lock = db.hold_writes().await;
+
+    let answer = app.create(Some(&new_key()), email_request()).await;
+    lock.rollback().await;
+
+    let status = answer.expect_err("the claim waited out its bound");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let created = app.create(Some(&new_key()), email_request()).await;
+    assert_eq!(
+        replayed(&created.expect("created once the lock is gone")),
+        Some("false")
+    );
+}
+
+/// The SQLite writer busy with other work past the wait bound is not a
+/// request with this key in flight either: with a bound far shorter than a
+/// commit, calls at once that the writer does not get to in time answer
+/// UNAVAILABLE, none IN_PROGRESS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_congested_sqlite_writer_is_not_a_request_in_flight() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut settings = test_settings(&db.url);
+    settings.database.in_flight_wait = Duration::from_millis(1);
+    let app = TestApp::spawn_with(settings).await;
+
+    let answers = crate::support::create_all_at_once(&[&app], 64, |_| Some(new_key())).await;
+
+    let mut unavailable = 0;
+    for answer in answers {
+        match answer {
+            Ok(response) => assert_eq!(replayed(&response), Some("false")),
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                unavailable += 1;
+            }
+        }
+    }
+    assert!(unavailable > 0, "some calls outwaited the 1 ms bound");
+}
+
+/// A failover leaves the pool on a read-only standby for a while: writes
+/// answer UNAVAILABLE (clients retry), never INTERNAL, and succeed once the
+/// database takes writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_to_a_read_only_database_are_unavailable_until_it_takes_writes_again() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let app = TestApp::spawn(&db).await;
+    app.create(Some(&new_key()), email_request())
+        .await
+        .expect("created before the failover");
+    db.set_read_only(true).await;
+
+    for _ in 0..5 {
+        let status = app
+            .create(Some(&new_key()), email_request())
+            .await
+            .expect_err("a read-only database takes no task");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+
+    db.set_read_only(false).await;
+    let mut created = None;
+    for _ in 0..20 {
+        match app.create(Some(&new_key()), email_request()).await {
+            Ok(response) => {
+                created = Some(response);
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let created = created.expect("created once the database takes writes");
+    assert_eq!(replayed(&created), Some("false"));
+    assert_eq!(db.count("tasks").await, 2);
+}
+
 conformance!(
     a_duplicate_waits_for_the_first_request_and_then_replays_it,
     a_different_request_waits_for_the_first_and_is_then_refused,

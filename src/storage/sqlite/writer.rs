@@ -18,10 +18,10 @@ use std::{
     future::Future,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use sqlx::{Connection, SqliteConnection, sqlite::SqliteConnectOptions};
@@ -38,6 +38,9 @@ const WRITE_QUEUE: usize = 4096;
 const MAX_BATCH: usize = 256;
 /// The most claims in one statement (SQLite binds at most 32,766 values).
 const CHUNK: usize = 128;
+/// A BEGIN IMMEDIATE pending this long is waiting for another connection's
+/// write lock: with the lock free it takes microseconds.
+const LOCKED_OUT_AFTER: Duration = Duration::from_millis(5);
 
 /// A future that borrows the writer's connection.
 pub(super) type ConnFuture<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
@@ -149,6 +152,9 @@ pub(super) struct Writer {
     jobs: mpsc::Sender<Item>,
     /// False while the writer has no working connection.
     healthy: Arc<AtomicBool>,
+    /// Since when the writer's pending BEGIN IMMEDIATE has waited, if one
+    /// is pending.
+    locked_out: Arc<Mutex<Option<Instant>>>,
     /// How long a write may wait for the writer, queue included.
     wait: Duration,
 }
@@ -169,18 +175,28 @@ impl Writer {
     ) -> Self {
         let (jobs, queue) = mpsc::channel(WRITE_QUEUE);
         let healthy = Arc::new(AtomicBool::new(true));
-        tokio::spawn(run(options, connection, queue, healthy.clone()));
+        let locked_out = Arc::new(Mutex::new(None));
+        tokio::spawn(run(
+            options,
+            connection,
+            queue,
+            healthy.clone(),
+            locked_out.clone(),
+        ));
         Self {
             jobs,
             healthy,
+            locked_out,
             wait,
         }
     }
 
     /// Runs `work` on the writer's connection and waits for its answer, at
     /// most the wait bound (queue included); past it the caller gets
-    /// [`StorageError::WriterBusy`]. Work whose caller stopped waiting before
-    /// it started is skipped.
+    /// [`StorageError::WriteLocked`] if the writer was then waiting for
+    /// another connection's write lock (its BEGIN pending for at least
+    /// [`LOCKED_OUT_AFTER`]), else [`StorageError::WriterBusy`].
+    /// Work whose caller stopped waiting before it started is skipped.
     pub(super) async fn run<T, F>(&self, work: F) -> Result<T, StorageError>
     where
         T: Send + 'static,
@@ -218,7 +234,17 @@ impl Writer {
         };
         tokio::time::timeout(self.wait, round_trip)
             .await
-            .map_err(|_| StorageError::WriterBusy(self.wait))?
+            .map_err(|_| {
+                let begun = *self
+                    .locked_out
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if begun.is_some_and(|since| since.elapsed() >= LOCKED_OUT_AFTER) {
+                    StorageError::WriteLocked(self.wait)
+                } else {
+                    StorageError::WriterBusy(self.wait)
+                }
+            })?
     }
 
     /// Whether the writer task has stopped.
@@ -241,6 +267,7 @@ async fn run(
     connection: SqliteConnection,
     mut queue: mpsc::Receiver<Item>,
     healthy: Arc<AtomicBool>,
+    locked_out: Arc<Mutex<Option<Instant>>>,
 ) {
     let mut connection = Some(connection);
     while let Some(first) = queue.recv().await {
@@ -274,7 +301,7 @@ async fn run(
                 }
             },
         };
-        let ok = run_batch(conn, claims, jobs).await;
+        let ok = run_batch(conn, &locked_out, claims, jobs).await;
         let working = ok || recover(conn).await;
         if !working {
             tracing::warn!("the SQLite writer connection is broken; reopening it");
@@ -294,15 +321,19 @@ async fn run(
 /// transaction has ended. Returns whether it committed.
 async fn run_batch(
     connection: &mut SqliteConnection,
+    locked_out: &Mutex<Option<Instant>>,
     claims: Vec<Claim>,
     jobs: Vec<Box<dyn Job>>,
 ) -> bool {
     // IMMEDIATE takes the write lock now, waiting out another process's
     // writer for at most the busy timeout.
-    if let Err(error) = sqlx::query("BEGIN IMMEDIATE")
+    let set = |since| *locked_out.lock().unwrap_or_else(PoisonError::into_inner) = since;
+    set(Some(Instant::now()));
+    let begun = sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut *connection)
-        .await
-    {
+        .await;
+    set(None);
+    if let Err(error) = begun {
         refuse_batch(claims, jobs, &error);
         return false;
     }

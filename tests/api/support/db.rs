@@ -308,6 +308,31 @@ impl TestDb {
         assert_eq!(updated, 1, "one record holds the key");
     }
 
+    /// Makes the database read-only or writable for new sessions, as a
+    /// failover to a standby and back would, and ends the sessions open now
+    /// so that the server's pool reconnects to it as it is.
+    pub(crate) async fn set_read_only(&self, read_only: bool) {
+        let Pool::Postgres { base, name, .. } = &self.pool else {
+            panic!("a PostgreSQL-only helper used on SQLite")
+        };
+        let mut admin = PgConnection::connect(base).await.expect("connect");
+        let value = if read_only { "on" } else { "off" };
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER DATABASE {name} SET default_transaction_read_only = {value}"
+        )))
+        .execute(&mut admin)
+        .await
+        .expect("alter the database");
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(name)
+        .execute(&mut admin)
+        .await
+        .expect("end the database's sessions");
+    }
+
     /// The stored record of `key`.
     pub(crate) async fn key_record(&self, key: &str) -> Option<KeyRecord> {
         let sql = "SELECT CAST(task_id AS TEXT) AS task_id, fingerprint, response, \
