@@ -143,6 +143,10 @@ fn value_to_json(
             ));
         }
         Some(Kind::StringValue(s)) => Value::String(s.clone()),
+        // Canonical JSON (RFC 8785) has no negative zero: -0 is stored as
+        // 0, so it is 0 here too, and the first response, its replays and
+        // every later read agree to the bit.
+        Some(Kind::NumberValue(x)) if *x == 0.0 => Value::Number(Number::from(0)),
         Some(Kind::NumberValue(x)) => Value::Number(Number::from_f64(*x).ok_or_else(|| {
             FieldViolation::new(
                 path.render(),

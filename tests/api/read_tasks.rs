@@ -37,6 +37,58 @@ async fn list(
         .map(|r| r.into_inner())
 }
 
+/// Canonical JSON has no negative zero: the task stores `0`. The first
+/// response says what is stored, so that it, a replay and every later read
+/// agree to the bit.
+async fn a_negative_zero_reads_back_as_the_created_task_said(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let key = new_key();
+    let parameters = json!({"z": -0.0, "list": [-0.0, 1.5], "nested": {"n": -0.0}});
+    let created = app
+        .create(Some(&key), request("agent-1", "step", parameters.clone()))
+        .await
+        .expect("create")
+        .into_inner();
+    let replayed = app
+        .create(Some(&key), request("agent-1", "step", parameters))
+        .await
+        .expect("replay")
+        .into_inner();
+    let got = app
+        .tasks
+        .clone()
+        .get_task(GetTaskRequest {
+            task_id: created.task_id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+
+    let encoded =
+        |task: &Task| prost::Message::encode_to_vec(task.parameters.as_ref().expect("parameters"));
+    assert_eq!(
+        encoded(&created),
+        encoded(&got),
+        "created and read agree to the bit"
+    );
+    assert_eq!(
+        encoded(&replayed),
+        encoded(&got),
+        "replayed and read agree to the bit"
+    );
+    let z = created.parameters.as_ref().expect("parameters").fields["z"].clone();
+    assert_eq!(
+        z.kind,
+        Some(prost_types::value::Kind::NumberValue(0.0)),
+        "a plain zero"
+    );
+    let Some(prost_types::value::Kind::NumberValue(z)) = z.kind else {
+        unreachable!()
+    };
+    assert!(z.is_sign_positive(), "no negative zero");
+}
+
 async fn get_task_returns_the_created_task(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
@@ -279,6 +331,7 @@ async fn a_page_is_bounded_in_the_bytes_sent_not_the_bytes_stored(backend: Backe
 }
 
 conformance!(
+    a_negative_zero_reads_back_as_the_created_task_said,
     a_page_is_bounded_in_the_bytes_sent_not_the_bytes_stored,
     a_huge_malformed_task_id_is_echoed_only_as_a_short_prefix,
     a_page_of_large_tasks_ends_early_and_its_token_continues,
