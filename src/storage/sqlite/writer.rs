@@ -126,9 +126,14 @@ where
 
 /// The error of a job whose transaction could not commit.
 fn not_committed(error: &sqlx::Error) -> StorageError {
-    StorageError::from(sqlx::Error::Protocol(format!(
-        "the write could not be committed: {error}"
-    )))
+    let described = sqlx::Error::Protocol(format!("the write could not be committed: {error}"));
+    if is_busy(error) {
+        // Another connection held the write lock: as a claim's own busy
+        // error would say.
+        StorageError::LockTimeout(described)
+    } else {
+        StorageError::from(described)
+    }
 }
 
 /// A claim waiting for its batch, and where its answer goes.
@@ -152,8 +157,9 @@ pub(super) struct Writer {
     jobs: mpsc::Sender<Item>,
     /// False while the writer has no working connection.
     healthy: Arc<AtomicBool>,
-    /// Since when the writer's pending BEGIN IMMEDIATE has waited, if one
-    /// is pending.
+    /// Since when the writer has waited for another connection's write
+    /// lock (its BEGIN IMMEDIATE pending, or failed busy with no BEGIN
+    /// succeeding since), if it has.
     locked_out: Arc<Mutex<Option<Instant>>>,
     /// How long a write may wait for the writer, queue included.
     wait: Duration,
@@ -194,8 +200,8 @@ impl Writer {
     /// Runs `work` on the writer's connection and waits for its answer, at
     /// most the wait bound (queue included); past it the caller gets
     /// [`StorageError::WriteLocked`] if the writer was then waiting for
-    /// another connection's write lock (its BEGIN pending for at least
-    /// [`LOCKED_OUT_AFTER`]), else [`StorageError::WriterBusy`].
+    /// another connection's write lock (for at least [`LOCKED_OUT_AFTER`]),
+    /// else [`StorageError::WriterBusy`].
     /// Work whose caller stopped waiting before it started is skipped.
     pub(super) async fn run<T, F>(&self, work: F) -> Result<T, StorageError>
     where
@@ -326,13 +332,17 @@ async fn run_batch(
     jobs: Vec<Box<dyn Job>>,
 ) -> bool {
     // IMMEDIATE takes the write lock now, waiting out another process's
-    // writer for at most the busy timeout.
-    let set = |since| *locked_out.lock().unwrap_or_else(PoisonError::into_inner) = since;
-    set(Some(Instant::now()));
+    // writer for at most the busy timeout. While it waits, and until a
+    // BEGIN succeeds after a busy one, the writer counts as locked out since
+    // the first wait began.
+    let locked = || locked_out.lock().unwrap_or_else(PoisonError::into_inner);
+    locked().get_or_insert_with(Instant::now);
     let begun = sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut *connection)
         .await;
-    set(None);
+    if !begun.as_ref().is_err_and(is_busy) {
+        *locked() = None;
+    }
     if let Err(error) = begun {
         refuse_batch(claims, jobs, &error);
         return false;
@@ -463,6 +473,16 @@ async fn claim_together(
         .into_iter()
         .map(|o| o.ok_or_else(|| StorageError::Corrupt("a claim got no answer".into())))
         .collect())
+}
+
+/// Whether SQLite answered SQLITE_BUSY or SQLITE_LOCKED: another connection
+/// held the lock for the whole busy timeout.
+fn is_busy(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .and_then(|code| code.parse::<i32>().ok())
+        .is_some_and(|code| matches!(code & 0xff, 5 | 6))
 }
 
 /// Undoes the batch's transaction and begins another.
