@@ -158,6 +158,68 @@ async fn list_tasks_pages_one_agents_tasks_in_creation_order(backend: Backend) {
     assert_eq!(seen, mine);
 }
 
+/// A task that commits after tasks numbered after it must not fall behind a
+/// page already read: creates commit in the order of their numbers, so a
+/// page never holds a task while an earlier-numbered one is still to come.
+async fn paging_never_skips_a_task_that_commits_late(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    create_tasks(&app, "agent-1", 3).await;
+    // Another instance's create, in flight: its task is numbered, not yet
+    // committed.
+    let (late, _) = db
+        .begin_in_flight(
+            &new_key(),
+            &request("agent-1", "step", json!({"late": true})),
+        )
+        .await;
+    let after: Vec<_> = (0..2)
+        .map(|i| app.spawn_create(&new_key(), request("agent-1", "step", json!({"after": i}))))
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    // A client pages through while that create is still in flight (the
+    // store may make the read wait for it).
+    let mut tasks = app.tasks.clone();
+    let first = tokio::spawn(async move {
+        tasks
+            .list_tasks(ListTasksRequest {
+                agent_id: "agent-1".into(),
+                page_size: 4,
+                page_token: String::new(),
+            })
+            .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    late.commit().await;
+    let first = first.await.expect("join").expect("a page").into_inner();
+    for call in after {
+        call.await.expect("join").expect("created");
+    }
+    let mut seen = first.tasks;
+    let mut token = first.next_page_token;
+    while !token.is_empty() {
+        let page = list(&app, "agent-1", 4, &token).await.expect("a page");
+        seen.extend(page.tasks);
+        token = page.next_page_token;
+    }
+
+    // Every task up to the last one the client saw, it saw.
+    let all = list(&app, "agent-1", 100, "").await.expect("all").tasks;
+    assert_eq!(all.len(), 6);
+    let last = seen.last().expect("a task was seen");
+    let reached = all
+        .iter()
+        .position(|t| t.task_id == last.task_id)
+        .expect("the last task seen exists");
+    let ids = |tasks: &[Task]| tasks.iter().map(|t| t.task_id.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        ids(&seen),
+        ids(&all[..=reached]),
+        "the pages skipped a task that committed late"
+    );
+}
+
 async fn list_tasks_defaults_to_fifty_and_clamps_to_a_thousand(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
@@ -338,6 +400,7 @@ conformance!(
     get_task_returns_the_created_task,
     get_task_explains_unknown_and_malformed_ids,
     list_tasks_pages_one_agents_tasks_in_creation_order,
+    paging_never_skips_a_task_that_commits_late,
     list_tasks_defaults_to_fifty_and_clamps_to_a_thousand,
     list_tasks_clamps_the_page_size_to_a_thousand,
     list_tasks_refuses_bad_arguments_with_the_field_named,

@@ -161,7 +161,7 @@ impl Store for PgStore {
         limit: i64,
         max_bytes: i64,
     ) -> Result<TaskPage, StorageError> {
-        queries::list_tasks(&self.pool, agent_id, after_seq, limit, max_bytes).await
+        queries::list_settled_tasks(&self.pool, agent_id, after_seq, limit, max_bytes).await
     }
 
     async fn cleanup_cutoff(&self, older_than: Duration) -> Result<DateTime<Utc>, StorageError> {

@@ -20,6 +20,15 @@ use crate::domain::TaskRecord;
 /// leasable) and `finished:<task_id>`.
 pub const CHANNEL: &str = "oncely_tasks";
 
+/// The advisory lock under which tasks are numbered: creates hold it
+/// shared from numbering to commit, ListTasks takes it exclusively to wait
+/// them out. ("oncely" in ASCII; advisory locks are per database.)
+macro_rules! seq_lock {
+    () => {
+        "111542441471865"
+    };
+}
+
 /// Looks up a live key record with one indexed read, and reads the database
 /// clock in the same statement.
 ///
@@ -80,6 +89,12 @@ fn stored_key(row: &PgRow) -> Result<Option<StoredKey>, StorageError> {
 /// small hashed a sequential scan of every key record, each batch, long
 /// after the table had grown.)
 ///
+/// The tasks are numbered (`seq`) under a shared advisory lock, taken once
+/// every key of the batch is claimed (the sort is the barrier: no lock is
+/// held while a key waits); ListTasks takes it exclusively before it reads
+/// (see [`list_tasks`]), so a page never holds a task while an
+/// earlier-numbered one is still uncommitted.
+///
 /// Claims with different retentions (keyed and keyless) go in one
 /// statement per retention, so that the retention is one parameter rather
 /// than looked up per conflicting row.
@@ -130,7 +145,7 @@ pub async fn claim_keys_retained(
     claims: &[KeyClaim],
     retention: Duration,
 ) -> Result<Vec<Claimed>, StorageError> {
-    let rows = sqlx::query(
+    let rows = sqlx::query(concat!(
         "WITH input AS ( \
              SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::uuid[], $5::text[], \
                                   $6::text[], $7::text[], $8::bytea[], $9::timestamptz[]) \
@@ -147,9 +162,18 @@ pub async fn claim_keys_retained(
          ), created AS ( \
              INSERT INTO tasks (task_id, agent_id, action, parameters, status, \
                                 create_time, update_time, available_at) \
-             SELECT i.task_id, i.agent_id, i.action, i.parameters::jsonb, 1, \
-                    i.create_time, i.create_time, now() \
-             FROM input AS i JOIN claim AS c ON c.task_id = i.task_id \
+             SELECT task_id, agent_id, action, parameters::jsonb, 1, \
+                    create_time, create_time, now() \
+             FROM ( \
+                 SELECT claimed.*, pg_advisory_xact_lock_shared(",
+        seq_lock!(),
+        ") AS numbering \
+                 FROM ( \
+                     SELECT i.task_id, i.agent_id, i.action, i.parameters, i.create_time, i.ord \
+                     FROM input AS i JOIN claim AS c ON c.task_id = i.task_id \
+                     ORDER BY i.ord OFFSET 0 \
+                 ) AS claimed \
+             ) AS numbered \
              RETURNING task_id \
          ) \
          SELECT i.ord, c.task_id IS NOT NULL AS claimed, k.fingerprint, k.response, \
@@ -164,8 +188,8 @@ pub async fn claim_keys_retained(
                AND now() - k.created_at < interval '1 microsecond' * $10 \
              LIMIT 1 \
          ) AS k ON true \
-         ORDER BY i.ord",
-    )
+         ORDER BY i.ord"
+    ))
     .bind(claims.iter().map(|c| c.scope).collect::<Vec<_>>())
     .bind(claims.iter().map(|c| c.key.as_str()).collect::<Vec<_>>())
     .bind(
@@ -262,6 +286,28 @@ pub async fn get_task(
     .await?
     .map(|row| task_record(&row))
     .transpose()
+}
+
+/// [`list_tasks`] once every create numbered so far has ended: in a
+/// transaction of its own, it takes the numbering lock exclusively (waiting
+/// out the creates that hold it shared, and holding off new ones for the
+/// read), then reads with a snapshot taken after. Every task numbered below
+/// the page's last is then committed or never will be, so a later page
+/// that starts after it skips nothing.
+pub async fn list_settled_tasks(
+    pool: &PgPool,
+    agent_id: &str,
+    after_seq: i64,
+    limit: i64,
+    max_bytes: i64,
+) -> Result<TaskPage, StorageError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(concat!("SELECT pg_advisory_xact_lock(", seq_lock!(), ")"))
+        .execute(&mut *tx)
+        .await?;
+    let page = list_tasks(&mut *tx, agent_id, after_seq, limit, max_bytes).await?;
+    tx.commit().await?;
+    Ok(page)
 }
 
 /// Reads up to `limit` of an agent's tasks created after `after_seq`,
