@@ -18,7 +18,7 @@ use oncely::{
 };
 use proptest::{prelude::*, strategy::ValueTree, test_runner::TestRunner};
 use prost::Message;
-use prost_types::{ListValue, Struct, Value as PbValue, value::Kind};
+use prost_types::Struct;
 use serde_json::{Map, Value};
 
 const METHOD: &str = "tasks.v1.TaskService/CreateTask";
@@ -62,24 +62,8 @@ fn object() -> impl Strategy<Value = Map<String, Value>> {
     prop::collection::btree_map(text(), json(), 0..8).prop_map(|m| m.into_iter().collect())
 }
 
-fn to_pb(value: &Value) -> PbValue {
-    let kind = match value {
-        Value::Null => Kind::NullValue(0),
-        Value::Bool(b) => Kind::BoolValue(*b),
-        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
-        Value::String(s) => Kind::StringValue(s.clone()),
-        Value::Array(items) => Kind::ListValue(ListValue {
-            values: items.iter().map(to_pb).collect(),
-        }),
-        Value::Object(members) => Kind::StructValue(to_struct(members)),
-    };
-    PbValue { kind: Some(kind) }
-}
-
 fn to_struct(members: &Map<String, Value>) -> Struct {
-    Struct {
-        fields: members.iter().map(|(k, v)| (k.clone(), to_pb(v))).collect(),
-    }
+    oncely_client::json::to_struct(Value::Object(members.clone())).expect("an object")
 }
 
 fn request(agent_id: &str, action: &str, parameters: &Map<String, Value>) -> CreateTaskRequest {

@@ -20,6 +20,22 @@ async fn create_tasks(app: &TestApp, agent: &str, count: usize) -> Vec<Task> {
     tasks
 }
 
+async fn get(app: &TestApp, task_id: &str) -> Task {
+    app.tasks
+        .clone()
+        .get_task(GetTaskRequest {
+            task_id: task_id.into(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+}
+
+/// A task's parameters as they crossed the wire: compared to the bit.
+fn encoded_parameters(task: &Task) -> Vec<u8> {
+    prost::Message::encode_to_vec(task.parameters.as_ref().expect("parameters"))
+}
+
 async fn list(
     app: &TestApp,
     agent: &str,
@@ -55,26 +71,16 @@ async fn a_negative_zero_reads_back_as_the_created_task_said(backend: Backend) {
         .await
         .expect("replay")
         .into_inner();
-    let got = app
-        .tasks
-        .clone()
-        .get_task(GetTaskRequest {
-            task_id: created.task_id.clone(),
-        })
-        .await
-        .expect("get")
-        .into_inner();
+    let got = get(&app, &created.task_id).await;
 
-    let encoded =
-        |task: &Task| prost::Message::encode_to_vec(task.parameters.as_ref().expect("parameters"));
     assert_eq!(
-        encoded(&created),
-        encoded(&got),
+        encoded_parameters(&created),
+        encoded_parameters(&got),
         "created and read agree to the bit"
     );
     assert_eq!(
-        encoded(&replayed),
-        encoded(&got),
+        encoded_parameters(&replayed),
+        encoded_parameters(&got),
         "replayed and read agree to the bit"
     );
     let z = created.parameters.as_ref().expect("parameters").fields["z"].clone();
@@ -110,19 +116,13 @@ async fn numbers_read_back_exactly_as_sent(backend: Backend) {
         .await
         .expect("create")
         .into_inner();
-    let got = app
-        .tasks
-        .clone()
-        .get_task(GetTaskRequest {
-            task_id: created.task_id.clone(),
-        })
-        .await
-        .expect("get")
-        .into_inner();
+    let got = get(&app, &created.task_id).await;
 
-    let encoded =
-        |task: &Task| prost::Message::encode_to_vec(task.parameters.as_ref().expect("parameters"));
-    assert_eq!(encoded(&got), encoded(&created), "read back to the bit");
+    assert_eq!(
+        encoded_parameters(&got),
+        encoded_parameters(&created),
+        "read back to the bit"
+    );
 }
 
 async fn get_task_returns_the_created_task(backend: Backend) {
