@@ -110,26 +110,44 @@ fn one_member(name: String, member: Value) -> Struct {
     }
 }
 
-/// The shapes that once cost far more than their size.
-fn payloads() -> Vec<(&'static str, Vec<u8>)> {
-    let nulls = value(Kind::ListValue(ListValue {
-        values: vec![value(Kind::NullValue(0)); 300_000],
-    }));
+/// The shapes that once cost far more than their size; the two whose cost
+/// grows with their size (a long name holding a long list, many members)
+/// also at a quarter and a half of it, to show the time stays linear.
+fn payloads() -> Vec<(String, Vec<u8>)> {
+    let nulls = |count: usize| {
+        value(Kind::ListValue(ListValue {
+            values: vec![value(Kind::NullValue(0)); count],
+        }))
+    };
     let mut deep = value(Kind::NullValue(0));
     for _ in 0..200 {
         deep = value(Kind::ListValue(ListValue { values: vec![deep] }));
     }
-    let wide = Struct {
-        fields: (0..100_000)
+    let wide = |count: i32| Struct {
+        fields: (0..count)
             .map(|i| (format!("k{i}"), value(Kind::NumberValue(f64::from(i)))))
             .collect(),
     };
-    vec![
+    let mut scaled = Vec::new();
+    for quarters in [1, 2] {
+        scaled.push((
+            format!("{quarters}/4 of the name and nulls"),
+            create(one_member(
+                "n".repeat((2 << 20) * quarters / 4),
+                nulls(300_000 * quarters / 4),
+            )),
+        ));
+        scaled.push((
+            format!("{} members", 100_000 * quarters / 4),
+            create(wide(100_000 * quarters as i32 / 4)),
+        ));
+    }
+    let fixed: Vec<(&str, Vec<u8>)> = vec![
         (
             "2 MiB name holding 300,000 nulls",
-            create(one_member("n".repeat(2 << 20), nulls)),
+            create(one_member("n".repeat(2 << 20), nulls(300_000))),
         ),
-        ("100,000 members", create(wide)),
+        ("100,000 members", create(wide(100_000))),
         ("nesting 200 deep", create(one_member("d".into(), deep))),
         (
             "3 MiB string",
@@ -153,7 +171,15 @@ fn payloads() -> Vec<(&'static str, Vec<u8>)> {
                 value(Kind::StringValue("x".repeat(5 << 20))),
             )),
         ),
-    ]
+    ];
+    scaled
+        .into_iter()
+        .chain(
+            fixed
+                .into_iter()
+                .map(|(name, body)| (name.to_owned(), body)),
+        )
+        .collect()
 }
 
 /// A gRPC message frame around `body`.
