@@ -36,7 +36,7 @@ pub(super) struct AnswerSize(pub(super) usize);
 
 /// A replay's response exactly as stored, in the response's extensions:
 /// the key layer sends these bytes as the message, in place of what tonic
-/// encoded (an empty message), so that a replay is byte for byte the first
+/// encoded (the message as this build reads it), so that a replay is byte for byte the first
 /// response even when another build wrote it with fields this one does not
 /// know.
 #[derive(Debug, Clone)]
@@ -100,7 +100,7 @@ impl http_body::Body for StoredBody {
 /// Ends an RPC inside its span: records `outcome`, logs one line, maps the
 /// error. `source` is set for CreateTask, whose answers (errors included)
 /// say which rule deduplicated the request.
-pub(super) fn finish<T: prost::Message + Default>(
+pub(super) fn finish<T: prost::Message>(
     result: Result<Done<T>, ServiceError>,
     source: Option<KeySource<'_>>,
 ) -> Result<Response<T>, Status> {
@@ -109,7 +109,12 @@ pub(super) fn finish<T: prost::Message + Default>(
         Ok(done) => {
             let (message, stored, outcome, replayed) = match done {
                 Done::Created(message) => (message, None, "created", Some("false")),
-                Done::Replayed(_, stored) => (T::default(), Some(stored), "replayed", Some("true")),
+                // The decoded message stays in the response, so that a caller
+                // without the key layer still gets the task; the key layer
+                // drops its encoding unread and sends the stored bytes.
+                Done::Replayed(message, stored) => {
+                    (message, Some(stored), "replayed", Some("true"))
+                }
                 Done::Ok(message) => (message, None, "ok", None),
             };
             span.record("outcome", outcome);

@@ -109,6 +109,16 @@ async fn a_key_held_elsewhere_does_not_fail_the_others_in_its_batch() {
     })
     .await;
 
+    assert_held_then_created(answers);
+    tx.rollback().await;
+    assert_eq!(db.count("tasks").await, (CALLS - 1) as i64);
+}
+
+/// The first answer is the held key's IN_PROGRESS; every other one is a
+/// creation, not a replay.
+fn assert_held_then_created(
+    answers: Vec<Result<tonic::Response<oncely::proto::tasks_v1::Task>, tonic::Status>>,
+) {
     let mut answers = answers.into_iter();
     assert_status(
         answers.next().expect("the held key's answer"),
@@ -116,10 +126,49 @@ async fn a_key_held_elsewhere_does_not_fail_the_others_in_its_batch() {
         Some("IDEMPOTENCY_REQUEST_IN_PROGRESS"),
     );
     for answer in answers {
-        let response = answer.expect("the other keys are created");
-        assert_eq!(replayed(&response), Some("false"));
+        let response = answer.expect("the others are created");
+        assert_eq!(replayed(&response), Some("false"), "created, not replayed");
+    }
+}
+
+/// Keyed and keyless claims in one batch go in statements of their own: one
+/// failing (a key held elsewhere past the bound) leaves the other's
+/// creations as they were, each answered as created, not as its own replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_keyed_claim_leaves_the_keyless_ones_of_its_batch_created() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut settings = test_settings(&db.url);
+    settings.database.in_flight_wait = Duration::from_millis(500);
+    settings.missing_key_policy = MissingKeyPolicy::Fingerprint;
+    let app = TestApp::spawn_with(settings).await;
+    let held = new_key();
+    let (tx, _) = db
+        .begin_in_flight(&held, &crate::support::email_request())
+        .await;
+
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(CALLS));
+    let calls: Vec<_> = (0..CALLS)
+        .map(|i| {
+            let mut client = app.tasks.clone();
+            let barrier = barrier.clone();
+            let call = if i == 0 {
+                keyed(Some(&held), crate::support::email_request())
+            } else {
+                keyed(None, request("agent-1", "send_email", json!({"n": i})))
+            };
+            tokio::spawn(async move {
+                barrier.wait().await;
+                client.create_task(call).await
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.expect("join"));
     }
     tx.rollback().await;
+
+    assert_held_then_created(answers);
     assert_eq!(db.count("tasks").await, (CALLS - 1) as i64);
 }
 

@@ -63,7 +63,7 @@ async fn plans_made_on_empty_tables_reach_keys_and_tasks_by_their_indexes() {
     let _app = TestApp::spawn(&db).await;
     // A few hundred keys and tasks: the first seconds of a deployment.
     let early: Vec<KeyClaim> = (0..300).map(|i| claim(&format!("early-{i}"))).collect();
-    queries::claim_keys_retained(db.pg_pool(), &early, RETENTION)
+    queries::claim_keys(db.pg_pool(), &early, RETENTION)
         .await
         .expect("the early claims");
     let mut conn = db.pg_pool().acquire().await.expect("a connection");
@@ -77,11 +77,11 @@ async fn plans_made_on_empty_tables_reach_keys_and_tasks_by_their_indexes() {
     // The statements of a create, a replay, a lookup, a read, a lease and
     // a completion, each run once on this connection so that it holds them.
     let first = claim("key-1");
-    let created = queries::claim_keys_retained(&mut *conn, std::slice::from_ref(&first), RETENTION)
+    let created = queries::claim_keys(&mut *conn, std::slice::from_ref(&first), RETENTION)
         .await
         .expect("claim");
     assert!(matches!(created[..], [Claimed::Created]), "{created:?}");
-    let again = queries::claim_keys_retained(&mut *conn, &[claim("key-1")], RETENTION)
+    let again = queries::claim_keys(&mut *conn, &[claim("key-1")], RETENTION)
         .await
         .expect("claim again");
     assert!(matches!(again[..], [Claimed::Held(_)]), "{again:?}");

@@ -1,4 +1,4 @@
-//! Group commit on PostgreSQL, of claims and of completions.
+//! Group commit on PostgreSQL: of claims, completions and leases.
 //!
 //! A [`Batcher`] sends what arrives concurrently to the database together,
 //! through its [`Job`]: [`Claims`] for CreateTask, [`Completions`] for
@@ -7,8 +7,9 @@
 //! LeaseTasks (the orders of a batch take the tasks it locked in turn).
 //!
 //! Concurrent CreateTask claims are sent to the database together: one
-//! statement, one transaction, one commit for the whole batch. A batch
-//! starts as soon as a claim arrives and a lane is free (never waiting for
+//! statement, one transaction, one commit for the whole batch (for each
+//! retention in it: keyed and keyless claims go in statements of their
+//! own). A batch starts as soon as a claim arrives and a lane is free (never waiting for
 //! company when the server is idle) and takes every claim that queued
 //! while the lanes were busy, so batches grow with the load. Each claim
 //! still gets exactly its own outcome:
@@ -147,7 +148,20 @@ impl Job for Claims {
     type Answer = Claimed;
 
     async fn send(&self, batch: Vec<Pending<KeyClaim, Claimed>>) {
-        if send_claims(&self.0.pool, batch).await {
+        // One statement per retention (keyed and keyless claims), each with
+        // its own outcome: a failing one is retried claim by claim without
+        // touching the others, which are committed.
+        let mut created = false;
+        let mut rest = batch;
+        while !rest.is_empty() {
+            let retention = rest[0].item.retention;
+            let (group, others): (Vec<_>, Vec<_>) = rest
+                .into_iter()
+                .partition(|p| p.item.retention == retention);
+            rest = others;
+            created |= send_claims(&self.0.pool, group, retention).await;
+        }
+        if created {
             // This instance's pollers at once; the others through the
             // database.
             self.0.events.task_ready();
@@ -156,8 +170,13 @@ impl Job for Claims {
     }
 }
 
-/// Sends one batch of claims and answers each; true if a task was created.
-async fn send_claims(pool: &PgPool, batch: Vec<Pending<KeyClaim, Claimed>>) -> bool {
+/// Sends one batch of claims of one retention and answers each; true if a
+/// task was created.
+async fn send_claims(
+    pool: &PgPool,
+    batch: Vec<Pending<KeyClaim, Claimed>>,
+    retention: Duration,
+) -> bool {
     // The first claim of each key goes to the database; later ones follow it.
     let mut leaders: Vec<Pending<KeyClaim, Claimed>> = Vec::with_capacity(batch.len());
     let mut followers: HashMap<usize, Vec<Pending<KeyClaim, Claimed>>> = HashMap::new();
@@ -173,7 +192,7 @@ async fn send_claims(pool: &PgPool, batch: Vec<Pending<KeyClaim, Claimed>>) -> b
     }
     let claims: Vec<KeyClaim> = leaders.iter().map(|p| p.item.clone()).collect();
     tracing::trace!(claims = claims.len(), "sending a batch of claims");
-    match queries::claim_keys(pool, &claims).await {
+    match queries::claim_keys(pool, &claims, retention).await {
         Ok(outcomes) => {
             let created = outcomes.iter().any(|o| matches!(o, Claimed::Created));
             for (index, (leader, outcome)) in leaders.into_iter().zip(outcomes).enumerate() {
@@ -203,14 +222,17 @@ async fn send_claims(pool: &PgPool, batch: Vec<Pending<KeyClaim, Claimed>>) -> b
                 singles.spawn(async move {
                     let mut created = false;
                     for pending in std::iter::once(leader).chain(rest) {
-                        let outcome =
-                            queries::claim_keys(&pool, std::slice::from_ref(&pending.item))
-                                .await
-                                .and_then(|mut outcomes| {
-                                    outcomes.pop().ok_or_else(|| {
-                                        StorageError::Corrupt("a claim answered no row".into())
-                                    })
-                                });
+                        let outcome = queries::claim_keys(
+                            &pool,
+                            std::slice::from_ref(&pending.item),
+                            retention,
+                        )
+                        .await
+                        .and_then(|mut outcomes| {
+                            outcomes.pop().ok_or_else(|| {
+                                StorageError::Corrupt("a claim answered no row".into())
+                            })
+                        });
                         created |= matches!(outcome, Ok(Claimed::Created));
                         let _ = pending.reply.send(outcome);
                     }
@@ -359,8 +381,18 @@ impl Leases {
         let orders: Vec<LeaseOrder<'_>> = group.iter().map(|p| p.item.order()).collect();
         match queries::lease_batch(&self.0.pool, &orders).await {
             Ok(outcomes) => {
+                // Tasks another order's byte limit left behind were in the
+                // share of no one else: a poll that got nothing asks again,
+                // on its own, rather than be answered empty while they wait.
+                let left_behind = outcomes.iter().any(|o| o.unpicked > 0);
                 for (pending, outcome) in group.into_iter().zip(outcomes) {
-                    let _ = pending.reply.send(Ok(outcome));
+                    let outcome = if left_behind && outcome.leased.is_empty() && outcome.failed == 0
+                    {
+                        queries::lease_tasks(&self.0.pool, &pending.item.order()).await
+                    } else {
+                        Ok(outcome)
+                    };
+                    let _ = pending.reply.send(outcome);
                 }
             }
             Err(error) if group.len() == 1 => {

@@ -108,13 +108,9 @@ impl OpenTransaction {
         match self {
             Self::Postgres(tx) => {
                 let retention = claim.retention;
-                postgres::queries::claim_keys_retained(
-                    &mut **tx,
-                    std::slice::from_ref(&claim),
-                    retention,
-                )
-                .await
-                .expect("claim");
+                postgres::queries::claim_keys(&mut **tx, std::slice::from_ref(&claim), retention)
+                    .await
+                    .expect("claim");
             }
             Self::Sqlite(conn) => {
                 sqlite::queries::claim_key(conn, &claim.into())

@@ -23,6 +23,10 @@ pub struct Leased {
     pub failed: usize,
     /// The bytes of parameters the picked tasks hold.
     pub bytes: i64,
+    /// How many tasks the statement locked for its orders but leased to
+    /// none (an order's byte limit cut its share short); the same for every
+    /// order of a statement. They stay queued.
+    pub unpicked: i64,
 }
 
 /// Leases up to `order.max_tasks` available tasks in one statement; see
@@ -102,7 +106,8 @@ pub async fn lease_batch(
              FROM picked WHERE t.task_id = picked.task_id \
              RETURNING picked.ord, picked.running, t.* \
          ) \
-         SELECT ord, running, ",
+         SELECT ord, running, \
+                (SELECT count(*) FROM sized) - (SELECT count(*) FROM picked) AS unpicked, ",
         task_columns!(),
         ", CASE WHEN status = 4 \
                 THEN pg_notify('oncely_tasks', 'finished:' || task_id)::text END \
@@ -126,6 +131,7 @@ pub async fn lease_batch(
             .and_then(|place| done.get_mut(place))
             .ok_or_else(|| StorageError::Corrupt(format!("a lease answered order {ord}")))?;
         leased.bytes = leased.bytes.max(row.try_get::<i64, _>("running")?);
+        leased.unpicked = row.try_get("unpicked")?;
         let task = task_record(row)?;
         if task.status == 2 {
             leased.leased.push(task);
@@ -172,8 +178,10 @@ pub async fn complete_task(
 /// [`complete_task`] for many completions in one statement (one
 /// transaction), answered in their order: each task whose lease is current
 /// is SUCCEEDED, the others are left alone and answer `None`. The tasks
-/// must be distinct; they are locked in `task_id` order, so two batches
-/// never deadlock.
+/// must be distinct; they are fed in `task_id` order, which the plan keeps
+/// (a nested loop over the primary key), so two batches should not
+/// deadlock; if they ever did, PostgreSQL ends one and its batch is retried
+/// one completion at a time.
 pub async fn complete_tasks(
     db: impl PgExecutor<'_>,
     completions: &[Completion],

@@ -1,8 +1,6 @@
 //! Every statement the PostgreSQL store runs. Each takes any executor (a
 //! pool, a connection, or a caller's open transaction) and is one round
-//! trip (but `claim_keys`, which takes the pool, and is one round trip per
-//! retention in its batch; `claim_keys_retained` is its one-retention
-//! statement, on any executor). Idempotency records and tasks are here; the lifecycle's statements
+//! trip (but `list_settled_tasks`, a short transaction of its own). Idempotency records and tasks are here; the lifecycle's statements
 //! are in `lifecycle.rs`, the API keys' in `keys.rs`.
 
 use std::time::Duration;
@@ -22,7 +20,7 @@ pub const CHANNEL: &str = "oncely_tasks";
 
 /// The advisory lock under which tasks are numbered: creates hold it
 /// shared from numbering to commit, ListTasks takes it exclusively to wait
-/// them out. ("oncely" in ASCII; advisory locks are per database.)
+/// them out. (An arbitrary constant; advisory locks are per database.)
 macro_rules! seq_lock {
     () => {
         "111542441471865"
@@ -92,11 +90,11 @@ fn stored_key(row: &PgRow) -> Result<Option<StoredKey>, StorageError> {
 /// The tasks are numbered (`seq`) under a shared advisory lock, taken once
 /// every key of the batch is claimed (the sort is the barrier: no lock is
 /// held while a key waits); ListTasks takes it exclusively before it reads
-/// (see [`list_tasks`]), so a page never holds a task while an
+/// (see [`list_settled_tasks`]), so a page never holds a task while an
 /// earlier-numbered one is still uncommitted.
 ///
-/// Claims with different retentions (keyed and keyless) go in one
-/// statement per retention, so that the retention is one parameter rather
+/// The claims share one `retention` (the batcher sends keyed and keyless
+/// claims in statements of their own), so that it is one parameter rather
 /// than looked up per conflicting row.
 ///
 /// The read of a live record uses the statement's snapshot, so a record
@@ -109,38 +107,7 @@ fn stored_key(row: &PgRow) -> Result<Option<StoredKey>, StorageError> {
 /// ends). A concurrent uncommitted claim of the same key makes this
 /// statement wait for its outcome, at most `lock_timeout`. Keys are
 /// inserted in (scope, key) order, so two batches never deadlock.
-pub async fn claim_keys(db: &PgPool, claims: &[KeyClaim]) -> Result<Vec<Claimed>, StorageError> {
-    let Some(first) = claims.first() else {
-        return Ok(Vec::new());
-    };
-    if claims.iter().all(|c| c.retention == first.retention) {
-        return claim_keys_retained(db, claims, first.retention).await;
-    }
-    let mut retentions: Vec<Duration> = claims.iter().map(|c| c.retention).collect();
-    retentions.sort_unstable();
-    retentions.dedup();
-    let mut outcomes: Vec<Option<Claimed>> = claims.iter().map(|_| None).collect();
-    for retention in retentions {
-        let (places, group): (Vec<usize>, Vec<KeyClaim>) = claims
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.retention == retention)
-            .map(|(place, c)| (place, c.clone()))
-            .unzip();
-        let claimed = claim_keys_retained(db, &group, retention).await?;
-        for (place, outcome) in places.into_iter().zip(claimed) {
-            outcomes[place] = Some(outcome);
-        }
-    }
-    outcomes
-        .into_iter()
-        .map(|o| o.ok_or_else(|| StorageError::Corrupt("a claim went unanswered".into())))
-        .collect()
-}
-
-/// [`claim_keys`] for claims that share one retention, in one statement,
-/// on any executor.
-pub async fn claim_keys_retained(
+pub async fn claim_keys(
     db: impl PgExecutor<'_>,
     claims: &[KeyClaim],
     retention: Duration,
