@@ -129,6 +129,22 @@ async fn run<J: Job>(job: Arc<J>, mut items: mpsc::Receiver<Pending<J::Item, J::
     }
 }
 
+/// Splits a batch into the groups one statement can serve (`same` says
+/// whether two items can share one), each non-empty and in arrival order.
+fn groups<T, A>(
+    batch: Vec<Pending<T, A>>,
+    same: impl Fn(&T, &T) -> bool,
+) -> Vec<Vec<Pending<T, A>>> {
+    let mut groups: Vec<Vec<Pending<T, A>>> = Vec::new();
+    for pending in batch {
+        match groups.iter_mut().find(|g| same(&g[0].item, &pending.item)) {
+            Some(group) => group.push(pending),
+            None => groups.push(vec![pending]),
+        }
+    }
+    groups
+}
+
 /// Where a job's batches go, and whom a commit wakes.
 #[derive(Debug, Clone)]
 pub(super) struct Target {
@@ -152,13 +168,8 @@ impl Job for Claims {
         // its own outcome: a failing one is retried claim by claim without
         // touching the others, which are committed.
         let mut created = false;
-        let mut rest = batch;
-        while !rest.is_empty() {
-            let retention = rest[0].item.retention;
-            let (group, others): (Vec<_>, Vec<_>) = rest
-                .into_iter()
-                .partition(|p| p.item.retention == retention);
-            rest = others;
+        for group in groups(batch, |a, b| a.retention == b.retention) {
+            let retention = group[0].item.retention;
             created |= send_claims(&self.0.pool, group, retention).await;
         }
         if created {
@@ -363,14 +374,7 @@ impl Job for Leases {
     type Answer = Leased;
 
     async fn send(&self, batch: Vec<Pending<LeaseRequest, Leased>>) {
-        let mut rest = batch;
-        while !rest.is_empty() {
-            let first = rest.remove(0);
-            let (mut group, others): (Vec<_>, Vec<_>) = rest
-                .into_iter()
-                .partition(|p| p.item.same_shape(&first.item));
-            group.insert(0, first);
-            rest = others;
+        for group in groups(batch, LeaseRequest::same_shape) {
             self.send_group(group).await;
         }
     }
