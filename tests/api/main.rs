@@ -30,6 +30,7 @@ macro_rules! conformance {
 
 mod auth;
 mod cancellation;
+mod chaos_checker;
 mod cleanup;
 mod client;
 mod concurrency;

@@ -1,0 +1,537 @@
+//! The system under test: server instances (the real `oncely` binary) on
+//! one database, each behind a TCP proxy to PostgreSQL that faults can cut
+//! or stall, and the database itself, read directly by the checker.
+
+use std::{
+    path::PathBuf,
+    process::Stdio,
+    str::FromStr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use sqlx::{
+    Connection, PgConnection, PgPool, Row, SqlitePool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+    sqlite::SqliteConnectOptions,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    process::{Child, Command},
+    task::JoinHandle,
+};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::history::TaskRow;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// The binary cargo built beside this harness.
+const BINARY: &str = env!("CARGO_BIN_EXE_oncely");
+
+/// The PostgreSQL server used when `DATABASE_URL` is unset.
+const DEFAULT_BASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// The stores the harness runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Store {
+    Postgres,
+    Sqlite,
+}
+
+impl Store {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Store::Postgres => "postgres",
+            Store::Sqlite => "sqlite",
+        }
+    }
+}
+
+/// The lease every worker asks for, short so that expiries happen.
+pub(crate) const LEASE: Duration = Duration::from_secs(2);
+
+/// How long a key answers for retries. Keys are used for a shorter time
+/// than this (see `workload::KEY_LIFETIME`), and cleanup deletes them after.
+const RETENTION: &str = "30s";
+
+/// The database of one run.
+pub(crate) enum Database {
+    Postgres {
+        /// The server's database to create and drop this one from.
+        admin: String,
+        name: String,
+        pool: PgPool,
+        /// Where PostgreSQL listens, for the proxies.
+        upstream: String,
+        /// The URL without host and port, to point at a proxy.
+        url_template: Box<PgConnectOptions>,
+    },
+    Sqlite {
+        path: PathBuf,
+        pool: SqlitePool,
+    },
+}
+
+impl Database {
+    /// A fresh database: on PostgreSQL, one of its own on the server of
+    /// `DATABASE_URL`; on SQLite, a file in `dir`.
+    pub(crate) async fn create(store: Store, dir: &std::path::Path) -> Result<Self, String> {
+        match store {
+            Store::Postgres => {
+                let admin =
+                    std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_BASE_URL.to_owned());
+                let options = PgConnectOptions::from_str(&admin)
+                    .map_err(|e| format!("DATABASE_URL {admin}: {e}"))?;
+                let name = format!("oncely_chaos_{}", std::process::id());
+                let mut conn = PgConnection::connect_with(&options)
+                    .await
+                    .map_err(|e| format!("connect to {admin}: {e}"))?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut conn)
+                .await
+                .map_err(|e| format!("drop database {name}: {e}"))?;
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut conn)
+                    .await
+                    .map_err(|e| format!("create database {name}: {e}"))?;
+                let target = options.clone().database(&name);
+                let pool = PgPoolOptions::new()
+                    .max_connections(2)
+                    .connect_lazy_with(target.clone());
+                Ok(Database::Postgres {
+                    upstream: format!("{}:{}", options.get_host(), options.get_port()),
+                    admin,
+                    name,
+                    pool,
+                    url_template: Box::new(target),
+                })
+            }
+            Store::Sqlite => {
+                let path = dir.join("oncely.db");
+                let options = SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true);
+                let pool = SqlitePool::connect_lazy_with(options);
+                Ok(Database::Sqlite { path, pool })
+            }
+        }
+    }
+
+    /// The `DATABASE_URL` of a server instance; on PostgreSQL, through the
+    /// proxy listening on `proxy_port`.
+    fn url_for(&self, proxy_port: Option<u16>) -> String {
+        match self {
+            Database::Postgres {
+                url_template, name, ..
+            } => {
+                let user = url_template.get_username();
+                let port = proxy_port.unwrap_or(url_template.get_port());
+                format!("postgres://{user}@127.0.0.1:{port}/{name}")
+            }
+            Database::Sqlite { path, .. } => format!("sqlite://{}", path.display()),
+        }
+    }
+
+    /// Whether PostgreSQL runs on this machine, so that the harness may
+    /// restart it.
+    pub(crate) fn is_local_postgres(&self) -> bool {
+        matches!(self, Database::Postgres { upstream, .. }
+            if upstream.starts_with("127.0.0.1:") || upstream.starts_with("localhost:"))
+    }
+
+    /// How many tasks are queued or running.
+    pub(crate) async fn unfinished(&self) -> Result<i64, sqlx::Error> {
+        const SQL: &str = "SELECT count(*) FROM tasks WHERE status IN (1, 2)";
+        match self {
+            Database::Postgres { pool, .. } => sqlx::query_scalar(SQL).fetch_one(pool).await,
+            Database::Sqlite { pool, .. } => sqlx::query_scalar(SQL).fetch_one(pool).await,
+        }
+    }
+
+    /// Every task, as stored.
+    pub(crate) async fn tasks(&self) -> Result<Vec<TaskRow>, String> {
+        match self {
+            Database::Postgres { pool, .. } => read_rows(
+                sqlx::query(
+                    "SELECT task_id::text, agent_id, action, parameters::text, status::int8, \
+                     result::text, attempt::int8 FROM tasks",
+                )
+                .fetch_all(pool)
+                .await,
+            ),
+            Database::Sqlite { pool, .. } => read_rows(
+                sqlx::query(
+                    "SELECT task_id, agent_id, action, parameters, status, result, attempt \
+                     FROM tasks",
+                )
+                .fetch_all(pool)
+                .await,
+            ),
+        }
+    }
+
+    /// Drops the PostgreSQL database (the SQLite file goes with its folder).
+    pub(crate) async fn drop_database(self) {
+        if let Database::Postgres {
+            admin, name, pool, ..
+        } = self
+        {
+            pool.close().await;
+            if let Ok(mut conn) = PgConnection::connect(&admin).await {
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut conn)
+                .await;
+            }
+        }
+    }
+}
+
+fn read_rows<R: Row>(rows: Result<Vec<R>, sqlx::Error>) -> Result<Vec<TaskRow>, String>
+where
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    usize: sqlx::ColumnIndex<R>,
+{
+    rows.map_err(|e| e.to_string())?
+        .iter()
+        .map(read_row)
+        .collect()
+}
+
+fn read_row<R: Row>(row: &R) -> Result<TaskRow, String>
+where
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    usize: sqlx::ColumnIndex<R>,
+{
+    let get_text = |i: usize| row.try_get::<String, _>(i).map_err(|e| e.to_string());
+    let parse = |text: &str| serde_json::from_str(text).map_err(|e| format!("{e}: {text}"));
+    let result = row
+        .try_get::<Option<String>, _>(5)
+        .map_err(|e| e.to_string())?;
+    Ok(TaskRow {
+        task_id: get_text(0)?,
+        agent_id: get_text(1)?,
+        action: get_text(2)?,
+        parameters: parse(&get_text(3)?)?,
+        status: row.try_get(4).map_err(|e| e.to_string())?,
+        result: result.as_deref().map(parse).transpose()?,
+        attempt: row.try_get(6).map_err(|e| e.to_string())?,
+    })
+}
+
+/// A TCP proxy between one instance and PostgreSQL: `cut` drops every
+/// connection and refuses new ones until `restore`; `stall` holds every
+/// byte in both directions until `unstall`.
+pub(crate) struct Proxy {
+    port: u16,
+    up: Arc<AtomicBool>,
+    stalled: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Result<Self, String> {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| format!("bind a proxy: {e}"))?;
+        let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        let up = Arc::new(AtomicBool::new(true));
+        let stalled = Arc::new(AtomicBool::new(false));
+        let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let accept = tokio::spawn({
+            let (up, stalled, connections) = (up.clone(), stalled.clone(), connections.clone());
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    if !up.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let (upstream, stalled) = (upstream.clone(), stalled.clone());
+                    let handle = tokio::spawn(async move {
+                        if let Ok(server) = TcpStream::connect(&upstream).await {
+                            relay(client, server, stalled).await;
+                        }
+                    });
+                    let mut connections = connections.lock().expect("lock");
+                    connections.retain(|c| !c.is_finished());
+                    connections.push(handle);
+                }
+            }
+        });
+        Ok(Self {
+            port,
+            up,
+            stalled,
+            connections,
+            accept,
+        })
+    }
+
+    pub(crate) fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for handle in self.connections.lock().expect("lock").drain(..) {
+            handle.abort();
+        }
+    }
+
+    pub(crate) fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn stall(&self, on: bool) {
+        self.stalled.store(on, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// Copies bytes both ways, holding them while `stalled`.
+async fn relay(client: TcpStream, server: TcpStream, stalled: Arc<AtomicBool>) {
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    let up = pump(client_read, server_write, stalled.clone());
+    let down = pump(server_read, client_write, stalled);
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stalled: Arc<AtomicBool>,
+) {
+    let mut buffer = vec![0; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while stalled.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One server instance: the binary as a child process, restartable on the
+/// same address with the same settings.
+pub(crate) struct Instance {
+    pub(crate) index: usize,
+    env: Vec<(&'static str, String)>,
+    log: PathBuf,
+    child: tokio::sync::Mutex<Option<Child>>,
+    /// Held by a fault while it works on this instance, so that two faults
+    /// never act on one process at once.
+    pub(crate) busy: tokio::sync::Mutex<()>,
+    pub(crate) proxy: Option<Proxy>,
+    pub(crate) channel: Channel,
+}
+
+impl Instance {
+    /// Starts the process; it serves once [`wait_serving`] says so.
+    pub(crate) async fn spawn(&self) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| format!("open {}: {e}", self.log.display()))?;
+        let child = Command::new(BINARY)
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("start {BINARY}: {e}"))?;
+        *self.child.lock().await = Some(child);
+        Ok(())
+    }
+
+    /// Waits until the instance answers health checks as SERVING.
+    pub(crate) async fn wait_serving(&self, within: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let mut health = HealthClient::new(self.channel.clone());
+            let mut request = tonic::Request::new(HealthCheckRequest::default());
+            request.set_timeout(Duration::from_millis(500));
+            let check = tokio::time::timeout(Duration::from_secs(1), health.check(request)).await;
+            if let Ok(Ok(answer)) = check
+                && answer.get_ref().status() == ServingStatus::Serving
+            {
+                return Ok(());
+            }
+            if let Some(child) = self.child.lock().await.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(format!(
+                    "instance {} exited while starting ({status}); see {}",
+                    self.index,
+                    self.log.display()
+                ));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!(
+                    "instance {} was not SERVING within {within:?}; see {}",
+                    self.index,
+                    self.log.display()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILL: the process dies at once, mid-call, mid-transaction.
+    pub(crate) async fn kill(&self) {
+        if let Some(mut child) = self.child.lock().await.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Sends `signal` (STOP, CONT, TERM) to the process.
+    pub(crate) async fn signal(&self, signal: &str) {
+        let pid = self.child.lock().await.as_ref().and_then(Child::id);
+        if let Some(pid) = pid {
+            let _ = Command::new("kill")
+                .args([format!("-{signal}"), pid.to_string()])
+                .status()
+                .await;
+        }
+    }
+
+    /// Stops the process gracefully and waits for it.
+    pub(crate) async fn stop(&self) {
+        self.signal("CONT").await;
+        self.signal("TERM").await;
+        if let Some(mut child) = self.child.lock().await.take()
+            && tokio::time::timeout(Duration::from_secs(15), child.wait())
+                .await
+                .is_err()
+        {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Whether the process is gone (killed and not yet restarted).
+    pub(crate) async fn is_down(&self) -> bool {
+        self.child.lock().await.is_none()
+    }
+}
+
+/// The instances of one run and their database.
+pub(crate) struct Cluster {
+    pub(crate) instances: Vec<Instance>,
+    pub(crate) database: Database,
+    /// Held while PostgreSQL restarts.
+    pub(crate) postgres: tokio::sync::Mutex<()>,
+}
+
+impl Cluster {
+    /// Starts `count` instances on `database` and waits until all serve.
+    pub(crate) async fn start(
+        database: Database,
+        count: usize,
+        dir: &std::path::Path,
+    ) -> Result<Self, String> {
+        let mut instances = Vec::with_capacity(count);
+        for index in 0..count {
+            let proxy = match &database {
+                Database::Postgres { upstream, .. } => Some(Proxy::start(upstream.clone()).await?),
+                Database::Sqlite { .. } => None,
+            };
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| e.to_string())?
+                .port();
+            let addr = format!("127.0.0.1:{port}");
+            let channel = Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| e.to_string())?
+                .connect_timeout(Duration::from_millis(500))
+                .connect_lazy();
+            let env = vec![
+                (
+                    "DATABASE_URL",
+                    database.url_for(proxy.as_ref().map(|p| p.port)),
+                ),
+                ("LISTEN_ADDR", addr.clone()),
+                ("IDEMPOTENCY_RETENTION", RETENTION.into()),
+                ("MISSING_KEY_POLICY", "fingerprint".into()),
+                ("DEDUP_WINDOW", RETENTION.into()),
+                ("DEFAULT_LEASE_DURATION", format!("{}s", LEASE.as_secs())),
+                ("MAX_ATTEMPTS", "5".into()),
+                ("RETRY_BACKOFF", "100ms".into()),
+                ("RETRY_BACKOFF_MAX", "1s".into()),
+                ("IN_FLIGHT_WAIT", "2s".into()),
+                ("DB_ACQUIRE_TIMEOUT", "2s".into()),
+                ("STATEMENT_TIMEOUT", "10s".into()),
+                ("SHUTDOWN_GRACE", "2s".into()),
+                ("RATE_LIMIT", "0".into()),
+                ("RUST_LOG", "warn".into()),
+            ];
+            instances.push(Instance {
+                index,
+                env,
+                log: dir.join(format!("instance-{index}.log")),
+                child: tokio::sync::Mutex::new(None),
+                busy: tokio::sync::Mutex::new(()),
+                proxy,
+                channel,
+            });
+        }
+        // The first instance migrates the database alone, then the rest.
+        for instance in &instances {
+            instance.spawn().await?;
+            instance.wait_serving(Duration::from_secs(60)).await?;
+        }
+        Ok(Self {
+            instances,
+            database,
+            postgres: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Undoes whatever a fault left behind: every proxy open, every
+    /// instance running and serving.
+    pub(crate) async fn heal(&self) -> Result<(), String> {
+        for instance in &self.instances {
+            let _busy = instance.busy.lock().await;
+            if let Some(proxy) = &instance.proxy {
+                proxy.stall(false);
+                proxy.restore();
+            }
+            instance.signal("CONT").await;
+            if instance.is_down().await {
+                instance.spawn().await?;
+            }
+            instance.wait_serving(Duration::from_secs(60)).await?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn stop(&self) {
+        for instance in &self.instances {
+            instance.stop().await;
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! The chaos harness: a randomized workload against real `oncely`
+//! instances while faults are injected, then an exactly-once checker over
+//! what the clients saw and what the database holds.
+//!
+//! ```text
+//! cargo test --test chaos -- [short|long] [postgres|sqlite|both] [--seed N]
+//! ```
+//!
+//! On PostgreSQL, three instances share one database, each through a TCP
+//! proxy that faults cut and stall; PostgreSQL itself is restarted with
+//! `pg_ctlcluster` when it runs on this machine (`--no-pg-restart` turns
+//! that off: it disturbs anything else using that server). On SQLite, one
+//! instance on its file. The short mode (at least 2,000 operations and 10
+//! faults per store) runs in `.ci/run`; the long mode (20,000 operations,
+//! 100 faults) is run by hand and recorded in RELIABILITY.md. Exits
+//! non-zero on any anomaly, or when a run fell short of its minimums.
+//!
+//! Not part of `cargo test`'s default run (`test = false` in Cargo.toml):
+//! it restarts the database server other tests use.
+
+mod checker;
+mod cluster;
+mod faults;
+mod history;
+mod workload;
+
+use std::{
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use clap::Parser;
+
+use crate::{
+    checker::Anomaly,
+    cluster::{Cluster, Database, Store},
+    faults::{Fault, Tally},
+    history::{Answer, History},
+    workload::{KeyPool, Workload},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    /// At least 2,000 operations and 10 faults per store (CI).
+    Short,
+    /// At least 20,000 operations and 100 faults per store (by hand).
+    Long,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Stores {
+    Both,
+    Postgres,
+    Sqlite,
+}
+
+/// Randomized faults and an exactly-once checker against real instances.
+#[derive(Debug, Parser)]
+#[command(name = "chaos")]
+struct Args {
+    #[arg(value_enum, default_value = "short")]
+    mode: Mode,
+    #[arg(value_enum, default_value = "both")]
+    stores: Stores,
+    /// The seed of the workload's and the faults' choices (printed, so
+    /// that a run can be repeated); random when unset.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Do not restart PostgreSQL (say, when it is shared with others).
+    #[arg(long)]
+    no_pg_restart: bool,
+    /// Keep the database and the servers' logs after a clean run too.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// How much one run does, by mode.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    min_operations: u64,
+    min_faults: u64,
+    /// Runs at least this long, so that keys expire and cleanup deletes.
+    min_time: Duration,
+    /// Gives up (a failure) if the minimums are not met by then.
+    max_time: Duration,
+    agents: usize,
+    workers: usize,
+    /// Time between faults, at random within.
+    fault_gap: (Duration, Duration),
+}
+
+impl Plan {
+    fn of(mode: Mode) -> Self {
+        let secs = Duration::from_secs;
+        match mode {
+            Mode::Short => Plan {
+                min_operations: 2_000,
+                min_faults: 10,
+                min_time: secs(40),
+                max_time: secs(240),
+                agents: 12,
+                workers: 6,
+                fault_gap: (Duration::from_millis(1000), Duration::from_millis(3000)),
+            },
+            Mode::Long => Plan {
+                min_operations: 20_000,
+                min_faults: 100,
+                min_time: secs(300),
+                max_time: secs(1800),
+                agents: 12,
+                workers: 6,
+                fault_gap: (Duration::from_millis(1000), Duration::from_millis(3000)),
+            },
+        }
+    }
+}
+
+/// What one store's run did and found.
+struct Report {
+    store: Store,
+    instances: usize,
+    elapsed: Duration,
+    drained_in: Duration,
+    history: Arc<History>,
+    tally: Arc<Tally>,
+    tasks: usize,
+    by_status: [usize; 6],
+    anomalies: Vec<Anomaly>,
+    shortfall: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
+    let plan = Plan::of(args.mode);
+    let stores = match args.stores {
+        Stores::Both => vec![Store::Postgres, Store::Sqlite],
+        Stores::Postgres => vec![Store::Postgres],
+        Stores::Sqlite => vec![Store::Sqlite],
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    println!("chaos: {:?} mode, seed {seed}", args.mode);
+    let mut failed = false;
+    for store in stores {
+        match runtime.block_on(run(store, plan, seed, &args)) {
+            Ok(report) => {
+                print_report(&report, plan);
+                failed |= !report.anomalies.is_empty() || report.shortfall.is_some();
+            }
+            Err(error) => {
+                println!("chaos {}: the run could not be made: {error}", store.name());
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        println!("chaos: FAILED (seed {seed})");
+        ExitCode::FAILURE
+    } else {
+        println!("chaos: passed, no anomalies");
+        ExitCode::SUCCESS
+    }
+}
+
+async fn run(store: Store, plan: Plan, seed: u64, args: &Args) -> Result<Report, String> {
+    let dir = tempfile::Builder::new()
+        .prefix("oncely-chaos-")
+        .tempdir()
+        .map_err(|e| format!("a temporary folder: {e}"))?;
+    let database = Database::create(store, dir.path()).await?;
+    let restart_postgres =
+        !args.no_pg_restart && database.is_local_postgres() && faults::can_restart_postgres();
+    let count = match store {
+        Store::Postgres => 3,
+        Store::Sqlite => 1,
+    };
+    let cluster = Arc::new(Cluster::start(database, count, dir.path()).await?);
+    println!(
+        "chaos {}: {count} instance(s) serving; logs in {}",
+        store.name(),
+        dir.path().display()
+    );
+    if store == Store::Postgres && !restart_postgres {
+        println!("chaos postgres: PostgreSQL restarts are off (not local, or --no-pg-restart)");
+    }
+
+    let history = Arc::new(History::default());
+    let work = Arc::new(Workload {
+        cluster: cluster.clone(),
+        history: history.clone(),
+        keys: KeyPool::new(),
+        agents_stop: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+        workers_stop: AtomicBool::new(false),
+    });
+    let tally = Arc::new(Tally::default());
+    let faults_stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut agents = tokio::task::JoinSet::new();
+    for i in 0..plan.agents {
+        agents.spawn(workload::agent(work.clone(), seed ^ (i as u64 + 1)));
+    }
+    let mut workers = tokio::task::JoinSet::new();
+    for i in 0..plan.workers {
+        workers.spawn(workload::worker(work.clone(), i, seed ^ (1000 + i as u64)));
+    }
+    let injector = tokio::spawn(faults::run(
+        cluster.clone(),
+        Fault::kinds(store, restart_postgres),
+        plan.fault_gap,
+        tally.clone(),
+        faults_stop.clone(),
+        seed ^ 0xfa17,
+    ));
+
+    let mut last_print = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let operations = history.counts.operations();
+        let elapsed = started.elapsed();
+        if elapsed >= plan.min_time
+            && operations >= plan.min_operations
+            && tally.total() >= plan.min_faults
+            || elapsed >= plan.max_time
+        {
+            break;
+        }
+        if last_print.elapsed() >= Duration::from_secs(15) {
+            last_print = Instant::now();
+            println!(
+                "chaos {}: {:>4.0} s, {operations} operations, {} faults",
+                store.name(),
+                elapsed.as_secs_f64(),
+                tally.total()
+            );
+        }
+    }
+
+    // Stop the agents and the faults, bring everything back, and let the
+    // workers (no longer dying or failing) finish every task.
+    work.agents_stop.store(true, Ordering::SeqCst);
+    faults_stop.store(true, Ordering::SeqCst);
+    while agents.join_next().await.is_some() {}
+    injector
+        .await
+        .map_err(|e| format!("the fault injector: {e}"))?;
+    let elapsed = started.elapsed();
+    cluster.heal().await?;
+    work.draining.store(true, Ordering::SeqCst);
+    let drain_started = Instant::now();
+    // Long enough for a lease to run out, the backoff after it, and a
+    // task's every remaining attempt.
+    let drain_limit = Duration::from_secs(60);
+    while drain_started.elapsed() < drain_limit {
+        if let Ok(0) = cluster.database.unfinished().await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let drained_in = drain_started.elapsed();
+    work.workers_stop.store(true, Ordering::SeqCst);
+    while workers.join_next().await.is_some() {}
+    cluster.stop().await;
+
+    let rows = cluster.database.tasks().await?;
+    let mut anomalies = checker::check(&history, &rows);
+    for error in tally.errors.lock().expect("lock").iter() {
+        anomalies.push(Anomaly {
+            kind: "fault could not be undone",
+            detail: error.clone(),
+        });
+    }
+    let mut by_status = [0; 6];
+    for row in &rows {
+        by_status[row.status.clamp(0, 5) as usize] += 1;
+    }
+    let operations = history.counts.operations();
+    let shortfall =
+        (operations < plan.min_operations || tally.total() < plan.min_faults).then(|| {
+            format!(
+                "{operations} operations and {} faults in {:.0} s, short of {} and {}",
+                tally.total(),
+                elapsed.as_secs_f64(),
+                plan.min_operations,
+                plan.min_faults
+            )
+        });
+    let keep = args.keep || !anomalies.is_empty();
+    let report = Report {
+        store,
+        instances: count,
+        elapsed,
+        drained_in,
+        history,
+        tally,
+        tasks: rows.len(),
+        by_status,
+        anomalies,
+        shortfall,
+    };
+    drop(work);
+    let cluster = Arc::try_unwrap(cluster).map_err(|_| "the cluster is still in use")?;
+    if keep {
+        let path = dir.keep();
+        match &cluster.database {
+            Database::Postgres { name, .. } => println!(
+                "chaos {}: kept database {name} and the logs in {}",
+                store.name(),
+                path.display()
+            ),
+            Database::Sqlite { path, .. } => {
+                println!("chaos {}: kept {}", store.name(), path.display())
+            }
+        }
+    } else {
+        cluster.database.drop_database().await;
+    }
+    Ok(report)
+}
+
+/// The create attempts' answers by kind: OK, each refusal's code, each
+/// unknown outcome's cause.
+fn answer_tally(history: &History) -> String {
+    let mut tally = std::collections::BTreeMap::<String, u64>::new();
+    for attempt in history.creates.lock().expect("lock").iter() {
+        let kind = match &attempt.answer {
+            Answer::Ok(created) if created.replayed => "OK (replayed)".to_owned(),
+            Answer::Ok(_) => "OK".to_owned(),
+            Answer::Refused(code, _) => format!("{code:?}"),
+            Answer::Unknown(why) => why.split(':').next().unwrap_or(why).to_owned(),
+        };
+        *tally.entry(kind).or_default() += 1;
+    }
+    tally
+        .iter()
+        .map(|(kind, n)| format!("{n} {kind}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn print_report(report: &Report, plan: Plan) {
+    let c = &report.history.counts;
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let name = report.store.name();
+    println!(
+        "== chaos {name}: {} instance(s), {:.0} s of faults, drained in {:.1} s",
+        report.instances,
+        report.elapsed.as_secs_f64(),
+        report.drained_in.as_secs_f64()
+    );
+    println!(
+        "operations: {} (minimum {})",
+        c.operations(),
+        plan.min_operations
+    );
+    println!(
+        "  creates: {} ({} keyless, {} with a reused key), {} attempts; {} acknowledged, {} given up unknown",
+        n(&c.creates),
+        n(&c.keyless),
+        n(&c.variants),
+        n(&c.create_attempts),
+        n(&c.acknowledged),
+        n(&c.abandoned)
+    );
+    println!(
+        "  workers: {} lease calls granting {} leases; {} completions, {} failures, {} renewals, {} leases abandoned (worker died), {} held past their end (worker stalled)",
+        n(&c.lease_calls),
+        n(&c.leases),
+        n(&c.completes),
+        n(&c.fails),
+        n(&c.renews),
+        n(&c.deaths),
+        n(&c.stalls)
+    );
+    println!("  create answers: {}", answer_tally(&report.history));
+    let s = report.by_status;
+    println!(
+        "  tasks stored: {} ({} succeeded, {} failed, {} queued, {} running)",
+        report.tasks, s[3], s[4], s[1], s[2]
+    );
+    println!(
+        "faults: {} (minimum {}); cleanup deleted {} records",
+        report.tally.total(),
+        plan.min_faults,
+        report.tally.cleaned.lock().expect("lock")
+    );
+    for (fault, count) in report.tally.injected.lock().expect("lock").iter() {
+        println!("  {count:>5}  {}", fault.name());
+    }
+    println!("  {:>5}  client cancels mid-call", n(&c.client_cancels));
+    if report.anomalies.is_empty() {
+        println!("anomalies: none");
+    } else {
+        let mut kinds = std::collections::BTreeMap::<&str, Vec<&Anomaly>>::new();
+        for a in &report.anomalies {
+            kinds.entry(a.kind).or_default().push(a);
+        }
+        println!("anomalies: {}", report.anomalies.len());
+        for (kind, list) in kinds {
+            println!("  {:>5}  {kind}", list.len());
+            for a in list.iter().take(5) {
+                println!("         {}", a.detail);
+            }
+        }
+    }
+    if let Some(shortfall) = &report.shortfall {
+        println!("too short a run: {shortfall}");
+    }
+}
