@@ -90,6 +90,10 @@ pub struct ServeArgs {
     /// UNAVAILABLE.
     #[arg(long, env = "DB_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = positive_duration)]
     pub db_acquire_timeout: Duration,
+    /// How long startup waits for a database that does not answer yet
+    /// (starting, restarting, failing over) before exiting with an error.
+    #[arg(long, env = "DB_STARTUP_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
+    pub db_startup_timeout: Duration,
     /// Create the database if it does not exist (true or false).
     #[arg(long, env = "CREATE_DATABASE", default_value_t = true, action = clap::ArgAction::Set)]
     pub create_database: bool,
@@ -292,6 +296,7 @@ impl From<ServeArgs> for Settings {
                 in_flight_wait: args.in_flight_wait,
                 statement_timeout: args.statement_timeout,
                 create_database: args.create_database,
+                startup_timeout: args.db_startup_timeout,
             },
             retention: args.idempotency_retention,
             missing_key_policy: args.missing_key_policy,

@@ -24,7 +24,7 @@ use crate::{
             worker_service_server::WorkerServiceServer,
         },
     },
-    storage::{Backend, PgStore, SqliteStore, StorageError, Store, redact_url},
+    storage::{Backend, DatabaseSettings, PgStore, SqliteStore, StorageError, Store, redact_url},
 };
 
 /// The most calls one connection may have open at once.
@@ -53,6 +53,19 @@ pub enum StartupError {
         /// The redacted URL.
         url: String,
         /// The cause.
+        #[source]
+        source: StorageError,
+    },
+    /// The database stayed unavailable for all of DB_STARTUP_TIMEOUT.
+    #[error(
+        "the database at {url} did not become available within {waited:?} (DB_STARTUP_TIMEOUT)"
+    )]
+    DatabaseTimeout {
+        /// The redacted URL.
+        url: String,
+        /// How long startup waited.
+        waited: std::time::Duration,
+        /// The last attempt's error.
         #[source]
         source: StorageError,
     },
@@ -104,25 +117,70 @@ pub async fn serve(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartupError> {
-    let url = &settings.database.url;
-    let database_error = |source| StartupError::Database {
-        url: redact_url(url),
-        source,
-    };
-    match Backend::of_url(url) {
+    let database = &settings.database;
+    let mut shutdown = std::pin::pin!(shutdown);
+    match Backend::of_url(&database.url) {
         Some(Backend::Postgres) => {
-            let store = PgStore::connect(&settings.database)
-                .await
-                .map_err(database_error)?;
-            serve_with(store, listener, settings, shutdown).await
+            let open = open_store(database, || PgStore::connect(database));
+            tokio::select! {
+                store = open => serve_with(store?, listener, settings, shutdown).await,
+                () = &mut shutdown => Ok(()),
+            }
         }
         Some(Backend::Sqlite) => {
-            let store = SqliteStore::connect(&settings.database)
-                .await
-                .map_err(database_error)?;
-            serve_with(store, listener, settings, shutdown).await
+            let open = open_store(database, || SqliteStore::connect(database));
+            tokio::select! {
+                store = open => serve_with(store?, listener, settings, shutdown).await,
+                () = &mut shutdown => Ok(()),
+            }
         }
-        None => Err(StartupError::UnknownDatabase(redact_url(url))),
+        None => Err(StartupError::UnknownDatabase(redact_url(&database.url))),
+    }
+}
+
+/// The first wait between attempts to open the store; it doubles up to
+/// [`OPEN_RETRY_MAX`].
+const OPEN_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+const OPEN_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens the store with `connect`, trying again while the database is
+/// unavailable (starting, restarting, failing over, its file locked), for
+/// at most `settings.startup_timeout`. Anything else fails at once.
+async fn open_store<S, F, Fut>(settings: &DatabaseSettings, connect: F) -> Result<S, StartupError>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<S, StorageError>>,
+{
+    let url = redact_url(&settings.url);
+    let started = tokio::time::Instant::now();
+    let mut wait = OPEN_RETRY_FIRST;
+    loop {
+        let source = match connect().await {
+            Ok(store) => return Ok(store),
+            Err(error) if error.is_transient() => error,
+            Err(source) => return Err(StartupError::Database { url, source }),
+        };
+        let waited = started.elapsed();
+        let Some(left) = settings
+            .startup_timeout
+            .checked_sub(waited)
+            .filter(|l| !l.is_zero())
+        else {
+            return Err(StartupError::DatabaseTimeout {
+                url,
+                waited,
+                source,
+            });
+        };
+        // The last attempt is made as the time runs out.
+        let pause = wait.min(left);
+        tracing::warn!(
+            error = %crate::telemetry::chain(&source),
+            retry_in = ?pause,
+            "the database is not available yet; trying again"
+        );
+        tokio::time::sleep(pause).await;
+        wait = (wait * 2).min(OPEN_RETRY_MAX);
     }
 }
 

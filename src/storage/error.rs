@@ -71,6 +71,17 @@ impl From<sqlx::Error> for StorageError {
     }
 }
 
+impl StorageError {
+    /// Whether trying again later may succeed: everything but a bug,
+    /// corrupt data or a wrong setting.
+    pub fn is_transient(&self) -> bool {
+        !matches!(
+            self,
+            StorageError::Internal(_) | StorageError::Corrupt(_) | StorageError::Config(_)
+        )
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum Class {
     LockTimeout,

@@ -44,6 +44,9 @@ pub struct DatabaseSettings {
     /// The longest a PostgreSQL statement may run before the database
     /// cancels it (`statement_timeout`), whatever it waits for.
     pub statement_timeout: Duration,
+    /// How long startup waits for an unavailable database (starting,
+    /// restarting, failing over) before giving up.
+    pub startup_timeout: Duration,
 }
 
 impl fmt::Debug for DatabaseSettings {
@@ -55,6 +58,7 @@ impl fmt::Debug for DatabaseSettings {
             .field("in_flight_wait", &self.in_flight_wait)
             .field("create_database", &self.create_database)
             .field("statement_timeout", &self.statement_timeout)
+            .field("startup_timeout", &self.startup_timeout)
             .finish()
     }
 }
@@ -123,6 +127,7 @@ mod tests {
             in_flight_wait: Duration::from_secs(1),
             create_database: false,
             statement_timeout: Duration::from_secs(30),
+            startup_timeout: Duration::from_secs(30),
         };
         assert!(!format!("{settings:?}").contains("hunter2"));
     }

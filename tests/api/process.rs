@@ -7,7 +7,8 @@ use oncely::proto::tasks_v1::task_service_client::TaskServiceClient;
 use tonic::transport::Endpoint;
 
 use crate::support::{
-    BINARY, Backend, BinaryServer, TestDb, email_request, free_port, keyed, new_key, replayed,
+    BINARY, Backend, BinaryServer, PgProxy, TestDb, email_request, free_port, keyed, new_key,
+    replayed,
 };
 
 async fn the_binary_serves_from_environment_settings_and_exits_zero_on_sigterm(backend: Backend) {
@@ -106,6 +107,89 @@ async fn without_database_url_the_binary_keeps_its_data_in_an_embedded_file() {
     server.terminate();
     assert_eq!(
         server.wait_for_exit(Duration::from_secs(20)).code(),
+        Some(0)
+    );
+}
+
+/// The binary with `DATABASE_URL` through `proxy`, not yet started.
+fn through_proxy(db: &TestDb, proxy: &PgProxy) -> Command {
+    let mut command = Command::new(BINARY);
+    command
+        .env("DATABASE_URL", db.url_via(proxy.port))
+        .env("CREATE_DATABASE", "false")
+        .env("RUST_LOG", "warn");
+    command
+}
+
+/// A server that starts while PostgreSQL is unreachable (restarting,
+/// failing over, or starting beside it) waits for it, and serves once it
+/// answers; found by the chaos harness, where an instance restarted during
+/// a PostgreSQL restart exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_binary_waits_for_a_database_that_is_not_up_yet() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let proxy = PgProxy::start(&db).await;
+    proxy.cut();
+    let addr = format!("127.0.0.1:{}", free_port());
+
+    let restore = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        proxy.restore();
+    };
+    let (server, ()) = tokio::join!(
+        BinaryServer::spawn(through_proxy(&db, &proxy), addr),
+        restore
+    );
+    let created = server.create_raw(&new_key()).await;
+
+    assert_eq!(replayed(&created), Some("false"));
+    assert_eq!(db.count("tasks").await, 1);
+}
+
+/// It waits at most DB_STARTUP_TIMEOUT, then exits non-zero saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_binary_gives_up_on_the_database_after_the_startup_timeout() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let proxy = PgProxy::start(&db).await;
+    proxy.cut();
+    let started = std::time::Instant::now();
+
+    let output = through_proxy(&db, &proxy)
+        .env("LISTEN_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("DB_STARTUP_TIMEOUT", "1s")
+        .output()
+        .expect("run the binary");
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(started.elapsed() >= Duration::from_secs(1), "{stderr}");
+    assert!(stderr.contains("DB_STARTUP_TIMEOUT"), "{stderr}");
+}
+
+/// SIGTERM while it waits for the database stops it at once, cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_while_waiting_for_the_database_exits_zero() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let proxy = PgProxy::start(&db).await;
+    proxy.cut();
+    let mut server = BinaryServer {
+        child: through_proxy(&db, &proxy)
+            .env("LISTEN_ADDR", format!("127.0.0.1:{}", free_port()))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the binary"),
+        addr: String::new(),
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        server.child.try_wait().expect("wait").is_none(),
+        "the binary exited while the database was away"
+    );
+
+    server.terminate();
+
+    assert_eq!(
+        server.wait_for_exit(Duration::from_secs(10)).code(),
         Some(0)
     );
 }

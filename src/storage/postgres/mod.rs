@@ -70,7 +70,12 @@ impl PgStore {
         sqlx::migrate!("./migrations/postgres")
             .run(&migration_pool)
             .await
-            .map_err(|e| StorageError::Internal(e.into()))?;
+            .map_err(|e| match e {
+                // A statement that failed, maybe for want of a connection:
+                // classified like any other.
+                sqlx::migrate::MigrateError::Execute(e) => StorageError::from(e),
+                e => StorageError::Internal(e.into()),
+            })?;
         migration_pool.close().await;
 
         // lock_timeout bounds how long a claim waits for a concurrent

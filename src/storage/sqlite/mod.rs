@@ -69,7 +69,12 @@ impl SqliteStore {
         sqlx::migrate!("./migrations/sqlite")
             .run(&migration_pool)
             .await
-            .map_err(|e| StorageError::Internal(e.into()))?;
+            .map_err(|e| match e {
+                // A statement that failed, maybe on a locked file:
+                // classified like any other.
+                sqlx::migrate::MigrateError::Execute(e) => StorageError::from(e),
+                e => StorageError::Internal(e.into()),
+            })?;
         migration_pool.close().await;
 
         let connection = SqliteConnection::connect_with(&options).await?;
