@@ -121,17 +121,21 @@ pub async fn serve(
     let mut shutdown = std::pin::pin!(shutdown);
     match Backend::of_url(&database.url) {
         Some(Backend::Postgres) => {
-            let open = open_store(database, || PgStore::connect(database));
-            tokio::select! {
-                store = open => serve_with(store?, listener, settings, shutdown).await,
-                () = &mut shutdown => Ok(()),
+            match open_store(database, || PgStore::connect(database), shutdown.as_mut()).await? {
+                Some(store) => serve_with(store, listener, settings, shutdown).await,
+                None => Ok(()),
             }
         }
         Some(Backend::Sqlite) => {
-            let open = open_store(database, || SqliteStore::connect(database));
-            tokio::select! {
-                store = open => serve_with(store?, listener, settings, shutdown).await,
-                () = &mut shutdown => Ok(()),
+            match open_store(
+                database,
+                || SqliteStore::connect(database),
+                shutdown.as_mut(),
+            )
+            .await?
+            {
+                Some(store) => serve_with(store, listener, settings, shutdown).await,
+                None => Ok(()),
             }
         }
         None => Err(StartupError::UnknownDatabase(redact_url(&database.url))),
@@ -146,7 +150,12 @@ const OPEN_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 /// Opens the store with `connect`, trying again while the database is
 /// unavailable (starting, restarting, failing over, its file locked), for
 /// at most `settings.startup_timeout`. Anything else fails at once.
-async fn open_store<S, F, Fut>(settings: &DatabaseSettings, connect: F) -> Result<S, StartupError>
+/// `None` when `shutdown` comes while it waits to try again.
+async fn open_store<S, F, Fut>(
+    settings: &DatabaseSettings,
+    connect: F,
+    mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<Option<S>, StartupError>
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<S, StorageError>>,
@@ -156,7 +165,7 @@ where
     let mut wait = OPEN_RETRY_FIRST;
     loop {
         let source = match connect().await {
-            Ok(store) => return Ok(store),
+            Ok(store) => return Ok(Some(store)),
             Err(error) if error.is_transient() => error,
             Err(source) => return Err(StartupError::Database { url, source }),
         };
@@ -179,7 +188,10 @@ where
             retry_in = ?pause,
             "the database is not available yet; trying again"
         );
-        tokio::time::sleep(pause).await;
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = &mut shutdown => return Ok(None),
+        }
         wait = (wait * 2).min(OPEN_RETRY_MAX);
     }
 }
