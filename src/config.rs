@@ -175,6 +175,14 @@ pub struct ServeArgs {
     /// A PEM CA: clients must show a certificate it signed (mTLS).
     #[arg(long, env = "TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<std::path::PathBuf>,
+    /// Where to serve Prometheus metrics (GET /metrics) over HTTP, such as
+    /// 127.0.0.1:9464; off when unset.
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// How often each instance reads the queue (tasks by status, the oldest
+    /// wait) from the database for the metrics.
+    #[arg(long, env = "METRICS_QUEUE_INTERVAL", default_value = "15s", value_parser = positive_duration)]
+    pub metrics_queue_interval: Duration,
     /// How long shutdown waits for in-flight requests before exiting anyway.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = positive_duration)]
     pub shutdown_grace: Duration,
@@ -283,6 +291,10 @@ pub struct Settings {
     pub health_check_interval: Duration,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
+    /// Where to serve metrics over HTTP, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
+    /// How often the queue is read for the metrics.
+    pub metrics_queue_interval: Duration,
 }
 
 impl From<ServeArgs> for Settings {
@@ -339,6 +351,8 @@ impl From<ServeArgs> for Settings {
             cleanup_batch_size: i64::from(args.cleanup_batch_size),
             health_check_interval: args.health_check_interval,
             shutdown_grace: args.shutdown_grace,
+            metrics_addr: args.metrics_addr,
+            metrics_queue_interval: args.metrics_queue_interval,
         }
     }
 }

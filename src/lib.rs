@@ -36,6 +36,8 @@ pub mod domain;
 pub mod health;
 pub mod idempotency;
 pub mod keys_cmd;
+pub mod metrics;
+pub mod ops_http;
 pub mod proto;
 pub mod queue;
 pub mod startup;

@@ -11,12 +11,13 @@ use tower::Layer;
 use crate::{
     api::{
         AdminApi, ConnectionLayer, GuardedIo, RateLimitLayer, RequireApiKeyLayer,
-        RequireIdempotencyKeyLayer, RewriteOversizeLayer, TaskApi, WorkerApi,
+        RequireIdempotencyKeyLayer, RewriteOversizeLayer, RpcMetricsLayer, TaskApi, WorkerApi,
     },
     auth::{AuthMode, KeyRing},
     config::{Settings, TlsFiles},
     health,
     idempotency::{KeyPolicy, ReplayCache},
+    ops_http,
     proto::{
         FILE_DESCRIPTOR_SET,
         tasks_v1::{
@@ -209,6 +210,19 @@ async fn serve_with<S: Store>(
         .await
         .map_err(StartupError::Keys)?;
     check_protection(&ring, settings.auth, listener.local_addr().ok())?;
+    let ops = match settings.metrics_addr {
+        Some(addr) => {
+            let bound = ops_http::bind(addr)
+                .await
+                .map_err(|source| StartupError::Bind { addr, source })?;
+            Some(ops_http::start(
+                store.clone(),
+                bound,
+                settings.metrics_queue_interval,
+            ))
+        }
+        None => None,
+    };
     let key_refresher = ring.refresh(store.clone(), settings.key_refresh_interval);
     let rate_limits = RateLimitLayer::new(settings.rate_limits);
     let require_keys = RequireApiKeyLayer::new(ring);
@@ -291,6 +305,7 @@ async fn serve_with<S: Store>(
     let server = builder
         .layer(
             tower::ServiceBuilder::new()
+                .layer(RpcMetricsLayer)
                 .layer(ConnectionLayer::new(settings.request_timeout))
                 .layer(RewriteOversizeLayer)
                 .layer(require_keys)
@@ -330,6 +345,7 @@ async fn serve_with<S: Store>(
     watcher.abort();
     key_refresher.abort();
     forgetter.abort();
+    drop(ops);
     result?;
     tracing::info!("stopped");
     Ok(())

@@ -9,6 +9,7 @@ use super::{
 use crate::{
     domain::CleanupQuery,
     idempotency::{CREATE_TASK_SCOPE, KEYLESS_CREATE_TASK_SCOPE, KeyPolicy},
+    metrics::metrics,
     proto::tasks_v1::{CleanupRequest, CleanupResponse, admin_server::Admin},
     storage::Store,
 };
@@ -49,6 +50,7 @@ impl<S: Store> AdminApi<S> {
             .store
             .delete_keys_older_than(CREATE_TASK_SCOPE, query.older_than, self.batch_size)
             .await?;
+        metrics().cleanup_deleted.inc_by(keyed);
         let keyless = self
             .store
             .delete_keys_older_than(
@@ -57,6 +59,7 @@ impl<S: Store> AdminApi<S> {
                 self.batch_size,
             )
             .await?;
+        metrics().cleanup_deleted.inc_by(keyless);
         let deleted = keyed + keyless;
         span.record("deleted", deleted);
         Ok(Done::Ok(CleanupResponse {

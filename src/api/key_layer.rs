@@ -16,7 +16,10 @@ use tonic::{body::Body, server::NamedService};
 use tower::{Layer, Service};
 
 use super::{ServiceError, reply};
-use crate::idempotency::{IdempotencyKey, KeyError, MissingKeyPolicy};
+use crate::{
+    idempotency::{IdempotencyKey, KeyError, MissingKeyPolicy},
+    metrics::metrics,
+};
 
 /// The methods that need a key, by HTTP/2 path.
 const KEYED_PATHS: &[&str] = &["/tasks.v1.TaskService/CreateTask"];
@@ -86,6 +89,8 @@ where
                 Err(error) => Some((error, Some("header"))),
             };
             if let Some((error, source)) = refusal {
+                // A CreateTask refused for its key; "none": it had none.
+                metrics().count_create(error.outcome(), source.unwrap_or("none"));
                 let response = reply::refuse(request.uri().path(), error, source).into_http();
                 return Box::pin(async move { Ok(response) });
             }

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use tonic::{Response, Status, body::Body, metadata::MetadataValue};
 
 use super::ServiceError;
-use crate::idempotency::KeySource;
+use crate::{idempotency::KeySource, metrics::metrics};
 use oncely_client::metadata::{IDEMPOTENCY_KEY_SOURCE, IDEMPOTENT_REPLAYED};
 
 /// A successful answer and what it was.
@@ -118,6 +118,9 @@ pub(super) fn finish<T: prost::Message>(
                 Done::Ok(message) => (message, None, "ok", None),
             };
             span.record("outcome", outcome);
+            if let Some(source) = source {
+                metrics().count_create(outcome, source.as_str());
+            }
             tracing::info!("done");
             let size = AnswerSize(stored.as_ref().map_or(message.encoded_len(), Vec::len));
             let mut response = Response::new(message);
@@ -139,6 +142,9 @@ pub(super) fn finish<T: prost::Message>(
         }
         Err(error) => {
             span.record("outcome", error.outcome());
+            if let Some(source) = source {
+                metrics().count_create(error.outcome(), source.as_str());
+            }
             tracing::info!(error = %error, "failed");
             Err(status(error, source.map(|s| s.as_str())))
         }

@@ -104,6 +104,16 @@ impl ReplayCache {
 
     /// The live record of `key` in `scope`, if cached.
     pub fn get(&self, scope: &str, key: &str) -> Option<StoredKey> {
+        let found = self.lookup(scope, key);
+        let metrics = crate::metrics::metrics();
+        match found {
+            Some(_) => metrics.cache_hits.inc(),
+            None => metrics.cache_misses.inc(),
+        };
+        found
+    }
+
+    fn lookup(&self, scope: &str, key: &str) -> Option<StoredKey> {
         let entry = self.entries.as_ref()?.get(&name(scope, key))?;
         let remaining = entry.expires.checked_duration_since(Instant::now())?;
         if remaining.is_zero() {

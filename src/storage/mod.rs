@@ -121,6 +121,14 @@ pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
     /// Checks that the database answers.
     fn ping(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
 
+    /// Tasks by status and the wait of the oldest task ready to lease, for
+    /// the metrics and the status page. Counts every task: read it at a
+    /// modest interval, not per request.
+    fn queue_stats(&self) -> impl Future<Output = Result<QueueStats, StorageError>> + Send;
+
+    /// The pool's connections: how many are in use, how many idle.
+    fn connections(&self) -> (u32, u32);
+
     /// The wake-ups this store raises when tasks become leasable or end.
     fn events(&self) -> &TaskEvents;
 
@@ -222,6 +230,49 @@ fn expired_message_template(max_attempts: i32) -> String {
     format!(
         "the lease of attempt %s of {max_attempts} expired before its worker completed or failed the task"
     )
+}
+
+/// Counts the leases of one statement in the metrics: each lease granted
+/// and its attempt number, and each lease found run out, whether its task
+/// was leased again (its message is then the expiry's, for the attempt
+/// before) or ended FAILED on its last attempt (`failed`).
+fn count_leases(leased: &[TaskRecord], failed: usize, max_attempts: i32) {
+    let metrics = crate::metrics::metrics();
+    let template = expired_message_template(max_attempts);
+    let mut expired = failed;
+    for task in leased {
+        metrics.lease_grants.inc();
+        metrics.lease_attempts.observe(f64::from(task.attempt));
+        if task.attempt > 1
+            && task.error_message == template.replacen("%s", &(task.attempt - 1).to_string(), 1)
+        {
+            expired += 1;
+        }
+    }
+    metrics.lease_expiries.inc_by(expired as u64);
+}
+
+/// Tasks by status and the oldest wait, as [`Store::queue_stats`] reads them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct QueueStats {
+    /// Tasks of each status, by stored number less one: queued, running,
+    /// succeeded, failed, cancelled.
+    pub by_status: [i64; 5],
+    /// How long the oldest queued task that may be leased now has waited
+    /// for a worker, in seconds; 0 when none.
+    pub oldest_ready_seconds: f64,
+}
+
+impl QueueStats {
+    /// Adds `count` tasks of stored status `status` (others are ignored).
+    pub fn add(&mut self, status: i64, count: i64) {
+        if let Some(slot) = usize::try_from(status - 1)
+            .ok()
+            .and_then(|i| self.by_status.get_mut(i))
+        {
+            *slot += count;
+        }
+    }
 }
 
 /// A page of one agent's tasks.

@@ -42,6 +42,7 @@ mod health;
 mod in_flight;
 mod keyless;
 mod limits;
+mod metrics;
 mod plans;
 mod process;
 mod read_tasks;

@@ -56,6 +56,8 @@ pub(super) struct Pending<T, A> {
 pub(super) trait Job: Send + Sync + 'static {
     type Item: Send + 'static;
     type Answer: Send + 'static;
+    /// The job's name in the batch-size metric.
+    const NAME: &'static str;
 
     /// Sends one batch and answers each of its items.
     fn send(
@@ -122,6 +124,7 @@ async fn run<J: Job>(job: Arc<J>, mut items: mpsc::Receiver<Pending<J::Item, J::
         tokio::spawn(async move {
             let batch: Vec<_> = batch.into_iter().filter(|p| !p.reply.is_closed()).collect();
             if !batch.is_empty() {
+                crate::metrics::metrics().observe_batch(J::NAME, batch.len());
                 job.send(batch).await;
             }
             drop(lane);
@@ -160,6 +163,7 @@ pub(super) struct Target {
 pub(super) struct Claims(pub(super) Target);
 
 impl Job for Claims {
+    const NAME: &'static str = "claims";
     type Item = KeyClaim;
     type Answer = Claimed;
 
@@ -264,6 +268,7 @@ async fn send_claims(
 pub(super) struct Completions(pub(super) Target);
 
 impl Job for Completions {
+    const NAME: &'static str = "completions";
     type Item = Completion;
     type Answer = Option<TaskRecord>;
 
@@ -370,6 +375,7 @@ impl LeaseRequest {
 pub(super) struct Leases(pub(super) Target);
 
 impl Job for Leases {
+    const NAME: &'static str = "leases";
     type Item = LeaseRequest;
     type Answer = Leased;
 

@@ -187,6 +187,15 @@ impl Store for PgStore {
         queries::ping(&self.health_pool).await
     }
 
+    async fn queue_stats(&self) -> Result<super::QueueStats, StorageError> {
+        queries::queue_stats(&self.health_pool).await
+    }
+
+    fn connections(&self) -> (u32, u32) {
+        let idle = self.pool.num_idle() as u32;
+        (self.pool.size().saturating_sub(idle), idle)
+    }
+
     fn events(&self) -> &TaskEvents {
         &self.events
     }
@@ -206,6 +215,7 @@ impl Store for PgStore {
                 .leases
                 .submit(batch::LeaseRequest::new(&wanted))
                 .await?;
+            super::count_leases(&done.leased, done.failed, order.max_attempts);
             leased.extend(done.leased);
             bytes += done.bytes;
             // Tasks ended FAILED took places of the limit: pick again, so a

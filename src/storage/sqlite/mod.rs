@@ -173,6 +173,15 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn queue_stats(&self) -> Result<super::QueueStats, StorageError> {
+        queries::queue_stats(&self.health).await
+    }
+
+    fn connections(&self) -> (u32, u32) {
+        let idle = self.readers.num_idle() as u32;
+        (self.readers.size().saturating_sub(idle), idle)
+    }
+
     async fn ping(&self) -> Result<(), StorageError> {
         if self.writer.is_closed() {
             return Err(StorageError::Unavailable(sqlx::Error::WorkerCrashed));
@@ -193,6 +202,7 @@ impl Store for SqliteStore {
 
     #[tracing::instrument(skip_all)]
     async fn lease_tasks(&self, order: &LeaseOrder<'_>) -> Result<Vec<TaskRecord>, StorageError> {
+        let max_attempts = order.max_attempts;
         let order = LeaseRow::from(order);
         if !queries::any_leasable(&self.readers, &order).await? {
             return Ok(Vec::new());
@@ -203,6 +213,7 @@ impl Store for SqliteStore {
                 Box::pin(async move { queries::lease_in_transaction(connection, &order).await })
             })
             .await?;
+        super::count_leases(&done.leased, done.failed.len(), max_attempts);
         for task_id in done.failed {
             self.events.task_finished(task_id);
         }

@@ -359,6 +359,29 @@ pub async fn ping(db: impl PgExecutor<'_>) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// Tasks by status, and the wait of the oldest queued task ready to lease
+/// (read through the leasable index, whose predicate `status IN (1, 2)` the
+/// query repeats so that SQLite sees it applies).
+pub async fn queue_stats(
+    db: impl PgExecutor<'_> + Copy,
+) -> Result<crate::storage::QueueStats, StorageError> {
+    let mut stats = crate::storage::QueueStats::default();
+    let rows =
+        sqlx::query("SELECT status::int8 AS status, count(*) AS n FROM tasks GROUP BY status")
+            .fetch_all(db)
+            .await?;
+    for row in &rows {
+        stats.add(row.try_get("status")?, row.try_get("n")?);
+    }
+    stats.oldest_ready_seconds = sqlx::query_scalar(
+        "SELECT coalesce(extract(epoch FROM now() - min(available_at)), 0)::float8 \
+         FROM tasks WHERE status IN (1, 2) AND status = 1 AND available_at <= now()",
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(stats)
+}
+
 fn task_record(row: &PgRow) -> Result<TaskRecord, StorageError> {
     let task_id: Uuid = row.try_get("task_id")?;
     let Json(parameters) = row.try_get::<Json<serde_json::Value>, _>("parameters")?;

@@ -358,6 +358,31 @@ pub async fn ping(db: impl SqliteExecutor<'_>) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// Tasks by status, and the wait of the oldest queued task ready to lease
+/// (read through the leasable index, whose predicate `status IN (1, 2)` the
+/// query repeats so that SQLite sees it applies).
+pub async fn queue_stats(
+    db: impl SqliteExecutor<'_> + Copy,
+) -> Result<crate::storage::QueueStats, StorageError> {
+    let mut stats = crate::storage::QueueStats::default();
+    let rows = sqlx::query("SELECT status, count(*) AS n FROM tasks GROUP BY status")
+        .fetch_all(db)
+        .await?;
+    for row in &rows {
+        stats.add(row.try_get("status")?, row.try_get("n")?);
+    }
+    stats.oldest_ready_seconds = sqlx::query_scalar(concat!(
+        "SELECT coalesce((",
+        now!(),
+        " - min(available_at)) / 1e6, 0.0) FROM tasks \
+         WHERE status IN (1, 2) AND status = 1 AND available_at <= ",
+        now!()
+    ))
+    .fetch_one(db)
+    .await?;
+    Ok(stats)
+}
+
 /// Checks that the file can be read, not only that SQLite answers.
 pub async fn read_check(db: impl SqliteExecutor<'_>) -> Result<(), StorageError> {
     sqlx::query("SELECT 1 FROM idempotency_keys LIMIT 1")

@@ -1,0 +1,299 @@
+//! Prometheus metrics on METRICS_ADDR: after a known sequence of calls, a
+//! real HTTP scrape of /metrics, read with a Prometheus text-format parser,
+//! holds each counter by its name and labels. The binary runs as its own
+//! process, so that its counters hold only this test's calls.
+
+use std::{process::Command, time::Duration};
+
+use oncely::proto::tasks_v1::{
+    CompleteTaskRequest, CreateTaskRequest, LeaseTasksRequest,
+    task_service_client::TaskServiceClient, worker_service_client::WorkerServiceClient,
+};
+use prometheus_parse::{Sample, Scrape, Value};
+use tonic::{Code, transport::Endpoint};
+
+use crate::support::{
+    BINARY, Backend, BinaryServer, TestDb, email_request, eventually, free_port, keyed, new_key,
+    request,
+};
+
+/// The binary on `db` with metrics on a port of their own.
+async fn start(db: &TestDb) -> (BinaryServer, String) {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut command = Command::new(BINARY);
+    command
+        .env("DATABASE_URL", &db.url)
+        .env("METRICS_ADDR", &metrics)
+        .env("METRICS_QUEUE_INTERVAL", "100ms")
+        .env("RUST_LOG", "warn");
+    let server = BinaryServer::spawn(command, format!("127.0.0.1:{}", free_port())).await;
+    (server, format!("http://{metrics}/metrics"))
+}
+
+async fn scrape(url: &str) -> Scrape {
+    let response = reqwest::get(url).await.expect("scrape /metrics");
+    assert_eq!(response.status(), 200);
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    let text = response.text().await.expect("read /metrics");
+    Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text format")
+}
+
+/// The value of the sample `name` whose labels include `labels`: a
+/// counter's or gauge's value, or a histogram's count.
+fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let matches = |sample: &&Sample| {
+        sample.metric == name && labels.iter().all(|(k, v)| sample.labels.get(k) == Some(*v))
+    };
+    scrape.samples.iter().find(matches).map(|s| match &s.value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+        Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
+        Value::Summary(_) => f64::NAN,
+    })
+}
+
+fn rpc<'a>(service: &'a str, method: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("grpc_type", "unary"),
+        ("grpc_service", service),
+        ("grpc_method", method),
+    ]
+}
+
+fn handled<'a>(method: &'a str, code: &'a str) -> Vec<(&'a str, &'a str)> {
+    let service = if method == "CreateTask" {
+        "tasks.v1.TaskService"
+    } else {
+        "tasks.v1.WorkerService"
+    };
+    let mut labels = rpc(service, method);
+    labels.push(("grpc_code", code));
+    labels
+}
+
+async fn counters_follow_a_known_sequence_of_calls(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (server, url) = start(&db).await;
+    // Before any call, the series are there at zero.
+    let before = scrape(&url).await;
+    assert_eq!(
+        value(
+            &before,
+            "grpc_server_started_total",
+            &rpc("tasks.v1.TaskService", "CreateTask")
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(
+            &before,
+            "oncely_create_requests_total",
+            &[("outcome", "mismatch"), ("key_source", "header")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(value(&before, "oncely_lease_grants_total", &[]), Some(0.0));
+
+    let channel = Endpoint::from_shared(server.url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut tasks = TaskServiceClient::new(channel.clone());
+    let key = new_key();
+    tasks
+        .create_task(keyed(Some(&key), email_request()))
+        .await
+        .expect("create");
+    tasks
+        .create_task(keyed(Some(&key), email_request()))
+        .await
+        .expect("replay");
+    let other = request(
+        "agent-7",
+        "send_email",
+        serde_json::json!({"to": "bob@example.com"}),
+    );
+    let mismatch = tasks
+        .create_task(keyed(Some(&key), other))
+        .await
+        .expect_err("mismatch");
+    assert_eq!(mismatch.code(), Code::FailedPrecondition);
+    let invalid = CreateTaskRequest {
+        action: String::new(),
+        ..email_request()
+    };
+    let invalid = tasks
+        .create_task(keyed(Some(&new_key()), invalid))
+        .await
+        .expect_err("invalid");
+    assert_eq!(invalid.code(), Code::InvalidArgument);
+    let mut workers = WorkerServiceClient::new(channel);
+    let lease = workers
+        .lease_tasks(LeaseTasksRequest {
+            worker_id: "worker-1".into(),
+            ..LeaseTasksRequest::default()
+        })
+        .await
+        .expect("lease")
+        .into_inner()
+        .leases
+        .pop()
+        .expect("a lease");
+    workers
+        .complete_task(CompleteTaskRequest {
+            task_id: lease.task.expect("task").task_id,
+            lease_token: lease.lease_token,
+            result: None,
+        })
+        .await
+        .expect("complete");
+
+    // The queue is read at its interval; the rest is counted as it happens.
+    let after = eventually(Duration::from_secs(10), "the queue read", || async {
+        let scrape = scrape(&url).await;
+        (value(&scrape, "oncely_tasks", &[("status", "succeeded")]) == Some(1.0)).then_some(scrape)
+    })
+    .await;
+    let create = rpc("tasks.v1.TaskService", "CreateTask");
+    assert_eq!(
+        value(&after, "grpc_server_started_total", &create),
+        Some(4.0)
+    );
+    assert_eq!(
+        value(&after, "grpc_server_handling_seconds", &create),
+        Some(4.0)
+    );
+    assert_eq!(
+        value(
+            &after,
+            "grpc_server_handled_total",
+            &handled("CreateTask", "OK")
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(
+            &after,
+            "grpc_server_handled_total",
+            &handled("CreateTask", "FailedPrecondition")
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &after,
+            "grpc_server_handled_total",
+            &handled("CreateTask", "InvalidArgument")
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &after,
+            "grpc_server_handled_total",
+            &handled("LeaseTasks", "OK")
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &after,
+            "grpc_server_handled_total",
+            &handled("CompleteTask", "OK")
+        ),
+        Some(1.0)
+    );
+    for (outcome, count) in [
+        ("created", 1.0),
+        ("replayed", 1.0),
+        ("mismatch", 1.0),
+        ("invalid", 1.0),
+        ("in_progress", 0.0),
+    ] {
+        assert_eq!(
+            value(
+                &after,
+                "oncely_create_requests_total",
+                &[("outcome", outcome), ("key_source", "header")]
+            ),
+            Some(count),
+            "{outcome}"
+        );
+    }
+    assert_eq!(value(&after, "oncely_lease_grants_total", &[]), Some(1.0));
+    assert_eq!(value(&after, "oncely_lease_attempt", &[]), Some(1.0));
+    assert_eq!(value(&after, "oncely_lease_expiries_total", &[]), Some(0.0));
+    assert_eq!(
+        value(&after, "oncely_tasks", &[("status", "queued")]),
+        Some(0.0)
+    );
+    assert!(value(&after, "oncely_db_connections", &[("state", "idle")]).is_some());
+    if backend == Backend::Postgres {
+        // Claims, completions and leases go to PostgreSQL in batches.
+        for job in ["claims", "completions", "leases"] {
+            let batches = value(&after, "oncely_group_commit_batch_size", &[("job", job)]);
+            assert!(batches >= Some(1.0), "{job}: {batches:?}");
+        }
+    }
+    // The replay and the mismatch found the key's record in the cache.
+    assert_eq!(
+        value(&after, "oncely_replay_cache_hits_total", &[]),
+        Some(2.0)
+    );
+}
+
+/// A lease that runs out is counted when its task is leased again.
+async fn a_lease_that_runs_out_counts_as_an_expiry(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (server, url) = start(&db).await;
+    let channel = Endpoint::from_shared(server.url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    TaskServiceClient::new(channel.clone())
+        .create_task(keyed(Some(&new_key()), email_request()))
+        .await
+        .expect("create");
+    let mut workers = WorkerServiceClient::new(channel);
+    let lease = || LeaseTasksRequest {
+        worker_id: "worker-1".into(),
+        lease_duration: Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
+        wait: Some(prost_types::Duration {
+            seconds: 5,
+            nanos: 0,
+        }),
+        ..LeaseTasksRequest::default()
+    };
+    let first = workers.lease_tasks(lease()).await.expect("lease");
+    assert_eq!(first.get_ref().leases.len(), 1);
+
+    // Not completed: after a second it is leased again, as attempt 2.
+    let again = workers.lease_tasks(lease()).await.expect("lease again");
+    assert_eq!(again.get_ref().leases.len(), 1);
+
+    let scrape = scrape(&url).await;
+    assert_eq!(value(&scrape, "oncely_lease_grants_total", &[]), Some(2.0));
+    assert_eq!(
+        value(&scrape, "oncely_lease_expiries_total", &[]),
+        Some(1.0)
+    );
+    assert_eq!(value(&scrape, "oncely_lease_attempt", &[]), Some(2.0));
+}
+
+conformance!(
+    counters_follow_a_known_sequence_of_calls,
+    a_lease_that_runs_out_counts_as_an_expiry,
+);
