@@ -77,8 +77,11 @@ impl SqliteStore {
             })?;
         migration_pool.close().await;
 
-        let connection = SqliteConnection::connect_with(&options).await?;
-        let writer = Writer::start(options.clone(), connection, settings.in_flight_wait);
+        // The writer waits for another connection's write lock only once it
+        // knows the lock is held (see writer::run_batch).
+        let writer_options = options.clone().busy_timeout(std::time::Duration::ZERO);
+        let connection = SqliteConnection::connect_with(&writer_options).await?;
+        let writer = Writer::start(writer_options, connection, settings.in_flight_wait);
         let readers = SqlitePoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.acquire_timeout)

@@ -38,9 +38,6 @@ const WRITE_QUEUE: usize = 4096;
 const MAX_BATCH: usize = 256;
 /// The most claims in one statement (SQLite binds at most 32,766 values).
 const CHUNK: usize = 128;
-/// A BEGIN IMMEDIATE pending this long is waiting for another connection's
-/// write lock: with the lock free it takes microseconds.
-const LOCKED_OUT_AFTER: Duration = Duration::from_millis(5);
 
 /// A future that borrows the writer's connection.
 pub(super) type ConnFuture<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
@@ -158,8 +155,8 @@ pub(super) struct Writer {
     /// False while the writer has no working connection.
     healthy: Arc<AtomicBool>,
     /// Since when the writer has waited for another connection's write
-    /// lock (its BEGIN IMMEDIATE pending, or failed busy with no BEGIN
-    /// succeeding since), if it has.
+    /// lock (a BEGIN IMMEDIATE found it held, and none has succeeded
+    /// since), if it has.
     locked_out: Arc<Mutex<Option<Instant>>>,
     /// How long a write may wait for the writer, queue included.
     wait: Duration,
@@ -188,6 +185,7 @@ impl Writer {
             queue,
             healthy.clone(),
             locked_out.clone(),
+            wait,
         ));
         Self {
             jobs,
@@ -200,8 +198,7 @@ impl Writer {
     /// Runs `work` on the writer's connection and waits for its answer, at
     /// most the wait bound (queue included); past it the caller gets
     /// [`StorageError::WriteLocked`] if the writer was then waiting for
-    /// another connection's write lock (for at least [`LOCKED_OUT_AFTER`]),
-    /// else [`StorageError::WriterBusy`].
+    /// another connection's write lock, else [`StorageError::WriterBusy`].
     /// Work whose caller stopped waiting before it started is skipped.
     pub(super) async fn run<T, F>(&self, work: F) -> Result<T, StorageError>
     where
@@ -245,7 +242,7 @@ impl Writer {
                     .locked_out
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
-                if begun.is_some_and(|since| since.elapsed() >= LOCKED_OUT_AFTER) {
+                if begun.is_some() {
                     StorageError::WriteLocked(self.wait)
                 } else {
                     StorageError::WriterBusy(self.wait)
@@ -274,6 +271,7 @@ async fn run(
     mut queue: mpsc::Receiver<Item>,
     healthy: Arc<AtomicBool>,
     locked_out: Arc<Mutex<Option<Instant>>>,
+    lock_wait: Duration,
 ) {
     let mut connection = Some(connection);
     while let Some(first) = queue.recv().await {
@@ -307,7 +305,7 @@ async fn run(
                 }
             },
         };
-        let ok = run_batch(conn, &locked_out, claims, jobs).await;
+        let ok = run_batch(conn, &locked_out, lock_wait, claims, jobs).await;
         let working = ok || recover(conn).await;
         if !working {
             tracing::warn!("the SQLite writer connection is broken; reopening it");
@@ -322,24 +320,52 @@ async fn run(
     }
 }
 
+/// BEGIN IMMEDIATE, waiting at most `wait` for another connection's write
+/// lock; the connection's busy timeout is zero again afterwards.
+async fn begin_waiting(
+    connection: &mut SqliteConnection,
+    wait: Duration,
+) -> Result<sqlx::sqlite::SqliteQueryResult, sqlx::Error> {
+    let millis = wait.as_millis().max(1);
+    sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA busy_timeout = {millis}")))
+        .execute(&mut *connection)
+        .await?;
+    let begun = sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *connection)
+        .await;
+    let reset = sqlx::query("PRAGMA busy_timeout = 0")
+        .execute(&mut *connection)
+        .await;
+    let begun = begun?;
+    reset?;
+    Ok(begun)
+}
+
 /// Runs one batch in one IMMEDIATE transaction: the claims together, then
 /// each job in a savepoint of its own; answers everyone once the
 /// transaction has ended. Returns whether it committed.
 async fn run_batch(
     connection: &mut SqliteConnection,
     locked_out: &Mutex<Option<Instant>>,
+    lock_wait: Duration,
     claims: Vec<Claim>,
     jobs: Vec<Box<dyn Job>>,
 ) -> bool {
-    // IMMEDIATE takes the write lock now, waiting out another process's
-    // writer for at most the busy timeout. While it waits, and until a
-    // BEGIN succeeds after a busy one, the writer counts as locked out since
-    // the first wait began.
+    // IMMEDIATE takes the write lock now. The connection's busy timeout is
+    // zero, so a first BEGIN answers at once: with the lock free it takes
+    // it; busy, it is the evidence that another connection holds it (which
+    // may be a request with the same key). Only then does the writer count
+    // as locked out (until a BEGIN succeeds), and wait for the lock, for at
+    // most `lock_wait`. A BEGIN that is merely slow (a starved CPU) is not
+    // taken for another connection's lock.
     let locked = || locked_out.lock().unwrap_or_else(PoisonError::into_inner);
-    locked().get_or_insert_with(Instant::now);
-    let begun = sqlx::query("BEGIN IMMEDIATE")
+    let mut begun = sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut *connection)
         .await;
+    if begun.as_ref().is_err_and(is_busy) {
+        locked().get_or_insert_with(Instant::now);
+        begun = begin_waiting(connection, lock_wait).await;
+    }
     if !begun.as_ref().is_err_and(is_busy) {
         *locked() = None;
     }
