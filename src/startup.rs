@@ -147,11 +147,38 @@ pub async fn serve(
 /// [`OPEN_RETRY_MAX`].
 const OPEN_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
 const OPEN_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+/// The least time one try to open the store gets.
+const OPEN_TRY_MIN: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Errors that are worth retrying for a running server but, when opening
+/// the store, say the settings are wrong: a TLS mismatch (the server does
+/// not speak TLS, or a certificate is refused), an SQLite file that cannot
+/// be opened or written (a missing folder, permissions). Startup fails at
+/// once on them rather than waiting out DB_STARTUP_TIMEOUT.
+fn is_misconfigured(error: &StorageError) -> bool {
+    let source = match error {
+        StorageError::Unavailable(source) | StorageError::Internal(source) => source,
+        _ => return false,
+    };
+    match source {
+        sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => {
+            // SQLITE_READONLY (8) and SQLITE_CANTOPEN (14), extended codes
+            // included.
+            db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some()
+                && db
+                    .code()
+                    .and_then(|code| code.parse::<i32>().ok())
+                    .is_some_and(|code| matches!(code & 0xff, 8 | 14))
+        }
+        _ => false,
+    }
+}
 
 /// Opens the store with `connect`, trying again while the database is
 /// unavailable (starting, restarting, failing over, its file locked), for
 /// at most `settings.startup_timeout`. Anything else fails at once.
-/// `None` when `shutdown` comes while it waits to try again.
+/// `None` when `shutdown` comes first.
 async fn open_store<S, F, Fut>(
     settings: &DatabaseSettings,
     connect: F,
@@ -165,10 +192,21 @@ where
     let started = tokio::time::Instant::now();
     let mut wait = OPEN_RETRY_FIRST;
     loop {
-        let source = match connect().await {
-            Ok(store) => return Ok(Some(store)),
-            Err(error) if error.is_transient() => error,
-            Err(source) => return Err(StartupError::Database { url, source }),
+        // Each try gets the time left (at least OPEN_TRY_MIN): a database
+        // that takes connections and never answers cannot hold startup.
+        let left = settings
+            .startup_timeout
+            .saturating_sub(started.elapsed())
+            .max(OPEN_TRY_MIN);
+        let attempt = tokio::select! {
+            attempt = tokio::time::timeout(left, connect()) => attempt,
+            () = &mut shutdown => return Ok(None),
+        };
+        let source = match attempt {
+            Ok(Ok(store)) => return Ok(Some(store)),
+            Ok(Err(error)) if error.is_transient() && !is_misconfigured(&error) => error,
+            Ok(Err(source)) => return Err(StartupError::Database { url, source }),
+            Err(_) => StorageError::Unavailable(sqlx::Error::PoolTimedOut),
         };
         let waited = started.elapsed();
         let Some(left) = settings
@@ -413,29 +451,41 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
 }
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send {
+    // The handlers are installed now, not when the future is first polled:
+    // a signal while the database is still being opened stops the server
+    // cleanly rather than killing it.
+    #[cfg(unix)]
+    let listen = |kind: tokio::signal::unix::SignalKind, name: &'static str| {
+        let signal = tokio::signal::unix::signal(kind);
+        async move {
+            match signal {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot listen for {name}");
+                    std::future::pending::<()>().await;
+                }
+            }
         }
     };
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
+    let (interrupt, terminate) = (
+        listen(tokio::signal::unix::SignalKind::interrupt(), "SIGINT"),
+        listen(tokio::signal::unix::SignalKind::terminate(), "SIGTERM"),
+    );
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("received SIGINT"),
-        () = terminate => tracing::info!("received SIGTERM"),
+    let (interrupt, terminate) = (
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        },
+        std::future::pending::<()>(),
+    );
+    async move {
+        tokio::select! {
+            () = interrupt => tracing::info!("received SIGINT"),
+            () = terminate => tracing::info!("received SIGTERM"),
+        }
     }
 }

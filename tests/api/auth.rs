@@ -408,12 +408,15 @@ async fn without_keys_the_server_refuses_to_serve_beyond_loopback(backend: Backe
             .expect("bind")
     };
 
-    let refused = oncely::serve(everywhere().await, settings(&db), std::future::ready(())).await;
+    // Shutdown comes once the store is open: a shutdown already due stops
+    // the server before its checks.
+    let soon = || tokio::time::sleep(std::time::Duration::from_millis(300));
+    let refused = oncely::serve(everywhere().await, settings(&db), soon()).await;
     let mut knowingly = settings(&db);
     knowingly.auth = AuthMode::Disabled;
-    let disabled = oncely::serve(everywhere().await, knowingly, std::future::ready(())).await;
+    let disabled = oncely::serve(everywhere().await, knowingly, soon()).await;
     create_key(&db, "admin", "admin", &[]);
-    let protected = oncely::serve(everywhere().await, settings(&db), std::future::ready(())).await;
+    let protected = oncely::serve(everywhere().await, settings(&db), soon()).await;
 
     let error = refused.expect_err("refused");
     assert!(error.to_string().contains("oncely keys create"), "{error}");

@@ -146,24 +146,138 @@ async fn the_binary_waits_for_a_database_that_is_not_up_yet() {
     assert_eq!(db.count("tasks").await, 1);
 }
 
+/// Runs `command` to its end, at most `within`; its status and standard
+/// error, and how long it ran.
+fn run_to_end(
+    mut command: Command,
+    within: Duration,
+) -> (std::process::ExitStatus, String, Duration) {
+    let started = std::time::Instant::now();
+    let mut child = command
+        .env("LISTEN_ADDR", format!("127.0.0.1:{}", free_port()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the binary");
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > within {
+            let _ = child.kill();
+            panic!("the binary still ran after {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    (status, stderr, started.elapsed())
+}
+
 /// It waits at most DB_STARTUP_TIMEOUT, then exits non-zero saying why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_binary_gives_up_on_the_database_after_the_startup_timeout() {
     let db = TestDb::new(Backend::Postgres).await;
     let proxy = PgProxy::start(&db).await;
     proxy.cut();
-    let started = std::time::Instant::now();
+    let mut command = through_proxy(&db, &proxy);
+    command.env("DB_STARTUP_TIMEOUT", "1s");
 
-    let output = through_proxy(&db, &proxy)
-        .env("LISTEN_ADDR", format!("127.0.0.1:{}", free_port()))
-        .env("DB_STARTUP_TIMEOUT", "1s")
-        .output()
-        .expect("run the binary");
+    let (status, stderr, took) = run_to_end(command, Duration::from_secs(15));
 
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(started.elapsed() >= Duration::from_secs(1), "{stderr}");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(took >= Duration::from_secs(1), "{stderr}");
     assert!(stderr.contains("DB_STARTUP_TIMEOUT"), "{stderr}");
+}
+
+/// A database that takes connections and never answers cannot hold startup
+/// past DB_STARTUP_TIMEOUT either (found by review: it hung).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_that_never_answers_cannot_hold_startup() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    // Accepts and holds every connection without a byte.
+    let held = std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for stream in silent.incoming().take(64) {
+            open.push(stream);
+        }
+    });
+    let mut command = Command::new(BINARY);
+    command
+        .env(
+            "DATABASE_URL",
+            format!("postgres://postgres@127.0.0.1:{port}/oncely"),
+        )
+        .env("DB_STARTUP_TIMEOUT", "1s")
+        .env("RUST_LOG", "warn");
+
+    let (status, stderr, took) = run_to_end(command, Duration::from_secs(15));
+
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(took < Duration::from_secs(10), "{took:?}: {stderr}");
+    assert!(stderr.contains("DB_STARTUP_TIMEOUT"), "{stderr}");
+    drop(held);
+}
+
+/// A store that cannot be opened for its settings (an SQLite file in a
+/// folder that does not exist, with CREATE_DATABASE=false) fails at once,
+/// not after DB_STARTUP_TIMEOUT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_misconfigured_database_fails_at_once() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut command = Command::new(BINARY);
+    command
+        .env(
+            "DATABASE_URL",
+            format!("sqlite://{}/missing/oncely.db", dir.path().display()),
+        )
+        .env("CREATE_DATABASE", "false")
+        .env("DB_STARTUP_TIMEOUT", "60s")
+        .env("RUST_LOG", "warn");
+
+    let (status, stderr, took) = run_to_end(command, Duration::from_secs(30));
+
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(took < Duration::from_secs(20), "{took:?}: {stderr}");
+    assert!(!stderr.contains("DB_STARTUP_TIMEOUT"), "{stderr}");
+}
+
+/// SIGTERM while a try to reach the database hangs stops the server at
+/// once, with status 0 (found by review: the signal killed it, 143).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_during_a_hanging_try_exits_zero() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let held = std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for stream in silent.incoming().take(64) {
+            open.push(stream);
+        }
+    });
+    let mut server = BinaryServer {
+        child: Command::new(BINARY)
+            .env(
+                "DATABASE_URL",
+                format!("postgres://postgres@127.0.0.1:{port}/oncely"),
+            )
+            .env("LISTEN_ADDR", format!("127.0.0.1:{}", free_port()))
+            .env("RUST_LOG", "warn")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the binary"),
+        addr: String::new(),
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    server.terminate();
+
+    assert_eq!(
+        server.wait_for_exit(Duration::from_secs(10)).code(),
+        Some(0)
+    );
+    drop(held);
 }
 
 /// SIGTERM while it waits for the database stops it at once, cleanly.

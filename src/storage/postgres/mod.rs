@@ -73,7 +73,8 @@ impl PgStore {
             .map_err(|e| match e {
                 // A statement that failed, maybe for want of a connection:
                 // classified like any other.
-                sqlx::migrate::MigrateError::Execute(e) => StorageError::from(e),
+                sqlx::migrate::MigrateError::Execute(e)
+                | sqlx::migrate::MigrateError::ExecuteMigration(e, _) => StorageError::from(e),
                 e => StorageError::Internal(e.into()),
             })?;
         migration_pool.close().await;

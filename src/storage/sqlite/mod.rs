@@ -72,7 +72,8 @@ impl SqliteStore {
             .map_err(|e| match e {
                 // A statement that failed, maybe on a locked file:
                 // classified like any other.
-                sqlx::migrate::MigrateError::Execute(e) => StorageError::from(e),
+                sqlx::migrate::MigrateError::Execute(e)
+                | sqlx::migrate::MigrateError::ExecuteMigration(e, _) => StorageError::from(e),
                 e => StorageError::Internal(e.into()),
             })?;
         migration_pool.close().await;

@@ -327,9 +327,11 @@ async fn begin_waiting(
     wait: Duration,
 ) -> Result<sqlx::sqlite::SqliteQueryResult, sqlx::Error> {
     let millis = wait.as_millis().max(1);
-    sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA busy_timeout = {millis}")))
-        .execute(&mut *connection)
-        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "PRAGMA busy_timeout = {millis}"
+    )))
+    .execute(&mut *connection)
+    .await?;
     let begun = sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut *connection)
         .await;
