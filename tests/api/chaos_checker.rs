@@ -351,3 +351,33 @@ fn an_internal_answer_is_reported() {
         .push("database error".into());
     s.assert_reports("INTERNAL answer");
 }
+
+#[test]
+fn a_result_from_an_earlier_attempt_is_superseded_even_unseen() {
+    let mut s = Scenario::clean();
+    // Attempt 2 was granted, but its answer never reached the worker.
+    s.rows[0].attempt = 2;
+    s.assert_reports("completed under a superseded lease");
+}
+
+#[test]
+fn the_highest_attempt_leased_is_counted() {
+    // Two leases seen, stored attempt 2, but one of them was attempt 3.
+    let mut s = Scenario::clean();
+    s.rows[0].attempt = 2;
+    s.history.fails.lock().unwrap().push(LEASE.into());
+    s.grant(grant(TASK, SECOND_LEASE, 3, 3_500_000));
+    s.assert_reports("attempts undercounted");
+}
+
+#[test]
+fn a_later_attempt_is_not_granted_earlier() {
+    let mut s = Scenario::clean();
+    s.rows[0].attempt = 2;
+    s.rows[0].result = Some(json!({"token": SECOND_LEASE}));
+    s.history.completions.lock().unwrap().clear();
+    s.history.fails.lock().unwrap().push(LEASE.into());
+    s.grant(grant(TASK, SECOND_LEASE, 2, 500_000));
+    s.complete(completion(TASK, SECOND_LEASE));
+    s.assert_reports("lease times go backwards");
+}

@@ -224,7 +224,9 @@ fn check_leases(history: &History, rows: &[TaskRow], found: &mut impl FnMut(&'st
     }
     let rows: HashMap<&str, &TaskRow> = rows.iter().map(|r| (r.task_id.as_str(), r)).collect();
     for (task_id, mut leases) in by_task {
-        leases.sort_by_key(|g| (g.granted_us, g.attempt));
+        // In attempt order, which the server alone sets; its clock must
+        // agree.
+        leases.sort_by_key(|g| (g.attempt, g.granted_us));
         let mut attempts = HashSet::new();
         for grant in &leases {
             if !attempts.insert(grant.attempt) {
@@ -237,6 +239,15 @@ fn check_leases(history: &History, rows: &[TaskRow], found: &mut impl FnMut(&'st
         let done = completed.get(task_id);
         for pair in leases.windows(2) {
             let (first, next) = (pair[0], pair[1]);
+            if next.granted_us < first.granted_us {
+                found(
+                    "lease times go backwards",
+                    format!(
+                        "task {task_id}: attempt {} granted at {}, attempt {} at {}",
+                        first.attempt, first.granted_us, next.attempt, next.granted_us
+                    ),
+                );
+            }
             // Completing ends the task, and a new lease ends the last one:
             // either way, a completed lease is the task's last.
             if done.is_some_and(|tokens| tokens.contains(first.token.as_str())) {
@@ -261,23 +272,27 @@ fn check_leases(history: &History, rows: &[TaskRow], found: &mut impl FnMut(&'st
                 );
             }
         }
+        let last = leases
+            .iter()
+            .map(|g| i64::from(g.attempt))
+            .max()
+            .unwrap_or(0);
         if let Some(row) = rows.get(task_id)
-            && (leases.len() as i64) > row.attempt
+            && last > row.attempt
         {
             found(
                 "attempts undercounted",
                 format!(
-                    "task {task_id} was leased {} times, stored attempt {}",
-                    leases.len(),
+                    "task {task_id} was leased as attempt {last}, stored attempt {}",
                     row.attempt
                 ),
             );
         }
     }
 
-    let granted: HashSet<(&str, &str)> = grants
+    let granted: HashMap<(&str, &str), i32> = grants
         .iter()
-        .map(|g| (g.task_id.as_str(), g.token.as_str()))
+        .map(|g| ((g.task_id.as_str(), g.token.as_str()), g.attempt))
         .collect();
     for (task_id, tokens) in &completed {
         if tokens.len() > 1 {
@@ -308,11 +323,21 @@ fn check_leases(history: &History, rows: &[TaskRow], found: &mut impl FnMut(&'st
             .and_then(|r| r.get("token"))
             .and_then(serde_json::Value::as_str)
             .unwrap_or("");
-        if !granted.contains(&(row.task_id.as_str(), token)) {
-            found(
+        match granted.get(&(row.task_id.as_str(), token)) {
+            None => found(
                 "result from no lease",
                 format!("task {} holds result {:?}", row.task_id, row.result),
-            );
+            ),
+            // Even when the lease that replaced it was never seen (its
+            // answer lost): the completing lease is the task's last.
+            Some(&attempt) if i64::from(attempt) != row.attempt => found(
+                "completed under a superseded lease",
+                format!(
+                    "task {} holds the result of attempt {attempt}, stored attempt {}",
+                    row.task_id, row.attempt
+                ),
+            ),
+            Some(_) => {}
         }
         if let Some(tokens) = completed.get(row.task_id.as_str())
             && !tokens.contains(token)

@@ -80,8 +80,16 @@ pub(crate) struct Tally {
 }
 
 impl Tally {
-    pub(crate) fn total(&self) -> u64 {
-        self.injected.lock().expect("lock").values().sum()
+    /// The faults that disrupt something: all but cleanups, which run
+    /// beside the rest but are not counted toward a run's minimum.
+    pub(crate) fn disruptive(&self) -> u64 {
+        self.injected
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(fault, _)| **fault != Fault::Cleanup)
+            .map(|(_, n)| n)
+            .sum()
     }
 }
 
@@ -202,15 +210,46 @@ pub(crate) fn can_restart_postgres() -> bool {
 
 async fn restart_postgres() -> Result<(), String> {
     let version = postgres_version().ok_or("no PostgreSQL cluster under /etc/postgresql")?;
-    let status = tokio::process::Command::new("pg_ctlcluster")
-        .args(["--skip-systemctl-redirect", &version, "main", "restart"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
+    pg_ctlcluster(&version, "restart").await
+}
+
+async fn pg_ctlcluster(version: &str, action: &str) -> Result<(), String> {
+    let output = tokio::process::Command::new("pg_ctlcluster")
+        .args(["--skip-systemctl-redirect", version, "main", action])
+        .stdin(std::process::Stdio::null())
+        .output()
         .await
         .map_err(|e| format!("pg_ctlcluster: {e}"))?;
-    if !status.success() {
-        return Err(format!("pg_ctlcluster {version} main restart: {status}"));
+    if !output.status.success() {
+        return Err(format!(
+            "pg_ctlcluster {version} main {action}: {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
     }
     Ok(())
+}
+
+/// Makes sure this machine's PostgreSQL runs after the faults, whatever a
+/// restart left behind (one that failed, or was cut short).
+pub(crate) async fn ensure_postgres_up() -> Result<(), String> {
+    let ready = || async {
+        tokio::process::Command::new("pg_isready")
+            .args(["-q", "-h", "127.0.0.1"])
+            .status()
+            .await
+            .is_ok_and(|s| s.success())
+    };
+    if ready().await {
+        return Ok(());
+    }
+    let version = postgres_version().ok_or("no PostgreSQL cluster under /etc/postgresql")?;
+    let _ = pg_ctlcluster(&version, "start").await;
+    for _ in 0..60 {
+        if ready().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err("PostgreSQL did not come back after the faults".into())
 }

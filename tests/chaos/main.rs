@@ -174,18 +174,38 @@ async fn run(store: Store, plan: Plan, seed: u64, args: &Args) -> Result<Report,
         .prefix("oncely-chaos-")
         .tempdir()
         .map_err(|e| format!("a temporary folder: {e}"))?;
-    let database = Database::create(store, dir.path()).await?;
+    let path = dir.path().to_owned();
+    // On an error the logs stay, for the message that points at them.
+    run_in(store, plan, seed, args, dir).await.map_err(|error| {
+        if path.exists() {
+            format!("{error} (logs kept in {})", path.display())
+        } else {
+            error
+        }
+    })
+}
+
+async fn run_in(
+    store: Store,
+    plan: Plan,
+    seed: u64,
+    args: &Args,
+    dir: tempfile::TempDir,
+) -> Result<Report, String> {
+    // Kept unless the run ends well (below).
+    let dir = dir.keep();
+    let database = Database::create(store, &dir).await?;
     let restart_postgres =
         !args.no_pg_restart && database.is_local_postgres() && faults::can_restart_postgres();
     let count = match store {
         Store::Postgres => 3,
         Store::Sqlite => 1,
     };
-    let cluster = Arc::new(Cluster::start(database, count, dir.path()).await?);
+    let cluster = Arc::new(Cluster::start(database, count, &dir).await?);
     println!(
         "chaos {}: {count} instance(s) serving; logs in {}",
         store.name(),
-        dir.path().display()
+        dir.display()
     );
     if store == Store::Postgres && !restart_postgres {
         println!("chaos postgres: PostgreSQL restarts are off (not local, or --no-pg-restart)");
@@ -227,7 +247,7 @@ async fn run(store: Store, plan: Plan, seed: u64, args: &Args) -> Result<Report,
         let elapsed = started.elapsed();
         if elapsed >= plan.min_time
             && operations >= plan.min_operations
-            && tally.total() >= plan.min_faults
+            && tally.disruptive() >= plan.min_faults
             || elapsed >= plan.max_time
         {
             break;
@@ -238,7 +258,7 @@ async fn run(store: Store, plan: Plan, seed: u64, args: &Args) -> Result<Report,
                 "chaos {}: {:>4.0} s, {operations} operations, {} faults",
                 store.name(),
                 elapsed.as_secs_f64(),
-                tally.total()
+                tally.disruptive()
             );
         }
     }
@@ -252,15 +272,27 @@ async fn run(store: Store, plan: Plan, seed: u64, args: &Args) -> Result<Report,
         .await
         .map_err(|e| format!("the fault injector: {e}"))?;
     let elapsed = started.elapsed();
+    if restart_postgres {
+        faults::ensure_postgres_up().await?;
+    }
     cluster.heal().await?;
     work.draining.store(true, Ordering::SeqCst);
     let drain_started = Instant::now();
     // Long enough for a lease to run out, the backoff after it, and a
     // task's every remaining attempt.
     let drain_limit = Duration::from_secs(60);
+    // Done when nothing is left twice, 3 s apart: a create an agent gave up
+    // on may still commit late (a paused instance resumed by the heal).
+    let mut empty_since = None;
     while drain_started.elapsed() < drain_limit {
-        if let Ok(0) = cluster.database.unfinished().await {
-            break;
+        match cluster.database.unfinished().await {
+            Ok(0) => {
+                let since = *empty_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= Duration::from_secs(3) {
+                    break;
+                }
+            }
+            _ => empty_since = None,
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -282,11 +314,11 @@ async fn run(store: Store, plan: Plan, seed: u64, args: &Args) -> Result<Report,
         by_status[row.status.clamp(0, 5) as usize] += 1;
     }
     let operations = history.counts.operations();
-    let shortfall =
-        (operations < plan.min_operations || tally.total() < plan.min_faults).then(|| {
+    let shortfall = (operations < plan.min_operations || tally.disruptive() < plan.min_faults)
+        .then(|| {
             format!(
                 "{operations} operations and {} faults in {:.0} s, short of {} and {}",
-                tally.total(),
+                tally.disruptive(),
                 elapsed.as_secs_f64(),
                 plan.min_operations,
                 plan.min_faults
@@ -308,12 +340,11 @@ async fn run(store: Store, plan: Plan, seed: u64, args: &Args) -> Result<Report,
     drop(work);
     let cluster = Arc::try_unwrap(cluster).map_err(|_| "the cluster is still in use")?;
     if keep {
-        let path = dir.keep();
         match &cluster.database {
             Database::Postgres { name, .. } => println!(
                 "chaos {}: kept database {name} and the logs in {}",
                 store.name(),
-                path.display()
+                dir.display()
             ),
             Database::Sqlite { path, .. } => {
                 println!("chaos {}: kept {}", store.name(), path.display())
@@ -321,6 +352,7 @@ async fn run(store: Store, plan: Plan, seed: u64, args: &Args) -> Result<Report,
         }
     } else {
         cluster.database.drop_database().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(report)
 }
@@ -386,8 +418,8 @@ fn print_report(report: &Report, plan: Plan) {
         report.tasks, s[3], s[4], s[1], s[2]
     );
     println!(
-        "faults: {} (minimum {}); cleanup deleted {} records",
-        report.tally.total(),
+        "faults: {} besides cleanups (minimum {}); cleanup deleted {} records",
+        report.tally.disruptive(),
         plan.min_faults,
         report.tally.cleaned.lock().expect("lock")
     );

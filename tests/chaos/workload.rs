@@ -443,10 +443,15 @@ async fn handle(work: &Workload, rng: &mut fastrand::Rng, mut instance: usize, l
         tokio::time::sleep(Duration::from_millis(rng.u64(0..20))).await;
     }
     let result = serde_json::json!({"token": token, "worker": format!("{instance}")});
-    bump(&counts.completes);
-    // Retried with the same token and result while the lease may still be
-    // current; past it, the server refuses with LEASE_LOST.
+    // Retried with the same token and result for a while; once another
+    // worker has the task the server refuses with LEASE_LOST. (A stalled
+    // worker whose stall outlasted this gives up without a call.)
+    let mut sent = false;
     while received.elapsed() < LEASE * 2 {
+        if !sent {
+            bump(&counts.completes);
+            sent = true;
+        }
         let request = CompleteTaskRequest {
             task_id: task.task_id.clone(),
             lease_token: token.clone(),
