@@ -13,6 +13,7 @@ use crate::{
     keys_cmd::KeysArgs,
     queue::QueuePolicy,
     storage::DatabaseSettings,
+    telemetry::LogFormat,
 };
 
 /// Parses an [`AuthMode`] from its name, listing the names in `--help`.
@@ -20,6 +21,13 @@ fn auth_mode() -> impl clap::builder::TypedValueParser<Value = AuthMode> {
     use clap::builder::TypedValueParser;
     clap::builder::PossibleValuesParser::new(AuthMode::NAMES)
         .try_map(|name| name.parse::<AuthMode>())
+}
+
+/// Parses a [`LogFormat`] from its name, listing the names in `--help`.
+fn log_format() -> impl clap::builder::TypedValueParser<Value = LogFormat> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(LogFormat::NAMES)
+        .try_map(|name| name.parse::<LogFormat>())
 }
 
 /// Parses a [`MissingKeyPolicy`] from its name, listing the names in `--help`.
@@ -183,6 +191,10 @@ pub struct ServeArgs {
     /// wait) from the database for the metrics.
     #[arg(long, env = "METRICS_QUEUE_INTERVAL", default_value = "15s", value_parser = positive_duration)]
     pub metrics_queue_interval: Duration,
+    /// How log lines are written to standard error: text, or one JSON
+    /// object per line.
+    #[arg(long, env = "LOG_FORMAT", value_parser = log_format(), default_value = "text")]
+    pub log_format: LogFormat,
     /// How long shutdown waits for in-flight requests before exiting anyway.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = positive_duration)]
     pub shutdown_grace: Duration,

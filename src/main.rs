@@ -11,8 +11,8 @@ use oncely::{
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    oncely::telemetry::init();
-    match cli.command {
+    let telemetry = oncely::telemetry::init(cli.serve.log_format);
+    let code = match cli.command {
         None | Some(Command::Serve) => match oncely::run(cli.serve.into()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
@@ -48,5 +48,7 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-    }
+    };
+    telemetry.shutdown().await;
+    code
 }

@@ -327,7 +327,9 @@ async fn serve_with<S: Store>(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .http2_max_header_list_size(Some(MAX_HEADER_BYTES));
+        .http2_max_header_list_size(Some(MAX_HEADER_BYTES))
+        // Each call's span: request id, method, trace context.
+        .trace_fn(crate::telemetry::request_span);
     if let Some(tls) = &settings.tls {
         builder = builder.tls_config(server_tls(tls)?)?;
         tracing::info!(mtls = tls.client_ca.is_some(), "serving TLS");

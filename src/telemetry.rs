@@ -1,16 +1,209 @@
-//! Tracing set-up and how errors appear in logs: `RUST_LOG` controls
-//! verbosity (default `info`); logs go to standard error so standard output
-//! stays for command output.
+//! Logs and traces.
+//!
+//! - Logs go to standard error (standard output stays for command
+//!   output), as text or as one JSON object per line (`LOG_FORMAT`);
+//!   `RUST_LOG` sets the verbosity (default `info`). Every line of a call
+//!   carries its request id, and its trace id when it has one.
+//! - Traces are exported over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT`
+//!   (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, named by
+//!   `OTEL_SERVICE_NAME`; nothing is exported otherwise. A W3C
+//!   `traceparent` in a call's metadata becomes the parent of its span.
 
-use tracing_subscriber::{EnvFilter, fmt};
+use std::{
+    str::FromStr,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
-/// Installs the global subscriber. Calling it twice is harmless.
-pub fn init() {
+use opentelemetry::{
+    propagation::Extractor,
+    trace::{TraceContextExt, TracerProvider as _},
+};
+use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{
+    EnvFilter, Layer, filter::Targets, layer::SubscriberExt, util::SubscriberInitExt,
+};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line, with the spans' fields (request id, trace
+    /// id) in `spans`.
+    Json,
+}
+
+impl LogFormat {
+    /// Every format's name, as configuration spells it.
+    pub const NAMES: [&str; 2] = ["text", "json"];
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        match name {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!("unknown log format {other:?}; use text or json")),
+        }
+    }
+}
+
+/// Whether spans are exported: their OpenTelemetry fields (span name and
+/// kind) are added only then, so that text logs stay short.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// What [`init`] set up; [`Telemetry::shutdown`] sends the spans still
+/// buffered.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Flushes and stops the trace exporter, if there is one.
+    pub async fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            // The SDK's shutdown blocks until the last export is done.
+            let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        }
+    }
+}
+
+/// Whether the environment names an OTLP collector for traces.
+fn otlp_configured() -> bool {
+    [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .iter()
+    .any(|name| std::env::var(name).is_ok_and(|v| !v.trim().is_empty()))
+}
+
+/// Installs the global subscriber: logs in `format`, and trace export when
+/// the environment asks for it. Must run inside the tokio runtime (the
+/// exporter's channel lives there). A second call keeps the first set-up.
+pub fn init(format: LogFormat) -> Telemetry {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let logs = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(false)
+            .with_span_list(true)
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    let mut exporter_error = None;
+    let provider = if otlp_configured() {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+        {
+            Ok(exporter) => Some(
+                SdkTracerProvider::builder()
+                    // Reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES.
+                    .with_resource(opentelemetry_sdk::Resource::builder().build())
+                    .with_batch_exporter(exporter)
+                    .build(),
+            ),
+            Err(error) => {
+                exporter_error = Some(error.to_string());
+                None
+            }
+        }
+    } else {
+        None
+    };
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    // Only oncely's own spans are exported: not those of the libraries
+    // below it, the exporter's own calls included.
+    let traces = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("oncely"))
+            .with_filter(Targets::new().with_target("oncely", tracing::Level::TRACE))
+    });
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(traces)
+        .try_init()
+        .is_ok();
+    EXPORTING.store(installed && provider.is_some(), Ordering::Relaxed);
+    if let Some(error) = exporter_error {
+        tracing::error!(%error, "cannot export traces: check OTEL_EXPORTER_OTLP_ENDPOINT");
+    } else if installed && provider.is_some() {
+        tracing::info!("exporting traces over OTLP");
+    }
+    Telemetry {
+        provider: provider.filter(|_| installed),
+    }
+}
+
+/// Reads W3C trace context from a request's headers (gRPC metadata).
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// The span of one call, around everything the server does for it: a new
+/// request id, the method, and (recorded when known) the gRPC status code
+/// and the trace id. A `traceparent` in the metadata becomes its parent.
+pub fn request_span(request: &http::Request<()>) -> tracing::Span {
+    let path = request.uri().path();
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or((path, ""));
+    let request_id = uuid::Uuid::new_v4();
+    let span = if EXPORTING.load(Ordering::Relaxed) {
+        tracing::info_span!(
+            "request",
+            otel.name = %path.trim_start_matches('/'),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = %method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            request_id = %request_id,
+            trace_id = tracing::field::Empty,
+        )
+    } else {
+        tracing::info_span!(
+            "request",
+            rpc.service = %service,
+            rpc.method = %method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            request_id = %request_id,
+            trace_id = tracing::field::Empty,
+        )
+    };
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&HeaderExtractor(request.headers()))
+    });
+    let incoming = parent.span().span_context().clone();
+    // Fails only when traces are not exported; the trace id is logged anyway.
+    let _ = span.set_parent(parent);
+    let exported = span.context().span().span_context().clone();
+    if exported.is_valid() {
+        span.record("trace_id", exported.trace_id().to_string());
+    } else if incoming.is_valid() {
+        span.record("trace_id", incoming.trace_id().to_string());
+    }
+    span
 }
 
 /// An error and all its causes on one line.
@@ -29,4 +222,17 @@ pub fn chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_parse_from_their_names() {
+        for name in LogFormat::NAMES {
+            assert!(name.parse::<LogFormat>().is_ok(), "{name}");
+        }
+        assert!("xml".parse::<LogFormat>().is_err());
+    }
 }

@@ -54,17 +54,24 @@ where
                 grpc_method: method.to_owned(),
             },
             started: Instant::now(),
+            span: tracing::Span::none(),
         });
         if let Some(call) = &call {
             metrics().rpc_started.get_or_create(&call.labels).inc();
         }
         let answer = self.inner.call(request);
         Box::pin(async move {
+            // The call's span (see telemetry::request_span), to record the
+            // status in; held until then.
+            let call = call.map(|call| Call {
+                span: tracing::Span::current(),
+                ..call
+            });
             let response = match answer.await {
                 Ok(response) => response,
                 Err(error) => {
                     if let Some(call) = call {
-                        call.finish("Unknown");
+                        call.finish(UNKNOWN);
                     }
                     return Err(error);
                 }
@@ -92,10 +99,13 @@ where
 struct Call {
     labels: RpcLabels,
     started: Instant,
+    span: tracing::Span,
 }
 
 impl Call {
-    fn finish(self, grpc_code: &'static str) {
+    fn finish(self, code: i32) {
+        self.span.record("rpc.grpc.status_code", code);
+        let grpc_code = grpc_code_name(code);
         let metrics = metrics();
         metrics
             .rpc_seconds
@@ -118,10 +128,14 @@ impl Call {
     }
 }
 
-/// The name of the `grpc-status` in `headers`, if there is one.
-fn grpc_status(headers: &http::HeaderMap) -> Option<&'static str> {
-    let code = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
-    Some(grpc_code_name(code))
+/// gRPC's UNKNOWN, for a call that ended without a status.
+const UNKNOWN: i32 = 2;
+/// gRPC's CANCELLED, for a call whose answer was dropped before its status.
+const CANCELLED: i32 = 1;
+
+/// The `grpc-status` in `headers`, if there is one.
+fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
 /// A response body that counts its call when the trailers go by; a body
@@ -143,7 +157,7 @@ impl http_body::Body for MeteredBody {
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         let code = match &polled {
             Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(grpc_status),
-            Poll::Ready(Some(Err(status))) => Some(Some(grpc_code_name(status.code() as i32))),
+            Poll::Ready(Some(Err(status))) => Some(Some(status.code() as i32)),
             // A body that ends without trailers carries no status.
             Poll::Ready(None) => Some(None),
             Poll::Pending => None,
@@ -151,7 +165,7 @@ impl http_body::Body for MeteredBody {
         if let Some(code) = code
             && let Some(call) = this.call.take()
         {
-            call.finish(code.unwrap_or("Unknown"));
+            call.finish(code.unwrap_or(UNKNOWN));
         }
         polled
     }
@@ -168,7 +182,7 @@ impl http_body::Body for MeteredBody {
 impl Drop for MeteredBody {
     fn drop(&mut self) {
         if let Some(call) = self.call.take() {
-            call.finish("Canceled");
+            call.finish(CANCELLED);
         }
     }
 }

@@ -49,6 +49,7 @@ mod read_tasks;
 mod reflection;
 mod restart;
 mod support;
+mod telemetry;
 mod tls;
 mod worker;
 mod worker_helper;

@@ -36,7 +36,7 @@ pub(crate) struct TestApp {
 /// otherwise.
 pub(crate) fn init_tracing() {
     if std::env::var_os("TEST_LOG").is_some() {
-        oncely::telemetry::init();
+        let _ = oncely::telemetry::init(oncely::telemetry::LogFormat::Text);
     }
 }
 
