@@ -103,6 +103,55 @@ async fn json_log_lines_carry_the_request_id_and_the_trace_id(backend: Backend) 
     assert!(!log.contains("ada@example.com"), "{log}");
 }
 
+/// The Rust client sends the caller's current trace context (feature
+/// `opentelemetry`): the server's lines for the call carry its trace id.
+async fn the_rust_client_carries_the_callers_trace_context(backend: Backend) {
+    use opentelemetry::trace::{
+        FutureExt, SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+
+    let db = TestDb::new(backend).await;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let log_path = dir.path().join("server.log");
+    let mut command = Command::new(BINARY);
+    command
+        .env("DATABASE_URL", &db.url)
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log_path).expect("log file"));
+    let mut server =
+        BinaryServer::spawn_keeping_stderr(command, format!("127.0.0.1:{}", free_port())).await;
+    let caller = Caller::new();
+    let span = SpanContext::new(
+        TraceId::from_hex(&caller.trace_id).expect("trace id"),
+        SpanId::from_hex(&caller.span_id).expect("span id"),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    );
+    let client = oncely_client::OncelyClient::connect(server.url()).expect("client");
+
+    client
+        .create_task(email_request())
+        .with_context(opentelemetry::Context::current().with_remote_span_context(span))
+        .await
+        .expect("create");
+    server.terminate();
+    server.wait_for_exit(Duration::from_secs(20));
+
+    let log = std::fs::read_to_string(&log_path).expect("read the log");
+    let call = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|line| line["message"] == "done")
+        .unwrap_or_else(|| panic!("no line for the call: {log}"));
+    assert_eq!(
+        call["spans"][0]["trace_id"],
+        caller.trace_id.as_str(),
+        "{call}"
+    );
+}
+
 /// Spans as an OTLP collector receives them, with their service's name.
 #[derive(Clone, Default)]
 struct Receiver {
@@ -228,5 +277,6 @@ async fn spans_reach_an_otlp_collector_under_the_callers_trace(backend: Backend)
 
 conformance!(
     json_log_lines_carry_the_request_id_and_the_trace_id,
+    the_rust_client_carries_the_callers_trace_context,
     spans_reach_an_otlp_collector_under_the_callers_trace,
 );

@@ -190,6 +190,7 @@ impl OncelyClient {
     pub fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
         authorize(&mut request, self.api_key.as_ref());
+        crate::trace::propagate(&mut request);
         request
     }
 

@@ -52,6 +52,7 @@ pub mod metadata;
 pub mod proto;
 pub mod reasons;
 mod retry;
+mod trace;
 pub mod worker;
 
 pub use auth::{API_KEY_ENV, api_key_from_env};

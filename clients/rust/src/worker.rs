@@ -158,6 +158,7 @@ impl Worker {
             &mut request,
             self.api_key.as_ref().ok().and_then(Option::as_ref),
         );
+        crate::trace::propagate(&mut request);
         request
     }
 

@@ -13,6 +13,7 @@ from typing import Any, cast
 import grpc
 
 from ._auth import auth_metadata, resolve_api_key
+from ._tracing import trace_metadata
 from ._errors import GaveUp, Rejected, retry_delay, retry_info_delay, rpc_status
 from ._models import Created, Lease, Task, TaskPage
 from ._proto.tasks.v1 import tasks_pb2, tasks_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -267,7 +268,9 @@ class Client:
             last = piece == remaining  # the server waits out the rest of the timeout
             request = tasks_pb2.WaitTaskRequest(task_id=task_id, timeout=to_duration(piece, "timeout"))
             try:
-                response = self._stub.WaitTask(request, metadata=self._auth, timeout=piece + WAIT_GRACE)
+                response = self._stub.WaitTask(
+                    request, metadata=self._auth + trace_metadata(), timeout=piece + WAIT_GRACE
+                )
             except grpc.RpcError as error:
                 failures += 1
                 failed = cast(grpc.Call, error)
@@ -477,7 +480,11 @@ class Client:
         attempts. ``attempt_timeout`` and ``total_timeout`` replace the
         policy's (for long polls)."""
         policy = self._policy
-        metadata = self._auth + (((IDEMPOTENCY_KEY_HEADER, key),) if key is not None else ())
+        # The trace context of the caller's current span, read once: every
+        # attempt of the call belongs to it.
+        metadata = (
+            self._auth + trace_metadata() + (((IDEMPOTENCY_KEY_HEADER, key),) if key is not None else ())
+        )
         deadline = time.monotonic() + (policy.total_timeout if total_timeout is None else total_timeout)
         per_attempt = policy.attempt_timeout if attempt_timeout is None else attempt_timeout
         attempts = 0

@@ -31,6 +31,7 @@ impl Calls {
     pub(super) fn request<T>(&self, message: T, timeout: Duration) -> Request<T> {
         let mut request = Request::new(message);
         authorize(&mut request, self.api_key.as_ref());
+        crate::trace::propagate(&mut request);
         request.set_timeout(timeout);
         request
     }
