@@ -62,8 +62,9 @@ async fn create_traced(server: &BinaryServer, caller: &Caller) {
         .expect("create");
 }
 
-async fn json_log_lines_carry_the_request_id_and_the_trace_id(backend: Backend) {
-    let db = TestDb::new(backend).await;
+/// The binary on `db`, logging JSON at info level to a file: the server,
+/// the file, and the folder that holds it.
+async fn start_logging_json(db: &TestDb) -> (BinaryServer, std::path::PathBuf, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let log_path = dir.path().join("server.log");
     let mut command = Command::new(BINARY);
@@ -72,8 +73,14 @@ async fn json_log_lines_carry_the_request_id_and_the_trace_id(backend: Backend) 
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
         .stderr(std::fs::File::create(&log_path).expect("log file"));
-    let mut server =
+    let server =
         BinaryServer::spawn_keeping_stderr(command, format!("127.0.0.1:{}", free_port())).await;
+    (server, log_path, dir)
+}
+
+async fn json_log_lines_carry_the_request_id_and_the_trace_id(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (mut server, log_path, _dir) = start_logging_json(&db).await;
     let caller = Caller::new();
 
     create_traced(&server, &caller).await;
@@ -111,16 +118,7 @@ async fn the_rust_client_carries_the_callers_trace_context(backend: Backend) {
     };
 
     let db = TestDb::new(backend).await;
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let log_path = dir.path().join("server.log");
-    let mut command = Command::new(BINARY);
-    command
-        .env("DATABASE_URL", &db.url)
-        .env("LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(&log_path).expect("log file"));
-    let mut server =
-        BinaryServer::spawn_keeping_stderr(command, format!("127.0.0.1:{}", free_port())).await;
+    let (mut server, log_path, _dir) = start_logging_json(&db).await;
     let caller = Caller::new();
     let span = SpanContext::new(
         TraceId::from_hex(&caller.trace_id).expect("trace id"),
