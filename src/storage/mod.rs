@@ -129,6 +129,13 @@ pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
     /// The pool's connections: how many are in use, how many idle.
     fn connections(&self) -> (u32, u32);
 
+    /// The `limit` tasks that ended FAILED last, latest first (the status
+    /// page).
+    fn recent_failures(
+        &self,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<TaskRecord>, StorageError>> + Send;
+
     /// The wake-ups this store raises when tasks become leasable or end.
     fn events(&self) -> &TaskEvents;
 

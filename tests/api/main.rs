@@ -48,6 +48,7 @@ mod process;
 mod read_tasks;
 mod reflection;
 mod restart;
+mod status_page;
 mod support;
 mod telemetry;
 mod tls;

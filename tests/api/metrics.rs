@@ -13,8 +13,8 @@ use prometheus_parse::{Sample, Scrape, Value};
 use tonic::{Code, transport::Endpoint};
 
 use crate::support::{
-    BINARY, Backend, BinaryServer, TestDb, email_request, eventually, free_port, keyed, new_key,
-    request,
+    BINARY, Backend, BinaryServer, TestDb, email_request, eventually, free_port, keyed, lease_one,
+    new_key, request,
 };
 
 /// The binary on `db` with metrics on a port of their own.
@@ -137,17 +137,7 @@ async fn counters_follow_a_known_sequence_of_calls(backend: Backend) {
         .expect_err("invalid");
     assert_eq!(invalid.code(), Code::InvalidArgument);
     let mut workers = WorkerServiceClient::new(channel);
-    let lease = workers
-        .lease_tasks(LeaseTasksRequest {
-            worker_id: "worker-1".into(),
-            ..LeaseTasksRequest::default()
-        })
-        .await
-        .expect("lease")
-        .into_inner()
-        .leases
-        .pop()
-        .expect("a lease");
+    let lease = lease_one(&mut workers).await;
     workers
         .complete_task(CompleteTaskRequest {
             task_id: lease.task.expect("task").task_id,

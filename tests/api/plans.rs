@@ -164,6 +164,10 @@ async fn plans_made_on_empty_tables_reach_keys_and_tasks_by_their_indexes() {
     queries::delete_keys_created_before(&mut *conn, SCOPE, Utc::now() - RETENTION, 100)
         .await
         .expect("cleanup");
+    let failures = queries::recent_failures(&mut *conn, 20)
+        .await
+        .expect("the latest failures");
+    assert!(failures.len() <= 20);
 
     let statements = sqlx::query(
         "SELECT name, statement, cardinality(parameter_types) AS parameters \

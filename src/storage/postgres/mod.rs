@@ -192,6 +192,10 @@ impl Store for PgStore {
         queries::queue_stats(&self.health_pool).await
     }
 
+    async fn recent_failures(&self, limit: i64) -> Result<Vec<TaskRecord>, StorageError> {
+        queries::recent_failures(&self.health_pool, limit).await
+    }
+
     fn connections(&self) -> (u32, u32) {
         let idle = self.pool.num_idle() as u32;
         (self.pool.size().saturating_sub(idle), idle)

@@ -181,6 +181,10 @@ impl Store for SqliteStore {
         queries::queue_stats(&self.health).await
     }
 
+    async fn recent_failures(&self, limit: i64) -> Result<Vec<TaskRecord>, StorageError> {
+        queries::recent_failures(&self.health, limit).await
+    }
+
     fn connections(&self) -> (u32, u32) {
         let idle = self.readers.num_idle() as u32;
         (self.readers.size().saturating_sub(idle), idle)

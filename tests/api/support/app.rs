@@ -323,3 +323,21 @@ pub(crate) fn violated_fields(status: &Status) -> Vec<String> {
         .map(|v| v.field)
         .collect()
 }
+
+/// Leases one task as `worker-1`, on `workers`; panics when none is
+/// available.
+pub(crate) async fn lease_one(
+    workers: &mut oncely::proto::tasks_v1::worker_service_client::WorkerServiceClient<Channel>,
+) -> oncely::proto::tasks_v1::Lease {
+    workers
+        .lease_tasks(oncely::proto::tasks_v1::LeaseTasksRequest {
+            worker_id: "worker-1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("lease")
+        .into_inner()
+        .leases
+        .pop()
+        .expect("a lease")
+}

@@ -358,6 +358,24 @@ pub async fn ping(db: impl SqliteExecutor<'_>) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// The `limit` tasks that ended FAILED last, latest first.
+pub async fn recent_failures(
+    db: impl SqliteExecutor<'_>,
+    limit: i64,
+) -> Result<Vec<TaskRecord>, StorageError> {
+    sqlx::query(concat!(
+        "SELECT ",
+        task_columns!(),
+        " FROM tasks WHERE status = 4 ORDER BY update_time DESC LIMIT ?1"
+    ))
+    .bind(limit)
+    .fetch_all(db)
+    .await?
+    .iter()
+    .map(task_record)
+    .collect()
+}
+
 /// Tasks by status, and the wait of the oldest queued task ready to lease
 /// (read through the leasable index, whose predicate `status IN (1, 2)` the
 /// query repeats so that SQLite sees it applies).

@@ -1,0 +1,153 @@
+//! The status page on METRICS_ADDR, as an operator sees it: rendered by a
+//! real headless browser (Chromium), not only fetched.
+
+use std::{path::PathBuf, process::Command};
+
+use oncely::proto::tasks_v1::{
+    FailTaskRequest, task_service_client::TaskServiceClient,
+    worker_service_client::WorkerServiceClient,
+};
+use tonic::transport::Endpoint;
+
+use crate::support::{
+    BINARY, Backend, BinaryServer, TestDb, email_request, free_port, keyed, lease_one, new_key,
+    request,
+};
+
+/// The Chromium to render with: `CHROMIUM`, or the first on the PATH.
+fn chromium() -> PathBuf {
+    if let Some(path) = std::env::var_os("CHROMIUM") {
+        return path.into();
+    }
+    for name in ["chromium", "chromium-browser", "google-chrome"] {
+        if let Ok(output) = Command::new("which").arg(name).output()
+            && output.status.success()
+        {
+            return String::from_utf8_lossy(&output.stdout).trim().into();
+        }
+    }
+    panic!(
+        "the status page test needs a headless Chromium: `apt-get install chromium` \
+         (Debian), or set CHROMIUM to a Chromium or Chrome binary"
+    );
+}
+
+/// The page at `url` as Chromium renders it (its DOM, serialized).
+fn render(url: &str) -> String {
+    let profile = tempfile::tempdir().expect("a profile folder");
+    let output = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-extensions",
+            "--no-first-run",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(["--dump-dom", url])
+        .output()
+        .expect("run Chromium");
+    assert!(
+        output.status.success(),
+        "Chromium failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+async fn the_status_page_shows_tasks_and_failures_in_a_browser(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let page = format!("127.0.0.1:{}", free_port());
+    let mut command = Command::new(BINARY);
+    command
+        .env("DATABASE_URL", &db.url)
+        .env("METRICS_ADDR", &page)
+        .env("RUST_LOG", "warn");
+    let server = BinaryServer::spawn(command, format!("127.0.0.1:{}", free_port())).await;
+    let channel = Endpoint::from_shared(server.url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut tasks = TaskServiceClient::new(channel.clone());
+    let failing = tasks
+        .create_task(keyed(
+            Some(&new_key()),
+            request(
+                "agent-<9>",
+                "charge_card",
+                serde_json::json!({"amount": 12}),
+            ),
+        ))
+        .await
+        .expect("create")
+        .into_inner();
+    let mut workers = WorkerServiceClient::new(channel);
+    let lease = lease_one(&mut workers).await;
+    workers
+        .fail_task(FailTaskRequest {
+            task_id: failing.task_id.clone(),
+            lease_token: lease.lease_token,
+            error_message: "the card was declined: <b>insufficient</b> funds & more".into(),
+            permanent: true,
+            retry_after: None,
+        })
+        .await
+        .expect("fail");
+    let queued = tasks
+        .create_task(keyed(Some(&new_key()), email_request()))
+        .await
+        .expect("create")
+        .into_inner();
+
+    let status = tokio::task::spawn_blocking({
+        let url = format!("http://{page}/");
+        move || render(&url)
+    })
+    .await
+    .expect("render");
+    assert!(status.contains("<title>oncely status</title>"), "{status}");
+    let row = |status_name: &str| {
+        let start = status
+            .find(&format!("id=\"status-{status_name}\""))
+            .unwrap_or_else(|| panic!("no row for {status_name}: {status}"));
+        status[start..]
+            .split("</tr>")
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert!(row("queued").contains(">1</td>"), "{}", row("queued"));
+    assert!(row("failed").contains(">1</td>"), "{}", row("failed"));
+    assert!(row("succeeded").contains(">0</td>"), "{}", row("succeeded"));
+    // The failure, its message shown as text: what a worker writes is never
+    // taken for markup.
+    assert!(status.contains(&failing.task_id), "{status}");
+    assert!(
+        status.contains("the card was declined: &lt;b&gt;insufficient&lt;/b&gt; funds &amp; more"),
+        "{status}"
+    );
+    assert!(!status.contains("<b>insufficient</b>"), "{status}");
+    assert!(status.contains("agent-&lt;9&gt;"), "{status}");
+
+    let details = tokio::task::spawn_blocking({
+        let url = format!("http://{page}/task?id={}", queued.task_id);
+        move || render(&url)
+    })
+    .await
+    .expect("render");
+    assert!(
+        details.contains(&format!("Task {}", queued.task_id)),
+        "{details}"
+    );
+    assert!(
+        details.contains("<td id=\"task-status\">queued</td>"),
+        "{details}"
+    );
+    assert!(details.contains("ada@example.com"), "{details}");
+    drop(server);
+}
+
+conformance!(the_status_page_shows_tasks_and_failures_in_a_browser);
