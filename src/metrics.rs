@@ -251,13 +251,13 @@ impl Metrics {
         let cache_hits = Counter::default();
         registry.register(
             "oncely_replay_cache_hits",
-            "Replays answered from the in-memory replay cache",
+            "Creates whose record was found in the in-memory replay cache",
             cache_hits.clone(),
         );
         let cache_misses = Counter::default();
         registry.register(
             "oncely_replay_cache_misses",
-            "Keyed requests the replay cache could not answer",
+            "Creates whose record the replay cache did not hold (every create when it is off)",
             cache_misses.clone(),
         );
         let batch_sizes = Family::<JobLabels, Histogram>::new_with_constructor(
@@ -355,13 +355,15 @@ impl Metrics {
 }
 
 /// The RPC type of a method by its path (`/package.Service/Method`), and
-/// the path's service and method; `None` for a path that names none.
+/// the path's service and method; `None` for a path that names no method
+/// the server has (as go-grpc-prometheus counts only registered methods),
+/// so that calls to made-up paths cannot make new series without end.
 pub fn rpc_of_path(path: &str) -> Option<(&'static str, &str, &str)> {
     let (service, method) = path.strip_prefix('/')?.split_once('/')?;
     let grpc_type = METHOD_TYPES
         .iter()
         .find(|(s, m, _)| s == service && m == method)
-        .map_or("unary", |(_, _, t)| *t);
+        .map(|(_, _, t)| *t)?;
     Some((grpc_type, service, method))
 }
 
@@ -434,6 +436,8 @@ mod tests {
                 .any(|(s, m, _)| s == "tasks.v1.WorkerService" && m == "LeaseTasks")
         );
         assert_eq!(rpc_of_path("no-slash"), None);
+        assert_eq!(rpc_of_path("/made.Up/Path"), None);
+        assert_eq!(rpc_of_path("/tasks.v1.TaskService/Nothing"), None);
     }
 
     #[test]

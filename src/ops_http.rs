@@ -7,7 +7,11 @@
 //! every `METRICS_QUEUE_INTERVAL`, so a scrape never touches the database
 //! and many instances cost one small query each per interval.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
 
 use axum::{
     Router,
@@ -21,8 +25,16 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use crate::{
     domain::TaskRecord,
     metrics::{StateLabels, StatusLabels, TASK_STATUSES, metrics},
-    storage::Store,
+    storage::{QueueStats, Store},
 };
+
+/// What the handlers share: the store, and the queue as last read (the
+/// page shows that rather than counting every task on each view).
+#[derive(Debug, Clone)]
+struct Ops<S> {
+    store: S,
+    queue: Arc<Mutex<Option<(QueueStats, Instant)>>>,
+}
 
 /// The content type of the Prometheus text format.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -46,18 +58,27 @@ impl Drop for OpsListener {
 pub fn start<S: Store>(store: S, listener: TcpListener, queue_interval: Duration) -> OpsListener {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving metrics on /metrics and the status page on /");
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "the status page shows tasks' parameters and results without authentication: keep METRICS_ADDR on a private network");
+        }
     }
+    let ops = Ops {
+        store,
+        queue: Arc::default(),
+    };
     let router = Router::new()
         .route("/metrics", get(metrics_text::<S>))
         .route("/", get(status_page::<S>))
         .route("/task", get(task_page::<S>))
-        .with_state(store.clone());
+        // The page shows task details: no script, no frames, no sniffing.
+        .layer(axum::middleware::map_response(secure_headers))
+        .with_state(ops.clone());
     let server = tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, router).await {
             tracing::error!(%error, "the metrics listener stopped");
         }
     });
-    let sampler = tokio::spawn(read_queue(store, queue_interval));
+    let sampler = tokio::spawn(read_queue(ops, queue_interval));
     OpsListener { server, sampler }
 }
 
@@ -66,10 +87,29 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-async fn metrics_text<S: Store>(State(store): State<S>) -> impl IntoResponse {
+async fn secure_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+        ),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::X_FRAME_OPTIONS,
+        header::HeaderValue::from_static("DENY"),
+    );
+    response
+}
+
+async fn metrics_text<S: Store>(State(ops): State<Ops<S>>) -> impl IntoResponse {
     let metrics = metrics();
     // The pool's state is read at each scrape: it costs nothing.
-    let (in_use, idle) = store.connections();
+    let (in_use, idle) = ops.store.connections();
     metrics
         .db_connections
         .get_or_create(&StateLabels { state: "in_use" })
@@ -85,13 +125,20 @@ async fn metrics_text<S: Store>(State(store): State<S>) -> impl IntoResponse {
 const FAILURES_SHOWN: i64 = 20;
 
 /// The status page: tasks by status, the oldest wait, the latest failures.
-async fn status_page<S: Store>(State(store): State<S>) -> Response {
-    let (stats, failures) = match (
-        store.queue_stats().await,
-        store.recent_failures(FAILURES_SHOWN).await,
-    ) {
-        (Ok(stats), Ok(failures)) => (stats, failures),
-        (Err(error), _) | (_, Err(error)) => return unavailable(&error),
+async fn status_page<S: Store>(State(ops): State<Ops<S>>) -> Response {
+    let store = &ops.store;
+    let read = *ops.queue.lock().unwrap_or_else(PoisonError::into_inner);
+    let (stats, read_at) = match read {
+        Some(read) => read,
+        // Not read yet (the first interval has not passed): once now.
+        None => match store.queue_stats().await {
+            Ok(stats) => (stats, Instant::now()),
+            Err(error) => return unavailable(&error),
+        },
+    };
+    let failures = match store.recent_failures(FAILURES_SHOWN).await {
+        Ok(failures) => failures,
+        Err(error) => return unavailable(&error),
     };
     let mut body = String::from(
         "<h2>Tasks</h2>\n<table id=\"tasks\">\n<tr><th>Status</th><th>Tasks</th></tr>\n",
@@ -101,7 +148,10 @@ async fn status_page<S: Store>(State(store): State<S>) -> Response {
             "<tr id=\"status-{status}\"><td>{status}</td><td class=\"n\">{count}</td></tr>\n"
         ));
     }
-    body.push_str("</table>\n");
+    body.push_str(&format!(
+        "</table>\n<p class=\"muted\">Read from the database {:.0} s ago.</p>\n",
+        read_at.elapsed().as_secs_f64()
+    ));
     body.push_str(&format!(
         "<p id=\"oldest\">Oldest queued task ready to lease: {}</p>\n",
         if stats.oldest_ready_seconds > 0.0 {
@@ -140,7 +190,8 @@ async fn status_page<S: Store>(State(store): State<S>) -> Response {
 }
 
 /// One task's details, by `?id=`.
-async fn task_page<S: Store>(State(store): State<S>, uri: Uri) -> Response {
+async fn task_page<S: Store>(State(ops): State<Ops<S>>, uri: Uri) -> Response {
+    let store = &ops.store;
     let id = uri
         .query()
         .unwrap_or("")
@@ -269,13 +320,15 @@ fn escape(text: &str) -> String {
 
 /// Reads the queue into the metrics every `interval`; a failed read keeps
 /// the last figures and is logged.
-async fn read_queue<S: Store>(store: S, interval: Duration) {
+async fn read_queue<S: Store>(ops: Ops<S>, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        match store.queue_stats().await {
+        match ops.store.queue_stats().await {
             Ok(stats) => {
+                *ops.queue.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some((stats, Instant::now()));
                 let metrics = metrics();
                 for (status, count) in TASK_STATUSES.into_iter().zip(stats.by_status) {
                     metrics

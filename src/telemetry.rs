@@ -122,20 +122,21 @@ pub fn init(format: LogFormat) -> Telemetry {
         None
     };
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    // Only oncely's own spans are exported: not those of the libraries
-    // below it, the exporter's own calls included.
+    // Only oncely's own spans, at info and above, whatever RUST_LOG says
+    // about logs.
     let traces = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("oncely"))
-            .with_filter(Targets::new().with_target("oncely", tracing::Level::TRACE))
+            .with_filter(Targets::new().with_target("oncely", tracing::Level::INFO))
     });
     let installed = tracing_subscriber::registry()
-        .with(filter)
-        .with(logs)
+        .with(logs.with_filter(filter))
         .with(traces)
         .try_init()
         .is_ok();
-    EXPORTING.store(installed && provider.is_some(), Ordering::Relaxed);
+    if installed {
+        EXPORTING.store(provider.is_some(), Ordering::Relaxed);
+    }
     if let Some(error) = exporter_error {
         tracing::error!(%error, "cannot export traces: check OTEL_EXPORTER_OTLP_ENDPOINT");
     } else if installed && provider.is_some() {

@@ -55,6 +55,7 @@ where
             },
             started: Instant::now(),
             span: tracing::Span::none(),
+            done: false,
         });
         if let Some(call) = &call {
             metrics().rpc_started.get_or_create(&call.labels).inc();
@@ -63,9 +64,9 @@ where
         Box::pin(async move {
             // The call's span (see telemetry::request_span), to record the
             // status in; held until then.
-            let call = call.map(|call| Call {
-                span: tracing::Span::current(),
-                ..call
+            let call = call.map(|mut call| {
+                call.span = tracing::Span::current();
+                call
             });
             let response = match answer.await {
                 Ok(response) => response,
@@ -95,36 +96,46 @@ where
     }
 }
 
-/// One call being counted.
+/// One call being counted; dropped before its status was known (the
+/// client went away, its deadline passed, the connection closed), it counts
+/// as `Canceled`.
 struct Call {
     labels: RpcLabels,
     started: Instant,
     span: tracing::Span,
+    done: bool,
 }
 
 impl Call {
-    fn finish(self, code: i32) {
+    fn finish(mut self, code: i32) {
+        self.record(code);
+    }
+
+    fn record(&mut self, code: i32) {
+        self.done = true;
         self.span.record("rpc.grpc.status_code", code);
-        let grpc_code = grpc_code_name(code);
         let metrics = metrics();
         metrics
             .rpc_seconds
             .get_or_create(&self.labels)
             .observe(self.started.elapsed().as_secs_f64());
-        let RpcLabels {
-            grpc_type,
-            grpc_service,
-            grpc_method,
-        } = self.labels;
         metrics
             .rpc_handled
             .get_or_create(&HandledLabels {
-                grpc_type,
-                grpc_service,
-                grpc_method,
-                grpc_code,
+                grpc_type: self.labels.grpc_type,
+                grpc_service: self.labels.grpc_service.clone(),
+                grpc_method: self.labels.grpc_method.clone(),
+                grpc_code: grpc_code_name(code),
             })
             .inc();
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if !self.done {
+            self.record(CANCELLED);
+        }
     }
 }
 
@@ -139,7 +150,8 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
 }
 
 /// A response body that counts its call when the trailers go by; a body
-/// dropped before them (the client went away) counts as `Canceled`.
+/// dropped before them (the client went away) drops its call, which counts
+/// as `Canceled`.
 struct MeteredBody {
     inner: Body,
     call: Option<Call>,
@@ -176,13 +188,5 @@ impl http_body::Body for MeteredBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
-    }
-}
-
-impl Drop for MeteredBody {
-    fn drop(&mut self) {
-        if let Some(call) = self.call.take() {
-            call.finish(CANCELLED);
-        }
     }
 }

@@ -283,7 +283,66 @@ async fn a_lease_that_runs_out_counts_as_an_expiry(backend: Backend) {
     assert_eq!(value(&scrape, "oncely_lease_attempt", &[]), Some(2.0));
 }
 
+/// A call the client gives up on before its answer (here a long poll) is
+/// counted as handled, `Canceled`, and calls to paths the server does not
+/// have make no series.
+async fn a_call_given_up_counts_as_canceled(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (server, url) = start(&db).await;
+    let channel = Endpoint::from_shared(server.url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut workers = WorkerServiceClient::new(channel.clone());
+    let poll = workers.lease_tasks(LeaseTasksRequest {
+        worker_id: "worker-1".into(),
+        wait: Some(prost_types::Duration {
+            seconds: 30,
+            nanos: 0,
+        }),
+        ..LeaseTasksRequest::default()
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), poll)
+            .await
+            .is_err(),
+        "the poll answered with nothing to lease"
+    );
+    let made_up = crate::support::raw_unary(
+        channel,
+        "/scanner.Probe/Random",
+        tonic::Request::new(Vec::new()),
+    )
+    .await;
+    assert!(made_up.is_err());
+
+    let lease = rpc("tasks.v1.WorkerService", "LeaseTasks");
+    let canceled = handled("LeaseTasks", "Canceled");
+    let scrape = eventually(Duration::from_secs(10), "the poll counted", || async {
+        let scrape = scrape(&url).await;
+        (value(&scrape, "grpc_server_handled_total", &canceled) == Some(1.0)).then_some(scrape)
+    })
+    .await;
+    assert_eq!(
+        value(&scrape, "grpc_server_started_total", &lease),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&scrape, "grpc_server_handling_seconds", &lease),
+        Some(1.0)
+    );
+    assert!(
+        !scrape
+            .samples
+            .iter()
+            .any(|s| s.labels.get("grpc_service") == Some("scanner.Probe")),
+        "a made-up path made a series"
+    );
+}
+
 conformance!(
+    a_call_given_up_counts_as_canceled,
     counters_follow_a_known_sequence_of_calls,
     a_lease_that_runs_out_counts_as_an_expiry,
 );

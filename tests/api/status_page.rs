@@ -1,7 +1,7 @@
 //! The status page on METRICS_ADDR, as an operator sees it: rendered by a
 //! real headless browser (Chromium), not only fetched.
 
-use std::{path::PathBuf, process::Command};
+use std::{path::PathBuf, process::Command, time::Duration};
 
 use oncely::proto::tasks_v1::{
     FailTaskRequest, task_service_client::TaskServiceClient,
@@ -10,8 +10,8 @@ use oncely::proto::tasks_v1::{
 use tonic::transport::Endpoint;
 
 use crate::support::{
-    BINARY, Backend, BinaryServer, TestDb, email_request, free_port, keyed, lease_one, new_key,
-    request,
+    BINARY, Backend, BinaryServer, TestDb, email_request, eventually, free_port, keyed, lease_one,
+    new_key, request,
 };
 
 /// The Chromium to render with: `CHROMIUM`, or the first on the PATH.
@@ -19,11 +19,13 @@ fn chromium() -> PathBuf {
     if let Some(path) = std::env::var_os("CHROMIUM") {
         return path.into();
     }
+    let path = std::env::var_os("PATH").unwrap_or_default();
     for name in ["chromium", "chromium-browser", "google-chrome"] {
-        if let Ok(output) = Command::new("which").arg(name).output()
-            && output.status.success()
+        if let Some(found) = std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|candidate| candidate.is_file())
         {
-            return String::from_utf8_lossy(&output.stdout).trim().into();
+            return found;
         }
     }
     panic!(
@@ -35,7 +37,10 @@ fn chromium() -> PathBuf {
 /// The page at `url` as Chromium renders it (its DOM, serialized).
 fn render(url: &str) -> String {
     let profile = tempfile::tempdir().expect("a profile folder");
-    let output = Command::new(chromium())
+    // Never more than a minute, however Chromium fares.
+    let output = Command::new("timeout")
+        .arg("60")
+        .arg(chromium())
         .args([
             "--headless",
             "--no-sandbox",
@@ -64,6 +69,7 @@ async fn the_status_page_shows_tasks_and_failures_in_a_browser(backend: Backend)
     command
         .env("DATABASE_URL", &db.url)
         .env("METRICS_ADDR", &page)
+        .env("METRICS_QUEUE_INTERVAL", "100ms")
         .env("RUST_LOG", "warn");
     let server = BinaryServer::spawn(command, format!("127.0.0.1:{}", free_port())).await;
     let channel = Endpoint::from_shared(server.url())
@@ -102,6 +108,15 @@ async fn the_status_page_shows_tasks_and_failures_in_a_browser(backend: Backend)
         .expect("create")
         .into_inner();
 
+    // The page shows the queue as last read, every 100 ms here.
+    let metrics = format!("http://{page}/metrics");
+    eventually(Duration::from_secs(10), "the queue read", || async {
+        let text = reqwest::get(&metrics).await.ok()?.text().await.ok()?;
+        (text.contains("oncely_tasks{status=\"queued\"} 1")
+            && text.contains("oncely_tasks{status=\"failed\"} 1"))
+        .then_some(())
+    })
+    .await;
     let status = tokio::task::spawn_blocking({
         let url = format!("http://{page}/");
         move || render(&url)

@@ -189,11 +189,13 @@ impl Store for PgStore {
     }
 
     async fn queue_stats(&self) -> Result<super::QueueStats, StorageError> {
-        queries::queue_stats(&self.health_pool).await
+        // The request pool: its statement_timeout bounds the count, and the
+        // health checks keep their connection.
+        queries::queue_stats(&self.pool).await
     }
 
     async fn recent_failures(&self, limit: i64) -> Result<Vec<TaskRecord>, StorageError> {
-        queries::recent_failures(&self.health_pool, limit).await
+        queries::recent_failures(&self.pool, limit).await
     }
 
     fn connections(&self) -> (u32, u32) {

@@ -178,11 +178,12 @@ impl Store for SqliteStore {
     }
 
     async fn queue_stats(&self) -> Result<super::QueueStats, StorageError> {
-        queries::queue_stats(&self.health).await
+        // The readers: the health checks keep their connection.
+        queries::queue_stats(&self.readers).await
     }
 
     async fn recent_failures(&self, limit: i64) -> Result<Vec<TaskRecord>, StorageError> {
-        queries::recent_failures(&self.health, limit).await
+        queries::recent_failures(&self.readers, limit).await
     }
 
     fn connections(&self) -> (u32, u32) {
