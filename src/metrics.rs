@@ -24,25 +24,25 @@ use crate::proto::FILE_DESCRIPTOR_SET;
 
 /// The labels of `grpc_server_started_total` and
 /// `grpc_server_handling_seconds`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcLabels {
     /// `unary`, `client_stream`, `server_stream` or `bidi_stream`.
     pub grpc_type: &'static str,
     /// The full service name, such as `tasks.v1.TaskService`.
-    pub grpc_service: String,
+    pub grpc_service: &'static str,
     /// The method name, such as `CreateTask`.
-    pub grpc_method: String,
+    pub grpc_method: &'static str,
 }
 
 /// The labels of `grpc_server_handled_total`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandledLabels {
     /// As [`RpcLabels`].
     pub grpc_type: &'static str,
     /// As [`RpcLabels`].
-    pub grpc_service: String,
+    pub grpc_service: &'static str,
     /// As [`RpcLabels`].
-    pub grpc_method: String,
+    pub grpc_method: &'static str,
     /// The status code as go-grpc-prometheus spells it: `OK`,
     /// `InvalidArgument`, `Unavailable`...
     pub grpc_code: &'static str,
@@ -295,16 +295,16 @@ impl Metrics {
         for (service, method, grpc_type) in methods() {
             let labels = RpcLabels {
                 grpc_type,
-                grpc_service: service.clone(),
-                grpc_method: method.clone(),
+                grpc_service: service,
+                grpc_method: method,
             };
             let _ = self.rpc_started.get_or_create(&labels);
             let _ = self.rpc_seconds.get_or_create(&labels);
             for grpc_code in GRPC_CODES {
                 let _ = self.rpc_handled.get_or_create(&HandledLabels {
                     grpc_type,
-                    grpc_service: service.clone(),
-                    grpc_method: method.clone(),
+                    grpc_service: service,
+                    grpc_method: method,
                     grpc_code,
                 });
             }
@@ -357,14 +357,13 @@ impl Metrics {
 /// The RPC type of a method by its path (`/package.Service/Method`), and
 /// the path's service and method; `None` for a path that names no method
 /// the server has (as go-grpc-prometheus counts only registered methods),
-/// so that calls to made-up paths cannot make new series without end.
-pub fn rpc_of_path(path: &str) -> Option<(&'static str, &str, &str)> {
+/// so that calls to made-up paths cannot make new series without end. The
+/// names are the server's own, so a call's labels need no allocation.
+pub fn rpc_of_path(path: &str) -> Option<(&'static str, &'static str, &'static str)> {
     let (service, method) = path.strip_prefix('/')?.split_once('/')?;
-    let grpc_type = METHOD_TYPES
-        .iter()
-        .find(|(s, m, _)| s == service && m == method)
-        .map(|(_, _, t)| *t)?;
-    Some((grpc_type, service, method))
+    methods()
+        .find(|(s, m, _)| *s == service && *m == method)
+        .map(|(s, m, t)| (t, s, m))
 }
 
 /// Every method served, with its RPC type: the API's from its descriptors,
@@ -403,8 +402,11 @@ static METHOD_TYPES: LazyLock<Vec<(String, String, &'static str)>> = LazyLock::n
     methods
 });
 
-fn methods() -> impl Iterator<Item = (String, String, &'static str)> {
-    METHOD_TYPES.iter().cloned()
+/// Every method served: service, method and RPC type.
+fn methods() -> impl Iterator<Item = (&'static str, &'static str, &'static str)> {
+    METHOD_TYPES
+        .iter()
+        .map(|(service, method, grpc_type)| (service.as_str(), method.as_str(), *grpc_type))
 }
 
 fn rpc_type(client_streaming: bool, server_streaming: bool) -> &'static str {

@@ -50,8 +50,8 @@ where
         let call = rpc_of_path(request.uri().path()).map(|(grpc_type, service, method)| Call {
             labels: RpcLabels {
                 grpc_type,
-                grpc_service: service.to_owned(),
-                grpc_method: method.to_owned(),
+                grpc_service: service,
+                grpc_method: method,
             },
             started: Instant::now(),
             span: tracing::Span::none(),
@@ -123,8 +123,8 @@ impl Call {
             .rpc_handled
             .get_or_create(&HandledLabels {
                 grpc_type: self.labels.grpc_type,
-                grpc_service: self.labels.grpc_service.clone(),
-                grpc_method: self.labels.grpc_method.clone(),
+                grpc_service: self.labels.grpc_service,
+                grpc_method: self.labels.grpc_method,
                 grpc_code: grpc_code_name(code),
             })
             .inc();
