@@ -3,7 +3,7 @@
 //! holds each counter by its name and labels. The binary runs as its own
 //! process, so that its counters hold only this test's calls.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use oncely::proto::tasks_v1::{
     CompleteTaskRequest, CreateTaskRequest, LeaseTasksRequest,
@@ -13,21 +13,22 @@ use prometheus_parse::{Sample, Scrape, Value};
 use tonic::{Code, transport::Endpoint};
 
 use crate::support::{
-    BINARY, Backend, BinaryServer, TestDb, email_request, eventually, free_port, keyed, lease_one,
-    new_key, request,
+    Backend, BinaryServer, TestDb, email_request, eventually, keyed, lease_one, new_key, request,
 };
 
-/// The binary on `db` with metrics on a port of their own.
+/// The binary on `db` with metrics on a port of their own, and their URL.
 async fn start(db: &TestDb) -> (BinaryServer, String) {
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let mut command = Command::new(BINARY);
-    command
-        .env("DATABASE_URL", &db.url)
-        .env("METRICS_ADDR", &metrics)
-        .env("METRICS_QUEUE_INTERVAL", "100ms")
-        .env("RUST_LOG", "warn");
-    let server = BinaryServer::spawn(command, format!("127.0.0.1:{}", free_port())).await;
+    let (server, metrics) = BinaryServer::start_with_metrics(db).await;
     (server, format!("http://{metrics}/metrics"))
+}
+
+/// Scrapes `url` until `ready` holds for the scrape (at most 10 s).
+async fn scrape_until(url: &str, what: &str, ready: impl Fn(&Scrape) -> bool) -> Scrape {
+    eventually(Duration::from_secs(10), what, || async {
+        let scrape = scrape(url).await;
+        ready(&scrape).then_some(scrape)
+    })
+    .await
 }
 
 async fn scrape(url: &str) -> Scrape {
@@ -148,9 +149,8 @@ async fn counters_follow_a_known_sequence_of_calls(backend: Backend) {
         .expect("complete");
 
     // The queue is read at its interval; the rest is counted as it happens.
-    let after = eventually(Duration::from_secs(10), "the queue read", || async {
-        let scrape = scrape(&url).await;
-        (value(&scrape, "oncely_tasks", &[("status", "succeeded")]) == Some(1.0)).then_some(scrape)
+    let after = scrape_until(&url, "the queue read", |scrape| {
+        value(scrape, "oncely_tasks", &[("status", "succeeded")]) == Some(1.0)
     })
     .await;
     let create = rpc("tasks.v1.TaskService", "CreateTask");
@@ -319,9 +319,8 @@ async fn a_call_given_up_counts_as_canceled(backend: Backend) {
 
     let lease = rpc("tasks.v1.WorkerService", "LeaseTasks");
     let canceled = handled("LeaseTasks", "Canceled");
-    let scrape = eventually(Duration::from_secs(10), "the poll counted", || async {
-        let scrape = scrape(&url).await;
-        (value(&scrape, "grpc_server_handled_total", &canceled) == Some(1.0)).then_some(scrape)
+    let scrape = scrape_until(&url, "the poll counted", |scrape| {
+        value(scrape, "grpc_server_handled_total", &canceled) == Some(1.0)
     })
     .await;
     assert_eq!(

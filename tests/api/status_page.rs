@@ -10,8 +10,7 @@ use oncely::proto::tasks_v1::{
 use tonic::transport::Endpoint;
 
 use crate::support::{
-    BINARY, Backend, BinaryServer, TestDb, email_request, eventually, free_port, keyed, lease_one,
-    new_key, request,
+    Backend, BinaryServer, TestDb, email_request, eventually, keyed, lease_one, new_key, request,
 };
 
 /// The Chromium to render with: `CHROMIUM`, or the first on the PATH.
@@ -64,14 +63,7 @@ fn render(url: &str) -> String {
 
 async fn the_status_page_shows_tasks_and_failures_in_a_browser(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let page = format!("127.0.0.1:{}", free_port());
-    let mut command = Command::new(BINARY);
-    command
-        .env("DATABASE_URL", &db.url)
-        .env("METRICS_ADDR", &page)
-        .env("METRICS_QUEUE_INTERVAL", "100ms")
-        .env("RUST_LOG", "warn");
-    let server = BinaryServer::spawn(command, format!("127.0.0.1:{}", free_port())).await;
+    let (server, page) = BinaryServer::start_with_metrics(&db).await;
     let channel = Endpoint::from_shared(server.url())
         .expect("url")
         .connect()

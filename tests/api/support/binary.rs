@@ -42,6 +42,21 @@ impl BinaryServer {
         Self::spawn(command, addr).await
     }
 
+    /// Starts the binary on `db` with its metrics listener (METRICS_ADDR)
+    /// on a port of its own, reading the queue every 100 ms; returns it and
+    /// that listener's address.
+    pub(crate) async fn start_with_metrics(db: &TestDb) -> (Self, String) {
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let mut command = Command::new(BINARY);
+        command
+            .env("DATABASE_URL", &db.url)
+            .env("METRICS_ADDR", &metrics)
+            .env("METRICS_QUEUE_INTERVAL", "100ms")
+            .env("RUST_LOG", "warn");
+        let server = Self::spawn(command, format!("127.0.0.1:{}", free_port())).await;
+        (server, metrics)
+    }
+
     /// Starts `command` (the binary, configured) listening on `addr`, and
     /// waits until it is SERVING. Its logs show when `TEST_LOG` is set.
     pub(crate) async fn spawn(mut command: Command, addr: String) -> Self {
