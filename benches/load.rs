@@ -36,6 +36,14 @@
 //!   then every caller is a worker looping LeaseTasks (one task) and
 //!   CompleteTask. One operation is the pair. It stops early if the queue
 //!   runs dry.
+//! - `lease-batch`: tasks of about 8 KB of parameters (`BENCH_TASK_BYTES`)
+//!   are ensured first, under an action of their own (not timed); then
+//!   every caller is a worker that leases up to 32 of them at a time
+//!   (`BENCH_LEASE_BATCH`, with a one-second long poll) and completes all
+//!   it got at once. One operation is one task leased and completed; its
+//!   latency is its whole round (the lease and the slowest completion).
+//!   A worker whose long poll comes back empty stops; the window ends when
+//!   all have.
 //!
 //! Per scenario it prints a line for people and a `RESULT` line for
 //! scripts, e.g.
@@ -86,12 +94,22 @@ const MIN_QUEUED: u64 = 20_000;
 /// The longest the lease scenario's untimed top-up may take.
 const MAX_TOPUP: Duration = Duration::from_secs(120);
 
+/// The action of the lease-batch scenario's tasks, so that no other
+/// scenario's task is among them.
+const LARGE_ACTION: &str = "index_document";
+/// The fewest and the most large tasks the lease-batch scenario starts with.
+const MIN_LARGE: u64 = 5_000;
+const MAX_LARGE: u64 = 60_000;
+
 /// The benchmark's settings, from the environment.
 #[derive(Debug, Clone, Copy)]
 struct Settings {
     seconds: u64,
     concurrency: usize,
     connections: usize,
+    /// The lease-batch scenario's tasks' size, and how many a worker asks for.
+    task_bytes: usize,
+    lease_batch: i32,
 }
 
 impl Settings {
@@ -111,6 +129,9 @@ impl Settings {
             seconds: read("BENCH_SECONDS", 10),
             concurrency: read("BENCH_CONCURRENCY", 32) as usize,
             connections: read("BENCH_CONNECTIONS", 4) as usize,
+            task_bytes: read("BENCH_TASK_BYTES", 8 * 1024) as usize,
+            lease_batch: i32::try_from(read("BENCH_LEASE_BATCH", 32))
+                .expect("BENCH_LEASE_BATCH is at most 100"),
         }
     }
 }
@@ -122,6 +143,7 @@ enum Scenario {
     Mixed,
     Keyless,
     LeaseComplete,
+    LeaseBatch,
 }
 
 impl Scenario {
@@ -132,6 +154,7 @@ impl Scenario {
             Self::Mixed => "mixed",
             Self::Keyless => "keyless",
             Self::LeaseComplete => "lease+complete",
+            Self::LeaseBatch => "lease-batch",
         }
     }
 }
@@ -145,6 +168,7 @@ fn scenarios() -> Vec<Scenario> {
         Scenario::Mixed,
         Scenario::Keyless,
         Scenario::LeaseComplete,
+        Scenario::LeaseBatch,
     ];
     let Ok(wanted) = std::env::var("BENCH_SCENARIOS") else {
         return all.to_vec();
@@ -153,7 +177,7 @@ fn scenarios() -> Vec<Scenario> {
     for name in &wanted {
         assert!(
             all.iter().any(|s| s.name() == *name),
-            "unknown scenario {name}; BENCH_SCENARIOS takes create, replay, mixed, keyless and lease+complete"
+            "unknown scenario {name}; BENCH_SCENARIOS takes create, replay, mixed, keyless, lease+complete and lease-batch"
         );
     }
     all.into_iter()
@@ -173,6 +197,12 @@ struct Shared {
     /// Tasks created so far on this server (all still queued until the
     /// lease scenario).
     created: AtomicU64,
+    /// Large tasks created so far, for the lease-batch scenario.
+    large_created: AtomicU64,
+    /// The large tasks' filler text.
+    large_body: String,
+    /// How many large tasks a worker asks for at a time.
+    lease_batch: i32,
 }
 
 /// One call's outcome.
@@ -283,6 +313,9 @@ async fn run_store(store: &str, url: &str, settings: Settings) {
         counter: AtomicU64::new(0),
         next_replay: AtomicU64::new(0),
         created: AtomicU64::new(0),
+        large_created: AtomicU64::new(0),
+        large_body: "x".repeat(settings.task_bytes),
+        lease_batch: settings.lease_batch,
     });
     println!(
         "\n{store}: server started, {:.1} MiB resident",
@@ -295,6 +328,9 @@ async fn run_store(store: &str, url: &str, settings: Settings) {
             Scenario::Replay => prefill_replays(&channels, &shared, settings).await,
             Scenario::LeaseComplete => {
                 ensure_queued(&channels, &shared, settings, create_rate).await;
+            }
+            Scenario::LeaseBatch => {
+                ensure_large_queued(&channels, &shared, settings, create_rate).await;
             }
             _ => {}
         }
@@ -327,7 +363,7 @@ async fn drive(
                     if begun >= deadline {
                         break;
                     }
-                    let outcome = caller.call(scenario, &shared).await;
+                    let (outcome, tasks) = caller.call(scenario, &shared).await;
                     let took = begun.elapsed();
                     if let Outcome::Empty = outcome {
                         tally.drained = 1;
@@ -338,7 +374,9 @@ async fn drive(
                         continue;
                     }
                     match outcome {
-                        Outcome::Ok => tally.latencies.push(took),
+                        Outcome::Ok => {
+                            tally.latencies.extend(std::iter::repeat_n(took, tasks));
+                        }
                         Outcome::Wrong => tally.wrong += 1,
                         Outcome::Error(status) => tally.error(&status),
                         Outcome::Empty => {}
@@ -494,6 +532,65 @@ async fn ensure_queued(
     );
 }
 
+/// Makes sure the queue holds enough large tasks for the lease-batch
+/// scenario: what the create rate would make in the warm-up and the window,
+/// between [`MIN_LARGE`] and [`MAX_LARGE`], created now (not timed), for at
+/// most [`MAX_TOPUP`].
+async fn ensure_large_queued(
+    channels: &[Channel],
+    shared: &Arc<Shared>,
+    settings: Settings,
+    create_rate: f64,
+) {
+    let span = (WARMUP.as_secs() + settings.seconds) as f64;
+    let wanted = ((create_rate * span) as u64).clamp(MIN_LARGE, MAX_LARGE);
+    let queued = shared.large_created.load(Ordering::Relaxed);
+    if queued >= wanted {
+        return;
+    }
+    let stop_at = Instant::now() + MAX_TOPUP;
+    let left = Arc::new(AtomicU64::new(wanted - queued));
+    let fillers: Vec<_> = (0..settings.concurrency)
+        .map(|index| {
+            let mut caller = Caller::new(index, channels);
+            let (shared, left) = (shared.clone(), left.clone());
+            tokio::spawn(async move {
+                let mut failures = 0u64;
+                while Instant::now() < stop_at
+                    && left
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                        .is_ok()
+                {
+                    let n = shared.counter.fetch_add(1, Ordering::Relaxed);
+                    let request = Request::new(large_request(n, &shared.large_body));
+                    match timed(caller.tasks.create_task(request)).await {
+                        Ok(_) => {
+                            shared.large_created.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => failures += 1,
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let mut failures = 0;
+    for filler in fillers {
+        failures += filler.await.expect("topping up the large tasks");
+    }
+    println!(
+        "({} tasks of {} bytes queued before lease-batch, leased {} at a time{})",
+        shared.large_created.load(Ordering::Relaxed),
+        settings.task_bytes,
+        settings.lease_batch,
+        if failures > 0 {
+            format!("; {failures} creates failed")
+        } else {
+            String::new()
+        }
+    );
+}
+
 impl Caller {
     fn new(index: usize, channels: &[Channel]) -> Self {
         let channel = channels[index % channels.len()].clone();
@@ -506,8 +603,9 @@ impl Caller {
         }
     }
 
-    async fn call(&mut self, scenario: Scenario, shared: &Shared) -> Outcome {
-        match scenario {
+    /// One operation of `scenario`, with how many tasks it counts for.
+    async fn call(&mut self, scenario: Scenario, shared: &Shared) -> (Outcome, usize) {
+        let outcome = match scenario {
             Scenario::Create => self.create(shared).await,
             Scenario::Replay => self.replay(shared).await,
             Scenario::Mixed => {
@@ -522,7 +620,9 @@ impl Caller {
             }
             Scenario::Keyless => self.keyless(shared).await,
             Scenario::LeaseComplete => self.lease_and_complete().await,
-        }
+            Scenario::LeaseBatch => return self.lease_batch(shared).await,
+        };
+        (outcome, 1)
     }
 
     /// A create with a fresh key: must not be marked replayed.
@@ -573,6 +673,48 @@ impl Caller {
         }
     }
 
+    /// Leases up to `settings.lease_batch` large tasks (waiting up to a
+    /// second for one) and completes them all at once; with how many it
+    /// completed.
+    async fn lease_batch(&mut self, shared: &Shared) -> (Outcome, usize) {
+        let leased = timed(self.workers.lease_tasks(LeaseTasksRequest {
+            worker_id: self.worker_id.clone(),
+            actions: vec![LARGE_ACTION.into()],
+            max_tasks: shared.lease_batch,
+            wait: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }))
+        .await;
+        let leases = match leased {
+            Ok(response) => response.into_inner().leases,
+            Err(status) => return (Outcome::Error(status), 0),
+        };
+        if leases.is_empty() {
+            return (Outcome::Empty, 0);
+        }
+        let count = leases.len();
+        let completions = leases.into_iter().map(|lease| {
+            let mut workers = self.workers.clone();
+            async move {
+                timed(workers.complete_task(CompleteTaskRequest {
+                    task_id: lease.task.map(|task| task.task_id).unwrap_or_default(),
+                    lease_token: lease.lease_token,
+                    result: None,
+                }))
+                .await
+            }
+        });
+        for done in futures::future::join_all(completions).await {
+            if let Err(status) = done {
+                return (Outcome::Error(status), 0);
+            }
+        }
+        (Outcome::Ok, count)
+    }
+
     /// Leases one task and completes it.
     async fn lease_and_complete(&mut self) -> Outcome {
         let leased = timed(self.workers.lease_tasks(LeaseTasksRequest {
@@ -599,6 +741,23 @@ impl Caller {
             Ok(_) => Outcome::Ok,
             Err(status) => Outcome::Error(status),
         }
+    }
+}
+
+/// The lease-batch scenario's CreateTask: `body` is its filler.
+fn large_request(n: u64, body: &str) -> CreateTaskRequest {
+    let value = |kind| Value { kind: Some(kind) };
+    CreateTaskRequest {
+        agent_id: "bench".into(),
+        action: LARGE_ACTION.into(),
+        parameters: Some(Struct {
+            fields: [
+                ("n".to_owned(), value(Kind::NumberValue(n as f64))),
+                ("body".to_owned(), value(Kind::StringValue(body.to_owned()))),
+            ]
+            .into_iter()
+            .collect(),
+        }),
     }
 }
 
