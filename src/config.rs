@@ -131,6 +131,11 @@ pub struct ServeArgs {
     /// The longest retry backoff.
     #[arg(long, env = "RETRY_BACKOFF_MAX", default_value = "10m", value_parser = positive_duration)]
     pub retry_backoff_max: Duration,
+    /// How often a waiting LeaseTasks long poll or WaitTask reads the
+    /// database again without being woken: when backoffs and expired
+    /// leases are noticed, and the most a lost wake-up costs.
+    #[arg(long, env = "QUEUE_RECHECK_INTERVAL", default_value = "1s", value_parser = positive_duration)]
+    pub queue_recheck_interval: Duration,
     /// Whether calls need an API key: auto (as soon as a key exists; until
     /// then only a loopback address is served), required, or disabled.
     #[arg(long, env = "AUTH", value_parser = auth_mode(), default_value = "auto")]
@@ -333,8 +338,8 @@ impl From<ServeArgs> for Settings {
                 max_attempts: args.max_attempts,
                 backoff_base: args.retry_backoff,
                 backoff_max: args.retry_backoff_max.max(args.retry_backoff),
+                recheck: args.queue_recheck_interval,
                 request_timeout: args.request_timeout,
-                ..QueuePolicy::default()
             },
             auth: args.auth,
             key_refresh_interval: args.key_refresh_interval,

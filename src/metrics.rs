@@ -153,6 +153,9 @@ pub struct Metrics {
     pub oldest_queued_age: Gauge<f64, AtomicU64>,
     /// `oncely_lease_grants_total`.
     pub lease_grants: Counter,
+    /// `oncely_lease_polls_waiting`: LeaseTasks long polls waiting for a
+    /// task now, having found none (idle workers).
+    pub lease_polls_waiting: Gauge,
     /// `oncely_lease_expiries_total`: leases that ran out before their
     /// task was completed or failed (found when the task is leased again or
     /// ends FAILED).
@@ -224,6 +227,12 @@ impl Metrics {
             "Leases granted to workers",
             lease_grants.clone(),
         );
+        let lease_polls_waiting = Gauge::default();
+        registry.register(
+            "oncely_lease_polls_waiting",
+            "LeaseTasks long polls waiting for a task now, having found none",
+            lease_polls_waiting.clone(),
+        );
         let lease_expiries = Counter::default();
         registry.register(
             "oncely_lease_expiries",
@@ -277,6 +286,7 @@ impl Metrics {
             tasks,
             oldest_queued_age,
             lease_grants,
+            lease_polls_waiting,
             lease_expiries,
             lease_attempts,
             cleanup_deleted,

@@ -8,6 +8,8 @@
 //! - [`requests`]: the arguments of GetTask, ListTasks, WaitTask and
 //!   Cleanup, parsed.
 //! - [`worker`]: the arguments of the WorkerService calls, parsed.
+//! - [`lease`]: which leasable tasks a lease statement takes (the cut),
+//!   decided once for both stores.
 //! - [`principal`]: who calls: an API key's name, role and scope.
 //! - [`violation`]: what a refusal says about a field, and how much of the
 //!   caller's input it may echo.
@@ -15,6 +17,7 @@
 //!   fingerprinted.
 
 pub mod canonical_json;
+pub mod lease;
 pub mod parameters;
 pub mod principal;
 pub mod requests;

@@ -41,6 +41,24 @@ pub async fn lease_tasks<S: Store>(
         if !leased.is_empty() || left.is_zero() || store.events().is_draining() {
             return Ok(leased);
         }
+        let waiting = Waiting::start();
         let _ = tokio::time::timeout(left.min(policy.recheck), ready).await;
+        drop(waiting);
+    }
+}
+
+/// A long poll counted in `oncely_lease_polls_waiting` while it lives.
+struct Waiting;
+
+impl Waiting {
+    fn start() -> Self {
+        crate::metrics::metrics().lease_polls_waiting.inc();
+        Self
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        crate::metrics::metrics().lease_polls_waiting.dec();
     }
 }

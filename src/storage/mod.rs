@@ -231,27 +231,19 @@ pub struct RetryRule {
     pub backoff_max: Duration,
 }
 
-/// The message kept on a task whose lease ran out, as a template for SQL's
-/// `format(template, attempt)` (both stores have it).
-fn expired_message_template(max_attempts: i32) -> String {
-    format!(
-        "the lease of attempt %s of {max_attempts} expired before its worker completed or failed the task"
-    )
-}
-
 /// Counts the leases of one statement in the metrics: each lease granted
 /// and its attempt number, and each lease found run out, whether its task
 /// was leased again (its message is then the expiry's, for the attempt
 /// before) or ended FAILED on its last attempt (`failed`).
 fn count_leases(leased: &[TaskRecord], failed: usize, max_attempts: i32) {
     let metrics = crate::metrics::metrics();
-    let template = expired_message_template(max_attempts);
     let mut expired = failed;
     for task in leased {
         metrics.lease_grants.inc();
         metrics.lease_attempts.observe(f64::from(task.attempt));
         if task.attempt > 1
-            && task.error_message == template.replacen("%s", &(task.attempt - 1).to_string(), 1)
+            && task.error_message
+                == crate::domain::lease::expired_message(task.attempt - 1, max_attempts)
         {
             expired += 1;
         }

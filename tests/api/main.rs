@@ -41,6 +41,7 @@ mod group_commit;
 mod health;
 mod in_flight;
 mod keyless;
+mod lease_cut;
 mod limits;
 mod metrics;
 mod plans;

@@ -23,7 +23,7 @@ async fn start(db: &TestDb) -> (BinaryServer, String) {
 }
 
 /// Scrapes `url` until `ready` holds for the scrape (at most 10 s).
-async fn scrape_until(url: &str, what: &str, ready: impl Fn(&Scrape) -> bool) -> Scrape {
+pub(crate) async fn scrape_until(url: &str, what: &str, ready: impl Fn(&Scrape) -> bool) -> Scrape {
     eventually(Duration::from_secs(10), what, || async {
         let scrape = scrape(url).await;
         ready(&scrape).then_some(scrape)
@@ -50,7 +50,7 @@ async fn scrape(url: &str) -> Scrape {
 
 /// The value of the sample `name` whose labels include `labels`: a
 /// counter's or gauge's value, or a histogram's count.
-fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let matches = |sample: &&Sample| {
         sample.metric == name && labels.iter().all(|(k, v)| sample.labels.get(k) == Some(*v))
     };

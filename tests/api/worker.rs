@@ -289,96 +289,6 @@ async fn a_repeated_completion_returns_the_same_task(backend: Backend) {
     );
 }
 
-/// `count` polls sent at once, each for up to `max_tasks`; their leases.
-async fn polls_at_once(app: &TestApp, count: usize, max_tasks: i32) -> Vec<Vec<Lease>> {
-    let barrier = Arc::new(tokio::sync::Barrier::new(count));
-    let polls: Vec<_> = (0..count)
-        .map(|i| {
-            let mut workers = workers(app);
-            let barrier = barrier.clone();
-            tokio::spawn(async move {
-                let request = LeaseTasksRequest {
-                    worker_id: format!("worker-{i}"),
-                    actions: vec![],
-                    max_tasks,
-                    lease_duration: Some(seconds(30.0)),
-                    wait: None,
-                };
-                barrier.wait().await;
-                workers.lease_tasks(request).await
-            })
-        })
-        .collect();
-    let mut leases = Vec::new();
-    for poll in polls {
-        leases.push(
-            poll.await
-                .expect("join")
-                .expect("lease")
-                .into_inner()
-                .leases,
-        );
-    }
-    leases
-}
-
-/// Polls sent at once share batches; the tasks go to them in turn, each
-/// task to one poll, no poll past its own limit.
-async fn polls_at_once_share_the_tasks_each_within_its_limit(backend: Backend) {
-    const TASKS: usize = 30;
-    const POLLS: usize = 12;
-    const EACH: i32 = 3;
-    let db = TestDb::new(backend).await;
-    let app = TestApp::spawn(&db).await;
-    for _ in 0..TASKS {
-        app.create_email().await;
-    }
-
-    let polls = polls_at_once(&app, POLLS, EACH).await;
-
-    let mut leased = HashSet::new();
-    for leases in polls {
-        assert!(leases.len() <= EACH as usize, "{} leases", leases.len());
-        for lease in leases {
-            assert!(leased.insert(task_id(&lease)), "a task leased twice");
-        }
-    }
-    assert_eq!(leased.len(), TASKS, "every task leased");
-    assert_eq!(
-        db.count_tasks_with_status(TaskStatus::Running).await,
-        TASKS as i64
-    );
-}
-
-/// Polls sent at once whose shares are cut by the byte limit leave no task
-/// behind: every task is leased by one of them, none twice.
-async fn polls_cut_by_their_byte_limit_leave_no_task_behind(backend: Backend) {
-    const TASKS: usize = 24;
-    const POLLS: usize = 12;
-    let db = TestDb::new(backend).await;
-    let app = TestApp::spawn(&db).await;
-    // About 60 KB of parameters each: a lease answer holds 8 of them.
-    let ones = vec![1; 30_000];
-    for i in 0..TASKS {
-        app.create(
-            Some(&new_key()),
-            request("dense", "step", json!({"i": i, "n": ones})),
-        )
-        .await
-        .expect("create");
-    }
-
-    let polls = polls_at_once(&app, POLLS, 16).await;
-
-    let mut leased = HashSet::new();
-    for leases in polls {
-        for lease in leases {
-            assert!(leased.insert(task_id(&lease)), "a task leased twice");
-        }
-    }
-    assert_eq!(leased.len(), TASKS, "every task leased by one of the polls");
-}
-
 /// Completions sent at once share batches; each still gets its own outcome,
 /// a repeat of one in the same batch included.
 async fn completions_at_once_each_get_their_own_outcome(backend: Backend) {
@@ -1022,8 +932,6 @@ conformance!(
     renewing_a_lease_extends_it,
     a_repeated_completion_returns_the_same_task,
     completions_at_once_each_get_their_own_outcome,
-    polls_at_once_share_the_tasks_each_within_its_limit,
-    polls_cut_by_their_byte_limit_leave_no_task_behind,
     a_retryable_failure_is_leased_again_after_its_backoff,
     the_server_backoff_is_random_up_to_a_doubling_capped_ceiling,
     a_task_failed_without_delay_wakes_a_waiting_worker,

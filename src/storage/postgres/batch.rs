@@ -4,7 +4,8 @@
 //! through its [`Job`]: [`Claims`] for CreateTask, [`Completions`] for
 //! CompleteTask (each completion still answers its own outcome; a repeat
 //! of a task in one batch goes after the batch, on its own), [`Leases`] for
-//! LeaseTasks (the orders of a batch take the tasks it locked in turn).
+//! LeaseTasks (the orders of a batch take the tasks it chose in turn, and
+//! it locks only those).
 //!
 //! Concurrent CreateTask claims are sent to the database together: one
 //! statement, one transaction, one commit for the whole batch (for each
@@ -29,13 +30,17 @@ use std::{
 
 use sqlx::PgPool;
 
-use crate::domain::{Completion, TaskRecord};
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use uuid::Uuid;
 
 use super::{
     super::{Claimed, KeyClaim, LeaseOrder, StorageError, TaskEvents},
     notify::Notifier,
-    queries::{self, Leased},
+    queries,
+};
+use crate::domain::{
+    Completion, TaskRecord,
+    lease::{self, Candidate, Room, cut},
 };
 
 /// How many batches of one kind may be in the database at once.
@@ -349,17 +354,6 @@ impl LeaseRequest {
         }
     }
 
-    fn order(&self) -> LeaseOrder<'_> {
-        LeaseOrder {
-            worker_id: &self.worker_id,
-            actions: &self.actions,
-            max_tasks: self.max_tasks,
-            max_bytes: self.max_bytes,
-            lease_duration: self.lease_duration,
-            max_attempts: self.max_attempts,
-        }
-    }
-
     /// Whether one statement can serve both.
     fn same_shape(&self, other: &Self) -> bool {
         self.actions == other.actions
@@ -368,11 +362,46 @@ impl LeaseRequest {
     }
 }
 
+/// What a lease order got.
+#[derive(Debug, Default)]
+pub(super) struct Leased {
+    /// The leased tasks, RUNNING, oldest first.
+    pub(super) leased: Vec<TaskRecord>,
+    /// How many tasks whose last allowed lease had run out its statements
+    /// ended FAILED (they took no room in the answer).
+    pub(super) failed: usize,
+}
+
+/// The most statements one batch of orders sends: each after the first is
+/// for orders that still have room because another statement took their
+/// picks first, or because tasks ended FAILED filled the read.
+const MAX_LEASE_ROUNDS: usize = 8;
+
 /// Leases: one LeaseTasks poll each. Orders that want the same actions on
-/// the same terms share a statement; the statement's tasks go to them in
-/// turn.
+/// the same terms share a statement, and [`cut`] decides which tasks each
+/// takes before any is locked, so a statement locks only the tasks it
+/// hands out.
 #[derive(Debug)]
-pub(super) struct Leases(pub(super) Target);
+pub(super) struct Leases {
+    target: Target,
+    /// Held while a batch reads its candidates and chooses, so that this
+    /// instance's batches in flight choose apart instead of racing for the
+    /// same oldest rows.
+    choosing: tokio::sync::Mutex<()>,
+    /// The tasks chosen by this instance's batches whose statement has not
+    /// ended: left out of the candidates the next batch reads.
+    in_flight: Arc<std::sync::Mutex<HashSet<Uuid>>>,
+}
+
+impl Leases {
+    pub(super) fn new(target: Target) -> Self {
+        Self {
+            target,
+            choosing: tokio::sync::Mutex::new(()),
+            in_flight: Arc::default(),
+        }
+    }
+}
 
 impl Job for Leases {
     const NAME: &'static str = "leases";
@@ -388,36 +417,183 @@ impl Job for Leases {
 
 impl Leases {
     async fn send_group(&self, group: Vec<Pending<LeaseRequest, Leased>>) {
-        let orders: Vec<LeaseOrder<'_>> = group.iter().map(|p| p.item.order()).collect();
-        match queries::lease_batch(&self.0.pool, &orders).await {
-            Ok(outcomes) => {
-                // Tasks another order's byte limit left behind were in the
-                // share of no one else: a poll that got nothing asks again,
-                // on its own, rather than be answered empty while they wait.
-                let left_behind = outcomes.iter().any(|o| o.unpicked > 0);
-                for (pending, outcome) in group.into_iter().zip(outcomes) {
-                    let outcome = if left_behind && outcome.leased.is_empty() && outcome.failed == 0
-                    {
-                        queries::lease_tasks(&self.0.pool, &pending.item.order()).await
-                    } else {
-                        Ok(outcome)
-                    };
-                    let _ = pending.reply.send(outcome);
+        let orders: Vec<&LeaseRequest> = group.iter().map(|p| &p.item).collect();
+        let outcome = self.lease(&orders).await;
+        let (done, error) = match outcome {
+            Ok(done) => (done, None),
+            Err((error, done)) => (done, Some(error)),
+        };
+        let Some(error) = error else {
+            for (pending, leased) in group.into_iter().zip(done) {
+                let _ = pending.reply.send(Ok(leased));
+            }
+            return;
+        };
+        // What was leased before the failure is committed: its orders get
+        // it. The orders that got nothing try again on their own, each with
+        // its own outcome.
+        let (served, empty): (Vec<_>, Vec<_>) = group
+            .into_iter()
+            .zip(done)
+            .partition(|(_, leased)| !leased.leased.is_empty() || leased.failed > 0);
+        for (pending, leased) in served {
+            let _ = pending.reply.send(Ok(leased));
+        }
+        if empty.len() == 1 {
+            if let Some((pending, _)) = empty.into_iter().next() {
+                let _ = pending.reply.send(Err(error));
+            }
+            return;
+        }
+        tracing::debug!(%error, orders = empty.len(), "a lease statement failed; leasing one order at a time");
+        for (pending, _) in empty {
+            let outcome = self
+                .lease(&[&pending.item])
+                .await
+                .map(|mut done| done.pop().unwrap_or_default())
+                .or_else(|(error, mut done)| match done.pop() {
+                    Some(leased) if !leased.leased.is_empty() || leased.failed > 0 => Ok(leased),
+                    _ => Err(error),
+                });
+            let _ = pending.reply.send(outcome);
+        }
+    }
+
+    /// Leases for `orders` (of one shape), in as many rounds as they need:
+    /// each reads candidates, [`cut`]s them, and sends one statement that
+    /// locks and leases the picks. On a failure, the error and what the
+    /// rounds before it leased (committed).
+    async fn lease(
+        &self,
+        orders: &[&LeaseRequest],
+    ) -> Result<Vec<Leased>, (StorageError, Vec<Leased>)> {
+        let mut done: Vec<Leased> = orders.iter().map(|_| Leased::default()).collect();
+        let Some(shape) = orders.first() else {
+            return Ok(done);
+        };
+        let mut rooms: Vec<Room> = orders
+            .iter()
+            .map(|o| Room::new(o.max_tasks, o.max_bytes))
+            .collect();
+        // Picks another statement took first: left out of later reads.
+        let mut skipped: Vec<Uuid> = Vec::new();
+        for _ in 0..MAX_LEASE_ROUNDS {
+            let wanted = lease::candidates_wanted(&rooms);
+            let (candidates, decided, _reserved) =
+                match self.choose(shape, &rooms, wanted, &skipped).await {
+                    Ok(chosen) => chosen,
+                    Err(error) => return Err((error, done)),
+                };
+            if decided.picks.is_empty() {
+                break;
+            }
+            let chosen: Vec<queries::Chosen<'_>> = decided
+                .picks
+                .iter()
+                .map(|pick| {
+                    let candidate = &candidates[pick.candidate];
+                    queries::Chosen {
+                        candidate,
+                        order: pick.order as i64 + 1,
+                        worker_id: &orders[pick.order].worker_id,
+                        ends: pick.ends,
+                        message: candidate
+                            .running
+                            .then(|| lease::expired_message(candidate.attempt, shape.max_attempts)),
+                    }
+                })
+                .collect();
+            let rows = match queries::lease_chosen(&self.target.pool, &chosen, shape.lease_duration)
+                .await
+            {
+                Ok(rows) => rows,
+                Err(error) => return Err((error, done)),
+            };
+            let mut answered: HashMap<Uuid, (i64, TaskRecord)> = rows
+                .into_iter()
+                .map(|(order, task)| (task.task_id, (order, task)))
+                .collect();
+            let skipped_before = skipped.len();
+            for pick in &decided.picks {
+                let candidate = &candidates[pick.candidate];
+                let Some((_, task)) = answered.remove(&candidate.task_id) else {
+                    skipped.push(candidate.task_id);
+                    continue;
+                };
+                let (room, leased) = (&mut rooms[pick.order], &mut done[pick.order]);
+                if pick.ends {
+                    leased.failed += 1;
+                } else {
+                    room.take(candidate.size);
+                    leased.leased.push(task);
                 }
             }
-            Err(error) if group.len() == 1 => {
-                if let Some(pending) = group.into_iter().next() {
-                    let _ = pending.reply.send(Err(error));
-                }
+            if decided.left_behind {
+                // Tasks past the orders' limits stay queued, unlocked:
+                // pollers waiting here or elsewhere may take them now.
+                self.target.events.task_ready();
+                self.target.notifier.ready().await;
             }
-            Err(error) => {
-                // One at a time, each with its own outcome.
-                tracing::debug!(%error, orders = group.len(), "a batch of leases failed; leasing one by one");
-                for pending in group {
-                    let outcome = queries::lease_tasks(&self.0.pool, &pending.item.order()).await;
-                    let _ = pending.reply.send(outcome);
-                }
+            let read_full = candidates.len() as i64 >= wanted;
+            if !lease::another_round(&rooms, skipped.len() > skipped_before, read_full) {
+                break;
             }
+        }
+        Ok(done)
+    }
+
+    /// Reads the candidates for `rooms` and cuts them, apart from this
+    /// instance's other batches in flight; the picks are reserved until
+    /// the returned guard is dropped.
+    async fn choose(
+        &self,
+        shape: &LeaseRequest,
+        rooms: &[Room],
+        wanted: i64,
+        skipped: &[Uuid],
+    ) -> Result<(Vec<Candidate>, lease::Cut, Reserved), StorageError> {
+        let _choosing = self.choosing.lock().await;
+        let excluded: Vec<Uuid> = {
+            let in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            in_flight.iter().chain(skipped).copied().collect()
+        };
+        let candidates =
+            queries::lease_candidates(&self.target.pool, &shape.actions, wanted, &excluded).await?;
+        let cut = cut(rooms, &candidates, shape.max_attempts);
+        let reserved = Reserved::new(
+            self.in_flight.clone(),
+            cut.picks
+                .iter()
+                .map(|pick| candidates[pick.candidate].task_id)
+                .collect(),
+        );
+        Ok((candidates, cut, reserved))
+    }
+}
+
+/// Tasks one batch chose, held out of this instance's other batches'
+/// reads until dropped (after its statement ended, whatever its outcome).
+#[derive(Debug)]
+struct Reserved {
+    in_flight: Arc<std::sync::Mutex<HashSet<Uuid>>>,
+    tasks: Vec<Uuid>,
+}
+
+impl Reserved {
+    fn new(in_flight: Arc<std::sync::Mutex<HashSet<Uuid>>>, tasks: Vec<Uuid>) -> Self {
+        in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(tasks.iter().copied());
+        Self { in_flight, tasks }
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        for task in &self.tasks {
+            in_flight.remove(task);
         }
     }
 }

@@ -124,7 +124,7 @@ impl PgStore {
         Ok(Self {
             claims: batch::Batcher::start(batch::Claims(target.clone())),
             completions: batch::Batcher::start(batch::Completions(target.clone())),
-            leases: batch::Batcher::start(batch::Leases(target)),
+            leases: batch::Batcher::start(batch::Leases::new(target)),
             pool,
             health_pool,
             events,
@@ -209,31 +209,11 @@ impl Store for PgStore {
 
     #[tracing::instrument(skip_all)]
     async fn lease_tasks(&self, order: &LeaseOrder<'_>) -> Result<Vec<TaskRecord>, StorageError> {
-        let mut leased = Vec::new();
-        let mut bytes = 0;
-        loop {
-            let wanted = LeaseOrder {
-                max_tasks: order.max_tasks - leased.len() as i64,
-                max_bytes: order.max_bytes - bytes,
-                ..*order
-            };
-            // Sent with the polls that arrive with it, in one statement.
-            let done = self
-                .leases
-                .submit(batch::LeaseRequest::new(&wanted))
-                .await?;
-            super::count_leases(&done.leased, done.failed, order.max_attempts);
-            leased.extend(done.leased);
-            bytes += done.bytes;
-            // Tasks ended FAILED took places of the limit: pick again, so a
-            // poll is not answered empty while others wait.
-            if done.failed == 0
-                || leased.len() as i64 >= order.max_tasks
-                || bytes >= order.max_bytes
-            {
-                return Ok(leased);
-            }
-        }
+        // Sent with the polls that arrive with it, in one statement (or a
+        // few, when another statement took its picks first).
+        let done = self.leases.submit(batch::LeaseRequest::new(order)).await?;
+        super::count_leases(&done.leased, done.failed, order.max_attempts);
+        Ok(done.leased)
     }
 
     #[tracing::instrument(skip_all)]

@@ -226,6 +226,11 @@ impl Store for SqliteStore {
         for task_id in done.failed {
             self.events.task_finished(task_id);
         }
+        if done.left_behind {
+            // Tasks past the order's limits stay queued: pollers waiting
+            // may take them now.
+            self.events.task_ready();
+        }
         Ok(done.leased)
     }
 

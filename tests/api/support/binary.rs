@@ -46,13 +46,22 @@ impl BinaryServer {
     /// on a port of its own, reading the queue every 100 ms; returns it and
     /// that listener's address.
     pub(crate) async fn start_with_metrics(db: &TestDb) -> (Self, String) {
+        Self::start_with_metrics_and(db, &[]).await
+    }
+
+    /// [`start_with_metrics`](Self::start_with_metrics) with `env` set too.
+    pub(crate) async fn start_with_metrics_and(
+        db: &TestDb,
+        env: &[(&str, &str)],
+    ) -> (Self, String) {
         let metrics = format!("127.0.0.1:{}", free_port());
         let mut command = Command::new(BINARY);
         command
             .env("DATABASE_URL", &db.url)
             .env("METRICS_ADDR", &metrics)
             .env("METRICS_QUEUE_INTERVAL", "100ms")
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied());
         let server = Self::spawn(command, format!("127.0.0.1:{}", free_port())).await;
         (server, metrics)
     }

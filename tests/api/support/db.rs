@@ -420,8 +420,20 @@ impl TestDb {
     /// Creates `count` tasks for `agent_id` in one transaction, each under a
     /// key of its own, with the server's own statement: for paging tests.
     pub(crate) async fn insert_tasks(&self, agent_id: &str, count: usize) {
+        self.insert_tasks_with(agent_id, serde_json::json!({}), count)
+            .await;
+    }
+
+    /// [`insert_tasks`](Self::insert_tasks) with `parameters`. No instance
+    /// is told of them: they are found by reading the database.
+    pub(crate) async fn insert_tasks_with(
+        &self,
+        agent_id: &str,
+        parameters: serde_json::Value,
+        count: usize,
+    ) {
         let mut tx = OpenTransaction::begin(self).await;
-        let request = crate::support::request(agent_id, "step", serde_json::json!({}));
+        let request = crate::support::request(agent_id, "step", parameters);
         let task = NewTask::parse(request, &Limits::default()).expect("valid");
         for _ in 0..count {
             let key = IdempotencyKey::try_from(crate::support::new_key().as_str()).expect("key");

@@ -9,137 +9,151 @@ use uuid::Uuid;
 
 use super::task_record;
 use crate::{
-    domain::{Completion, Failure, LeaseRef, TaskRecord},
-    storage::{LeaseOrder, RetryRule, StorageError, expired_message_template},
+    domain::{Completion, Failure, LeaseRef, TaskRecord, lease::Candidate},
+    storage::{RetryRule, StorageError},
 };
 
-/// What one lease statement did.
-#[derive(Debug, Default)]
-pub struct Leased {
-    /// The leased tasks, RUNNING, oldest first.
-    pub leased: Vec<TaskRecord>,
-    /// How many picked tasks it ended FAILED instead (their last allowed
-    /// lease had run out); they took places of the limit.
-    pub failed: usize,
-    /// The bytes of parameters the picked tasks hold.
-    pub bytes: i64,
-    /// How many tasks the statement locked for its orders but leased to
-    /// none (an order's byte limit cut its share short); the same for every
-    /// order of a statement. They stay queued.
-    pub unpicked: i64,
+/// A task a lease statement was told to take: which order takes it, and
+/// the state it was read in, which the write is fenced on.
+#[derive(Debug, Clone)]
+pub struct Chosen<'a> {
+    /// The task, as read.
+    pub candidate: &'a Candidate,
+    /// The order that takes it, from 1, as the answer rows report it.
+    pub order: i64,
+    /// The worker the order is for.
+    pub worker_id: &'a str,
+    /// Whether it ends FAILED instead of being leased.
+    pub ends: bool,
+    /// The message it gets (an expired lease's); `None` keeps its own.
+    pub message: Option<String>,
 }
 
-/// Leases up to `order.max_tasks` available tasks in one statement; see
-/// [`lease_batch`].
-pub async fn lease_tasks(
+/// The oldest leasable tasks of `actions` (any, when empty), at most
+/// `limit`, leaving out `excluded`: queued ones whose backoff is over and
+/// running ones whose lease ran out. Read without a lock and without their
+/// parameters: [`crate::domain::lease::cut`] decides which are taken, and
+/// [`lease_chosen`] locks only those.
+pub async fn lease_candidates(
     db: impl PgExecutor<'_>,
-    order: &LeaseOrder<'_>,
-) -> Result<Leased, StorageError> {
-    Ok(lease_batch(db, std::slice::from_ref(order))
-        .await?
-        .pop()
-        .unwrap_or_default())
+    actions: &[String],
+    limit: i64,
+    excluded: &[Uuid],
+) -> Result<Vec<Candidate>, StorageError> {
+    let rows = sqlx::query(
+        "SELECT task_id, parameters_bytes::int8 AS size, status = 2 AS running, attempt \
+         FROM tasks \
+         WHERE status IN (1, 2) AND available_at <= now() \
+           AND (cardinality($1::text[]) = 0 OR action = ANY($1::text[])) \
+           AND task_id <> ALL($3::uuid[]) \
+         ORDER BY available_at, seq \
+         LIMIT $2",
+    )
+    .bind(actions)
+    .bind(limit)
+    .bind(excluded)
+    .fetch_all(db)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(Candidate {
+                task_id: row.try_get("task_id")?,
+                size: row.try_get("size")?,
+                running: row.try_get("running")?,
+                attempt: row.try_get("attempt")?,
+            })
+        })
+        .collect()
 }
 
-/// Leases tasks for several orders in one statement (one transaction),
-/// answered in their order. The orders must share their actions, lease
-/// duration and attempt limit (the first order's are used); each has its
-/// own worker, task limit and byte limit.
+/// Locks the chosen tasks that are still as they were read (`SKIP LOCKED`:
+/// one another statement holds is left to it) and leases each to its
+/// order's worker with a new token, or ends it FAILED, in one statement.
 ///
-/// A CTE picks the oldest available tasks `FOR UPDATE SKIP LOCKED` (so the
-/// limits hold and no caller waits on another's rows), as many as the
-/// orders want together; the orders take them in turn, oldest first, each
-/// up to its task limit, then up to its byte limit (its first task
-/// whatever its size: the rest stay queued); and the update leases exactly
-/// those. A running task whose lease ran out on its last allowed attempt
-/// is ended FAILED instead, and its waiters notified. Status numbers:
-/// 1 queued, 2 running, 4 failed.
-pub async fn lease_batch(
+/// Each is locked by a lateral `LIMIT 1` probe of the primary key, which
+/// the planner cannot turn into a join. The statement is not prepared: it
+/// is planned on each call, with the table's size then and the real number
+/// of chosen tasks. Its update joins the locked tasks to `tasks`, and no
+/// form of that join keeps to the primary key in a generic plan made while
+/// the table was small (a hash of a scan of every task is cheaper then,
+/// and the pool keeps generic plans for good); planning it costs a fraction
+/// of a millisecond, once per batch of polls.
+/// Answers the changed tasks with their order, in the order chosen; the
+/// tasks ended FAILED have their waiters notified. A chosen task that is
+/// not answered was taken by someone else first, or changed.
+pub async fn lease_chosen(
     db: impl PgExecutor<'_>,
-    orders: &[LeaseOrder<'_>],
-) -> Result<Vec<Leased>, StorageError> {
-    let Some(shape) = orders.first() else {
-        return Ok(Vec::new());
-    };
+    chosen: &[Chosen<'_>],
+    lease_duration: Duration,
+) -> Result<Vec<(i64, TaskRecord)>, StorageError> {
     let rows = sqlx::query(concat!(
-        "WITH orders AS ( \
-             SELECT o.worker_id, o.max_tasks, o.max_bytes, o.ord, \
-                    sum(o.max_tasks) OVER (ORDER BY o.ord) - o.max_tasks AS first_slot \
-             FROM unnest($1::text[], $2::bigint[], $3::bigint[]) \
-                 WITH ORDINALITY AS o(worker_id, max_tasks, max_bytes, ord) \
+        "WITH chosen AS ( \
+             SELECT * FROM unnest($1::uuid[], $2::bool[], $3::int[], $4::bool[], $5::text[], \
+                                  $6::text[], $7::int8[]) \
+                 WITH ORDINALITY AS c(task_id, running, attempt, ends, worker_id, message, \
+                                      ord, rank) \
          ), locked AS ( \
-             SELECT task_id, available_at, seq, \
-                    CASE WHEN status = 2 AND attempt >= $5 THEN 0 \
-                         ELSE octet_length(parameters::text) END AS size \
-             FROM tasks \
-             WHERE status IN (1, 2) AND available_at <= now() \
-               AND (cardinality($4::text[]) = 0 OR action = ANY($4::text[])) \
-             ORDER BY available_at, seq \
-             LIMIT $8 \
-             FOR UPDATE SKIP LOCKED \
-         ), slotted AS ( \
-             SELECT task_id, available_at, seq, size, \
-                    row_number() OVER (ORDER BY available_at, seq) - 1 AS slot \
-             FROM locked \
-         ), sized AS ( \
-             SELECT s.task_id, s.size, o.ord, o.worker_id, o.max_bytes, \
-                    sum(s.size) OVER (PARTITION BY o.ord ORDER BY s.available_at, s.seq) AS running \
-             FROM slotted AS s \
-             JOIN orders AS o ON s.slot >= o.first_slot AND s.slot < o.first_slot + o.max_tasks \
-         ), picked AS ( \
-             SELECT task_id, ord, worker_id, running FROM sized \
-             WHERE running - size = 0 OR running <= max_bytes \
+             SELECT t.task_id, c.ends, c.worker_id, c.message, c.ord, c.rank \
+             FROM chosen AS c CROSS JOIN LATERAL ( \
+                 SELECT task_id FROM tasks \
+                 WHERE task_id = c.task_id AND status = CASE WHEN c.running THEN 2 ELSE 1 END \
+                   AND attempt = c.attempt AND available_at <= now() \
+                 LIMIT 1 \
+                 FOR UPDATE SKIP LOCKED \
+             ) AS t \
          ), changed AS ( \
              UPDATE tasks AS t SET \
-                 status = CASE WHEN t.status = 2 AND t.attempt >= $5 THEN 4 ELSE 2 END, \
-                 error_message = CASE WHEN t.status = 2 THEN format($6, t.attempt) \
-                                      ELSE t.error_message END, \
-                 attempt = CASE WHEN t.status = 2 AND t.attempt >= $5 THEN t.attempt \
-                                ELSE t.attempt + 1 END, \
-                 lease_token = CASE WHEN t.status = 2 AND t.attempt >= $5 THEN t.lease_token \
-                                    ELSE gen_random_uuid() END, \
-                 worker_id = CASE WHEN t.status = 2 AND t.attempt >= $5 THEN t.worker_id \
-                                  ELSE picked.worker_id END, \
-                 available_at = CASE WHEN t.status = 2 AND t.attempt >= $5 THEN t.available_at \
-                                     ELSE now() + $7::interval END, \
+                 status = CASE WHEN l.ends THEN 4 ELSE 2 END, \
+                 error_message = coalesce(l.message, t.error_message), \
+                 attempt = CASE WHEN l.ends THEN t.attempt ELSE t.attempt + 1 END, \
+                 lease_token = CASE WHEN l.ends THEN t.lease_token ELSE gen_random_uuid() END, \
+                 worker_id = CASE WHEN l.ends THEN t.worker_id ELSE l.worker_id END, \
+                 available_at = CASE WHEN l.ends THEN t.available_at \
+                                     ELSE now() + $8::interval END, \
                  update_time = now() \
-             FROM picked WHERE t.task_id = picked.task_id \
-             RETURNING picked.ord, picked.running, t.* \
+             FROM locked AS l WHERE t.task_id = l.task_id \
+             RETURNING l.ord, l.rank, t.* \
          ) \
-         SELECT ord, running, \
-                (SELECT count(*) FROM sized) - (SELECT count(*) FROM picked) AS unpicked, ",
+         SELECT ord, ",
         task_columns!(),
         ", CASE WHEN status = 4 \
                 THEN pg_notify('oncely_tasks', 'finished:' || task_id)::text END \
-         FROM changed ORDER BY ord, available_at, seq"
+         FROM changed ORDER BY rank"
     ))
-    .bind(orders.iter().map(|o| o.worker_id).collect::<Vec<_>>())
-    .bind(orders.iter().map(|o| o.max_tasks).collect::<Vec<_>>())
-    .bind(orders.iter().map(|o| o.max_bytes).collect::<Vec<_>>())
-    .bind(shape.actions)
-    .bind(shape.max_attempts)
-    .bind(expired_message_template(shape.max_attempts))
-    .bind(shape.lease_duration)
-    .bind(orders.iter().map(|o| o.max_tasks.max(0)).sum::<i64>())
+    .bind(
+        chosen
+            .iter()
+            .map(|c| c.candidate.task_id)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        chosen
+            .iter()
+            .map(|c| c.candidate.running)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        chosen
+            .iter()
+            .map(|c| c.candidate.attempt)
+            .collect::<Vec<_>>(),
+    )
+    .bind(chosen.iter().map(|c| c.ends).collect::<Vec<_>>())
+    .bind(chosen.iter().map(|c| c.worker_id).collect::<Vec<_>>())
+    .bind(
+        chosen
+            .iter()
+            .map(|c| c.message.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(chosen.iter().map(|c| c.order).collect::<Vec<_>>())
+    .bind(lease_duration)
+    .persistent(false)
     .fetch_all(db)
     .await?;
-    let mut done: Vec<Leased> = orders.iter().map(|_| Leased::default()).collect();
-    for row in &rows {
-        let ord: i64 = row.try_get("ord")?;
-        let leased = usize::try_from(ord - 1)
-            .ok()
-            .and_then(|place| done.get_mut(place))
-            .ok_or_else(|| StorageError::Corrupt(format!("a lease answered order {ord}")))?;
-        leased.bytes = leased.bytes.max(row.try_get::<i64, _>("running")?);
-        leased.unpicked = row.try_get("unpicked")?;
-        let task = task_record(row)?;
-        if task.status == 2 {
-            leased.leased.push(task);
-        } else {
-            leased.failed += 1;
-        }
-    }
-    Ok(done)
+    rows.iter()
+        .map(|row| Ok((row.try_get("ord")?, task_record(row)?)))
+        .collect()
 }
 
 /// Extends a lease that is still the task's current one.

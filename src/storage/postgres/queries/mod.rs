@@ -127,9 +127,9 @@ pub async fn claim_keys(
                  WHERE k.created_at <= now() - interval '1 microsecond' * $10 \
              RETURNING task_id \
          ), created AS ( \
-             INSERT INTO tasks (task_id, agent_id, action, parameters, status, \
-                                create_time, update_time, available_at) \
-             SELECT task_id, agent_id, action, parameters::jsonb, 1, \
+             INSERT INTO tasks (task_id, agent_id, action, parameters, parameters_bytes, \
+                                status, create_time, update_time, available_at) \
+             SELECT task_id, agent_id, action, parameters::jsonb, octet_length(parameters), 1, \
                     create_time, create_time, now() \
              FROM ( \
                  SELECT claimed.*, pg_advisory_xact_lock_shared(",
@@ -234,7 +234,7 @@ mod lifecycle;
 
 pub use keys::{api_keys, insert_api_key, revoke_api_key};
 pub use lifecycle::{
-    Leased, cancel_task, complete_task, complete_tasks, fail_task, lease_batch, lease_tasks,
+    Chosen, cancel_task, complete_task, complete_tasks, fail_task, lease_candidates, lease_chosen,
     renew_lease,
 };
 

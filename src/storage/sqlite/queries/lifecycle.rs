@@ -9,8 +9,11 @@ use uuid::Uuid;
 
 use super::{micros, parse_id, task_record};
 use crate::{
-    domain::{Completion, Failure, LeaseRef, TaskRecord},
-    storage::{LeaseOrder, RetryRule, StorageError, expired_message_template},
+    domain::{
+        Completion, Failure, LeaseRef, TaskRecord,
+        lease::{self, Candidate, Room, cut},
+    },
+    storage::{LeaseOrder, RetryRule, StorageError},
 };
 
 /// An owned [`LeaseOrder`], to cross into the writer task.
@@ -23,7 +26,6 @@ pub struct LeaseRow {
     max_bytes: i64,
     lease_duration: i64,
     max_attempts: i32,
-    expired_message: String,
 }
 
 impl From<&LeaseOrder<'_>> for LeaseRow {
@@ -35,7 +37,6 @@ impl From<&LeaseOrder<'_>> for LeaseRow {
             max_bytes: order.max_bytes,
             lease_duration: micros(order.lease_duration),
             max_attempts: order.max_attempts,
-            expired_message: expired_message_template(order.max_attempts),
         }
     }
 }
@@ -48,9 +49,13 @@ pub struct Leased {
     pub leased: Vec<TaskRecord>,
     /// The tasks ended FAILED.
     pub failed: Vec<Uuid>,
-    /// The bytes of the leased tasks' parameters.
-    pub bytes: i64,
+    /// Whether leasable tasks were left behind, past the order's limits.
+    pub left_behind: bool,
 }
+
+/// The most reads one lease makes: each after the first because tasks
+/// ended FAILED filled the one before.
+const MAX_LEASE_ROUNDS: usize = 8;
 
 /// Whether any task is leasable now, read without the writer: so idle
 /// workers polling for work do not queue behind the creates.
@@ -69,86 +74,115 @@ pub async fn any_leasable(
     Ok(found.is_some())
 }
 
-/// Leases up to `order.max_tasks` available tasks, oldest first, inside
-/// the writer's transaction (the single writer's, so no two callers get
-/// one task). Status numbers: 1 queued, 2 running, 4 failed.
+/// Leases tasks for one order inside the writer's transaction (the single
+/// writer's, so no two callers get one task): reads the oldest leasable
+/// tasks, lets [`cut`] decide which the order takes, as on PostgreSQL, and
+/// leases those (or ends them FAILED), reading again while tasks ended
+/// FAILED filled the read.
 pub async fn lease_in_transaction(
     connection: &mut SqliteConnection,
     order: &LeaseRow,
 ) -> Result<Leased, StorageError> {
     let mut done = Leased::default();
-    // Tasks ended FAILED take places of the limit: pick again while any
-    // were, so a poll is not answered empty while others wait.
-    loop {
-        let failed_before = done.failed.len();
-        let wanted = order.max_tasks - done.leased.len() as i64;
-        let full = lease_some(connection, order, wanted, &mut done).await?;
-        if full || done.failed.len() == failed_before || done.leased.len() as i64 >= order.max_tasks
-        {
+    let mut rooms = [Room::new(order.max_tasks, order.max_bytes)];
+    for _ in 0..MAX_LEASE_ROUNDS {
+        let wanted = lease::candidates_wanted(&rooms);
+        let candidates = lease_candidates(&mut *connection, order, wanted).await?;
+        let cut = cut(&rooms, &candidates, order.max_attempts);
+        done.left_behind |= cut.left_behind;
+        for pick in &cut.picks {
+            let candidate = &candidates[pick.candidate];
+            let message = candidate
+                .running
+                .then(|| lease::expired_message(candidate.attempt, order.max_attempts));
+            if pick.ends {
+                end_expired(&mut *connection, candidate, message).await?;
+                done.failed.push(candidate.task_id);
+            } else {
+                let task = lease_one(&mut *connection, order, candidate, message).await?;
+                rooms[0].take(candidate.size);
+                done.leased.push(task);
+            }
+        }
+        if !lease::another_round(&rooms, false, candidates.len() as i64 >= wanted) {
             break;
         }
     }
     Ok(done)
 }
 
-/// One pick and lease of up to `wanted` tasks, inside the caller's
-/// transaction; true once the leased parameters reach `max_bytes`.
-async fn lease_some(
+/// The oldest leasable tasks of the order's actions, at most `limit`.
+async fn lease_candidates(
     connection: &mut SqliteConnection,
     order: &LeaseRow,
-    wanted: i64,
-    done: &mut Leased,
-) -> Result<bool, StorageError> {
-    let picked: Vec<(String, i64, i32, i64)> = sqlx::query_as(concat!(
-        "SELECT task_id, status, attempt, length(CAST(parameters AS BLOB)) FROM tasks \
+    limit: i64,
+) -> Result<Vec<Candidate>, StorageError> {
+    let rows: Vec<(String, i64, bool, i32)> = sqlx::query_as(concat!(
+        "SELECT task_id, parameters_bytes, status = 2, attempt FROM tasks \
          WHERE status IN (1, 2) AND available_at <= ",
         now!(),
         " AND (json_array_length(?1) = 0 OR action IN (SELECT value FROM json_each(?1))) \
          ORDER BY available_at, seq LIMIT ?2"
     ))
     .bind(&order.actions)
-    .bind(wanted)
-    .fetch_all(&mut *connection)
+    .bind(limit)
+    .fetch_all(connection)
     .await?;
-    for (task_id, status, attempt, size) in picked {
-        if !done.leased.is_empty() && done.bytes + size > order.max_bytes {
-            return Ok(true);
-        }
-        if status == 2 && attempt >= order.max_attempts {
-            sqlx::query(concat!(
-                "UPDATE tasks SET status = 4, error_message = format(?2, attempt), update_time = ",
-                now!(),
-                " WHERE task_id = ?1"
-            ))
-            .bind(&task_id)
-            .bind(&order.expired_message)
-            .execute(&mut *connection)
-            .await?;
-            done.failed.push(parse_id(&task_id)?);
-            continue;
-        }
-        let row = sqlx::query(concat!(
-            "UPDATE tasks SET status = 2, \
-                 error_message = CASE WHEN status = 2 THEN format(?2, attempt) ELSE error_message END, \
-                 attempt = attempt + 1, lease_token = ?3, worker_id = ?4, \
-                 available_at = ",
-            now!(),
-            " + ?5, update_time = ",
-            now!(),
-            " WHERE task_id = ?1 RETURNING ",
-            task_columns!()
-        ))
-        .bind(&task_id)
-        .bind(&order.expired_message)
-        .bind(Uuid::new_v4().to_string())
-        .bind(&order.worker_id)
-        .bind(order.lease_duration)
-        .fetch_one(&mut *connection)
-        .await?;
-        done.leased.push(task_record(&row)?);
-        done.bytes += size;
-    }
-    Ok(false)
+    rows.into_iter()
+        .map(|(task_id, size, running, attempt)| {
+            Ok(Candidate {
+                task_id: parse_id(&task_id)?,
+                size,
+                running,
+                attempt,
+            })
+        })
+        .collect()
+}
+
+/// Ends FAILED (4) a task whose last allowed lease ran out.
+async fn end_expired(
+    connection: &mut SqliteConnection,
+    candidate: &Candidate,
+    message: Option<String>,
+) -> Result<(), StorageError> {
+    sqlx::query(concat!(
+        "UPDATE tasks SET status = 4, error_message = coalesce(?2, error_message), update_time = ",
+        now!(),
+        " WHERE task_id = ?1"
+    ))
+    .bind(candidate.task_id.to_string())
+    .bind(message)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+/// Leases (2) one task to the order's worker with a new token.
+async fn lease_one(
+    connection: &mut SqliteConnection,
+    order: &LeaseRow,
+    candidate: &Candidate,
+    message: Option<String>,
+) -> Result<TaskRecord, StorageError> {
+    let row = sqlx::query(concat!(
+        "UPDATE tasks SET status = 2, error_message = coalesce(?2, error_message), \
+             attempt = attempt + 1, lease_token = ?3, worker_id = ?4, \
+             available_at = ",
+        now!(),
+        " + ?5, update_time = ",
+        now!(),
+        " WHERE task_id = ?1 RETURNING ",
+        task_columns!()
+    ))
+    .bind(candidate.task_id.to_string())
+    .bind(message)
+    .bind(Uuid::new_v4().to_string())
+    .bind(&order.worker_id)
+    .bind(order.lease_duration)
+    .fetch_one(connection)
+    .await?;
+    task_record(&row)
 }
 
 /// Extends a lease that is still the task's current one.

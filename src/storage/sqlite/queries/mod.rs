@@ -50,6 +50,8 @@ pub struct ClaimRow {
     agent_id: String,
     action: String,
     parameters_json: String,
+    /// The bytes of `parameters_json`.
+    parameters_bytes: i64,
     create_time: i64,
     retention: i64,
 }
@@ -64,6 +66,7 @@ impl From<KeyClaim> for ClaimRow {
             response: claim.response,
             agent_id: claim.agent_id,
             action: claim.action,
+            parameters_bytes: i64::try_from(claim.parameters_json.len()).unwrap_or(i64::MAX),
             parameters_json: claim.parameters_json,
             create_time: claim.create_time.timestamp_micros(),
             retention: micros(claim.retention),
@@ -158,10 +161,12 @@ pub async fn claim_keys(
         .filter(|c| taken.contains(&c.task_id))
         .collect();
     if !created.is_empty() {
-        let values = vec![concat!("(?, ?, ?, ?, 1, ?, ?, ", now!(), ")"); created.len()].join(", ");
+        let values =
+            vec![concat!("(?, ?, ?, ?, ?, 1, ?, ?, ", now!(), ")"); created.len()].join(", ");
         let sql = format!(
             "INSERT INTO tasks \
-                 (task_id, agent_id, action, parameters, status, create_time, update_time, available_at) \
+                 (task_id, agent_id, action, parameters, parameters_bytes, status, create_time, \
+                  update_time, available_at) \
              VALUES {values}"
         );
         let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -171,6 +176,7 @@ pub async fn claim_keys(
                 .bind(&row.agent_id)
                 .bind(&row.action)
                 .bind(&row.parameters_json)
+                .bind(row.parameters_bytes)
                 .bind(row.create_time)
                 .bind(row.create_time);
         }
@@ -248,8 +254,9 @@ pub async fn claim_key(
     }
     sqlx::query(concat!(
         "INSERT INTO tasks \
-             (task_id, agent_id, action, parameters, status, create_time, update_time, available_at) \
-         VALUES (?1, ?2, ?3, ?4, 1, ?5, ?5, ",
+             (task_id, agent_id, action, parameters, parameters_bytes, status, create_time, \
+              update_time, available_at) \
+         VALUES (?1, ?2, ?3, ?4, ?6, 1, ?5, ?5, ",
         now!(),
         ")"
     ))
@@ -258,6 +265,7 @@ pub async fn claim_key(
     .bind(&claim.action)
     .bind(&claim.parameters_json)
     .bind(claim.create_time)
+    .bind(claim.parameters_bytes)
     .execute(&mut *connection)
     .await?;
     Ok(Claimed::Created)

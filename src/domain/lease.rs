@@ -1,0 +1,345 @@
+//! Which leasable tasks a lease statement takes: the cut, decided here for
+//! both stores, before any row is locked.
+//!
+//! A store reads the oldest leasable tasks ([`Candidate`]s: their size and
+//! state, not their parameters), [`cut`] decides which order takes each,
+//! and the store then locks and leases exactly those, fenced on the state
+//! it read. So a statement never locks a task it will not hand out: tasks
+//! past a byte limit stay unlocked for every other statement and instance
+//! (locking them first, as a `LIMIT n FOR UPDATE SKIP LOCKED` of all the
+//! orders wanted, hid them from everyone until the statement committed).
+//!
+//! The orders take the candidates in turn, oldest first: each takes a run
+//! of them up to its task limit and its byte limit (an answer's first task
+//! whatever its size), and the next order starts where it stopped. A task
+//! whose lease ran out on its last allowed attempt is ended FAILED rather
+//! than leased, and takes no room: it is not in anyone's answer.
+
+use uuid::Uuid;
+
+/// A leasable task as the cut sees it: read without a lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// The task.
+    pub task_id: Uuid,
+    /// The bytes of its parameters (canonical JSON).
+    pub size: i64,
+    /// Whether it was running (its lease ran out) rather than queued.
+    pub running: bool,
+    /// Its attempt number as read: the fence of the write that follows.
+    pub attempt: i32,
+}
+
+impl Candidate {
+    /// Whether leasing it would be an attempt past `max_attempts`: its
+    /// last allowed lease ran out, so it ends FAILED instead.
+    pub fn ends(&self, max_attempts: i32) -> bool {
+        self.running && self.attempt >= max_attempts
+    }
+}
+
+/// What one order may still take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    /// Tasks.
+    pub tasks: i64,
+    /// Bytes of parameters.
+    pub bytes: i64,
+    /// Whether the answer holds a task already (the first one is taken
+    /// whatever its size).
+    pub holds_any: bool,
+}
+
+impl Room {
+    /// The room of an order that holds nothing yet.
+    pub fn new(max_tasks: i64, max_bytes: i64) -> Self {
+        Self {
+            tasks: max_tasks,
+            bytes: max_bytes,
+            holds_any: false,
+        }
+    }
+
+    /// Whether a task of `size` bytes fits.
+    pub fn fits(&self, size: i64) -> bool {
+        self.tasks > 0 && (!self.holds_any || size <= self.bytes)
+    }
+
+    /// Takes a task of `size` bytes.
+    pub fn take(&mut self, size: i64) {
+        self.tasks -= 1;
+        self.bytes -= size;
+        self.holds_any = true;
+    }
+
+    /// Whether no task could fit any more.
+    pub fn is_full(&self) -> bool {
+        self.tasks <= 0 || (self.holds_any && self.bytes <= 0)
+    }
+}
+
+/// One candidate's place in the cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick {
+    /// Which candidate (its index in the candidates given to [`cut`]).
+    pub candidate: usize,
+    /// Which order takes it (its index in the rooms given to [`cut`]).
+    pub order: usize,
+    /// Whether it ends FAILED instead of being leased.
+    pub ends: bool,
+}
+
+/// What [`cut`] decided.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cut {
+    /// The candidates taken, in the candidates' order.
+    pub picks: Vec<Pick>,
+    /// Whether candidates remain that no order had room for: leasable
+    /// tasks left behind, unlocked, that waiting pollers should be told of.
+    pub left_behind: bool,
+}
+
+/// Hands the candidates (oldest first) to the orders in turn, each up to
+/// its room; see the module's documentation.
+pub fn cut(rooms: &[Room], candidates: &[Candidate], max_attempts: i32) -> Cut {
+    let mut rooms = rooms.to_vec();
+    let mut order = 0;
+    let mut picks = Vec::new();
+    for (index, candidate) in candidates.iter().enumerate() {
+        while order < rooms.len() && rooms[order].is_full() {
+            order += 1;
+        }
+        if order == rooms.len() {
+            return Cut {
+                picks,
+                left_behind: true,
+            };
+        }
+        if candidate.ends(max_attempts) {
+            picks.push(Pick {
+                candidate: index,
+                order,
+                ends: true,
+            });
+            continue;
+        }
+        while order < rooms.len() && !rooms[order].fits(candidate.size) {
+            order += 1;
+        }
+        let Some(room) = rooms.get_mut(order) else {
+            return Cut {
+                picks,
+                left_behind: true,
+            };
+        };
+        room.take(candidate.size);
+        picks.push(Pick {
+            candidate: index,
+            order,
+            ends: false,
+        });
+    }
+    Cut {
+        picks,
+        left_behind: false,
+    }
+}
+
+/// Whether a lease statement should be followed by another round for the
+/// orders that still have room: some of its picks were taken by another
+/// statement first (`skipped`), or the read returned as many candidates as
+/// it asked for (`read_full`), so that more may wait behind them (tasks
+/// ended FAILED took no room).
+pub fn another_round(rooms: &[Room], skipped: bool, read_full: bool) -> bool {
+    (skipped || read_full) && rooms.iter().any(|room| !room.is_full())
+}
+
+/// How many candidates to read for `rooms`: enough to fill every order
+/// that has room by count (a byte limit only ever takes fewer).
+pub fn candidates_wanted(rooms: &[Room]) -> i64 {
+    rooms
+        .iter()
+        .filter(|room| !room.is_full())
+        .map(|room| room.tasks.max(0))
+        .sum()
+}
+
+/// The message kept on a task whose lease ran out on `attempt` of
+/// `max_attempts`, whether it is leased again or ends FAILED.
+pub fn expired_message(attempt: i32, max_attempts: i32) -> String {
+    format!(
+        "the lease of attempt {attempt} of {max_attempts} expired before its worker completed or failed the task"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(size: i64) -> Candidate {
+        Candidate {
+            task_id: Uuid::new_v4(),
+            size,
+            running: false,
+            attempt: 0,
+        }
+    }
+
+    fn expired(attempt: i32) -> Candidate {
+        Candidate {
+            task_id: Uuid::new_v4(),
+            size: 1000,
+            running: true,
+            attempt,
+        }
+    }
+
+    /// (candidate, order, ends) of each pick.
+    fn shape(cut: &Cut) -> Vec<(usize, usize, bool)> {
+        cut.picks
+            .iter()
+            .map(|p| (p.candidate, p.order, p.ends))
+            .collect()
+    }
+
+    #[test]
+    fn orders_take_runs_of_the_oldest_tasks_in_turn_up_to_their_count() {
+        let rooms = [Room::new(2, 1000), Room::new(3, 1000)];
+        let candidates: Vec<_> = (0..6).map(|_| queued(10)).collect();
+
+        let cut = cut(&rooms, &candidates, 5);
+
+        assert_eq!(
+            shape(&cut),
+            [
+                (0, 0, false),
+                (1, 0, false),
+                (2, 1, false),
+                (3, 1, false),
+                (4, 1, false)
+            ]
+        );
+        assert!(cut.left_behind, "the sixth task had no order");
+    }
+
+    #[test]
+    fn a_byte_limit_ends_an_order_and_the_next_starts_where_it_stopped() {
+        let rooms = [Room::new(10, 100), Room::new(10, 100)];
+        let candidates = [queued(60), queued(30), queued(20), queued(90), queued(50)];
+
+        let cut = cut(&rooms, &candidates, 5);
+
+        // 60 + 30 fit the first order's 100 and 20 more would not; the
+        // second takes 20, and 90 more would be past its 100: no order is
+        // left, so 90 and 50 stay behind.
+        assert_eq!(shape(&cut), [(0, 0, false), (1, 0, false), (2, 1, false)]);
+        assert!(cut.left_behind);
+    }
+
+    #[test]
+    fn an_answer_holds_its_first_task_whatever_its_size() {
+        let rooms = [Room::new(5, 100), Room::new(5, 100)];
+        let candidates = [queued(500), queued(10), queued(700)];
+
+        let cut = cut(&rooms, &candidates, 5);
+
+        assert_eq!(shape(&cut), [(0, 0, false), (1, 1, false)]);
+        assert!(cut.left_behind, "700 bytes fit neither order holding one");
+    }
+
+    #[test]
+    fn a_task_past_its_last_attempt_ends_and_takes_no_room() {
+        let rooms = [Room::new(1, 100)];
+        let candidates = [expired(5), expired(5), queued(10), queued(10)];
+
+        let cut = cut(&rooms, &candidates, 5);
+
+        assert_eq!(shape(&cut), [(0, 0, true), (1, 0, true), (2, 0, false)]);
+        assert!(cut.left_behind);
+    }
+
+    #[test]
+    fn an_expired_lease_before_the_last_attempt_is_leased_again() {
+        let rooms = [Room::new(1, 100)];
+
+        let cut = cut(&rooms, &[expired(4)], 5);
+
+        assert_eq!(shape(&cut), [(0, 0, false)]);
+        assert!(!cut.left_behind);
+    }
+
+    #[test]
+    fn no_order_with_room_takes_nothing_and_leaves_everything_behind() {
+        let mut full = Room::new(1, 100);
+        full.take(10);
+
+        let cut = cut(&[full], &[queued(1), expired(9)], 5);
+
+        assert!(cut.picks.is_empty());
+        assert!(cut.left_behind);
+    }
+
+    #[test]
+    fn every_candidate_taken_leaves_nothing_behind() {
+        let cut = cut(&[Room::new(10, 1000)], &[queued(1), queued(2)], 5);
+
+        assert_eq!(cut.picks.len(), 2);
+        assert!(!cut.left_behind);
+    }
+
+    #[test]
+    fn picks_never_exceed_an_orders_count_or_bytes_beyond_its_first_task() {
+        // Every combination of a few sizes and limits.
+        let sizes = [1, 7, 50, 99, 100, 101, 400];
+        for max_tasks in 1..4 {
+            for max_bytes in [1, 100, 250] {
+                for seed in 0..50usize {
+                    let candidates: Vec<_> = (0..12)
+                        .map(|i| queued(sizes[(seed * 7 + i * 3 + i * i) % sizes.len()]))
+                        .collect();
+                    let rooms = vec![Room::new(max_tasks, max_bytes); 3];
+                    let cut = cut(&rooms, &candidates, 5);
+                    for order in 0..3 {
+                        let taken: Vec<i64> = cut
+                            .picks
+                            .iter()
+                            .filter(|p| p.order == order)
+                            .map(|p| candidates[p.candidate].size)
+                            .collect();
+                        assert!(taken.len() as i64 <= max_tasks);
+                        if taken.len() > 1 {
+                            assert!(taken.iter().sum::<i64>() <= max_bytes);
+                        }
+                    }
+                    // The picks are a prefix of the candidates, in order.
+                    for (place, pick) in cut.picks.iter().enumerate() {
+                        assert_eq!(pick.candidate, place);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn another_round_only_for_orders_with_room_after_a_skip_or_a_full_read() {
+        let mut full = Room::new(1, 100);
+        full.take(10);
+        let open = Room::new(3, 100);
+
+        assert!(another_round(&[full, open], true, false));
+        assert!(another_round(&[open], false, true));
+        assert!(!another_round(&[open], false, false));
+        assert!(!another_round(&[full], true, true));
+    }
+
+    #[test]
+    fn candidates_wanted_counts_the_room_of_orders_not_full() {
+        let mut full = Room::new(4, 100);
+        full.take(100);
+
+        assert_eq!(
+            candidates_wanted(&[full, Room::new(3, 10), Room::new(2, 10)]),
+            5
+        );
+    }
+}
