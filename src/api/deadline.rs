@@ -5,21 +5,28 @@ use std::time::Duration;
 
 use tonic::metadata::MetadataMap;
 
-/// The share of the caller's time kept back for the answer to travel.
+/// The share of the caller's time kept back for the last read and the
+/// answer: the database, the layers, the network, a busy machine.
 const MARGIN_DIVISOR: u32 = 10;
+/// The least time kept back (unless the deadline is shorter than twice
+/// it: then half of it): a busy two-core server still answers in time.
+const MIN_MARGIN: Duration = Duration::from_millis(500);
 /// The most time kept back.
-const MAX_MARGIN: Duration = Duration::from_millis(500);
+const MAX_MARGIN: Duration = Duration::from_secs(1);
 
 /// How long a long poll may wait: `wanted`, but never past the caller's
-/// deadline nor the server's `request_timeout` (less a margin for the
-/// answer to arrive).
+/// deadline nor the server's `request_timeout`, less a margin for the last
+/// read and the answer to arrive: a tenth of that limit, at least half a
+/// second and at most a second, and never more than half of it.
 pub(super) fn bounded_wait(
     metadata: &MetadataMap,
     wanted: Duration,
     request_timeout: Duration,
 ) -> Duration {
     let limit = grpc_timeout(metadata).map_or(request_timeout, |t| t.min(request_timeout));
-    let margin = (limit / MARGIN_DIVISOR).min(MAX_MARGIN);
+    let margin = (limit / MARGIN_DIVISOR)
+        .clamp(MIN_MARGIN, MAX_MARGIN)
+        .min(limit / 2);
     wanted.min(limit.saturating_sub(margin))
 }
 
@@ -57,16 +64,18 @@ mod tests {
     fn the_wait_ends_before_the_callers_deadline() {
         let wanted = Duration::from_secs(30);
         let server = Duration::from_secs(90);
+        let ms = Duration::from_millis;
         assert_eq!(bounded_wait(&MetadataMap::new(), wanted, server), wanted);
-        assert_eq!(
-            bounded_wait(&metadata("1S"), wanted, server),
-            Duration::from_millis(900)
-        );
+        // At least half a second held back...
+        assert_eq!(bounded_wait(&metadata("1S"), wanted, server), ms(500));
+        assert_eq!(bounded_wait(&metadata("3S"), wanted, server), ms(2500));
+        // ...a tenth of longer deadlines, at most a second...
+        assert_eq!(bounded_wait(&metadata("8S"), wanted, server), ms(7200));
+        assert_eq!(bounded_wait(&metadata("10000m"), wanted, server), ms(9000));
+        assert_eq!(bounded_wait(&metadata("40S"), wanted, server), wanted);
         assert_eq!(bounded_wait(&metadata("2M"), wanted, server), wanted);
-        assert_eq!(
-            bounded_wait(&metadata("10000m"), wanted, server),
-            Duration::from_millis(9500)
-        );
+        // ...and half of a deadline under a second.
+        assert_eq!(bounded_wait(&metadata("600m"), wanted, server), ms(300));
         assert_eq!(bounded_wait(&metadata("bogus"), wanted, server), wanted);
         assert_eq!(
             bounded_wait(&metadata("123456789S"), wanted, server),
@@ -75,7 +84,7 @@ mod tests {
         // The server's own timeout bounds a long poll too.
         assert_eq!(
             bounded_wait(&MetadataMap::new(), wanted, Duration::from_secs(10)),
-            Duration::from_millis(9500)
+            ms(9000)
         );
     }
 }
