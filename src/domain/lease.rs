@@ -146,12 +146,14 @@ pub fn cut(rooms: &[Room], candidates: &[Candidate], max_attempts: i32) -> Cut {
 }
 
 /// Whether a lease statement should be followed by another round for the
-/// orders that still have room: some of its picks were taken by another
-/// statement first (`skipped`), or the read returned as many candidates as
-/// it asked for (`read_full`), so that more may wait behind them (tasks
-/// ended FAILED took no room).
-pub fn another_round(rooms: &[Room], skipped: bool, read_full: bool) -> bool {
-    (skipped || read_full) && rooms.iter().any(|room| !room.is_full())
+/// orders that still have room (`rooms`, after the statement): some of its
+/// picks were taken by another statement first (`skipped`), or the read
+/// returned as many candidates as it asked for (`read_full`) and the cut
+/// took them all, so that more may wait behind them (tasks ended FAILED
+/// took no room). When the cut left candidates behind, no order had room
+/// for the next one, and reading again would find it first again.
+pub fn another_round(rooms: &[Room], cut: &Cut, skipped: bool, read_full: bool) -> bool {
+    (skipped || (read_full && !cut.left_behind)) && rooms.iter().any(|room| !room.is_full())
 }
 
 /// How many candidates to read for `rooms`: enough to fill every order
@@ -325,11 +327,21 @@ mod tests {
         let mut full = Room::new(1, 100);
         full.take(10);
         let open = Room::new(3, 100);
+        let took_all = Cut::default();
+        let cut_short = Cut {
+            picks: Vec::new(),
+            left_behind: true,
+        };
 
-        assert!(another_round(&[full, open], true, false));
-        assert!(another_round(&[open], false, true));
-        assert!(!another_round(&[open], false, false));
-        assert!(!another_round(&[full], true, true));
+        assert!(another_round(&[full, open], &took_all, true, false));
+        assert!(another_round(&[open], &took_all, false, true));
+        assert!(!another_round(&[open], &took_all, false, false));
+        assert!(!another_round(&[full], &took_all, true, true));
+        // A byte limit stopped the cut: the next read would start at the
+        // task no order had room for.
+        assert!(!another_round(&[open], &cut_short, false, true));
+        // Unless picks were taken by someone else, which gives room back.
+        assert!(another_round(&[open], &cut_short, true, true));
     }
 
     #[test]

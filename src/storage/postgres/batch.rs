@@ -535,7 +535,7 @@ impl Leases {
                 self.target.notifier.ready().await;
             }
             let read_full = candidates.len() as i64 >= wanted;
-            if !lease::another_round(&rooms, skipped.len() > skipped_before, read_full) {
+            if !lease::another_round(&rooms, &decided, skipped.len() > skipped_before, read_full) {
                 break;
             }
         }

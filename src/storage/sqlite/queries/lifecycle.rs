@@ -104,7 +104,7 @@ pub async fn lease_in_transaction(
                 done.leased.push(task);
             }
         }
-        if !lease::another_round(&rooms, false, candidates.len() as i64 >= wanted) {
+        if !lease::another_round(&rooms, &cut, false, candidates.len() as i64 >= wanted) {
             break;
         }
     }
