@@ -372,6 +372,14 @@ pub(super) struct Leased {
     pub(super) failed: usize,
 }
 
+impl Leased {
+    /// Whether the order's statements leased or ended any task (committed
+    /// work that it must be told of).
+    fn changed_any(&self) -> bool {
+        !self.leased.is_empty() || self.failed > 0
+    }
+}
+
 /// The most statements one batch of orders sends: each after the first is
 /// for orders that still have room because another statement took their
 /// picks first, or because tasks ended FAILED filled the read.
@@ -432,29 +440,28 @@ impl Leases {
         // What was leased before the failure is committed: its orders get
         // it. The orders that got nothing try again on their own, each with
         // its own outcome.
-        let (served, empty): (Vec<_>, Vec<_>) = group
+        let (served, mut empty): (Vec<_>, Vec<_>) = group
             .into_iter()
             .zip(done)
-            .partition(|(_, leased)| !leased.leased.is_empty() || leased.failed > 0);
+            .partition(|(_, leased)| leased.changed_any());
         for (pending, leased) in served {
             let _ = pending.reply.send(Ok(leased));
         }
-        if empty.len() == 1 {
-            if let Some((pending, _)) = empty.into_iter().next() {
+        if empty.len() <= 1 {
+            if let Some((pending, _)) = empty.pop() {
                 let _ = pending.reply.send(Err(error));
             }
             return;
         }
         tracing::debug!(%error, orders = empty.len(), "a lease statement failed; leasing one order at a time");
         for (pending, _) in empty {
-            let outcome = self
-                .lease(&[&pending.item])
-                .await
-                .map(|mut done| done.pop().unwrap_or_default())
-                .or_else(|(error, mut done)| match done.pop() {
-                    Some(leased) if !leased.leased.is_empty() || leased.failed > 0 => Ok(leased),
+            let outcome = match self.lease(&[&pending.item]).await {
+                Ok(mut done) => Ok(done.pop().unwrap_or_default()),
+                Err((error, mut done)) => match done.pop() {
+                    Some(leased) if leased.changed_any() => Ok(leased),
                     _ => Err(error),
-                });
+                },
+            };
             let _ = pending.reply.send(outcome);
         }
     }
