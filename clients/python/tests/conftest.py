@@ -8,6 +8,10 @@ missing binary fails the tests: they never pass by skipping.
 ``keyed_server`` is such a server with API keys, made with the binary's
 ``keys create`` before it starts. ``ONCELY_API_KEY`` is removed from the
 environment of every test, so a key of the shell never leaks in.
+
+The tests run on busy machines: they wait for evidence (:func:`eventually`,
+with a generous deadline) rather than sleep, and assert what holds however
+the threads and processes are scheduled.
 """
 
 from __future__ import annotations
@@ -29,6 +33,28 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_BINARY = REPO_ROOT / "target" / "debug" / "oncely"
 START_TIMEOUT = 30.0
+PATIENCE = 30.0
+"""How long a test waits for evidence of something that normally takes well
+under a second."""
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = PATIENCE, pause: float = 0.02) -> bool:
+    """Polls ``condition()`` until it returns something true (then True) or
+    ``timeout`` seconds have passed (then False). For threads other than the
+    test's own, which must not fail the test themselves."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)
+    return True
+
+
+def eventually(condition: Callable[[], Any], what: str, timeout: float = PATIENCE) -> None:
+    """Waits until ``condition()`` returns something true; fails the test,
+    saying ``what`` was awaited, after ``timeout`` seconds."""
+    if not wait_until(condition, timeout):
+        pytest.fail(f"waited {timeout}s for {what}")
 
 
 def free_port() -> int:
@@ -213,41 +239,73 @@ def start_server(oncely_binary: Path, tmp_path_factory: pytest.TempPathFactory) 
         running.stop()
 
 
+@dataclass
+class RecordedCall:
+    """One attempt of a call, as the client sent it."""
+
+    request: Any
+    start: float
+    """When it left the client (``time.monotonic()``)."""
+    end: float | None = None
+    """When its answer (or failure) came back; None while in flight."""
+    code: grpc.StatusCode | None = None
+    """How it ended; None while in flight."""
+
+
 class AttemptCounter(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    """Records when each call of a method leaves the client, so a test can
-    count a client's attempts and the waits between them."""
+    """Records each call of a channel as it leaves the client and as it
+    ends, so a test can count a client's attempts, the waits between them
+    and what they asked for. Methods are named without their service
+    (``CreateTask``, ``RenewLease``): the names are unique across
+    oncely's services."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._starts: dict[str, list[float]] = {}
+        self._calls: dict[str, list[RecordedCall]] = {}
 
     def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        method = client_call_details.method.rsplit("/", 1)[-1]
+        call = RecordedCall(request, time.monotonic())
         with self._lock:
-            self._starts.setdefault(client_call_details.method, []).append(time.monotonic())
-        return continuation(client_call_details, request)
+            self._calls.setdefault(method, []).append(call)
+        outcome = continuation(client_call_details, request)
+
+        def ended(done: Any) -> None:
+            with self._lock:
+                call.end, call.code = time.monotonic(), done.code()
+
+        outcome.add_done_callback(ended)
+        return outcome
+
+    def calls(self, method: str = "CreateTask") -> list[RecordedCall]:
+        """The attempts of ``method`` so far, in the order they were sent
+        (copies)."""
+        with self._lock:
+            return [RecordedCall(c.request, c.start, c.end, c.code) for c in self._calls.get(method, [])]
 
     def starts(self, method: str = "CreateTask") -> list[float]:
-        """When each attempt of ``tasks.v1.TaskService/<method>`` started."""
-        with self._lock:
-            return list(self._starts.get(f"/tasks.v1.TaskService/{method}", []))
+        """When each attempt of ``method`` started."""
+        return [call.start for call in self.calls(method)]
 
     def count(self, method: str = "CreateTask") -> int:
-        """How many attempts of ``tasks.v1.TaskService/<method>`` were sent."""
-        return len(self.starts(method))
+        """How many attempts of ``method`` were sent."""
+        return len(self.calls(method))
 
 
-CountedChannel = Callable[[str], tuple[grpc.Channel, AttemptCounter]]
+CountedChannel = Callable[..., tuple[grpc.Channel, AttemptCounter]]
 
 
 @pytest.fixture
 def counted_channel() -> Iterator[CountedChannel]:
-    """Makes channels that count their calls: ``channel, counter =
-    counted_channel(address)``. All are closed after the test."""
+    """Makes channels that record their calls: ``channel, counter =
+    counted_channel(address)``, with ``options=`` for the channel's options
+    (such as a client's own, from ``oncely._wire.channel_options``). All are
+    closed after the test."""
     channels: list[grpc.Channel] = []
 
-    def make(address: str) -> tuple[grpc.Channel, AttemptCounter]:
+    def make(address: str, options: Sequence[tuple[str, Any]] = ()) -> tuple[grpc.Channel, AttemptCounter]:
         counter = AttemptCounter()
-        channel = grpc.intercept_channel(grpc.insecure_channel(address), counter)
+        channel = grpc.intercept_channel(grpc.insecure_channel(address, options=list(options)), counter)
         channels.append(channel)
         return channel, counter
 
