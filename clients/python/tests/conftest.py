@@ -1,9 +1,11 @@
 """Fixtures that run the real oncely server for the tests.
 
 Each server is the binary named by ``ONCELY_BIN`` (default:
-``target/debug/oncely`` at the repository root), started on a free port with
-a fresh SQLite database in a temporary folder, and stopped afterwards. A
-missing binary fails the tests: they never pass by skipping.
+``target/debug/oncely`` at the repository root), started with a fresh SQLite
+database in a temporary folder, and stopped afterwards. It binds port 0 and
+the tests read the address it got from its log, so no port is picked and
+released for it to race for. A missing binary fails the tests: they never
+pass by skipping.
 
 ``keyed_server`` is such a server with API keys, made with the binary's
 ``keys create`` before it starts. ``ONCELY_API_KEY`` is removed from the
@@ -16,6 +18,7 @@ the threads and processes are scheduled.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -32,10 +35,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_BINARY = REPO_ROOT / "target" / "debug" / "oncely"
-START_TIMEOUT = 30.0
+START_TIMEOUT = 60.0
+"""How long a server may take to start (a debug build, on a busy machine)."""
 PATIENCE = 30.0
 """How long a test waits for evidence of something that normally takes well
 under a second."""
+
+SERVING_MESSAGE = "serving tasks.v1.TaskService, tasks.v1.WorkerService and tasks.v1.Admin"
+"""The message of the server's info event that names the address it bound
+(field ``addr``)."""
+LOG_FILTER = "warn,oncely::startup=info"
+"""The servers' ``RUST_LOG``: warnings, and the start-up events (among them
+the one that names the address)."""
+ADDRESS_IN_USE = "Address already in use"
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = PATIENCE, pause: float = 0.02) -> bool:
@@ -58,40 +70,106 @@ def eventually(condition: Callable[[], Any], what: str, timeout: float = PATIENC
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """A TCP port on 127.0.0.1 that nothing listened on when asked. Another
+    process may take it at any moment: use it for an address where nothing
+    is expected to answer (a test that only sees calls fail there), or to
+    start a server on a port known beforehand with ``start_server(port=...)``,
+    which waits while the port is in use."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
 
 
-class Server:
-    """One oncely server process, with its own SQLite database."""
+def bound_address(log: str) -> str | None:
+    """The address a server's JSON log says it serves on, if it says so
+    yet (a line still being written is skipped)."""
+    for line in log.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("message") == SERVING_MESSAGE:
+            return str(event["addr"])
+    return None
 
-    def __init__(self, binary: Path, workdir: Path, port: int, env: Mapping[str, str]) -> None:
-        self.address = f"127.0.0.1:{port}"
+
+class Server:
+    """One oncely server process, with its own SQLite database.
+
+    It binds ``port``, by default 0 (any free port); :attr:`address` is what
+    it bound, read from its log. A given port that is in use is tried again
+    until the start deadline. With ``tls_ca``, the server is expected to
+    serve TLS (``TLS_CERT``, ``TLS_KEY`` in ``env``) with a certificate that
+    CA signed. ``env`` may set ``RUST_LOG`` as long as it keeps the info
+    events of ``oncely::startup``; the log is always JSON.
+    """
+
+    def __init__(
+        self, binary: Path, workdir: Path, env: Mapping[str, str], *, port: int = 0, tls_ca: Path | None = None
+    ) -> None:
+        if env.get("LOG_FORMAT", "json") != "json":
+            raise ValueError("the tests read the server's address from its JSON log: LOG_FORMAT must be json")
         self.database = workdir / "oncely.db"
         self.log = workdir / "server.log"
+        self.tls_ca = tls_ca
         # Only these settings: none leak in from the environment the tests run in.
         environment = {
             "PATH": os.environ.get("PATH", os.defpath),
             "DATABASE_URL": f"sqlite://{self.database}",
-            "LISTEN_ADDR": self.address,
-            "RUST_LOG": "warn",
+            "LISTEN_ADDR": f"127.0.0.1:{port}",
+            "LOG_FORMAT": "json",
+            "RUST_LOG": LOG_FILTER,
             **env,
         }
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen([str(binary)], env=environment, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            self._wait_until_serving()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_until_serving(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            with self.log.open("wb") as log:
+                self.process = subprocess.Popen([str(binary)], env=environment, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                address = self._wait_for_address(deadline)
+                if address is not None:
+                    self.address = address
+                    self._wait_until_serving(deadline)
+                    return
+            except BaseException:
+                self.stop()
+                raise
+            # The process exited before serving. A port chosen beforehand
+            # may have been taken meanwhile (by anything on this machine):
+            # wait for it to be free again.
+            if port and ADDRESS_IN_USE in self.log_tail() and time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            pytest.fail(f"the oncely server exited with {self.process.returncode} while starting:\n{self.log_tail()}")
+
+    def _wait_for_address(self, deadline: float) -> str | None:
+        """The address the server's log names once it serves; None when the
+        process exits first."""
+        while True:
+            address = bound_address(self.log.read_text(errors="replace"))
+            if address is not None:
+                return address
+            if self.process.poll() is not None:
+                return None
+            if time.monotonic() >= deadline:
+                pytest.fail(
+                    f"the oncely server did not log its address ({SERVING_MESSAGE!r}, at info level in"
+                    f" oncely::startup) after {START_TIMEOUT}s:\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
+
+    def _wait_until_serving(self, deadline: float) -> None:
         request = health_pb2.HealthCheckRequest(service="tasks.v1.TaskService")
         # Retry the connection quickly while the server starts.
-        with grpc.insecure_channel(self.address, options=[("grpc.max_reconnect_backoff_ms", 100)]) as channel:
+        options = [("grpc.max_reconnect_backoff_ms", 100)]
+        if self.tls_ca is None:
+            channel = grpc.insecure_channel(self.address, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(root_certificates=self.tls_ca.read_bytes())
+            channel = grpc.secure_channel(self.address, credentials, options=options)
+        with channel:
             health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
@@ -99,7 +177,7 @@ class Server:
                         f"the oncely server exited with {self.process.returncode} while starting:\n{self.log_tail()}"
                     )
                 try:
-                    answer = health.Check(request, timeout=1)
+                    answer = health.Check(request, timeout=5)
                     if answer.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:
@@ -196,7 +274,7 @@ def keyed_server(oncely_binary: Path, tmp_path_factory: pytest.TempPathFactory) 
     one."""
     workdir = tmp_path_factory.mktemp("keyed-server")
     tokens = {name: create_key(oncely_binary, workdir / "oncely.db", name, role, *scope) for name, role, scope in KEYS}
-    running = Server(oncely_binary, workdir, free_port(), {})
+    running = Server(oncely_binary, workdir, {})
     yield KeyedServer(oncely_binary, running, tokens)
     running.stop()
 
@@ -217,20 +295,21 @@ def oncely_binary() -> Path:
 def server(oncely_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server with the default settings, shared by the tests; each test
     uses agent ids of its own."""
-    running = Server(oncely_binary, tmp_path_factory.mktemp("server"), free_port(), {})
+    running = Server(oncely_binary, tmp_path_factory.mktemp("server"), {})
     yield running
     running.stop()
 
 
 @pytest.fixture
 def start_server(oncely_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServer]:
-    """Starts servers of the test's own, with extra environment variables
-    and optionally on a given port: ``start_server(port=..., IN_FLIGHT_WAIT="200ms")``.
-    Returns once the server is SERVING; all are stopped after the test."""
+    """Starts servers of the test's own, with extra environment variables,
+    optionally on a given port and over TLS (see :class:`Server`):
+    ``start_server(port=..., IN_FLIGHT_WAIT="200ms")``. Returns once the
+    server is SERVING; all are stopped after the test."""
     started: list[Server] = []
 
-    def start(port: int | None = None, **env: str) -> Server:
-        running = Server(oncely_binary, tmp_path_factory.mktemp("server"), port or free_port(), env)
+    def start(port: int = 0, tls_ca: Path | None = None, **env: str) -> Server:
+        running = Server(oncely_binary, tmp_path_factory.mktemp("server"), env, port=port, tls_ca=tls_ca)
         started.append(running)
         return running
 

@@ -38,6 +38,9 @@ class MetadataRecorder(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
 @pytest.fixture
 def recorded() -> Iterator[tuple[grpc.Channel, MetadataRecorder]]:
     recorder = MetadataRecorder()
+    # Nothing is started on this port: the calls are meant to fail, and
+    # would fail as well should another process take the port meanwhile
+    # (it speaks no oncely, and never sees a key it could accept).
     channel = grpc.intercept_channel(grpc.insecure_channel(f"127.0.0.1:{free_port()}"), recorder)
     yield channel, recorder
     channel.close()

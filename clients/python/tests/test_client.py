@@ -158,6 +158,8 @@ def test_list_tasks_pages_and_iter_tasks_follows_the_tokens(client: Client) -> N
 
 
 def test_nothing_listening_gives_up_after_max_attempts_with_unavailable() -> None:
+    # Nothing is started on this port: should another process take it
+    # meanwhile, that process (no gRPC server) would refuse the calls too.
     policy = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
     with Client(f"127.0.0.1:{free_port()}", retry_policy=policy) as client, pytest.raises(GaveUp) as gave_up:
         client.create_task(new_agent(), "send_email")

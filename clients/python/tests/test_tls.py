@@ -4,17 +4,14 @@ plaintext or without the CA."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from conftest import StartServer
 
 from oncely import Client, GaveUp, OncelyError, RetryPolicy
-
-from conftest import free_port
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -35,23 +32,14 @@ def certificates(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def tls_server(oncely_binary: Path, certificates: Path) -> Iterator[str]:
-    """A TLS server; yields its port's ``host:port``."""
-    address = f"127.0.0.1:{free_port()}"
-    environment = {
-        "PATH": os.environ.get("PATH", os.defpath),
-        "DATABASE_URL": f"sqlite://{certificates / 'oncely.db'}",
-        "LISTEN_ADDR": address,
-        "TLS_CERT": str(certificates / "server.pem"),
-        "TLS_KEY": str(certificates / "server.key"),
-        "RUST_LOG": "warn",
-    }
-    process = subprocess.Popen([str(oncely_binary)], env=environment)
-    try:
-        yield address
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
+def tls_server(start_server: StartServer, certificates: Path) -> str:
+    """A TLS server, SERVING; returns its ``host:port``."""
+    server = start_server(
+        tls_ca=certificates / "ca.pem",
+        TLS_CERT=str(certificates / "server.pem"),
+        TLS_KEY=str(certificates / "server.key"),
+    )
+    return server.address
 
 
 def test_the_client_speaks_tls_to_an_https_address(tls_server: str, certificates: Path) -> None:
