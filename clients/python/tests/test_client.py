@@ -15,14 +15,17 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import CountedChannel, Server, StartServer, free_port
+from conftest import AttemptCounter, CountedChannel, Server, StartServer, eventually, free_port
 
 from oncely import Client, GaveUp, Rejected, RetryPolicy
 from oncely._errors import error_reason, retry_delay, rpc_status
 from oncely._proto.tasks.v1 import tasks_pb2, tasks_pb2_grpc
+from oncely._wire import channel_options
 
 # Short waits, so that tests of transient failures run quickly.
 QUICK = RetryPolicy(max_attempts=50, initial_backoff=0.05, max_backoff=0.2, total_timeout=30.0)
+# As quick, and patient enough to outlast a server starting on a busy machine.
+PATIENT = RetryPolicy(max_attempts=100_000, initial_backoff=0.05, max_backoff=0.2, total_timeout=120.0)
 
 
 def new_agent() -> str:
@@ -50,11 +53,21 @@ def write_locked(database: Path) -> Iterator[sqlite3.Connection]:
         connection.close()
 
 
-def release_later(connection: sqlite3.Connection, seconds: float) -> threading.Timer:
-    """Releases the lock held by ``connection`` after ``seconds``."""
-    timer = threading.Timer(seconds, connection.execute, args=("ROLLBACK",))
-    timer.start()
-    return timer
+def release_after_attempts(connection: sqlite3.Connection, counter: AttemptCounter, attempts: int) -> threading.Thread:
+    """Releases the lock held by ``connection`` once ``counter`` has seen
+    ``attempts`` CreateTask attempts leave the client, so that the client
+    surely met the lock that many times less one, however slowly this
+    machine runs (or after 60 s, when it never does)."""
+
+    def release() -> None:
+        deadline = time.monotonic() + 60
+        while counter.count("CreateTask") < attempts and time.monotonic() < deadline:
+            time.sleep(0.01)
+        connection.execute("ROLLBACK")
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
+    return releaser
 
 
 def test_create_returns_a_queued_task_under_a_new_uuid4_key(client: Client) -> None:
@@ -192,7 +205,8 @@ def test_aborted_with_retry_info_is_retried_no_sooner_than_asked(
         # The client's own backoff is far shorter than the RetryInfo delay.
         channel, counter = counted_channel(server.address)
         client = Client(channel=channel, retry_policy=QUICK)
-        release = release_later(lock, 1.5)
+        # The lock goes once a second attempt is sent: the first surely met it.
+        release = release_after_attempts(lock, counter, 2)
         began = time.monotonic()
         created = client.create_task(agent, "send_email")
         elapsed = time.monotonic() - began
@@ -206,18 +220,22 @@ def test_aborted_with_retry_info_is_retried_no_sooner_than_asked(
     assert [task.task_id for task in client.iter_tasks(agent)] == [created.task.task_id]
 
 
-def test_attempts_that_time_out_while_the_server_works_create_one_task(start_server: StartServer) -> None:
+def test_attempts_that_time_out_while_the_server_works_create_one_task(
+    start_server: StartServer, counted_channel: CountedChannel
+) -> None:
     server = start_server(IN_FLIGHT_WAIT="5s")
     agent = new_agent()
     policy = RetryPolicy(
         max_attempts=50, initial_backoff=0.05, max_backoff=0.2, attempt_timeout=0.5, total_timeout=30.0
     )
-    with Client(server.address, retry_policy=policy) as client:
+    channel, counter = counted_channel(server.address, options=channel_options(policy))
+    with Client(channel=channel, retry_policy=policy) as client:
         with write_locked(server.database) as lock:
             # Each attempt waits for the database longer than its deadline,
-            # until the lock goes. A write whose attempt timed out may still
-            # complete on the server; later attempts then get its task.
-            release = release_later(lock, 1.5)
+            # until the lock goes (once a second attempt is sent). A write
+            # whose attempt timed out may still complete on the server;
+            # later attempts then get its task.
+            release = release_after_attempts(lock, counter, 2)
             created = client.create_task(agent, "send_email", {"to": "ada@example.com"})
             release.join()
 
@@ -225,14 +243,20 @@ def test_attempts_that_time_out_while_the_server_works_create_one_task(start_ser
         assert [task.task_id for task in client.iter_tasks(agent)] == [created.task.task_id]
 
 
-def test_a_create_retried_until_the_server_is_up_creates_one_task(start_server: StartServer) -> None:
+def test_a_create_retried_until_the_server_is_up_creates_one_task(
+    start_server: StartServer, counted_channel: CountedChannel
+) -> None:
     port = free_port()
     agent = new_agent()
-    with Client(f"127.0.0.1:{port}", retry_policy=QUICK) as client, ThreadPoolExecutor(1) as pool:
+    # The client's own channel options, so that it reconnects as quickly.
+    channel, counter = counted_channel(f"127.0.0.1:{port}", options=channel_options(PATIENT))
+    with Client(channel=channel, retry_policy=PATIENT) as client, ThreadPoolExecutor(1) as pool:
         pending = pool.submit(client.create_task, agent, "send_email", {"to": "ada@example.com"})
-        time.sleep(1.0)  # attempts fail while nothing listens
-        start_server(port=port)
-        created = pending.result(timeout=60)
+        # Attempts fail while nothing listens: a second one was sent.
+        eventually(lambda: counter.count("CreateTask") >= 2 or pending.done(), "a second attempt")
+        assert not pending.done(), pending.exception()
+        start_server(port=port)  # waits while another process holds the port
+        created = pending.result(timeout=180)
 
         assert created.attempts >= 2
         assert not created.replayed
