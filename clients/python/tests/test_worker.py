@@ -6,6 +6,7 @@ own tasks from the shared server."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 import uuid
@@ -16,10 +17,10 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import CountedChannel, Server, StartServer, eventually, free_port
+from conftest import PATIENCE, AttemptCounter, CountedChannel, Server, StartServer, eventually, free_port, wait_until
 
 import oncely._client
-from oncely import Client, Lease, PermanentError, Rejected, RetryPolicy, Task, Worker
+from oncely import Client, Handler, Lease, PermanentError, Rejected, RetryPolicy, Task, Worker
 from oncely._wire import channel_options
 
 
@@ -430,14 +431,16 @@ def test_two_workers_perform_each_task_exactly_once(client: Client) -> None:
         time.sleep(0.05)
         return {"doubled": task.parameters["n"] * 2}
 
+    # Leases far longer than a handler takes, so that none runs out however
+    # late a heartbeat is: every task is performed at its first attempt.
     workers = [
-        Worker(client, f"worker-{n}", [action], handler, concurrency=2, lease_duration=10, poll_wait=1)
+        Worker(client, f"worker-{n}", [action], handler, concurrency=2, lease_duration=60, poll_wait=1)
         for n in range(2)
     ]
     stop, threads, errors = run_workers(workers)
     try:
         ids = [client.create_task(agent, action, {"n": n}).task.task_id for n in range(30)]
-        finished = [client.wait_task(task_id, timeout=30) for task_id in ids]
+        finished = [client.wait_task(task_id, timeout=60) for task_id in ids]
     finally:
         stop_workers(stop, threads)
 
@@ -448,26 +451,66 @@ def test_two_workers_perform_each_task_exactly_once(client: Client) -> None:
     assert effects.count == Counter(ids)
 
 
-def test_the_worker_heartbeat_keeps_a_long_task_from_going_to_another_worker(client: Client) -> None:
+def test_the_worker_heartbeat_keeps_a_long_task_from_going_to_another_worker(
+    client: Client, server: Server, counted_channel: CountedChannel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="oncely.worker")
     action = new_action()
     effects = SideEffects()
+    # Renewed every 5/3 s: a heartbeat may come more than 3 s late, and the
+    # lease still holds.
+    lease_duration = 5.0
+    counters: list[AttemptCounter] = []
+    clients: list[Client] = []
+    for _ in range(2):
+        channel, counter = counted_channel(server.address)
+        counters.append(counter)
+        clients.append(Client(channel=channel))
+    outlived: list[bool] = []
 
-    def slow(task: Task) -> dict[str, Any]:
-        effects.record(task)
-        time.sleep(3.5)  # more than three lease durations
-        return {"slow": True}
+    def slow(mine: int) -> Handler:
+        other = counters[1 - mine]
 
-    workers = [Worker(client, f"worker-{n}", [action], slow, lease_duration=1, poll_wait=1) for n in range(2)]
+        def handle(task: Task) -> dict[str, Any]:
+            effects.record(task)
+            # The lease was granted before this started: unless renewed, it
+            # has run out by `expired`. Work on until the other worker has
+            # asked for tasks since then (a LeaseTasks call it started
+            # later has ended): that call would have got this task, had the
+            # heartbeat not kept the lease.
+            expired = time.monotonic() + lease_duration
+            outlived.append(
+                wait_until(
+                    lambda: any(
+                        call.start > expired and call.code == grpc.StatusCode.OK for call in other.calls("LeaseTasks")
+                    ),
+                    timeout=lease_duration + PATIENCE,
+                )
+            )
+            return {"slow": True}
+
+        return handle
+
+    workers = [
+        Worker(clients[n], f"worker-{n}", [action], slow(n), lease_duration=lease_duration, poll_wait=1)
+        for n in range(2)
+    ]
     stop, threads, errors = run_workers(workers)
     try:
         created = client.create_task(new_agent(), action).task
-        done = client.wait_task(created.task_id, timeout=30)
+        done = client.wait_task(created.task_id, timeout=lease_duration + 2 * PATIENCE)
     finally:
         stop_workers(stop, threads)
 
     assert errors == []
+    assert outlived == [True], "the other worker did not ask for tasks after the lease would have run out"
     assert (done.status, done.attempt, done.result) == ("SUCCEEDED", 1, {"slow": True})
     assert effects.count == Counter({created.task_id: 1})
+    # The heartbeat renewed the lease, and was never told it was lost.
+    renewals = [call.code for counter in counters for call in counter.calls("RenewLease")]
+    assert grpc.StatusCode.OK in renewals, renewals
+    assert grpc.StatusCode.FAILED_PRECONDITION not in renewals, renewals
+    assert [r.getMessage() for r in caplog.records if "the lease is gone" in r.getMessage()] == []
 
 
 def test_the_worker_fails_tasks_whose_handler_raises(client: Client) -> None:
@@ -503,27 +546,55 @@ def test_the_worker_fails_tasks_whose_handler_raises(client: Client) -> None:
     assert effects.count == Counter({permanent.task_id: 1, flaky.task_id: 2})
 
 
-def test_the_worker_drops_the_outcome_of_a_task_cancelled_while_it_runs(client: Client) -> None:
+def test_the_worker_drops_the_outcome_of_a_task_cancelled_while_it_runs(
+    client: Client, server: Server, counted_channel: CountedChannel
+) -> None:
     action = new_action()
+    channel, counter = counted_channel(server.address)
     started = threading.Event()
+    cancelled = threading.Event()
+    heard: list[bool] = []
+    returned: list[float] = []
 
     def handler(task: Task) -> dict[str, Any]:
         started.set()
-        time.sleep(2.0)  # the heartbeat (every 1/3 s) learns of the cancel
+        # Runs until the heartbeat has heard of the cancel: a renewal sent
+        # after it was refused (FAILED_PRECONDITION, TASK_CANCELLED).
+        cancelled.wait(timeout=PATIENCE)
+        after = time.monotonic()
+        heard.append(
+            wait_until(
+                lambda: any(
+                    call.start > after and call.code == grpc.StatusCode.FAILED_PRECONDITION
+                    for call in counter.calls("RenewLease")
+                )
+            )
+        )
+        returned.append(time.monotonic())
         return {"ok": True}
 
-    worker = Worker(client, "worker", [action], handler, lease_duration=1, poll_wait=1)
+    # Renewed every second; how late does not matter here.
+    worker = Worker(Client(channel=channel), "worker", [action], handler, lease_duration=3, poll_wait=1)
     stop, threads, errors = run_workers([worker])
     try:
         created = client.create_task(new_agent(), action).task
-        assert started.wait(timeout=15)
+        assert started.wait(timeout=PATIENCE)
         client.cancel_task(created.task_id)
-        time.sleep(3.0)  # the handler returns; the worker must not complete it
-        after = client.get_task(created.task_id)
+        cancelled.set()
+        # The handler returns; the worker is done with the task once it
+        # asks for the next one.
+        eventually(
+            lambda: returned and any(call.start > returned[0] for call in counter.calls("LeaseTasks")),
+            "the worker to ask for another task",
+            timeout=2 * PATIENCE,
+        )
     finally:
         stop_workers(stop, threads)
 
     assert errors == []
+    assert heard == [True]
+    assert (counter.count("CompleteTask"), counter.count("FailTask")) == (0, 0)
+    after = client.get_task(created.task_id)
     assert (after.status, after.result) == ("CANCELLED", None)
 
 
@@ -539,17 +610,20 @@ def test_a_worker_whose_lease_calls_are_refused_stops_with_the_error(client: Cli
 def test_a_stopped_worker_finishes_the_task_in_hand(client: Client) -> None:
     action = new_action()
     started = threading.Event()
+    stopping = threading.Event()
 
     def handler(task: Task) -> dict[str, Any]:
         started.set()
-        time.sleep(1.0)
+        stopping.wait(timeout=PATIENCE)  # the stop comes while this runs
         return {"finished": True}
 
     worker = Worker(client, "worker", [action], handler, poll_wait=1)
     stop, threads, errors = run_workers([worker])
     created = client.create_task(new_agent(), action).task
-    assert started.wait(timeout=15)
-    stop_workers(stop, threads)  # while the handler runs
+    assert started.wait(timeout=PATIENCE)
+    stop.set()
+    stopping.set()
+    stop_workers(stop, threads)
     second = client.create_task(new_agent(), action).task
 
     assert errors == []
