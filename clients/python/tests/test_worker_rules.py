@@ -7,17 +7,18 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any, cast
 
 import grpc
 import pytest
+from conftest import PATIENCE, eventually, wait_until
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
 import oncely
-from oncely import FINISHED_STATUSES, Client, GaveUp, Lease, PermanentError, Rejected, Task, Worker
+from oncely import FINISHED_STATUSES, Client, GaveUp, Handler, Lease, PermanentError, Rejected, Task, Worker
 from oncely._client import to_duration, to_struct
 from oncely._proto.tasks.v1 import tasks_pb2, worker_pb2
 from oncely._worker import failure_message, heartbeat_interval, is_lost
@@ -160,6 +161,7 @@ class StandInClient:
         self.lock = threading.Lock()
         self.lease_calls: list[dict[str, Any]] = []
         self.renew_timeouts: list[float | None] = []
+        self.renew_times: list[float] = []
 
     def lease_tasks(self, worker_id: str, actions: Iterable[str] = (), **options: Any) -> list[Lease]:
         with self.lock:
@@ -173,9 +175,15 @@ class StandInClient:
         with self.lock:
             self.calls.append(("renew", lease.task.task_id, lease_duration))
             self.renew_timeouts.append(timeout)
+            self.renew_times.append(time.monotonic())
         if self.renew_error is not None:
             raise self.renew_error
         return lease
+
+    def renewals(self) -> int:
+        """How many renewals were asked for so far."""
+        with self.lock:
+            return len(self.renew_times)
 
     def complete_task(self, lease: Lease, result: Mapping[str, Any] | None = None) -> Task:
         to_struct(result, "result")  # what the real client does first
@@ -198,15 +206,28 @@ def run_until_idle(client: StandInClient, handler: Any, **options: Any) -> None:
     worker = Worker(cast(Client, client), "w-1", ["send_email"], handler, **options)
     runner = threading.Thread(target=worker.run, args=(stop,))
     runner.start()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def idle() -> bool:
         with client.lock:
-            if not client.leases and len(client.lease_calls) > 3:
-                break
-        time.sleep(0.01)
-    stop.set()
-    runner.join(timeout=10)
+            return not client.leases and len(client.lease_calls) > 3
+
+    try:
+        # Longer than a handler of working_until waits.
+        eventually(idle, "the worker to lease all it was given and ask again", timeout=2 * PATIENCE)
+    finally:
+        stop.set()
+        runner.join(timeout=PATIENCE)
     assert not runner.is_alive()
+
+
+def working_until(condition: Callable[[], Any]) -> Handler:
+    """A handler that works (waits) until ``condition()`` holds, at most
+    30 s, and returns no result."""
+
+    def handle(task: Task) -> None:
+        wait_until(condition)
+
+    return handle
 
 
 def outcomes(client: StandInClient) -> list[tuple[Any, ...]]:
@@ -249,13 +270,19 @@ def test_the_worker_fails_permanently_on_permanent_error_and_retryably_otherwise
 def test_the_worker_renews_while_the_handler_runs() -> None:
     client = StandInClient([a_lease()])
 
-    run_until_idle(client, lambda task: time.sleep(1.2), lease_duration=1)
+    # The handler runs until the heartbeat has renewed three times.
+    run_until_idle(client, working_until(lambda: client.renewals() >= 3), lease_duration=1)
 
     renewals = [call for call in client.calls if call[0] == "renew"]
-    assert 2 <= len(renewals) <= 4
+    assert len(renewals) >= 3
     assert all(call == ("renew", TASK_ID, 1.0) for call in renewals)
+    # Every third of the lease, never sooner (however late the threads
+    # ran); the tolerance is for the clock's rounding.
+    interval = heartbeat_interval(1.0)
+    gaps = [later - earlier for earlier, later in zip(client.renew_times, client.renew_times[1:])]
+    assert all(gap >= interval - 0.01 for gap in gaps), gaps
     # Each renewal retries only until the next beat, never past the lease.
-    assert all(timeout == heartbeat_interval(1.0) for timeout in client.renew_timeouts)
+    assert all(timeout == interval for timeout in client.renew_timeouts)
     assert outcomes(client) == [("complete", TASK_ID, None)]
 
 
@@ -263,15 +290,18 @@ def test_the_worker_renews_while_the_handler_runs() -> None:
 def test_the_worker_drops_the_outcome_of_a_lost_lease(reason: str) -> None:
     client = StandInClient([a_lease()], renew_error=refused(reason))
 
-    run_until_idle(client, lambda task: time.sleep(0.6), lease_duration=1)
+    # The handler runs until the heartbeat has been told the lease is lost.
+    run_until_idle(client, working_until(lambda: client.renewals() >= 1), lease_duration=1)
 
+    assert client.renewals() == 1  # the heartbeat stopped then
     assert outcomes(client) == []
 
 
 def test_the_worker_keeps_the_lease_through_transient_renewal_failures() -> None:
     client = StandInClient([a_lease()], renew_error=GaveUp(grpc.StatusCode.UNAVAILABLE, "down"))
 
-    run_until_idle(client, lambda task: time.sleep(0.8), lease_duration=1)
+    # The handler runs until two renewals in a row have failed.
+    run_until_idle(client, working_until(lambda: client.renewals() >= 2), lease_duration=1)
 
     assert [call[0] for call in client.calls].count("renew") >= 2
     assert outcomes(client) == [("complete", TASK_ID, None)]
