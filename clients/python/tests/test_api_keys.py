@@ -15,8 +15,9 @@ from conftest import KeyedServer
 
 from oncely import API_KEY_ENV, Client, Rejected, Task, Worker
 
-# Revocation reaches a running server at its next key refresh (2 s by default).
-REVOKED_WITHIN = 10.0
+# Revocation reaches a running server at its next key refresh (2 s by
+# default); the rest is room for a busy machine.
+REVOKED_WITHIN = 30.0
 
 UNAUTHENTICATED = (grpc.StatusCode.UNAUTHENTICATED, "API_KEY_INVALID")
 PERMISSION_DENIED = (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
@@ -122,7 +123,7 @@ def test_a_worker_key_leases_and_completes(keyed_server: KeyedServer, clients: C
     thread = threading.Thread(target=worker.run, args=(stop,))
     thread.start()
     try:
-        assert agent.wait_task(second.task_id, timeout=20).status == "SUCCEEDED"
+        assert agent.wait_task(second.task_id, timeout=60).status == "SUCCEEDED"
     finally:
         stop.set()
         thread.join(timeout=30)
