@@ -439,6 +439,24 @@ impl Instance {
     }
 }
 
+/// A port free now for an instance that restarts on it all run long: below
+/// the kernel's ephemeral range, so that no outgoing connection (ours to
+/// the database among them) can take it while the instance is down.
+fn fixed_port() -> Result<u16, String> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = (low.saturating_sub(12_000).max(1024), low);
+    for _ in 0..200 {
+        let port = fastrand::u16(from..to);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(format!("no free port between {from} and {to}"))
+}
+
 /// The instances of one run and their database.
 pub(crate) struct Cluster {
     pub(crate) instances: Vec<Instance>,
@@ -460,10 +478,7 @@ impl Cluster {
                 Database::Postgres { upstream, .. } => Some(Proxy::start(upstream.clone()).await?),
                 Database::Sqlite { .. } => None,
             };
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map_err(|e| e.to_string())?
-                .port();
+            let port = fixed_port()?;
             let addr = format!("127.0.0.1:{port}");
             let channel = Endpoint::from_shared(format!("http://{addr}"))
                 .map_err(|e| e.to_string())?
