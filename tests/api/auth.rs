@@ -16,8 +16,8 @@ use serde_json::json;
 use tonic::{Code, Request, Status, metadata::MetadataValue};
 
 use crate::support::{
-    BINARY, Backend, BinaryServer, TestApp, TestDb, assert_status, eventually, free_port, keyed,
-    new_key, replayed, request, test_settings,
+    BINARY, Backend, BinaryServer, TestApp, TestDb, assert_status, eventually, keyed, new_key,
+    replayed, request, test_settings,
 };
 
 /// Runs `oncely keys ARGS` on `db`; returns its standard output.
@@ -429,15 +429,11 @@ async fn without_keys_the_server_refuses_to_serve_beyond_loopback(backend: Backe
 async fn tokens_never_appear_in_the_logs() {
     let db = TestDb::new(Backend::Sqlite).await;
     let token = create_key(&db, "secret", "agent", &[("--agent-id", "agent-7")]);
-    let log_dir = tempfile::tempdir().expect("temporary directory");
-    let log_path = log_dir.path().join("server.log");
     let mut command = Command::new(BINARY);
     command
         .env("DATABASE_URL", &db.url)
-        .env("RUST_LOG", "debug")
-        .stderr(std::fs::File::create(&log_path).expect("log file"));
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut server = BinaryServer::spawn_keeping_stderr(command, addr).await;
+        .env("RUST_LOG", "debug");
+    let mut server = BinaryServer::spawn(command).await;
     let channel = tonic::transport::Endpoint::from_shared(server.url())
         .expect("address")
         .connect()
@@ -473,7 +469,7 @@ async fn tokens_never_appear_in_the_logs() {
     server.terminate();
     server.wait_for_exit(Duration::from_secs(20));
 
-    let logs = std::fs::read_to_string(&log_path).expect("read the logs");
+    let logs = server.log();
     assert!(
         logs.contains("permission_denied"),
         "the logs were not captured: {logs}"

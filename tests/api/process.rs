@@ -7,13 +7,12 @@ use oncely::proto::tasks_v1::task_service_client::TaskServiceClient;
 use tonic::transport::Endpoint;
 
 use crate::support::{
-    BINARY, Backend, BinaryServer, PgProxy, TestDb, email_request, free_port, keyed, new_key,
-    replayed,
+    BINARY, Backend, BinaryServer, PgProxy, TestDb, email_request, keyed, new_key, replayed,
 };
 
 async fn the_binary_serves_from_environment_settings_and_exits_zero_on_sigterm(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let mut server = BinaryServer::start(&db, free_port()).await;
+    let mut server = BinaryServer::start(&db).await;
     let channel = Endpoint::from_shared(server.url())
         .expect("url")
         .connect()
@@ -33,14 +32,13 @@ async fn the_binary_serves_from_environment_settings_and_exits_zero_on_sigterm(b
 
 async fn a_retry_after_sigkill_and_restart_replays_the_first_response(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let port = free_port();
     let key = new_key();
-    let mut first_server = BinaryServer::start(&db, port).await;
+    let mut first_server = BinaryServer::start(&db).await;
     let first = first_server.create_raw(&key).await;
     first_server.child.kill().expect("SIGKILL");
     first_server.child.wait().expect("reap");
 
-    let second_server = BinaryServer::start(&db, port).await;
+    let second_server = BinaryServer::start(&db).await;
     let retry = second_server.create_raw(&key).await;
 
     assert_eq!(replayed(&retry), Some("true"));
@@ -50,7 +48,7 @@ async fn a_retry_after_sigkill_and_restart_replays_the_first_response(backend: B
 
 async fn the_cleanup_subcommand_prints_what_it_deleted_and_fails_loudly(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let server = BinaryServer::start(&db, free_port()).await;
+    let server = BinaryServer::start(&db).await;
     server.create_raw(&new_key()).await;
     db.age_keys(Duration::from_secs(7200)).await;
     server.create_raw(&new_key()).await;
@@ -71,7 +69,8 @@ async fn the_cleanup_subcommand_prints_what_it_deleted_and_fails_loudly(backend:
         .args([
             "cleanup",
             "--server",
-            &format!("127.0.0.1:{}", free_port()),
+            // Port 1 (tcpmux) has no listener on any machine this runs on.
+            "127.0.0.1:1",
             "--timeout",
             "3s",
         ])
@@ -90,11 +89,9 @@ conformance!(
 #[tokio::test]
 async fn without_database_url_the_binary_keeps_its_data_in_an_embedded_file() {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
     let mut command = Command::new(BINARY);
     command.current_dir(dir.path()).env_remove("DATABASE_URL");
-    let mut server = BinaryServer::spawn(command, addr).await;
+    let mut server = BinaryServer::spawn(command).await;
     let key = new_key();
 
     let first = server.create_raw(&key).await;
@@ -130,16 +127,12 @@ async fn the_binary_waits_for_a_database_that_is_not_up_yet() {
     let db = TestDb::new(Backend::Postgres).await;
     let proxy = PgProxy::start(&db).await;
     proxy.cut();
-    let addr = format!("127.0.0.1:{}", free_port());
 
     let restore = async {
         tokio::time::sleep(Duration::from_secs(2)).await;
         proxy.restore();
     };
-    let (server, ()) = tokio::join!(
-        BinaryServer::spawn(through_proxy(&db, &proxy), addr),
-        restore
-    );
+    let (server, ()) = tokio::join!(BinaryServer::spawn(through_proxy(&db, &proxy)), restore);
     let created = server.create_raw(&new_key()).await;
 
     assert_eq!(replayed(&created), Some("false"));
@@ -154,7 +147,8 @@ fn run_to_end(
 ) -> (std::process::ExitStatus, String, Duration) {
     let started = std::time::Instant::now();
     let mut child = command
-        .env("LISTEN_ADDR", format!("127.0.0.1:{}", free_port()))
+        // Port 0: any free port (it never serves).
+        .env("LISTEN_ADDR", "127.0.0.1:0")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -256,19 +250,14 @@ async fn sigterm_during_a_hanging_try_exits_zero() {
             open.push(stream);
         }
     });
-    let mut server = BinaryServer {
-        child: Command::new(BINARY)
-            .env(
-                "DATABASE_URL",
-                format!("postgres://postgres@127.0.0.1:{port}/oncely"),
-            )
-            .env("LISTEN_ADDR", format!("127.0.0.1:{}", free_port()))
-            .env("RUST_LOG", "warn")
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start the binary"),
-        addr: String::new(),
-    };
+    let mut command = Command::new(BINARY);
+    command
+        .env(
+            "DATABASE_URL",
+            format!("postgres://postgres@127.0.0.1:{port}/oncely"),
+        )
+        .env("RUST_LOG", "warn");
+    let mut server = BinaryServer::launch(command);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     server.terminate();
@@ -286,14 +275,7 @@ async fn sigterm_while_waiting_for_the_database_exits_zero() {
     let db = TestDb::new(Backend::Postgres).await;
     let proxy = PgProxy::start(&db).await;
     proxy.cut();
-    let mut server = BinaryServer {
-        child: through_proxy(&db, &proxy)
-            .env("LISTEN_ADDR", format!("127.0.0.1:{}", free_port()))
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start the binary"),
-        addr: String::new(),
-    };
+    let mut server = BinaryServer::launch(through_proxy(&db, &proxy));
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
         server.child.try_wait().expect("wait").is_none(),

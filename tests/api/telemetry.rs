@@ -20,7 +20,7 @@ use opentelemetry_proto::tonic::{
 use tonic::transport::Endpoint;
 
 use crate::support::{
-    BINARY, Backend, BinaryServer, TestDb, email_request, eventually, free_port, keyed, new_key,
+    BINARY, Backend, BinaryServer, TestDb, email_request, eventually, keyed, new_key,
 };
 
 /// A caller's trace context: a random trace id and span id.
@@ -62,32 +62,27 @@ async fn create_traced(server: &BinaryServer, caller: &Caller) {
         .expect("create");
 }
 
-/// The binary on `db`, logging JSON at info level to a file: the server,
-/// the file, and the folder that holds it.
-async fn start_logging_json(db: &TestDb) -> (BinaryServer, std::path::PathBuf, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let log_path = dir.path().join("server.log");
+/// The binary on `db`, logging JSON at info level (the test keeps its
+/// log).
+async fn start_logging_json(db: &TestDb) -> BinaryServer {
     let mut command = Command::new(BINARY);
     command
         .env("DATABASE_URL", &db.url)
         .env("LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(&log_path).expect("log file"));
-    let server =
-        BinaryServer::spawn_keeping_stderr(command, format!("127.0.0.1:{}", free_port())).await;
-    (server, log_path, dir)
+        .env("RUST_LOG", "info");
+    BinaryServer::spawn(command).await
 }
 
 async fn json_log_lines_carry_the_request_id_and_the_trace_id(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let (mut server, log_path, _dir) = start_logging_json(&db).await;
+    let mut server = start_logging_json(&db).await;
     let caller = Caller::new();
 
     create_traced(&server, &caller).await;
     server.terminate();
     server.wait_for_exit(Duration::from_secs(20));
 
-    let log = std::fs::read_to_string(&log_path).expect("read the log");
+    let log = server.log();
     let lines: Vec<serde_json::Value> = log
         .lines()
         .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
@@ -118,7 +113,7 @@ async fn the_rust_client_carries_the_callers_trace_context(backend: Backend) {
     };
 
     let db = TestDb::new(backend).await;
-    let (mut server, log_path, _dir) = start_logging_json(&db).await;
+    let mut server = start_logging_json(&db).await;
     let caller = Caller::new();
     let span = SpanContext::new(
         TraceId::from_hex(&caller.trace_id).expect("trace id"),
@@ -137,7 +132,7 @@ async fn the_rust_client_carries_the_callers_trace_context(backend: Backend) {
     server.terminate();
     server.wait_for_exit(Duration::from_secs(20));
 
-    let log = std::fs::read_to_string(&log_path).expect("read the log");
+    let log = server.log();
     let call = log
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
@@ -228,7 +223,7 @@ async fn spans_reach_an_otlp_collector_under_the_callers_trace(backend: Backend)
         .env("OTEL_SERVICE_NAME", "oncely-test")
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .env("RUST_LOG", "info");
-    let server = BinaryServer::spawn(command, format!("127.0.0.1:{}", free_port())).await;
+    let server = BinaryServer::spawn(command).await;
     let caller = Caller::new();
 
     create_traced(&server, &caller).await;

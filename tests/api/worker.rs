@@ -464,8 +464,7 @@ async fn shutting_down_answers_long_polls_at_once(backend: Backend) {
         .env("DATABASE_URL", &db.url)
         .env("SHUTDOWN_GRACE", "30s")
         .env("RUST_LOG", "warn");
-    let addr = format!("127.0.0.1:{}", crate::support::free_port());
-    let mut server = crate::support::BinaryServer::spawn(command, addr).await;
+    let mut server = crate::support::BinaryServer::spawn(command).await;
     let channel = tonic::transport::Endpoint::from_shared(server.url())
         .expect("address")
         .connect()
