@@ -1,13 +1,21 @@
 //! The real binary: configuration from the environment, SIGTERM, SIGKILL and
 //! the `cleanup` subcommand.
 
-use std::{process::Command, time::Duration};
+use std::{
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use oncely::proto::tasks_v1::task_service_client::TaskServiceClient;
 use tonic::transport::Endpoint;
 
 use crate::support::{
-    BINARY, Backend, BinaryServer, PgProxy, TestDb, email_request, keyed, new_key, replayed,
+    BINARY, Backend, BinaryServer, PgProxy, TestDb, email_request, eventually, keyed, new_key,
+    replayed,
 };
 
 async fn the_binary_serves_from_environment_settings_and_exits_zero_on_sigterm(backend: Backend) {
@@ -108,6 +116,10 @@ async fn without_database_url_the_binary_keeps_its_data_in_an_embedded_file() {
     );
 }
 
+/// What the binary logs when it cannot reach the database yet and will try
+/// again.
+const WAITING_FOR_THE_DATABASE: &str = "the database is not available yet; trying again";
+
 /// The binary with `DATABASE_URL` through `proxy`, not yet started.
 fn through_proxy(db: &TestDb, proxy: &PgProxy) -> Command {
     let mut command = Command::new(BINARY);
@@ -128,11 +140,15 @@ async fn the_binary_waits_for_a_database_that_is_not_up_yet() {
     let proxy = PgProxy::start(&db).await;
     proxy.cut();
 
-    let restore = async {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        proxy.restore();
-    };
-    let (server, ()) = tokio::join!(BinaryServer::spawn(through_proxy(&db, &proxy)), restore);
+    let mut server = BinaryServer::launch(through_proxy(&db, &proxy));
+    server
+        .wait_for_log("the binary to find the database away", |line| {
+            line["message"] == WAITING_FOR_THE_DATABASE
+        })
+        .await;
+
+    proxy.restore();
+    server.wait_until_serving().await;
     let created = server.create_raw(&new_key()).await;
 
     assert_eq!(replayed(&created), Some("false"));
@@ -244,10 +260,15 @@ async fn a_misconfigured_database_fails_at_once() {
 async fn sigterm_during_a_hanging_try_exits_zero() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = silent.local_addr().expect("addr").port();
-    let held = std::thread::spawn(move || {
-        let mut open = Vec::new();
-        for stream in silent.incoming().take(64) {
-            open.push(stream);
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let held = std::thread::spawn({
+        let accepted = accepted.clone();
+        move || {
+            let mut open = Vec::new();
+            for stream in silent.incoming().take(64) {
+                open.push(stream);
+                accepted.fetch_add(1, Ordering::SeqCst);
+            }
         }
     });
     let mut command = Command::new(BINARY);
@@ -258,12 +279,18 @@ async fn sigterm_during_a_hanging_try_exits_zero() {
         )
         .env("RUST_LOG", "warn");
     let mut server = BinaryServer::launch(command);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The try hangs once the database's socket has taken its connection.
+    eventually(
+        Duration::from_secs(30),
+        "the binary to try the database",
+        || async { (accepted.load(Ordering::SeqCst) > 0).then_some(()) },
+    )
+    .await;
 
     server.terminate();
 
     assert_eq!(
-        server.wait_for_exit(Duration::from_secs(10)).code(),
+        server.wait_for_exit(Duration::from_secs(20)).code(),
         Some(0)
     );
     drop(held);
@@ -276,7 +303,11 @@ async fn sigterm_while_waiting_for_the_database_exits_zero() {
     let proxy = PgProxy::start(&db).await;
     proxy.cut();
     let mut server = BinaryServer::launch(through_proxy(&db, &proxy));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    server
+        .wait_for_log("the binary to find the database away", |line| {
+            line["message"] == WAITING_FOR_THE_DATABASE
+        })
+        .await;
     assert!(
         server.child.try_wait().expect("wait").is_none(),
         "the binary exited while the database was away"
@@ -285,7 +316,7 @@ async fn sigterm_while_waiting_for_the_database_exits_zero() {
     server.terminate();
 
     assert_eq!(
-        server.wait_for_exit(Duration::from_secs(10)).code(),
+        server.wait_for_exit(Duration::from_secs(20)).code(),
         Some(0)
     );
 }
