@@ -18,9 +18,8 @@ use oncely::{
 use serde_json::json;
 use tonic::transport::Endpoint;
 
-use crate::{
-    metrics::{scrape_until, value},
-    support::{Backend, BinaryServer, TestApp, TestDb, new_key, request},
+use crate::support::{
+    Backend, BinaryServer, TestApp, TestDb, new_key, request, scrape_until, value,
 };
 
 /// Creates a task whose parameters hold about `bytes` bytes; returns its

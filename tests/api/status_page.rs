@@ -102,7 +102,7 @@ async fn the_status_page_shows_tasks_and_failures_in_a_browser(backend: Backend)
 
     // The page shows the queue as last read, every 100 ms here.
     let metrics = format!("http://{page}/metrics");
-    eventually(Duration::from_secs(10), "the queue read", || async {
+    eventually(Duration::from_secs(30), "the queue read", || async {
         let text = reqwest::get(&metrics).await.ok()?.text().await.ok()?;
         (text.contains("oncely_tasks{status=\"queued\"} 1")
             && text.contains("oncely_tasks{status=\"failed\"} 1"))

@@ -8,6 +8,7 @@
 //! - [`proxy`]: TCP proxies that cut a connection to PostgreSQL or a
 //!   response on its way to the client.
 //! - [`codec`]: a pass-through codec for hand-encoded requests.
+//! - [`scrape`]: reading a binary's Prometheus metrics.
 //! - [`wait`]: health checks and polling until something holds.
 
 mod app;
@@ -15,6 +16,7 @@ mod binary;
 mod codec;
 mod db;
 mod proxy;
+mod scrape;
 mod wait;
 
 pub(crate) use app::*;
@@ -22,4 +24,5 @@ pub(crate) use binary::*;
 pub(crate) use codec::*;
 pub(crate) use db::*;
 pub(crate) use proxy::*;
+pub(crate) use scrape::*;
 pub(crate) use wait::*;
