@@ -3,8 +3,6 @@
 //! holds each counter by its name and labels. The binary runs as its own
 //! process, so that its counters hold only this test's calls.
 
-use std::time::Duration;
-
 use oncely::proto::tasks_v1::{
     CompleteTaskRequest, CreateTaskRequest, LeaseTasksRequest,
     task_service_client::TaskServiceClient, worker_service_client::WorkerServiceClient,
@@ -248,20 +246,28 @@ async fn a_call_given_up_counts_as_canceled(backend: Backend) {
         .await
         .expect("connect");
     let mut workers = WorkerServiceClient::new(channel.clone());
-    let poll = workers.lease_tasks(LeaseTasksRequest {
-        worker_id: "worker-1".into(),
-        wait: Some(prost_types::Duration {
-            seconds: 30,
-            nanos: 0,
-        }),
-        ..LeaseTasksRequest::default()
-    });
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), poll)
+    let poll = tokio::spawn(async move {
+        workers
+            .lease_tasks(LeaseTasksRequest {
+                worker_id: "worker-1".into(),
+                wait: Some(prost_types::Duration {
+                    seconds: 30,
+                    nanos: 0,
+                }),
+                ..LeaseTasksRequest::default()
+            })
             .await
-            .is_err(),
+    });
+    // Given up once the server holds it, waiting for a task.
+    scrape_until(&url, "the poll to wait for a task", |scrape| {
+        value(scrape, "oncely_lease_polls_waiting", &[]) == Some(1.0)
+    })
+    .await;
+    assert!(
+        !poll.is_finished(),
         "the poll answered with nothing to lease"
     );
+    poll.abort();
     let made_up = crate::support::raw_unary(
         channel,
         "/scanner.Probe/Random",
