@@ -13,8 +13,8 @@ use tokio::sync::Mutex;
 use tonic::{Code, Status, transport::Channel};
 
 use crate::support::{
-    Backend, TestApp, TestDb, assert_status, email_request, new_key, request, test_settings,
-    violated_fields,
+    Backend, BinaryServer, TestApp, TestDb, assert_status, email_request, new_key, request,
+    scrape_until, started, test_settings, value, violated_fields,
 };
 
 fn workers(app: &TestApp) -> WorkerServiceClient<Channel> {
@@ -116,22 +116,45 @@ async fn cancel(app: &TestApp, task_id: &str) -> Result<Task, Status> {
         .map(|r| r.into_inner())
 }
 
-/// The answer of a long poll or wait (of 20 s or more) that something
+/// How long the long polls and waits that something should wake ask to
+/// wait, in seconds: far longer than [`woken`] gives them.
+const LONG_WAIT: f64 = 50.0;
+
+/// The answer of a long poll or wait (of [`LONG_WAIT`]) that something
 /// should have woken: a liveness check, not a measurement. Without the
 /// wake-up it would answer only when its own wait ran out.
 async fn woken<T>(call: tokio::task::JoinHandle<T>) -> T {
-    tokio::time::timeout(Duration::from_secs(10), call)
+    tokio::time::timeout(Duration::from_secs(25), call)
         .await
         .expect("woken by the change, not left to wait out its time")
         .expect("join")
 }
 
-/// A server whose waiters re-read the database only once a minute, so a
-/// test passes only if the wake-ups themselves work.
-async fn spawn_without_rechecks(db: &TestDb) -> TestApp {
-    let mut settings = test_settings(&db.url);
-    settings.queue.recheck = Duration::from_secs(60);
-    TestApp::spawn_with(settings).await
+/// The binary on `db`, its waiters re-reading the database only once a
+/// minute, so a test passes only if the wake-ups themselves work. It runs
+/// as a process of its own so that its metrics count only this test's
+/// calls: they show when a call waits. Returns it, its metrics' URL, and
+/// clients for it.
+async fn start_without_rechecks(db: &TestDb) -> (BinaryServer, String, Arc<TestApp>) {
+    let (server, metrics) =
+        BinaryServer::start_with_metrics_and(db, &[("QUEUE_RECHECK_INTERVAL", "60s")]).await;
+    let app = Arc::new(TestApp::connect_to(server.addr()));
+    (server, format!("http://{metrics}/metrics"), app)
+}
+
+/// Waits until `polls` LeaseTasks long polls wait for a task, having found
+/// none, at the binary whose metrics are at `metrics`.
+async fn polls_waiting(metrics: &str, polls: f64) {
+    scrape_until(metrics, "the long poll to wait for a task", |scrape| {
+        value(scrape, "oncely_lease_polls_waiting", &[]) == Some(polls)
+    })
+    .await;
+}
+
+/// Waits until the server has started `calls` WaitTask calls at the binary
+/// whose metrics are at `metrics`.
+async fn waits_started(metrics: &str, calls: usize) {
+    started(metrics, "tasks.v1.TaskService", "WaitTask", calls).await;
 }
 
 async fn racing_workers_complete_every_task_exactly_once(backend: Backend) {
@@ -191,12 +214,12 @@ async fn racing_workers_complete_every_task_exactly_once(backend: Backend) {
 
 async fn a_long_poll_answers_as_soon_as_a_task_is_created(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let app = Arc::new(spawn_without_rechecks(&db).await);
+    let (_server, metrics, app) = start_without_rechecks(&db).await;
     let polling = {
         let app = app.clone();
-        tokio::spawn(async move { lease(&app, 1, 30.0, 20.0).await })
+        tokio::spawn(async move { lease(&app, 1, 30.0, LONG_WAIT).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    polls_waiting(&metrics, 1.0).await;
 
     let created = app.create_email().await;
 
@@ -421,14 +444,14 @@ async fn the_server_backoff_is_random_up_to_a_doubling_capped_ceiling(backend: B
 
 async fn a_task_failed_without_delay_wakes_a_waiting_worker(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let app = Arc::new(spawn_without_rechecks(&db).await);
+    let (_server, metrics, app) = start_without_rechecks(&db).await;
     app.create_email().await;
     let leased = lease_one(&app).await;
     let polling = {
         let app = app.clone();
-        tokio::spawn(async move { lease(&app, 1, 30.0, 20.0).await })
+        tokio::spawn(async move { lease(&app, 1, 30.0, LONG_WAIT).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    polls_waiting(&metrics, 1.0).await;
 
     fail(&app, &leased, false, Some(0.0)).await.expect("fail");
 
@@ -464,7 +487,7 @@ async fn shutting_down_answers_long_polls_at_once(backend: Backend) {
         .env("DATABASE_URL", &db.url)
         .env("SHUTDOWN_GRACE", "30s")
         .env("RUST_LOG", "warn");
-    let mut server = crate::support::BinaryServer::spawn(command).await;
+    let (mut server, metrics) = BinaryServer::spawn_with_metrics(command).await;
     let channel = tonic::transport::Endpoint::from_shared(server.url())
         .expect("address")
         .connect()
@@ -480,7 +503,7 @@ async fn shutting_down_answers_long_polls_at_once(backend: Backend) {
             })
             .await
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    polls_waiting(&format!("http://{metrics}/metrics"), 1.0).await;
 
     server.terminate();
 
@@ -556,15 +579,15 @@ async fn a_permanent_failure_ends_the_task_at_once(backend: Backend) {
 
 async fn wait_task_returns_when_another_client_completes_the_task(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let app = Arc::new(spawn_without_rechecks(&db).await);
+    let (_server, metrics, app) = start_without_rechecks(&db).await;
     let created = app.create_email().await;
     let waiting = {
         let app = app.clone();
         let id = created.task_id.clone();
-        tokio::spawn(async move { wait(&app, &id, 30.0).await })
+        tokio::spawn(async move { wait(&app, &id, LONG_WAIT).await })
     };
     let leased = lease_one(&app).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    waits_started(&metrics, 1).await;
 
     complete(&app, &leased, json!({"message_id": "m-1"}))
         .await
@@ -844,21 +867,22 @@ async fn a_worker_killed_mid_lease_has_its_task_finished_by_another(backend: Bac
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn workers_and_waiters_on_two_instances_see_each_others_tasks() {
     let db = TestDb::new(Backend::Postgres).await;
-    let front = Arc::new(spawn_without_rechecks(&db).await);
-    let back = Arc::new(spawn_without_rechecks(&db).await);
+    let (_front_server, front_metrics, front) = start_without_rechecks(&db).await;
+    let (_back_server, back_metrics, back) = start_without_rechecks(&db).await;
     let polling = {
         let back = back.clone();
-        tokio::spawn(async move { lease(&back, 1, 30.0, 20.0).await })
+        tokio::spawn(async move { lease(&back, 1, 30.0, LONG_WAIT).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    polls_waiting(&back_metrics, 1.0).await;
 
     let created = front.create_email().await;
     let waiting = {
         let front = front.clone();
         let id = created.task_id.clone();
-        tokio::spawn(async move { wait(&front, &id, 30.0).await })
+        tokio::spawn(async move { wait(&front, &id, LONG_WAIT).await })
     };
     let leased = woken(polling).await.remove(0);
+    waits_started(&front_metrics, 1).await;
     complete(&back, &leased, json!({"sent": true}))
         .await
         .expect("complete on the other instance");

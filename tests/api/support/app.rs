@@ -94,6 +94,23 @@ impl TestApp {
         app
     }
 
+    /// Clients for a server that runs elsewhere (the binary, as a child
+    /// process, for a test that reads its metrics), with the same helpers;
+    /// there is no server here to stop.
+    pub(crate) fn connect_to(addr: std::net::SocketAddr) -> Self {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect_lazy();
+        Self {
+            addr,
+            tasks: TaskServiceClient::new(channel.clone()),
+            admin: AdminClient::new(channel.clone()),
+            channel,
+            shutdown: None,
+            server: None,
+        }
+    }
+
     /// Starts a server without waiting for it.
     pub(crate) async fn start(settings: Settings) -> Self {
         init_tracing();

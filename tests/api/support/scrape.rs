@@ -57,3 +57,14 @@ pub(crate) fn rpc<'a>(service: &'a str, method: &'a str) -> Vec<(&'a str, &'a st
         ("grpc_method", method),
     ]
 }
+
+/// Waits until the binary whose metrics are at `url` has counted `calls`
+/// calls of `service`'s `method` started: they reached the server and are
+/// in its hands.
+pub(crate) async fn started(url: &str, service: &str, method: &str, calls: usize) {
+    let labels = rpc(service, method);
+    scrape_until(url, &format!("{calls} {method} calls to start"), |scrape| {
+        value(scrape, "grpc_server_started_total", &labels) >= Some(calls as f64)
+    })
+    .await;
+}
