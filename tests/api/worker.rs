@@ -1,7 +1,11 @@
 //! The task lifecycle: workers lease, renew, complete and fail tasks;
 //! agents wait for them and cancel them.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use oncely::proto::tasks_v1::{
     CancelTaskRequest, CompleteTaskRequest, FailTaskRequest, Lease, LeaseTasksRequest,
@@ -157,6 +161,20 @@ async fn waits_started(metrics: &str, calls: usize) {
     started(metrics, "tasks.v1.TaskService", "WaitTask", calls).await;
 }
 
+/// Sleeps until `lease` has run out, by the expiry the server gave it.
+async fn until_expired(lease: &Lease) {
+    let expiry = lease.expire_time.as_ref().expect("an expiry");
+    let expiry = SystemTime::UNIX_EPOCH
+        + Duration::new(
+            u64::try_from(expiry.seconds).expect("after 1970"),
+            u32::try_from(expiry.nanos).expect("valid nanos"),
+        );
+    if let Ok(left) = expiry.duration_since(SystemTime::now()) {
+        // A little past it: the stores keep microseconds.
+        tokio::time::sleep(left + Duration::from_millis(100)).await;
+    }
+}
+
 async fn racing_workers_complete_every_task_exactly_once(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
@@ -247,7 +265,7 @@ async fn an_expired_lease_is_leased_again_and_the_old_token_refused(backend: Bac
     let created = app.create_email().await;
     let first = lease(&app, 1, 1.0, 0.0).await.remove(0);
 
-    let second = lease(&app, 1, 30.0, 10.0).await.remove(0);
+    let second = lease(&app, 1, 30.0, 30.0).await.remove(0);
 
     assert_eq!(task_id(&second), created.task_id);
     assert_eq!(second.task.as_ref().expect("task").attempt, 2);
@@ -277,14 +295,15 @@ async fn renewing_a_lease_extends_it(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     app.create_email().await;
-    let leased = lease(&app, 1, 1.0, 0.0).await.remove(0);
+    // Long enough that the renewal surely comes before it runs out.
+    let leased = lease(&app, 1, 5.0, 0.0).await.remove(0);
 
     let renewed = renew(&app, &leased).await.expect("renew");
 
     assert_eq!(renewed.lease_token, leased.lease_token);
-    let before = leased.expire_time.expect("expiry").seconds;
+    let before = leased.expire_time.as_ref().expect("expiry").seconds;
     assert!(renewed.expire_time.expect("expiry").seconds >= before + 20);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    until_expired(&leased).await;
     assert!(
         lease(&app, 1, 30.0, 0.0).await.is_empty(),
         "the renewed lease still holds"
@@ -385,7 +404,8 @@ async fn a_retryable_failure_is_leased_again_after_its_backoff(backend: Backend)
     let created = app.create_email().await;
     let leased = lease_one(&app).await;
 
-    let failed = fail(&app, &leased, false, Some(1.0)).await.expect("fail");
+    // Long enough that the next lease surely comes before it ends.
+    let failed = fail(&app, &leased, false, Some(5.0)).await.expect("fail");
 
     assert_eq!(failed.status(), TaskStatus::Queued);
     assert_eq!(failed.error_message, "the mail server said 451");
@@ -393,7 +413,7 @@ async fn a_retryable_failure_is_leased_again_after_its_backoff(backend: Backend)
         lease(&app, 1, 30.0, 0.0).await.is_empty(),
         "still backing off"
     );
-    let again = lease(&app, 1, 30.0, 10.0).await.remove(0);
+    let again = lease(&app, 1, 30.0, 30.0).await.remove(0);
     assert_eq!(task_id(&again), created.task_id);
     assert_eq!(again.task.as_ref().expect("task").attempt, 2);
 }
@@ -466,8 +486,8 @@ async fn a_task_failed_for_its_last_lease_does_not_take_a_place_in_the_poll(back
     settings.queue.max_attempts = 1;
     let app = TestApp::spawn_with(settings).await;
     let abandoned = app.create_email().await;
-    lease(&app, 1, 1.0, 0.0).await.remove(0);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let last = lease(&app, 1, 1.0, 0.0).await.remove(0);
+    until_expired(&last).await;
     let waiting = app.create_email().await;
 
     let leases = lease(&app, 1, 30.0, 0.0).await;
@@ -548,8 +568,8 @@ async fn leases_that_keep_expiring_end_the_task_failed(backend: Backend) {
     let app = TestApp::spawn_with(settings).await;
     let created = app.create_email().await;
     lease(&app, 1, 1.0, 0.0).await.remove(0);
-    lease(&app, 1, 1.0, 10.0).await.remove(0);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let second = lease(&app, 1, 1.0, 30.0).await.remove(0);
+    until_expired(&second).await;
 
     let third = lease(&app, 1, 30.0, 0.0).await;
 
@@ -620,7 +640,9 @@ async fn a_wait_ends_before_the_calls_own_deadline(backend: Backend) {
         task_id: created.task_id.clone(),
         timeout: Some(seconds(30.0)),
     });
-    request.set_timeout(Duration::from_secs(1));
+    // Long enough that the server keeps back its full second for the
+    // answer to arrive.
+    request.set_timeout(Duration::from_secs(10));
 
     let answer = app.tasks.clone().wait_task(request).await;
 
@@ -854,7 +876,7 @@ async fn a_worker_killed_mid_lease_has_its_task_finished_by_another(backend: Bac
 
     doomed.kill().expect("SIGKILL the worker");
     doomed.wait().expect("reap the worker");
-    let rescued = lease(&app, 1, 30.0, 10.0).await.remove(0);
+    let rescued = lease(&app, 1, 30.0, 30.0).await.remove(0);
     let done = complete(&app, &rescued, json!({"sent": true}))
         .await
         .expect("complete");
