@@ -3,7 +3,7 @@
 //! peer that never reads its answers loses its connection (and the places
 //! its calls held), and one caller cannot take every in-flight place.
 
-use std::time::Duration;
+use std::{sync::atomic::Ordering, time::Duration};
 
 use oncely::proto::tasks_v1::{
     GetTaskRequest, LeaseTasksRequest, ListTasksRequest, worker_service_client::WorkerServiceClient,
@@ -18,7 +18,10 @@ use tonic_types::StatusExt;
 
 use serde_json::json;
 
-use crate::support::{Backend, TestApp, TestDb, assert_status, new_key, request, test_settings};
+use crate::support::{
+    Backend, BinaryServer, DroppingProxy, TestApp, TestDb, assert_status, eventually, keyed,
+    new_key, request, scrape_until, test_settings, value,
+};
 
 /// The longest a test waits for the server to act; it acts much sooner.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -72,13 +75,22 @@ async fn a_client_idle_past_the_timeout_calls_again_without_noticing(backend: Ba
     let mut settings = test_settings(&db.url);
     settings.connection.idle_timeout = Duration::from_millis(300);
     let app = TestApp::spawn_with(settings).await;
-    let created = app.create_email().await;
+    // The client's connections go through a proxy that counts them.
+    let proxy = DroppingProxy::start(app.addr, 0).await;
+    let client = TestApp::connect_to(proxy.addr);
+    let created = client.create_email().await;
 
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    eventually(
+        PATIENCE,
+        "the server to close the idle connection",
+        || async { (proxy.closed.load(Ordering::SeqCst) >= 1).then_some(()) },
+    )
+    .await;
 
-    let task = app.task(&created.task_id).await;
-    assert_eq!(
-        task.task_id, created.task_id,
+    let task = client.task(&created.task_id).await;
+    assert_eq!(task.task_id, created.task_id);
+    assert!(
+        proxy.opened.load(Ordering::SeqCst) >= 2,
         "the channel reconnected by itself"
     );
 }
@@ -134,7 +146,9 @@ async fn a_peer_that_never_reads_its_answers_loses_its_connection_and_its_places
     const STUCK: usize = 8;
     let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
-    settings.connection.call_limit = Duration::from_secs(1);
+    // Long enough that the stuck calls surely still hold their places
+    // when the test checks, however slow the machine.
+    settings.connection.call_limit = Duration::from_secs(5);
     settings.rate_limits.max_in_flight = STUCK;
     let app = TestApp::spawn_with(settings).await;
     app.create_email().await;
@@ -183,17 +197,22 @@ async fn one_callers_long_polls_cannot_take_every_place(backend: Backend) {
     let db = TestDb::new(backend).await;
     let busy = crate::auth::create_key(&db, "busy", "admin", &[]);
     let calm = crate::auth::create_key(&db, "calm", "admin", &[]);
-    let mut settings = test_settings(&db.url);
-    settings.rate_limits.max_in_flight_per_caller = 2;
-    let app = TestApp::spawn_with(settings).await;
-    let long_poll = |token: &str| {
+    // The binary, whose metrics are this test's own: they show the polls
+    // waiting without taking a place of the caller's to look.
+    let (server, metrics) =
+        BinaryServer::start_with_metrics_and(&db, &[("MAX_IN_FLIGHT_PER_CALLER", "2")]).await;
+    let metrics = format!("http://{metrics}/metrics");
+    let app = TestApp::connect_to(server.addr());
+    // A poll of `token`'s for one task, waiting up to `wait` seconds.
+    let long_poll = |token: &str, wait: i64| {
         let mut workers = WorkerServiceClient::new(app.channel.clone());
         let call = crate::auth::with_token(
             token,
             Request::new(LeaseTasksRequest {
                 worker_id: "w".into(),
+                max_tasks: 1,
                 wait: Some(prost_types::Duration {
-                    seconds: 3,
+                    seconds: wait,
                     nanos: 0,
                 }),
                 ..Default::default()
@@ -201,15 +220,33 @@ async fn one_callers_long_polls_cannot_take_every_place(backend: Backend) {
         );
         tokio::spawn(async move { workers.lease_tasks(call).await.map(drop) })
     };
-    let polls = [long_poll(&busy), long_poll(&busy)];
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The polls wait far longer than the test takes; tasks end them.
+    let polls = [long_poll(&busy, 60), long_poll(&busy, 60)];
+    scrape_until(&metrics, "the caller's two polls to wait", |scrape| {
+        value(scrape, "oncely_lease_polls_waiting", &[]) == Some(2.0)
+    })
+    .await;
 
-    let third = long_poll(&busy).await.expect("join");
-    let other = long_poll(&calm);
+    let third = long_poll(&busy, 60).await.expect("join");
+    let other = long_poll(&calm, 60);
 
     let status = assert_status(third, Code::ResourceExhausted, Some("CALLER_BUSY"));
     assert!(status.get_details_retry_info().is_some());
     assert!(status.message().contains("2 calls open"), "{status:?}");
+    for _ in 0..3 {
+        let call = crate::auth::with_token(
+            &calm,
+            keyed(
+                Some(&new_key()),
+                request("agent-7", "send_email", json!({})),
+            ),
+        );
+        app.tasks
+            .clone()
+            .create_task(call)
+            .await
+            .expect("a task for each poll");
+    }
     other
         .await
         .expect("join")
@@ -217,17 +254,19 @@ async fn one_callers_long_polls_cannot_take_every_place(backend: Backend) {
     for poll in polls {
         poll.await.expect("join").expect("the open calls finish");
     }
-    long_poll(&busy)
-        .await
-        .expect("join")
-        .expect("served once its calls end");
+    eventually(PATIENCE, "a poll served once its calls end", || async {
+        long_poll(&busy, 0).await.expect("join").ok()
+    })
+    .await;
 }
 
 async fn answers_held_for_a_peer_that_never_reads_are_bounded_in_bytes(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
     settings.rate_limits.max_answer_bytes = 150 * 1024;
-    settings.connection.call_limit = Duration::from_secs(2);
+    // Long enough that the unread answers surely still hold their bytes
+    // when the test checks, however slow the machine.
+    settings.connection.call_limit = Duration::from_secs(5);
     let app = TestApp::spawn_with(settings).await;
     let big = app
         .create(

@@ -84,10 +84,17 @@ impl Drop for PgProxy {
 
 /// A TCP proxy in front of the server that cuts its first `drops`
 /// connections at the moment the server starts sending a response: the
-/// server has done the work, the client never sees the answer.
+/// server has done the work, the client never sees the answer. With no
+/// drops it only relays, and counts the connections it sees.
 pub(crate) struct DroppingProxy {
     pub(crate) addr: SocketAddr,
+    /// Responses cut.
     pub(crate) dropped: Arc<AtomicUsize>,
+    /// Connections from clients.
+    pub(crate) opened: Arc<AtomicUsize>,
+    /// Connections that have ended (either side closed, or a response was
+    /// cut).
+    pub(crate) closed: Arc<AtomicUsize>,
     accept: JoinHandle<()>,
 }
 
@@ -96,21 +103,30 @@ impl DroppingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let dropped = Arc::new(AtomicUsize::new(0));
+        let opened = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
         let to_drop = Arc::new(AtomicUsize::new(drops));
         let accept = tokio::spawn({
-            let dropped = dropped.clone();
+            let (dropped, opened, closed) = (dropped.clone(), opened.clone(), closed.clone());
             async move {
                 while let Ok((client, _)) = listener.accept().await {
+                    opened.fetch_add(1, Ordering::SeqCst);
                     let cut = to_drop
                         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                         .is_ok();
-                    tokio::spawn(relay(client, upstream, cut, dropped.clone()));
+                    let (dropped, closed) = (dropped.clone(), closed.clone());
+                    tokio::spawn(async move {
+                        relay(client, upstream, cut, dropped).await;
+                        closed.fetch_add(1, Ordering::SeqCst);
+                    });
                 }
             }
         });
         Self {
             addr,
             dropped,
+            opened,
+            closed,
             accept,
         }
     }
