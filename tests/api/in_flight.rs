@@ -12,18 +12,29 @@ use std::time::Duration;
 use tonic::Code;
 
 use crate::support::{
-    TestApp, TestDb, assert_status, email_request, new_key, replayed, request, test_settings,
+    BinaryApp, TestApp, TestDb, assert_status, email_request, eventually, new_key, replayed,
+    request, test_settings,
 };
+
+/// The binary, waiting far longer for a request in flight than the test
+/// takes to end it.
+async fn start_patient(db: &TestDb) -> BinaryApp {
+    BinaryApp::start(db, &[("IN_FLIGHT_WAIT", "60s")]).await
+}
+
+/// How long a test watches a waiting request not answer.
+const WATCH: Duration = Duration::from_millis(500);
 use tonic_types::StatusExt;
 
 async fn a_duplicate_waits_for_the_first_request_and_then_replays_it(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let app = TestApp::spawn(&db).await;
+    let app = start_patient(&db).await;
     let key = new_key();
     let (tx, first) = db.begin_in_flight(&key, &email_request()).await;
 
     let duplicate = app.spawn_create(&key, email_request());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.blocked(&db, "CreateTask", 1).await;
+    tokio::time::sleep(WATCH).await;
     assert!(
         !duplicate.is_finished(),
         "the duplicate should wait for the first request"
@@ -38,12 +49,13 @@ async fn a_duplicate_waits_for_the_first_request_and_then_replays_it(backend: Ba
 
 async fn a_different_request_waits_for_the_first_and_is_then_refused(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let app = TestApp::spawn(&db).await;
+    let app = start_patient(&db).await;
     let key = new_key();
     let (tx, _) = db.begin_in_flight(&key, &email_request()).await;
 
     let other = app.spawn_create(&key, request("agent-7", "send_sms", serde_json::json!({})));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.blocked(&db, "CreateTask", 1).await;
+    tokio::time::sleep(WATCH).await;
     assert!(
         !other.is_finished(),
         "the request should wait for the first"
@@ -60,12 +72,12 @@ async fn a_different_request_waits_for_the_first_and_is_then_refused(backend: Ba
 
 async fn when_the_first_request_fails_the_waiting_duplicate_executes(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let app = TestApp::spawn(&db).await;
+    let app = start_patient(&db).await;
     let key = new_key();
     let (tx, first) = db.begin_in_flight(&key, &email_request()).await;
 
     let duplicate = app.spawn_create(&key, email_request());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.blocked(&db, "CreateTask", 1).await;
     tx.rollback().await;
 
     let response = duplicate.await.expect("join").expect("created");
@@ -80,7 +92,10 @@ async fn a_duplicate_still_unfinished_after_the_wait_bound_is_aborted_with_retry
 ) {
     let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
-    settings.database.in_flight_wait = Duration::from_millis(300);
+    // On SQLite the bound covers the wait for the one writer too: long
+    // enough that a busy machine's writer surely finds the key held (and
+    // answers ABORTED) before it runs out (which would be UNAVAILABLE).
+    settings.database.in_flight_wait = Duration::from_secs(3);
     let app = TestApp::spawn_with(settings).await;
     let key = new_key();
     let (tx, first) = db.begin_in_flight(&key, &email_request()).await;
@@ -173,20 +188,20 @@ async fn writes_to_a_read_only_database_are_unavailable_until_it_takes_writes_ag
     }
 
     db.set_read_only(false).await;
-    let mut created = None;
-    for _ in 0..20 {
-        match app.create(Some(&new_key()), email_request()).await {
-            Ok(response) => {
-                created = Some(response);
-                break;
+    let created = eventually(
+        Duration::from_secs(30),
+        "a create once the database takes writes",
+        || async {
+            match app.create(Some(&new_key()), email_request()).await {
+                Ok(response) => Some(response),
+                Err(status) => {
+                    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                    None
+                }
             }
-            Err(status) => {
-                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-    let created = created.expect("created once the database takes writes");
+        },
+    )
+    .await;
     assert_eq!(replayed(&created), Some("false"));
     assert_eq!(db.count("tasks").await, 2);
 }

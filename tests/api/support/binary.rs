@@ -24,7 +24,9 @@ use prost::Message;
 use tonic::transport::Endpoint;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use super::{CREATE_TASK_PATH, TestDb, email_request, health, keyed, raw_unary};
+use super::{
+    Backend, CREATE_TASK_PATH, TestApp, TestDb, email_request, health, keyed, raw_unary, started,
+};
 
 /// The binary cargo built for these tests.
 pub(crate) const BINARY: &str = env!("CARGO_BIN_EXE_oncely");
@@ -368,5 +370,55 @@ impl Drop for BinaryServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The binary with its metrics listener, and the [`TestApp`] helpers for
+/// it (through `Deref`): for conformance tests that must see a call in the
+/// server's hands, which only a process of its own shows (in-process
+/// servers share their metrics with every test running at the time).
+pub(crate) struct BinaryApp {
+    pub(crate) server: BinaryServer,
+    /// The URL of its metrics.
+    pub(crate) metrics: String,
+    app: TestApp,
+}
+
+impl BinaryApp {
+    /// Starts the binary on `db` with `env` set and waits until it serves.
+    pub(crate) async fn start(db: &TestDb, env: &[(&str, &str)]) -> Self {
+        let (server, metrics) = BinaryServer::start_with_metrics_and(db, env).await;
+        let app = TestApp::connect_to(server.addr());
+        Self {
+            server,
+            metrics: format!("http://{metrics}/metrics"),
+            app,
+        }
+    }
+
+    /// Waits until `calls` calls of the TaskService's `method` are in the
+    /// server's hands, blocked behind a transaction the test holds on
+    /// `db`. On PostgreSQL the evidence is the server's sessions waiting
+    /// for the lock. SQLite shows no lock wait to another process; there
+    /// it is the server counting the calls started, after which all they
+    /// can do is wait for the lock or run out of time.
+    pub(crate) async fn blocked(&self, db: &TestDb, method: &str, calls: usize) {
+        match db.backend() {
+            Backend::Postgres => {
+                let sessions = i64::try_from(calls).expect("a few calls");
+                db.wait_for_sessions_waiting_for_a_lock(sessions).await;
+            }
+            Backend::Sqlite => {
+                started(&self.metrics, "tasks.v1.TaskService", method, calls).await;
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for BinaryApp {
+    type Target = TestApp;
+
+    fn deref(&self) -> &TestApp {
+        &self.app
     }
 }

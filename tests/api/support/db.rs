@@ -234,6 +234,14 @@ impl TestDb {
         db
     }
 
+    /// The store this database is.
+    pub(crate) fn backend(&self) -> Backend {
+        match self.pool {
+            Pool::Postgres { .. } => Backend::Postgres,
+            Pool::Sqlite { .. } => Backend::Sqlite,
+        }
+    }
+
     /// The pool, for tests that only make sense on PostgreSQL.
     pub(crate) fn pg_pool(&self) -> &PgPool {
         match &self.pool {
@@ -257,6 +265,33 @@ impl TestDb {
             panic!("a PostgreSQL-only helper used on SQLite")
         };
         url_for(base, name, Some(("127.0.0.1", proxy_port)))
+    }
+
+    /// How many sessions on this database wait for a lock (PostgreSQL):
+    /// the server's calls blocked behind a transaction the test holds.
+    pub(crate) async fn sessions_waiting_for_a_lock(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(self.pg_pool())
+        .await
+        .expect("read pg_stat_activity")
+    }
+
+    /// Waits until `sessions` sessions on this database wait for a lock
+    /// (PostgreSQL): the evidence that the server's calls have reached the
+    /// database and are blocked behind the test's transaction.
+    #[track_caller]
+    pub(crate) fn wait_for_sessions_waiting_for_a_lock(
+        &self,
+        sessions: i64,
+    ) -> impl Future<Output = ()> + '_ {
+        crate::support::eventually(
+            Duration::from_secs(30),
+            format!("{sessions} sessions to wait for a lock"),
+            move || async move { (self.sessions_waiting_for_a_lock().await >= sessions).then_some(()) },
+        )
     }
 
     pub(crate) async fn count(&self, table: &str) -> i64 {
