@@ -294,6 +294,13 @@ impl TestDb {
         )
     }
 
+    /// Tasks and key records, counted in one statement (so in one
+    /// snapshot, whatever commits meanwhile).
+    pub(crate) async fn tasks_and_keys(&self) -> (i64, i64) {
+        let sql = "SELECT (SELECT count(*) FROM tasks), (SELECT count(*) FROM idempotency_keys)";
+        on_pool!(self, |pool| sqlx::query_as(sql).fetch_one(pool).await).expect("count rows")
+    }
+
     pub(crate) async fn count(&self, table: &str) -> i64 {
         let sql = sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}"));
         on_pool!(self, |pool| sqlx::query_scalar(sql).fetch_one(pool).await).expect("count rows")
