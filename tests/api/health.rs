@@ -10,8 +10,12 @@ use tonic_health::pb::{
 };
 
 use crate::support::{
-    PgProxy, TestApp, TestDb, assert_status, email_request, new_key, replayed, test_settings,
+    BinaryApp, PgProxy, TestApp, TestDb, assert_status, email_request, new_key, replayed,
+    test_settings,
 };
+
+/// The longest a test waits for the server to act; it acts much sooner.
+const PATIENCE: Duration = Duration::from_secs(20);
 
 async fn health_is_serving_for_the_server_and_each_service(backend: Backend) {
     let db = TestDb::new(backend).await;
@@ -41,7 +45,7 @@ async fn health_stays_serving_while_requests_hold_every_pooled_connection() {
     let waiting: Vec<_> = (0..2)
         .map(|_| app.spawn_create(&new_key(), email_request()))
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    db.wait_for_sessions_waiting_for_a_lock(2).await;
 
     for _ in 0..8 {
         assert_eq!(app.health("").await.expect("check"), ServingStatus::Serving);
@@ -103,10 +107,13 @@ async fn an_unreachable_database_is_unavailable_and_a_retry_later_executes_afres
 
 async fn shutdown_reports_not_serving_and_finishes_in_flight_requests(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let mut settings = test_settings(&db.url);
-    // Long enough that only a prompt, clean stop passes the timeout below.
-    settings.shutdown_grace = Duration::from_secs(120);
-    let app = TestApp::spawn_with(settings).await;
+    // A grace long enough that only a prompt, clean stop passes the
+    // deadline below, and a request waiting far longer than the test.
+    let mut app = BinaryApp::start(
+        &db,
+        &[("SHUTDOWN_GRACE", "120s"), ("IN_FLIGHT_WAIT", "60s")],
+    )
+    .await;
     let mut watch = HealthClient::new(app.channel.clone())
         .watch(HealthCheckRequest {
             service: String::new(),
@@ -123,20 +130,20 @@ async fn shutdown_reports_not_serving_and_finishes_in_flight_requests(backend: B
             .status(),
         ServingStatus::Serving
     );
-    // Hold a row lock so a request is in flight when shutdown starts.
+    // Hold a lock so a request is in flight when shutdown starts.
     let lock = db.hold_writes().await;
     let in_flight = app.spawn_create(&new_key(), email_request());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.blocked(&db, "CreateTask", 1).await;
 
-    let stopped = tokio::spawn(app.shutdown());
-    let status = tokio::time::timeout(Duration::from_secs(5), watch.message())
+    app.server.terminate();
+    let status = tokio::time::timeout(PATIENCE, watch.message())
         .await
         .expect("a health update")
         .expect("stream")
         .expect("status");
     assert_eq!(status.status(), ServingStatus::NotServing);
     // The watch stream ends so it does not hold up the shutdown.
-    let end = tokio::time::timeout(Duration::from_secs(5), watch.message())
+    let end = tokio::time::timeout(PATIENCE, watch.message())
         .await
         .expect("stream ends");
     assert!(matches!(end, Ok(None)), "{end:?}");
@@ -149,32 +156,27 @@ async fn shutdown_reports_not_serving_and_finishes_in_flight_requests(backend: B
         .expect("join")
         .expect("the in-flight request completes");
     assert_eq!(replayed(&response), Some("false"));
-    tokio::time::timeout(Duration::from_secs(15), stopped)
-        .await
-        .expect("the server stops")
-        .expect("join")
-        .expect("clean exit");
+    let exit = app.server.wait_for_exit(PATIENCE);
+    assert_eq!(exit.code(), Some(0), "a clean exit");
     assert_eq!(db.count("tasks").await, 1);
 }
 
 async fn shutdown_stops_after_the_grace_period_even_if_a_request_hangs(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let mut settings = test_settings(&db.url);
-    settings.shutdown_grace = Duration::from_millis(500);
-    settings.database.in_flight_wait = Duration::from_secs(60);
-    let app = TestApp::spawn_with(settings).await;
+    // The request would hang for a minute; the grace is a second.
+    let mut app =
+        BinaryApp::start(&db, &[("SHUTDOWN_GRACE", "1s"), ("IN_FLIGHT_WAIT", "60s")]).await;
     let lock = db.hold_writes().await;
     let hanging = app.spawn_create(&new_key(), email_request());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.blocked(&db, "CreateTask", 1).await;
 
-    let stopped = tokio::time::timeout(Duration::from_secs(4), app.shutdown()).await;
+    app.server.terminate();
+    let exit = app.server.wait_for_exit(PATIENCE);
 
-    stopped
-        .expect("the server stops within the grace period")
-        .expect("clean exit");
-    // In a process, exiting ends the request; here its task is still waiting.
-    assert!(!hanging.is_finished());
-    hanging.abort();
+    assert_eq!(exit.code(), Some(0), "a clean exit within the grace period");
+    // Exiting ended the request: it was not waited for.
+    let answer = hanging.await.expect("join");
+    assert!(answer.is_err(), "{answer:?}");
     lock.rollback().await;
 }
 

@@ -28,7 +28,10 @@ pub(crate) struct TestApp {
     pub(crate) tasks: TaskServiceClient<Channel>,
     pub(crate) admin: AdminClient<Channel>,
     pub(crate) addr: std::net::SocketAddr,
-    shutdown: Option<oneshot::Sender<()>>,
+    /// Held for the server's life: sending on it, or dropping it, starts a
+    /// graceful shutdown. (Tests of shutdown run the binary and send it
+    /// SIGTERM, so that they can see when a call is in the server's hands.)
+    _shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<Result<(), StartupError>>>,
 }
 
@@ -106,7 +109,7 @@ impl TestApp {
             tasks: TaskServiceClient::new(channel.clone()),
             admin: AdminClient::new(channel.clone()),
             channel,
-            shutdown: None,
+            _shutdown: None,
             server: None,
         }
     }
@@ -128,7 +131,7 @@ impl TestApp {
             tasks: TaskServiceClient::new(channel.clone()),
             admin: AdminClient::new(channel.clone()),
             channel,
-            shutdown: Some(tx),
+            _shutdown: Some(tx),
             server: Some(server),
         }
     }
@@ -210,18 +213,6 @@ impl TestApp {
         body: Vec<u8>,
     ) -> Result<Response<Vec<u8>>, Status> {
         raw_unary(self.channel.clone(), path, keyed(key, body)).await
-    }
-
-    /// Stops the server gracefully and waits for it.
-    pub(crate) async fn shutdown(mut self) -> Result<(), StartupError> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        self.server
-            .take()
-            .expect("server handle")
-            .await
-            .expect("server task did not panic")
     }
 
     /// Stops the server abruptly, as a crash would: no graceful shutdown.
