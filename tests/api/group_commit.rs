@@ -9,11 +9,26 @@ use serde_json::json;
 use tonic::Code;
 
 use crate::support::{
-    Backend, TestApp, TestDb, assert_status, keyed, new_key, replayed, request, test_settings,
+    Backend, BinaryApp, TestApp, TestDb, assert_status, keyed, new_key, replayed, request,
+    test_settings,
 };
 
 /// Calls released together, so that they share batches.
 const CALLS: usize = 24;
+
+/// The retention or window of the tests that see records expire: long
+/// enough that a replay sent right after the first call surely comes
+/// within it, however slow the machine.
+const SHORT_LIFE: Duration = Duration::from_secs(5);
+
+/// Sleeps until `life` has passed since `answered`, when the answer that
+/// wrote a record arrived: the record, written before, has then expired,
+/// and so has any copy the cache keeps. The cache's clock is the server's
+/// own monotonic one, which no test can move, so this wait is real; it is
+/// measured from the answer, so it is long enough however late that came.
+async fn sleep_past(answered: tokio::time::Instant, life: Duration) {
+    tokio::time::sleep_until(answered + life + Duration::from_millis(250)).await;
+}
 
 async fn one_key_with_two_bodies_at_once_gives_one_task_and_refuses_the_other_body(
     backend: Backend,
@@ -195,20 +210,21 @@ async fn a_replay_is_answered_from_memory_without_the_database(backend: Backend)
 async fn a_key_reused_after_its_retention_executes_afresh(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
-    settings.retention = Duration::from_secs(1);
+    settings.retention = SHORT_LIFE;
     let app = TestApp::spawn_with(settings).await;
     let key = new_key();
     let first = app
         .create(Some(&key), crate::support::email_request())
         .await
         .expect("create");
+    let answered = tokio::time::Instant::now();
     let replay = app
         .create(Some(&key), crate::support::email_request())
         .await
         .expect("replay");
     assert_eq!(replayed(&replay), Some("true"), "cached while live");
 
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    sleep_past(answered, SHORT_LIFE).await;
     let again = app
         .create(Some(&key), crate::support::email_request())
         .await
@@ -223,19 +239,20 @@ async fn a_keyless_request_after_its_window_executes_afresh(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
     settings.missing_key_policy = MissingKeyPolicy::Fingerprint;
-    settings.dedup_window = Duration::from_secs(1);
+    settings.dedup_window = SHORT_LIFE;
     let app = TestApp::spawn_with(settings).await;
     let first = app
         .create(None, crate::support::email_request())
         .await
         .expect("create");
+    let answered = tokio::time::Instant::now();
     let repeat = app
         .create(None, crate::support::email_request())
         .await
         .expect("repeat");
     assert_eq!(replayed(&repeat), Some("true"));
 
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    sleep_past(answered, SHORT_LIFE).await;
     let again = app
         .create(None, crate::support::email_request())
         .await
@@ -248,15 +265,18 @@ async fn a_keyless_request_after_its_window_executes_afresh(backend: Backend) {
 async fn after_cleanup_a_cached_key_executes_afresh(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
-    settings.retention = Duration::from_secs(1);
+    // Nothing has to happen within it: the shortest retention will do.
+    let retention = Duration::from_secs(1);
+    settings.retention = retention;
     let app = TestApp::spawn_with(settings).await;
     let key = new_key();
     let first = app
         .create(Some(&key), crate::support::email_request())
         .await
         .expect("create");
+    let answered = tokio::time::Instant::now();
 
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    sleep_past(answered, retention).await;
     let deleted = app.cleanup(None).await.expect("cleanup");
     let again = app
         .create(Some(&key), crate::support::email_request())
@@ -274,7 +294,13 @@ async fn after_cleanup_a_cached_key_executes_afresh(backend: Backend) {
 /// before the wait.
 async fn a_claim_that_waited_on_a_replaced_record_answers_from_the_new_one(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let app = TestApp::spawn_uncached(&db).await;
+    // Without the cache (see `uncached`), waiting far longer than the test
+    // takes to commit the replacement.
+    let app = BinaryApp::start(
+        &db,
+        &[("REPLAY_CACHE_BYTES", "0"), ("IN_FLIGHT_WAIT", "60s")],
+    )
+    .await;
     let key = new_key();
     let expired = app
         .create(Some(&key), crate::support::email_request())
@@ -287,7 +313,7 @@ async fn a_claim_that_waited_on_a_replaced_record_answers_from_the_new_one(backe
         .await;
 
     let waiting = app.spawn_create(&key, crate::support::email_request());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.blocked(&db, "CreateTask", 1).await;
     tx.commit().await;
     let answer = waiting.await.expect("join").expect("an answer");
 

@@ -160,6 +160,8 @@ impl BinaryServer {
         let mut command = Command::new(BINARY);
         command
             .env("DATABASE_URL", &db.url)
+            // As the test settings and TestDb's records have it.
+            .env("IDEMPOTENCY_RETENTION", "1h")
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied());
         Self::spawn_with_metrics(command).await
