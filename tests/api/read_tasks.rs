@@ -6,7 +6,9 @@ use oncely::proto::tasks_v1::{GetTaskRequest, ListTasksRequest, ListTasksRespons
 use serde_json::json;
 use tonic::Code;
 
-use crate::support::{TestApp, TestDb, assert_status, new_key, request, violated_fields};
+use crate::support::{
+    TestApp, TestDb, assert_status, eventually, new_key, request, test_settings, violated_fields,
+};
 
 async fn create_tasks(app: &TestApp, agent: &str, count: usize) -> Vec<Task> {
     let mut tasks = Vec::new();
@@ -199,7 +201,10 @@ async fn list_tasks_pages_one_agents_tasks_in_creation_order(backend: Backend) {
 /// page never holds a task while an earlier-numbered one is still to come.
 async fn paging_never_skips_a_task_that_commits_late(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let app = TestApp::spawn(&db).await;
+    let mut settings = test_settings(&db.url);
+    // Whatever waits for the late create waits far longer than the test.
+    settings.database.in_flight_wait = std::time::Duration::from_secs(60);
+    let app = TestApp::spawn_with(settings).await;
     create_tasks(&app, "agent-1", 3).await;
     // Another instance's create, in flight: its task is numbered, not yet
     // committed.
@@ -212,7 +217,17 @@ async fn paging_never_skips_a_task_that_commits_late(backend: Backend) {
     let after: Vec<_> = (0..2)
         .map(|i| app.spawn_create(&new_key(), request("agent-1", "step", json!({"after": i}))))
         .collect();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    if backend == Backend::Postgres {
+        // Numbered after it, they commit without waiting for it. (On
+        // SQLite the in-flight create holds the one writer: they wait for
+        // it, and are numbered after it whenever they come.)
+        eventually(
+            std::time::Duration::from_secs(30),
+            "the later creates to commit",
+            || async { (db.count("tasks").await == 5).then_some(()) },
+        )
+        .await;
+    }
 
     // A client pages through while that create is still in flight (the
     // store may make the read wait for it).
@@ -226,7 +241,15 @@ async fn paging_never_skips_a_task_that_commits_late(backend: Backend) {
             })
             .await
     });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    eventually(
+        std::time::Duration::from_secs(30),
+        "the page to be read, or to wait for the late create",
+        || async {
+            let waits = backend == Backend::Postgres && db.sessions_waiting_for_a_lock().await > 0;
+            (first.is_finished() || waits).then_some(())
+        },
+    )
+    .await;
     late.commit().await;
     let first = first.await.expect("join").expect("a page").into_inner();
     for call in after {
