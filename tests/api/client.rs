@@ -7,8 +7,8 @@ use oncely_client::{ClientError, Created, OncelyClient, RetryPolicy};
 use tonic::Code;
 
 use crate::support::{
-    Backend, DroppingProxy, PgProxy, TestApp, TestDb, email_request, new_key, request,
-    test_settings,
+    BINARY, Backend, BinaryApp, BinaryServer, DroppingProxy, PgProxy, TestApp, TestDb,
+    email_request, new_key, request, rpc, scrape_until, value,
 };
 
 fn quick_policy() -> RetryPolicy {
@@ -142,30 +142,44 @@ async fn the_client_never_retries_invalid_argument_or_failed_precondition(backen
 
 async fn the_client_waits_out_a_request_in_progress_as_retry_info_asks(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let mut settings = test_settings(&db.url);
-    settings.database.in_flight_wait = Duration::from_millis(200);
-    let app = TestApp::spawn_with(settings).await;
+    // A bound of seconds: on SQLite it covers the wait for the writer too,
+    // and a shorter one could run out there on a busy machine (answered
+    // UNAVAILABLE) before the writer found the key held (ABORTED, with
+    // RetryInfo).
+    let in_flight_wait = Duration::from_secs(3);
+    let app = BinaryApp::start(&db, &[("IN_FLIGHT_WAIT", "3s")]).await;
     let key = new_key();
     let (in_flight, first) = db.begin_in_flight(&key, &email_request()).await;
-    let finish = tokio::spawn(async move {
-        // Long enough that the first attempt surely meets the open transaction.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        in_flight.commit().await;
-    });
     let client = client_for(app.addr);
     let started = std::time::Instant::now();
 
-    let created = client
-        .create_task_with_key(&key, email_request())
+    let creating = tokio::spawn({
+        let key = key.clone();
+        async move { client.create_task_with_key(&key, email_request()).await }
+    });
+    // Committed once an attempt has met the open transaction.
+    scrape_until(&app.metrics, "an attempt answered in progress", |scrape| {
+        let labels = [("outcome", "in_progress"), ("key_source", "header")];
+        value(scrape, "oncely_create_requests_total", &labels) >= Some(1.0)
+    })
+    .await;
+    in_flight.commit().await;
+    let created = creating
         .await
+        .expect("join")
         .expect("replayed after the wait");
 
-    finish.await.expect("commit");
     assert!(created.replayed);
     assert_eq!(created.task, first);
     assert!(created.attempts >= 2);
-    // The server's RetryInfo asks for at least a second between attempts.
-    assert!(started.elapsed() >= Duration::from_secs(1));
+    // The first attempt waited out the bound; then the server's RetryInfo
+    // asked for a second before the next (the policy's own backoff is at
+    // most 200 ms).
+    let waited = started.elapsed();
+    assert!(
+        waited >= in_flight_wait + Duration::from_secs(1),
+        "{waited:?}"
+    );
 }
 
 async fn the_client_gives_up_after_its_attempts(backend: Backend) {
@@ -193,23 +207,33 @@ async fn the_client_gives_up_after_its_attempts(backend: Backend) {
 async fn the_client_retries_while_the_database_is_down_and_creates_once_it_returns() {
     let db = TestDb::new(Backend::Postgres).await;
     let proxy = PgProxy::start(&db).await;
-    let app = TestApp::spawn_with(test_settings(&db.url_via(proxy.port))).await;
-    let client = client_for(app.addr).with_retry_policy(RetryPolicy {
-        max_attempts: 30,
+    // The binary, whose metrics show when an attempt has failed.
+    let mut command = std::process::Command::new(BINARY);
+    command
+        .env("DATABASE_URL", db.url_via(proxy.port))
+        .env("CREATE_DATABASE", "false")
+        .env("RUST_LOG", "warn");
+    let (server, metrics) = BinaryServer::spawn_with_metrics(command).await;
+    let metrics = format!("http://{metrics}/metrics");
+    let client = client_for(server.addr()).with_retry_policy(RetryPolicy {
+        max_attempts: 100,
         initial_backoff: Duration::from_millis(100),
         max_backoff: Duration::from_millis(300),
         ..quick_policy()
     });
     proxy.cut();
-    let restore = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        proxy.restore();
-        proxy
-    });
 
-    let created = client.create_task(email_request()).await.expect("created");
+    let creating = tokio::spawn(async move { client.create_task(email_request()).await });
+    // Restored once an attempt has failed for want of the database.
+    scrape_until(&metrics, "an attempt answered unavailable", |scrape| {
+        let mut labels = rpc("tasks.v1.TaskService", "CreateTask");
+        labels.push(("grpc_code", "Unavailable"));
+        value(scrape, "grpc_server_handled_total", &labels) >= Some(1.0)
+    })
+    .await;
+    proxy.restore();
+    let created = creating.await.expect("join").expect("created");
 
-    let _proxy = restore.await.expect("restore");
     assert!(
         created.attempts >= 2,
         "the first attempt should have failed"
