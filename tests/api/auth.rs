@@ -13,11 +13,12 @@ use oncely::{
     },
 };
 use serde_json::json;
-use tonic::{Code, Request, Status, metadata::MetadataValue};
+use tonic::{Code, Request, Status, metadata::MetadataValue, transport::Endpoint};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
-    BINARY, Backend, BinaryServer, TestApp, TestDb, assert_status, eventually, keyed, new_key,
-    replayed, request, test_settings,
+    BINARY, Backend, BinaryServer, TestApp, TestDb, assert_status, eventually, health, keyed,
+    new_key, replayed, request, test_settings,
 };
 
 /// Runs `oncely keys ARGS` on `db`; returns its standard output.
@@ -113,7 +114,7 @@ async fn once_a_key_exists_every_call_needs_one(backend: Backend) {
     let before = create_as(&app, "", "agent-7").await;
     let admin = create_key(&db, "ops", "admin", &[]);
 
-    let refused = eventually(Duration::from_secs(10), "keys to be required", || async {
+    let refused = eventually(Duration::from_secs(30), "keys to be required", || async {
         let call = keyed(Some(&new_key()), crate::support::email_request());
         app.tasks.clone().create_task(call).await.err()
     })
@@ -365,7 +366,7 @@ async fn a_revoked_key_stops_working_on_a_running_server(backend: Backend) {
 
     assert!(output.status.success(), "{output:?}");
     for instance in std::iter::once(&*app).chain(other.as_ref()) {
-        let refused = eventually(Duration::from_secs(10), "the revocation", || async {
+        let refused = eventually(Duration::from_secs(30), "the revocation", || async {
             create_as(instance, &agent, "agent-7").await.err()
         })
         .await;
@@ -402,21 +403,37 @@ async fn the_keys_command_refuses_what_it_cannot_do(backend: Backend) {
 
 async fn without_keys_the_server_refuses_to_serve_beyond_loopback(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let everywhere = || async {
-        tokio::net::TcpListener::bind("0.0.0.0:0")
+    // Serves with `settings` on every address until it answers SERVING
+    // (so past its checks: a shutdown already due would stop it before
+    // them, however long opening the store takes), or until it refuses.
+    let serve_everywhere = |settings: Settings| async move {
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:0")
             .await
-            .expect("bind")
+            .expect("bind");
+        let url = format!(
+            "http://127.0.0.1:{}",
+            listener.local_addr().expect("addr").port()
+        );
+        let serving = async move {
+            eventually(Duration::from_secs(60), "the server to serve", || async {
+                let channel = Endpoint::from_shared(url.clone())
+                    .expect("url")
+                    .connect()
+                    .await
+                    .ok()?;
+                matches!(health(&channel, "").await, Ok(ServingStatus::Serving)).then_some(())
+            })
+            .await;
+        };
+        oncely::serve(listener, settings, serving).await
     };
 
-    // Shutdown comes once the store is open: a shutdown already due stops
-    // the server before its checks.
-    let soon = || tokio::time::sleep(std::time::Duration::from_millis(300));
-    let refused = oncely::serve(everywhere().await, settings(&db), soon()).await;
+    let refused = serve_everywhere(settings(&db)).await;
     let mut knowingly = settings(&db);
     knowingly.auth = AuthMode::Disabled;
-    let disabled = oncely::serve(everywhere().await, knowingly, soon()).await;
+    let disabled = serve_everywhere(knowingly).await;
     create_key(&db, "admin", "admin", &[]);
-    let protected = oncely::serve(everywhere().await, settings(&db), soon()).await;
+    let protected = serve_everywhere(settings(&db)).await;
 
     let error = refused.expect_err("refused");
     assert!(error.to_string().contains("oncely keys create"), "{error}");
@@ -550,16 +567,22 @@ async fn a_peer_guessing_tokens_is_slowed_down_and_keys_still_work(backend: Back
     let app = TestApp::spawn_with(settings(&db)).await;
     let guess = format!("{token}x");
 
+    // Guesses in rounds of 100 at once, until some are slowed down: a
+    // round takes far less than the 10 s that earn 100 more failures, so
+    // this does not depend on how fast one call is.
     let mut unauthenticated = 0;
     let mut slowed = None;
-    for _ in 0..80 {
-        match create_as(&app, &guess, "agent-7").await {
-            Err(status) if status.code() == Code::Unauthenticated => unauthenticated += 1,
-            Err(status) if status.code() == Code::ResourceExhausted => {
-                slowed = Some(status);
-                break;
+    for _ in 0..10 {
+        let round = (0..100).map(|_| create_as(&app, &guess, "agent-7"));
+        for answer in futures::future::join_all(round).await {
+            match answer {
+                Err(status) if status.code() == Code::Unauthenticated => unauthenticated += 1,
+                Err(status) if status.code() == Code::ResourceExhausted => slowed = Some(status),
+                other => panic!("a guess got {other:?}"),
             }
-            other => panic!("a guess got {other:?}"),
+        }
+        if slowed.is_some() {
+            break;
         }
     }
 
