@@ -100,16 +100,21 @@ async fn heartbeats_keep_a_task_longer_than_its_lease(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     let created = app.create_email().await;
+    // A heartbeat every second, and three seconds more before the lease
+    // runs out: a late heartbeat on a busy machine still comes in time.
+    let lease = Duration::from_secs(4);
     let worker = Worker::new(
         app.channel.clone(),
         WorkerOptions {
-            lease_duration: Duration::from_secs(1),
+            lease_duration: lease,
+            heartbeats_per_lease: 4,
             ..options("slow")
         },
     );
 
-    let (stop, running) = start(worker, |_task, _ctx| async {
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The handler outlives the lease by half of it.
+    let (stop, running) = start(worker, move |_task, _ctx| async move {
+        tokio::time::sleep(lease * 3 / 2).await;
         Ok(json!({"slow": true}))
     });
     let done = wait_for_status(&app, &created.task_id, TaskStatus::Succeeded).await;
@@ -162,10 +167,14 @@ async fn a_cancelled_task_tells_its_handler_at_the_next_heartbeat(backend: Backe
     let app = TestApp::spawn(&db).await;
     let created = app.create_email().await;
     let seen: Arc<Mutex<Option<CancelReason>>> = Arc::default();
+    // A heartbeat every second, and nine seconds more before the lease
+    // runs out: a late heartbeat finds the task cancelled, not the lease
+    // lost.
     let worker = Worker::new(
         app.channel.clone(),
         WorkerOptions {
-            lease_duration: Duration::from_secs(1),
+            lease_duration: Duration::from_secs(10),
+            heartbeats_per_lease: 10,
             ..options("patient")
         },
     );
