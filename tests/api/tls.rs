@@ -81,7 +81,7 @@ fn one_attempt() -> RetryPolicy {
 
 /// Creates a task through `client`, waiting for the server to come up.
 async fn create_eventually(client: &OncelyClient) {
-    eventually(Duration::from_secs(15), "a create over TLS", || async {
+    eventually(Duration::from_secs(60), "a create over TLS", || async {
         client.create_task(email_request()).await.ok()
     })
     .await;

@@ -80,7 +80,7 @@ impl TestApp {
     pub(crate) async fn spawn_with(settings: Settings) -> Self {
         let mut app = Self::start(settings).await;
         let serving = eventually(
-            Duration::from_secs(15),
+            Duration::from_secs(60),
             "the server to be SERVING",
             || async {
                 if app.server.as_ref().is_some_and(|s| s.is_finished()) {
@@ -141,11 +141,11 @@ impl TestApp {
         health(&self.channel, service).await
     }
 
-    /// Polls health until it is `want`; panics after 15 s.
+    /// Polls health until it is `want`; panics after 30 s.
     #[track_caller]
     pub(crate) fn wait_for_health(&self, want: ServingStatus) -> impl Future<Output = ()> + '_ {
         eventually(
-            Duration::from_secs(15),
+            Duration::from_secs(30),
             format!("health to be {want:?}"),
             move || async move {
                 matches!(self.health("").await, Ok(status) if status == want).then_some(())
