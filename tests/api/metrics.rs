@@ -212,8 +212,10 @@ async fn a_lease_that_runs_out_counts_as_an_expiry(backend: Backend) {
             seconds: 1,
             nanos: 0,
         }),
+        // The second poll waits for the first lease to run out (a second,
+        // and the next read of the queue): far less than this.
         wait: Some(prost_types::Duration {
-            seconds: 5,
+            seconds: 30,
             nanos: 0,
         }),
         ..LeaseTasksRequest::default()
