@@ -9,7 +9,7 @@ use crate::{
     auth::AuthMode,
     cleanup_cmd::CleanupArgs,
     domain::Limits,
-    idempotency::MissingKeyPolicy,
+    idempotency::{LegacyScope, MissingKeyPolicy},
     keys_cmd::KeysArgs,
     queue::QueuePolicy,
     storage::DatabaseSettings,
@@ -28,6 +28,13 @@ fn log_format() -> impl clap::builder::TypedValueParser<Value = LogFormat> {
     use clap::builder::TypedValueParser;
     clap::builder::PossibleValuesParser::new(LogFormat::NAMES)
         .try_map(|name| name.parse::<LogFormat>())
+}
+
+/// Parses a [`LegacyScope`] from its name, listing the names in `--help`.
+fn legacy_scope() -> impl clap::builder::TypedValueParser<Value = LegacyScope> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(LegacyScope::NAMES)
+        .try_map(|name| name.parse::<LegacyScope>())
 }
 
 /// Parses a [`MissingKeyPolicy`] from its name, listing the names in `--help`.
@@ -87,6 +94,11 @@ pub struct ServeArgs {
     /// counts as a repeat, such as 5m.
     #[arg(long, env = "DEDUP_WINDOW", default_value = "5m", value_parser = retention_duration)]
     pub dedup_window: Duration,
+    /// Records of the earlier, per-API-key scope: read (honour them while
+    /// any may be live), dual (also write each record in that scope, for
+    /// a rolling upgrade from such a version; PostgreSQL) or off.
+    #[arg(long, env = "LEGACY_KEY_SCOPE", value_parser = legacy_scope(), default_value = "read")]
+    pub legacy_key_scope: LegacyScope,
     /// How long a request waits for a concurrent request with the same key
     /// before answering ABORTED.
     #[arg(long, env = "IN_FLIGHT_WAIT", default_value = "5s", value_parser = wait_duration)]
@@ -281,6 +293,8 @@ pub struct Settings {
     pub missing_key_policy: MissingKeyPolicy,
     /// Keyless records older than this are treated as absent.
     pub dedup_window: Duration,
+    /// What records of the earlier, per-API-key scope count for.
+    pub legacy_key_scope: LegacyScope,
     /// Request field limits.
     pub limits: Limits,
     /// Leases, attempts and retries.
@@ -330,6 +344,7 @@ impl From<ServeArgs> for Settings {
             retention: args.idempotency_retention,
             missing_key_policy: args.missing_key_policy,
             dedup_window: args.dedup_window,
+            legacy_key_scope: args.legacy_key_scope,
             limits: Limits {
                 max_parameters_bytes: args.max_parameters_bytes as usize,
             },

@@ -39,13 +39,36 @@ pub enum KeysAction {
         #[arg(long = "action")]
         actions: Vec<String>,
     },
-    /// List the keys (never their tokens).
+    /// List the keys (never their tokens); a key rotated in its grace
+    /// period shows its previous token too.
     List,
+    /// Give a key a new token (same name, role and scope) and print it; the
+    /// current token keeps working for the grace period.
+    Rotate {
+        /// The key's name.
+        name: String,
+        /// How long the current token keeps working (`24h`, `90s`; `0`:
+        /// it stops now).
+        #[arg(long, default_value = "24h", value_parser = grace)]
+        grace: std::time::Duration,
+    },
     /// Revoke a key: calls with its token are refused from then on.
     Revoke {
         /// The key's name.
         name: String,
     },
+}
+
+/// A grace period: `0`, or a duration such as `24h`, at most a year.
+fn grace(text: &str) -> Result<std::time::Duration, String> {
+    if text.trim() == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    let grace = humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e}"))?;
+    if grace > std::time::Duration::from_secs(366 * 24 * 3600) {
+        return Err("the grace period is at most a year".into());
+    }
+    Ok(grace)
 }
 
 fn role() -> impl clap::builder::TypedValueParser<Value = Role> {
@@ -124,6 +147,23 @@ async fn act<S: Store>(store: &S, action: &KeysAction) -> Result<Printed, KeysCm
             stdout: table(&auth::list_keys(store).await?),
             stderr: String::new(),
         },
+        KeysAction::Rotate { name, grace } => {
+            let (token, until) = auth::rotate_key(store, name, *grace).await?;
+            let old = if grace.is_zero() {
+                "the old token stops working now".to_owned()
+            } else {
+                format!(
+                    "the old token keeps working until {}",
+                    until.format("%Y-%m-%dT%H:%M:%SZ")
+                )
+            };
+            Printed {
+                stdout: format!("{token}\n"),
+                stderr: format!(
+                    "rotated the key {name:?}: its new token (above) is shown this once: store it now; {old} (running servers refuse it within their key refresh interval after that)\n"
+                ),
+            }
+        }
         KeysAction::Revoke { name } => {
             auth::revoke_key(store, name).await?;
             Printed {
@@ -144,8 +184,10 @@ fn scope(agent_ids: &[String], actions: &[String]) -> String {
     }
 }
 
-/// The keys as a table: name, role, scope, creation, and whether revoked.
+/// The keys as a table: name, role, scope, creation, and whether revoked;
+/// a key's previous token, while it is accepted, on a line of its own.
 fn table(keys: &[ApiKeyRecord]) -> String {
+    let now = chrono::Utc::now();
     let mut out = String::from("NAME\tROLE\tSCOPE\tCREATED\tSTATUS\n");
     for key in keys {
         let p = &key.principal;
@@ -159,13 +201,20 @@ fn table(keys: &[ApiKeyRecord]) -> String {
             Some(at) => format!("revoked {}", at.format("%Y-%m-%dT%H:%M:%SZ")),
             None => "active".to_owned(),
         };
-        let _ = writeln!(
-            out,
-            "{}\t{}\t{scope}\t{}\t{status}",
-            p.name,
-            p.role,
-            key.created_at.format("%Y-%m-%dT%H:%M:%SZ")
-        );
+        let created = key.created_at.format("%Y-%m-%dT%H:%M:%SZ");
+        let _ = writeln!(out, "{}\t{}\t{scope}\t{created}\t{status}", p.name, p.role);
+        if let Some(previous) = key
+            .previous
+            .filter(|p| key.revoked_at.is_none() && p.until > now)
+        {
+            let _ = writeln!(
+                out,
+                "{}\t{}\t{scope}\t{created}\tprevious token, until {}",
+                p.name,
+                p.role,
+                previous.until.format("%Y-%m-%dT%H:%M:%SZ")
+            );
+        }
     }
     out
 }

@@ -16,7 +16,7 @@ use crate::{
     auth::{AuthMode, KeyRing},
     config::{Settings, TlsFiles},
     health,
-    idempotency::{KeyPolicy, ReplayCache},
+    idempotency::{KeyPolicy, LegacyRecords, ReplayCache},
     ops_http,
     proto::{
         FILE_DESCRIPTOR_SET,
@@ -90,6 +90,10 @@ pub enum StartupError {
     /// The API keys could not be read.
     #[error("cannot read the API keys")]
     Keys(#[source] StorageError),
+    /// When records of the earlier key scope were last written could not
+    /// be read (or, with LEGACY_KEY_SCOPE=dual, noted).
+    #[error("cannot read when records of the earlier, per-API-key scope were last written")]
+    LegacyRecords(#[source] StorageError),
     /// The database URL names no known store.
     #[error("DATABASE_URL {0:?} names no store oncely knows; use postgres://... or sqlite://PATH")]
     UnknownDatabase(String),
@@ -262,8 +266,18 @@ async fn serve_with<S: Store>(
         None => None,
     };
     let key_refresher = ring.refresh(store.clone(), settings.key_refresh_interval);
+    let policy = KeyPolicy {
+        retention: settings.retention,
+        missing_key: settings.missing_key_policy,
+        dedup_window: settings.dedup_window,
+        legacy: settings.legacy_key_scope,
+    };
+    let legacy = LegacyRecords::load(&store, &policy)
+        .await
+        .map_err(StartupError::LegacyRecords)?;
+    let legacy_refresher = legacy.refresh(store.clone(), policy);
     let rate_limits = RateLimitLayer::new(settings.rate_limits);
-    let require_keys = RequireApiKeyLayer::new(ring);
+    let require_keys = RequireApiKeyLayer::new(ring.clone());
     let forgetter = tokio::spawn({
         let rate_limits = rate_limits.clone();
         let require_keys = require_keys.clone();
@@ -290,17 +304,14 @@ async fn serve_with<S: Store>(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let policy = KeyPolicy {
-        retention: settings.retention,
-        missing_key: settings.missing_key_policy,
-        dedup_window: settings.dedup_window,
-    };
     let tasks = TaskServiceServer::new(TaskApi::new(
         store.clone(),
         ReplayCache::new(settings.replay_cache_bytes),
         policy,
         settings.limits,
         settings.queue,
+        ring,
+        legacy,
     ))
     .max_decoding_message_size(settings.max_request_bytes);
     let workers = WorkerServiceServer::new(WorkerApi::new(
@@ -384,6 +395,9 @@ async fn serve_with<S: Store>(
     };
     watcher.abort();
     key_refresher.abort();
+    if let Some(refresher) = legacy_refresher {
+        refresher.abort();
+    }
     forgetter.abort();
     drop(ops);
     result?;

@@ -9,12 +9,14 @@ use super::{
     reply::{Done, finish},
 };
 use crate::{
+    auth::KeyRing,
     domain::{
         Limits, ListQuery, NewTask, PageToken, Principal, TaskId, TaskRecord, WaitQuery, echo,
         requests::MAX_PAGE_BYTES,
     },
     idempotency::{
-        self, IdempotencyKey, KeyPolicy, KeySource, MissingKeyPolicy, Outcome, ReplayCache,
+        self, IdempotencyKey, KeyPolicy, KeySource, Legacy, LegacyRecords, MissingKeyPolicy,
+        Outcome, ReplayCache,
     },
     proto::tasks_v1::{
         CancelTaskRequest, CreateTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse,
@@ -36,18 +38,24 @@ pub struct TaskApi<S> {
     policy: KeyPolicy,
     limits: Limits,
     queue: QueuePolicy,
+    /// Every API key, for the names records of the earlier scope were
+    /// written under.
+    keys: KeyRing,
+    legacy: LegacyRecords,
 }
 
 impl<S: Store> TaskApi<S> {
     /// A service over `store` that remembers requests as `policy` says
-    /// (keeping live records in `replays`) and waits for tasks as `queue`
-    /// says.
+    /// (keeping live records in `replays`, and honouring `legacy` records
+    /// written by the keys of `keys`) and waits for tasks as `queue` says.
     pub fn new(
         store: S,
         replays: ReplayCache,
         policy: KeyPolicy,
         limits: Limits,
         queue: QueuePolicy,
+        keys: KeyRing,
+        legacy: LegacyRecords,
     ) -> Self {
         Self {
             store,
@@ -55,6 +63,8 @@ impl<S: Store> TaskApi<S> {
             policy,
             limits,
             queue,
+            keys,
+            legacy,
         }
     }
 
@@ -79,16 +89,27 @@ impl<S: Store> TaskApi<S> {
             )));
         }
 
-        // Each caller's keys are its own: the same key from two callers
-        // names two records.
-        let owner = caller.map(|c| c.name.as_str());
+        // Records belong to the agent: every key that may act for it
+        // shares them. Records of the earlier scope (the API key's name)
+        // count while any may be live.
+        let live = self.legacy.live();
+        let owners = if live {
+            self.keys.names_acting_for(&task.agent_id)
+        } else {
+            Vec::new()
+        };
+        let legacy = Legacy {
+            live,
+            owners: &owners,
+            twin: self.legacy.dual().then(|| caller.map(|c| c.name.as_str())),
+        };
         let done = match idempotency::create_task(
             &self.store,
             &self.replays,
             source,
-            owner,
             &task,
             &self.policy,
+            legacy,
         )
         .await?
         {

@@ -8,6 +8,7 @@ use std::{
     time::Duration,
 };
 
+use chrono::{DateTime, Utc};
 use tokio::task::JoinHandle;
 
 use super::token::token_hash;
@@ -57,16 +58,20 @@ pub enum AuthError {
         "this server requires an API key: send the metadata `authorization: Bearer <token>` (an operator creates keys with `oncely keys create`)"
     )]
     Missing,
-    /// A token this server does not know, or one that was revoked.
-    #[error("the API key is not valid: it is unknown or was revoked")]
+    /// A token this server does not know, one that was revoked, or one
+    /// rotated out whose grace period is over.
+    #[error("the API key is not valid: it is unknown, was revoked, or was rotated out")]
     Unknown,
 }
 
 /// What the ring knows at one moment.
 #[derive(Debug, Default)]
 struct Snapshot {
-    /// Live keys by token hash.
-    live: HashMap<[u8; 32], Principal>,
+    /// Live keys by token hash, each with when it stops being accepted (a
+    /// token rotated out, in its grace period).
+    live: HashMap<[u8; 32], (Principal, Option<DateTime<Utc>>)>,
+    /// Every key ever created, revoked ones too.
+    all: Vec<Principal>,
     /// Whether any key was ever created.
     any: bool,
 }
@@ -110,10 +115,16 @@ impl KeyRing {
         let snapshot = Snapshot {
             any: !keys.is_empty(),
             live: keys
-                .into_iter()
+                .iter()
                 .filter(|k| k.revoked_at.is_none())
-                .map(|k| (k.token_hash, k.principal))
+                .flat_map(|k| {
+                    let previous = k
+                        .previous
+                        .map(|p| (p.token_hash, (k.principal.clone(), Some(p.until))));
+                    std::iter::once((k.token_hash, (k.principal.clone(), None))).chain(previous)
+                })
                 .collect(),
+            all: keys.into_iter().map(|k| k.principal).collect(),
         };
         if let Ok(mut current) = self.snapshot.write() {
             *current = snapshot;
@@ -135,15 +146,36 @@ impl KeyRing {
         self.snapshot.read().map(|s| s.any).unwrap_or(true)
     }
 
+    /// The names of every key, revoked ones too, that may act for
+    /// `agent_id`: its agent keys and every admin key.
+    pub fn names_acting_for(&self, agent_id: &str) -> Vec<String> {
+        self.snapshot
+            .read()
+            .map(|s| {
+                s.all
+                    .iter()
+                    .filter(|p| p.may_act_for(agent_id))
+                    .map(|p| p.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The caller a bearer token stands for. `token` is the metadata
     /// value's text after `Bearer `; `None` when there was none.
     pub fn authenticate(&self, token: Option<&str>) -> Result<Principal, AuthError> {
         let token = token.ok_or(AuthError::Missing)?;
         let hash = token_hash(token);
+        let now = Utc::now();
         self.snapshot
             .read()
             .ok()
-            .and_then(|s| s.live.get(&hash).cloned())
+            .and_then(|s| match s.live.get(&hash) {
+                Some((principal, until)) if until.is_none_or(|until| now < until) => {
+                    Some(principal.clone())
+                }
+                _ => None,
+            })
             .ok_or(AuthError::Unknown)
     }
 }

@@ -80,6 +80,7 @@ pub async fn create_key<S: Store>(
         token_hash: token_hash(&token),
         created_at: chrono::Utc::now(),
         revoked_at: None,
+        previous: None,
     };
     if !store.insert_api_key(&record).await? {
         return Err(KeyError::NameTaken(name.to_owned()));
@@ -90,6 +91,26 @@ pub async fn create_key<S: Store>(
 /// Every key, revoked ones included, oldest first.
 pub async fn list_keys<S: Store>(store: &S) -> Result<Vec<ApiKeyRecord>, KeyError> {
     Ok(store.api_keys().await?)
+}
+
+/// Gives a live key a new token, which it returns (shown this once, never
+/// stored): same name, role and scope. The current token keeps working for
+/// `grace` (zero: it stops now), then every instance refuses it within its
+/// key refresh interval; a token rotated out before is dropped. Returns the
+/// new token and when the old one stops working.
+pub async fn rotate_key<S: Store>(
+    store: &S,
+    name: &str,
+    grace: std::time::Duration,
+) -> Result<(String, chrono::DateTime<chrono::Utc>), KeyError> {
+    let token = new_token().map_err(KeyError::Random)?;
+    match store
+        .rotate_api_key(name, &token_hash(&token), grace)
+        .await?
+    {
+        Some(until) => Ok((token, until)),
+        None => Err(KeyError::NotFound(name.to_owned())),
+    }
 }
 
 /// Revokes a live key. Running servers stop accepting it within their key

@@ -3,7 +3,7 @@
 //! against.
 //!
 //! - [`token`]: making a token and the hash that is stored in its place.
-//! - [`keys`]: creating, listing and revoking keys.
+//! - [`keys`]: creating, listing, rotating and revoking keys.
 //! - [`keyring`]: the live keys of a running server, refreshed from the
 //!   database so a revocation reaches every instance within seconds.
 
@@ -12,4 +12,4 @@ pub mod keys;
 pub mod token;
 
 pub use keyring::{AuthError, AuthMode, KeyRing};
-pub use keys::{KeyError, create_key, list_keys, revoke_key};
+pub use keys::{KeyError, create_key, list_keys, revoke_key, rotate_key};

@@ -26,7 +26,7 @@ pub mod violation;
 pub mod worker;
 
 pub use parameters::{Limits, MAX_PARAMETERS_DEPTH};
-pub use principal::{ApiKeyRecord, Principal, Role};
+pub use principal::{ApiKeyRecord, PreviousToken, Principal, Role};
 pub use requests::{CleanupQuery, ListQuery, PageToken, TaskId, WaitQuery};
 pub use task::{MAX_NAME_BYTES, NewTask, TaskRecord, is_finished, timestamp};
 pub use violation::{FieldViolation, echo};

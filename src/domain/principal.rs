@@ -114,6 +114,18 @@ pub struct ApiKeyRecord {
     pub created_at: DateTime<Utc>,
     /// When it was revoked, if it was.
     pub revoked_at: Option<DateTime<Utc>>,
+    /// The token it had before its last rotation, still accepted until the
+    /// end of the grace period.
+    pub previous: Option<PreviousToken>,
+}
+
+/// A rotated-out token, accepted until `until`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreviousToken {
+    /// SHA-256 of the token.
+    pub token_hash: [u8; 32],
+    /// When it stops being accepted.
+    pub until: DateTime<Utc>,
 }
 
 #[cfg(test)]

@@ -54,44 +54,78 @@ pub enum Outcome {
 pub struct ClaimTarget {
     scope: &'static str,
     key: String,
+    /// The client's key, or the fingerprint in hex: the part of `key` after
+    /// the agent, from which the earlier version's keys are made.
+    bare: String,
     fingerprint: Fingerprint,
     retention: std::time::Duration,
 }
 
+/// Where records of the earlier version, scoped by API key, may hold a
+/// request (see [`LegacyScope`](super::LegacyScope)).
+#[derive(Debug, Clone, Copy)]
+pub struct Legacy<'a> {
+    /// Whether such records may still be live: none is read otherwise.
+    pub live: bool,
+    /// The names of the API keys (revoked ones too) that act for the
+    /// request's agent: the records any of them wrote count.
+    pub owners: &'a [String],
+    /// Under which name to write the request's record too (`Some` in
+    /// [`LegacyScope::Dual`](super::LegacyScope::Dual): the calling key's name, or `None` inside for
+    /// an unauthenticated call, whose record was the bare key).
+    pub twin: Option<Option<&'a str>>,
+}
+
+impl Legacy<'_> {
+    /// No earlier records to read or write.
+    pub const NONE: Legacy<'static> = Legacy {
+        live: false,
+        owners: &[],
+        twin: None,
+    };
+}
+
 impl ClaimTarget {
-    /// The record for `task` sent with `source` by `owner` (the caller's
-    /// API key name, when calls are authenticated): the client's key within
-    /// the retention, or (keyless) the fingerprint within the dedup window.
+    /// The record for `task` sent with `source`: the client's key within
+    /// the retention, or (keyless) the fingerprint within the dedup window,
+    /// scoped by the agent the task is for.
     ///
-    /// An owner's records are its own: the stored key is `"<owner> <key>"`.
-    /// Keys are visible ASCII without spaces and owner names have none, so
-    /// no key of one caller can name another's record, nor an
-    /// unauthenticated one.
-    pub fn new(
-        source: KeySource<'_>,
-        owner: Option<&str>,
-        task: &NewTask,
-        policy: &KeyPolicy,
-    ) -> Self {
+    /// Every caller allowed to act for an agent shares its records, so a
+    /// retry with a rotated or another API key of the agent replays, and
+    /// two agents never share one. The stored key is `"@<agent_id> <key>"`:
+    /// keys have no space, so the agent is all before the last one, and no
+    /// record of the earlier, per-API-key scope (`"<key name> <key>"`, key
+    /// names never start with `@`; or the bare key, which has no space)
+    /// can be mistaken for one.
+    pub fn new(source: KeySource<'_>, task: &NewTask, policy: &KeyPolicy) -> Self {
         let fingerprint = Fingerprint::of_new_task(CREATE_TASK_SCOPE, task);
-        let owned = |key: &str| match owner {
-            Some(owner) => format!("{owner} {key}"),
-            None => key.to_owned(),
+        let (scope, bare, retention) = match source {
+            KeySource::Header(key) => {
+                (CREATE_TASK_SCOPE, key.as_str().to_owned(), policy.retention)
+            }
+            KeySource::Fingerprint => (
+                KEYLESS_CREATE_TASK_SCOPE,
+                fingerprint.to_hex(),
+                policy.dedup_window,
+            ),
         };
-        match source {
-            KeySource::Header(key) => Self {
-                scope: CREATE_TASK_SCOPE,
-                key: owned(key.as_str()),
-                fingerprint,
-                retention: policy.retention,
-            },
-            KeySource::Fingerprint => Self {
-                scope: KEYLESS_CREATE_TASK_SCOPE,
-                key: owned(&fingerprint.to_hex()),
-                fingerprint,
-                retention: policy.dedup_window,
-            },
+        Self {
+            scope,
+            key: format!("@{} {bare}", task.agent_id),
+            bare,
+            fingerprint,
+            retention,
         }
+    }
+
+    /// The keys the earlier version stored this request's record under,
+    /// had one of `owners` (or, bare, an unauthenticated caller) sent it.
+    pub fn legacy_keys(&self, owners: &[String]) -> Vec<String> {
+        owners
+            .iter()
+            .map(|owner| legacy_key(Some(owner), &self.bare))
+            .chain(std::iter::once(self.bare.clone()))
+            .collect()
     }
 
     /// How a live record answers this request.
@@ -103,11 +137,18 @@ impl ClaimTarget {
         }
     }
 
-    /// The claim of this record for `creation`, ready for the store.
-    pub fn claim(&self, task: &NewTask, creation: &Creation) -> KeyClaim {
+    /// The claim of this record for `creation`, ready for the store;
+    /// `twin`: see [`Legacy::twin`].
+    pub fn claim(
+        &self,
+        task: &NewTask,
+        creation: &Creation,
+        twin: Option<Option<&str>>,
+    ) -> KeyClaim {
         KeyClaim {
             scope: self.scope,
             key: self.key.clone(),
+            twin: twin.map(|owner| legacy_key(owner, &self.bare)),
             fingerprint: self.fingerprint.0,
             task_id: creation.task_id,
             agent_id: task.agent_id.clone(),
@@ -126,6 +167,15 @@ impl ClaimTarget {
             response: creation.encoded.clone(),
             remaining: self.retention,
         }
+    }
+}
+
+/// The key the earlier version stored a record under: `"<owner> <key>"`,
+/// or the bare key without an owner.
+fn legacy_key(owner: Option<&str>, bare: &str) -> String {
+    match owner {
+        Some(owner) => format!("{owner} {bare}"),
+        None => bare.to_owned(),
     }
 }
 
@@ -161,23 +211,38 @@ impl Creation {
 /// Creates the task for `source` exactly once, or answers as the first
 /// request with that key (or, keyless, that fingerprint within the window)
 /// was answered.
+///
+/// A live record of the earlier, per-API-key scope that holds the request
+/// (see `legacy`) answers as the agent-scoped record would.
 pub async fn create_task<S: Store>(
     store: &S,
     replays: &ReplayCache,
     source: KeySource<'_>,
-    owner: Option<&str>,
     task: &NewTask,
     policy: &KeyPolicy,
+    legacy: Legacy<'_>,
 ) -> Result<Outcome, StorageError> {
-    let target = ClaimTarget::new(source, owner, task, policy);
+    let target = ClaimTarget::new(source, task, policy);
     if let Some(stored) = replays.get(target.scope, &target.key) {
         return Ok(target.answer(stored));
+    }
+    if legacy.live {
+        let sent = Instant::now();
+        let keys = target.legacy_keys(legacy.owners);
+        if let Some(stored) = store
+            .find_legacy_key(target.scope, &keys, &task.agent_id, target.retention)
+            .await?
+        {
+            replays.insert(target.scope, &target.key, &stored, sent);
+            return Ok(target.answer(stored));
+        }
     }
     for _ in 0..MAX_CLAIM_ATTEMPTS {
         // The stores keep microseconds; the response says what they keep.
         let creation = Creation::new(task, Utc::now().trunc_subsecs(6));
         let sent = Instant::now();
-        let stored = match store.claim_key(target.claim(task, &creation)).await {
+        let claim = target.claim(task, &creation, legacy.twin);
+        let stored = match store.claim_key(claim).await {
             Ok(Claimed::Created) => {
                 replays.insert(
                     target.scope,

@@ -41,6 +41,43 @@ impl FromStr for MissingKeyPolicy {
     }
 }
 
+/// What to do with records written before keys were scoped by agent,
+/// which were scoped by the API key that wrote them (`"<key name> <key>"`,
+/// or the bare key without authentication).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LegacyScope {
+    /// Honour them while any may be live (the retention after the last was
+    /// written); write agent-scoped records only. The default.
+    #[default]
+    Read,
+    /// Honour them, and write each record also under the calling key's
+    /// name, so that instances of an earlier version running beside this
+    /// one (a rolling upgrade) see it too. PostgreSQL only.
+    Dual,
+    /// Ignore them.
+    Off,
+}
+
+impl LegacyScope {
+    /// Every mode's name, as configuration spells it.
+    pub const NAMES: [&str; 3] = ["read", "dual", "off"];
+}
+
+impl FromStr for LegacyScope {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        match name {
+            "read" => Ok(Self::Read),
+            "dual" => Ok(Self::Dual),
+            "off" => Ok(Self::Off),
+            other => Err(format!(
+                "unknown legacy key scope {other:?}; use read, dual or off"
+            )),
+        }
+    }
+}
+
 /// How long records answer for retries, and what a missing key means.
 #[derive(Debug, Clone, Copy)]
 pub struct KeyPolicy {
@@ -50,6 +87,8 @@ pub struct KeyPolicy {
     pub missing_key: MissingKeyPolicy,
     /// Keyless records older than this are treated as absent.
     pub dedup_window: Duration,
+    /// What records of the earlier, per-API-key scope count for.
+    pub legacy: LegacyScope,
 }
 
 /// Where the record that answers a request comes from.
@@ -80,6 +119,10 @@ mod tests {
         for name in MissingKeyPolicy::NAMES {
             assert!(name.parse::<MissingKeyPolicy>().is_ok());
         }
+        for name in LegacyScope::NAMES {
+            assert!(name.parse::<LegacyScope>().is_ok());
+        }
+        assert!("both".parse::<LegacyScope>().is_err());
         assert_eq!("fingerprint".parse(), Ok(MissingKeyPolicy::Fingerprint));
         assert!("allow".parse::<MissingKeyPolicy>().is_err());
     }

@@ -58,6 +58,26 @@ pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
         claim: KeyClaim,
     ) -> impl Future<Output = Result<Claimed, StorageError>> + Send;
 
+    /// The earliest live record among `keys` of `scope` (keys of the
+    /// earlier, per-API-key scope) whose task is for `agent_id`; records of
+    /// other agents' tasks are not seen. One indexed read per key.
+    fn find_legacy_key(
+        &self,
+        scope: &str,
+        keys: &[String],
+        agent_id: &str,
+        retention: Duration,
+    ) -> impl Future<Output = Result<Option<StoredKey>, StorageError>> + Send;
+
+    /// When a record of the earlier, per-API-key scope was last written,
+    /// at the latest (see `idempotency::legacy`); `None`: never.
+    fn legacy_key_records_at(
+        &self,
+    ) -> impl Future<Output = Result<Option<DateTime<Utc>>, StorageError>> + Send;
+
+    /// Notes that this instance writes records of the earlier scope now.
+    fn mark_legacy_key_records(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
+
     /// Reads one task.
     fn get_task(
         &self,
@@ -191,6 +211,17 @@ pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
         &self,
         key: &ApiKeyRecord,
     ) -> impl Future<Output = Result<bool, StorageError>> + Send;
+
+    /// Gives the live key named `name` the token hash `token_hash`; its
+    /// current token stays accepted for `grace` (replacing any earlier
+    /// one). Returns when that ends (now, for a zero grace), or `None` when
+    /// no live key has that name.
+    fn rotate_api_key(
+        &self,
+        name: &str,
+        token_hash: &[u8; 32],
+        grace: Duration,
+    ) -> impl Future<Output = Result<Option<DateTime<Utc>>, StorageError>> + Send;
 
     /// Revokes the key named `name`; `false` when there is no such key or it
     /// was revoked before.
@@ -333,9 +364,16 @@ pub struct KeyLookup {
 pub struct KeyClaim {
     /// The key's scope: the RPC method, keyed or keyless.
     pub scope: &'static str,
-    /// The client's key, or a keyless request's fingerprint in hex (after
-    /// its owner's name, when calls are authenticated).
+    /// The client's key, or a keyless request's fingerprint in hex, after
+    /// the agent's id (`"@<agent_id> <key>"`).
     pub key: String,
+    /// The same record's key in the earlier, per-API-key scope, to write
+    /// too in the same transaction, so that instances of the earlier
+    /// version see it (a rolling upgrade). If a live record holds it, the
+    /// claim comes to that record, and nothing of this one is kept.
+    /// PostgreSQL only: SQLite serves one process, so no earlier version
+    /// runs beside it.
+    pub twin: Option<String>,
     /// The request's fingerprint (SHA-256).
     pub fingerprint: [u8; 32],
     /// The new task's id.

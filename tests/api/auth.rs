@@ -18,11 +18,11 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
     BINARY, Backend, BinaryServer, TestApp, TestDb, assert_status, eventually, health, keyed,
-    new_key, replayed, request, test_settings,
+    new_key, request, test_settings,
 };
 
 /// Runs `oncely keys ARGS` on `db`; returns its standard output.
-fn keys_command(db: &TestDb, args: &[&str]) -> std::process::Output {
+pub(crate) fn keys_command(db: &TestDb, args: &[&str]) -> std::process::Output {
     Command::new(BINARY)
         .arg("keys")
         .args(args)
@@ -246,52 +246,6 @@ async fn an_agent_key_sees_only_its_own_agents_tasks(backend: Backend) {
         oncely::proto::tasks_v1::TaskStatus::Queued,
         "not cancelled"
     );
-}
-
-async fn two_callers_with_the_same_idempotency_key_get_two_tasks(backend: Backend) {
-    let db = TestDb::new(backend).await;
-    let first = create_key(&db, "first", "agent", &[("--agent-id", "agent-7")]);
-    let second = create_key(&db, "second", "agent", &[("--agent-id", "agent-7")]);
-    let app = TestApp::spawn_with(settings(&db)).await;
-    let key = new_key();
-    let call = |token: &str, action: &str| {
-        with_token(
-            token,
-            keyed(Some(&key), request("agent-7", action, json!({}))),
-        )
-    };
-
-    let a = app
-        .tasks
-        .clone()
-        .create_task(call(&first, "send_email"))
-        .await;
-    let b = app
-        .tasks
-        .clone()
-        .create_task(call(&second, "send_email"))
-        .await;
-    let c = app
-        .tasks
-        .clone()
-        .create_task(call(&second, "send_sms"))
-        .await;
-    let a_again = app
-        .tasks
-        .clone()
-        .create_task(call(&first, "send_email"))
-        .await;
-
-    let (a, b) = (a.expect("first"), b.expect("second"));
-    assert_ne!(
-        a.get_ref().task_id,
-        b.get_ref().task_id,
-        "independent records"
-    );
-    assert_eq!(crate::support::replayed(&b), Some("false"));
-    assert_status(c, Code::FailedPrecondition, Some("IDEMPOTENCY_KEY_REUSED"));
-    assert_eq!(a_again.expect("replay").get_ref(), a.get_ref());
-    assert_eq!(db.count("tasks").await, 2);
 }
 
 async fn a_worker_key_performs_only_its_actions(backend: Backend) {
@@ -528,39 +482,6 @@ async fn auth_disabled_serves_calls_without_a_key_while_keys_exist(backend: Back
     with_key.expect("a key is simply not checked");
 }
 
-async fn keyless_requests_of_two_callers_are_two_tasks(backend: Backend) {
-    let db = TestDb::new(backend).await;
-    let first = create_key(&db, "first", "agent", &[("--agent-id", "agent-7")]);
-    let second = create_key(&db, "second", "agent", &[("--agent-id", "agent-7")]);
-    let mut fingerprints = settings(&db);
-    fingerprints.missing_key_policy = oncely::idempotency::MissingKeyPolicy::Fingerprint;
-    let app = TestApp::spawn_with(fingerprints).await;
-    let keyless = |token: &str| {
-        let call = keyed(None, crate::support::email_request());
-        let mut tasks = app.tasks.clone();
-        let call = with_token(token, call);
-        async move { tasks.create_task(call).await }
-    };
-
-    let a = keyless(&first).await.expect("first caller");
-    let a_again = keyless(&first).await.expect("first caller again");
-    let b = keyless(&second).await.expect("second caller");
-
-    assert_eq!(
-        a_again.get_ref().task_id,
-        a.get_ref().task_id,
-        "deduplicated"
-    );
-    assert_eq!(replayed(&a_again), Some("true"));
-    assert_ne!(
-        b.get_ref().task_id,
-        a.get_ref().task_id,
-        "a task of its own"
-    );
-    assert_eq!(replayed(&b), Some("false"));
-    assert_eq!(db.count("tasks").await, 2);
-}
-
 async fn a_peer_guessing_tokens_is_slowed_down_and_keys_still_work(backend: Backend) {
     let db = TestDb::new(backend).await;
     let token = create_key(&db, "ops", "admin", &[]);
@@ -716,11 +637,9 @@ conformance!(
     a_peer_guessing_tokens_is_slowed_down_and_keys_still_work,
     auth_required_refuses_calls_before_any_key_exists,
     auth_disabled_serves_calls_without_a_key_while_keys_exist,
-    keyless_requests_of_two_callers_are_two_tasks,
     once_a_key_exists_every_call_needs_one,
     each_role_may_call_its_services_only,
     an_agent_key_sees_only_its_own_agents_tasks,
-    two_callers_with_the_same_idempotency_key_get_two_tasks,
     a_worker_key_performs_only_its_actions,
     a_revoked_key_stops_working_on_a_running_server,
     the_keys_command_refuses_what_it_cannot_do,

@@ -104,11 +104,8 @@ async fn same_key_with_a_different_request_is_refused_and_the_original_still_rep
         .into_inner();
     let record_before = db.key_record(&key).await.expect("record");
 
+    // Changes within the agent: the agent's key names the first request.
     let changes = [
-        CreateTaskRequest {
-            agent_id: "agent-8".into(),
-            ..email_request()
-        },
         CreateTaskRequest {
             action: "send_sms".into(),
             ..email_request()
@@ -140,6 +137,33 @@ async fn same_key_with_a_different_request_is_refused_and_the_original_still_rep
     assert_eq!(replayed(&replay), Some("true"));
     assert_eq!(replay.into_inner(), original);
     assert_eq!(db.count("tasks").await, 1);
+}
+
+/// Keys are scoped by the agent a task is for, also without API keys: the
+/// same key for another agent is that agent's own, a task of its own.
+async fn the_same_key_for_another_agent_is_that_agents_own(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let key = new_key();
+    let seventh = app
+        .create(Some(&key), email_request())
+        .await
+        .expect("agent-7");
+
+    let eighth = app
+        .create(
+            Some(&key),
+            CreateTaskRequest {
+                agent_id: "agent-8".into(),
+                ..email_request()
+            },
+        )
+        .await
+        .expect("agent-8");
+
+    assert_eq!(replayed(&eighth), Some("false"));
+    assert_ne!(eighth.get_ref().task_id, seventh.get_ref().task_id);
+    assert_eq!(db.count("tasks").await, 2);
 }
 
 async fn create_without_a_key_is_invalid_and_stores_nothing(backend: Backend) {
@@ -644,6 +668,7 @@ conformance!(
     first_request_creates_a_queued_task_and_its_key_record_together,
     retry_with_same_key_returns_the_first_response_byte_for_byte,
     same_key_with_a_different_request_is_refused_and_the_original_still_replays,
+    the_same_key_for_another_agent_is_that_agents_own,
     create_without_a_key_is_invalid_and_stores_nothing,
     malformed_keys_are_invalid_and_store_nothing,
     keys_at_the_limits_of_the_rules_are_accepted,

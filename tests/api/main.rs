@@ -40,6 +40,7 @@ mod fingerprint;
 mod group_commit;
 mod health;
 mod in_flight;
+mod key_scope;
 mod keyless;
 mod lease_cut;
 mod limits;

@@ -212,7 +212,7 @@ async fn send_claims(
     }
     let claims: Vec<KeyClaim> = leaders.iter().map(|p| p.item.clone()).collect();
     tracing::trace!(claims = claims.len(), "sending a batch of claims");
-    match queries::claim_keys(pool, &claims, retention).await {
+    match claim_keys(pool, &claims, retention).await {
         Ok(outcomes) => {
             let created = outcomes.iter().any(|o| matches!(o, Claimed::Created));
             for (index, (leader, outcome)) in leaders.into_iter().zip(outcomes).enumerate() {
@@ -242,17 +242,14 @@ async fn send_claims(
                 singles.spawn(async move {
                     let mut created = false;
                     for pending in std::iter::once(leader).chain(rest) {
-                        let outcome = queries::claim_keys(
-                            &pool,
-                            std::slice::from_ref(&pending.item),
-                            retention,
-                        )
-                        .await
-                        .and_then(|mut outcomes| {
-                            outcomes.pop().ok_or_else(|| {
-                                StorageError::Corrupt("a claim answered no row".into())
-                            })
-                        });
+                        let outcome =
+                            claim_keys(&pool, std::slice::from_ref(&pending.item), retention)
+                                .await
+                                .and_then(|mut outcomes| {
+                                    outcomes.pop().ok_or_else(|| {
+                                        StorageError::Corrupt("a claim answered no row".into())
+                                    })
+                                });
                         created |= matches!(outcome, Ok(Claimed::Created));
                         let _ = pending.reply.send(outcome);
                     }
@@ -265,6 +262,20 @@ async fn send_claims(
             }
             created
         }
+    }
+}
+
+/// Claims `claims` in one statement, or, when any has a twin to write too
+/// (a rolling upgrade), in one transaction of a few.
+async fn claim_keys(
+    pool: &PgPool,
+    claims: &[KeyClaim],
+    retention: Duration,
+) -> Result<Vec<Claimed>, StorageError> {
+    if claims.iter().any(|claim| claim.twin.is_some()) {
+        queries::claim_keys_with_twins(pool, claims, retention).await
+    } else {
+        queries::claim_keys(pool, claims, retention).await
     }
 }
 

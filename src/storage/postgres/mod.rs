@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::{
     Claimed, DatabaseSettings, KeyClaim, KeyLookup, LeaseOrder, RetryRule, StorageError, Store,
-    TaskEvents, TaskPage, redact_url,
+    StoredKey, TaskEvents, TaskPage, redact_url,
 };
 use crate::domain::{ApiKeyRecord, Completion, Failure, LeaseRef, TaskRecord};
 
@@ -155,6 +155,25 @@ impl Store for PgStore {
     }
 
     #[tracing::instrument(skip_all)]
+    async fn find_legacy_key(
+        &self,
+        scope: &str,
+        keys: &[String],
+        agent_id: &str,
+        retention: Duration,
+    ) -> Result<Option<StoredKey>, StorageError> {
+        queries::find_legacy_key(&self.pool, scope, keys, agent_id, retention).await
+    }
+
+    async fn legacy_key_records_at(&self) -> Result<Option<DateTime<Utc>>, StorageError> {
+        queries::legacy_key_records_at(&self.pool).await
+    }
+
+    async fn mark_legacy_key_records(&self) -> Result<(), StorageError> {
+        queries::mark_legacy_key_records(&self.pool).await
+    }
+
+    #[tracing::instrument(skip_all)]
     async fn get_task(&self, task_id: Uuid) -> Result<Option<TaskRecord>, StorageError> {
         queries::get_task(&self.pool, task_id).await
     }
@@ -255,6 +274,15 @@ impl Store for PgStore {
 
     async fn insert_api_key(&self, key: &ApiKeyRecord) -> Result<bool, StorageError> {
         queries::insert_api_key(&self.pool, key).await
+    }
+
+    async fn rotate_api_key(
+        &self,
+        name: &str,
+        token_hash: &[u8; 32],
+        grace: Duration,
+    ) -> Result<Option<DateTime<Utc>>, StorageError> {
+        queries::rotate_api_key(&self.pool, name, token_hash, grace).await
     }
 
     async fn revoke_api_key(&self, name: &str) -> Result<bool, StorageError> {

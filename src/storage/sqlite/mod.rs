@@ -25,7 +25,7 @@ use self::{
 };
 use super::{
     Claimed, DatabaseSettings, KeyClaim, KeyLookup, LeaseOrder, RetryRule, StorageError, Store,
-    TaskEvents, TaskPage,
+    StoredKey, TaskEvents, TaskPage, micros,
 };
 use crate::domain::{ApiKeyRecord, Completion, Failure, LeaseRef, TaskRecord};
 
@@ -128,6 +128,26 @@ impl Store for SqliteStore {
         retention: Duration,
     ) -> Result<KeyLookup, StorageError> {
         queries::find_key(&self.readers, scope, key, retention).await
+    }
+
+    async fn find_legacy_key(
+        &self,
+        scope: &str,
+        keys: &[String],
+        agent_id: &str,
+        retention: Duration,
+    ) -> Result<Option<StoredKey>, StorageError> {
+        queries::find_legacy_key(&self.readers, scope, keys, agent_id, retention).await
+    }
+
+    async fn legacy_key_records_at(&self) -> Result<Option<DateTime<Utc>>, StorageError> {
+        queries::legacy_key_records_at(&self.readers).await
+    }
+
+    async fn mark_legacy_key_records(&self) -> Result<(), StorageError> {
+        self.writer
+            .run(|connection| Box::pin(queries::mark_legacy_key_records(connection)))
+            .await
     }
 
     #[tracing::instrument(skip_all, fields(task_id = %claim.task_id))]
@@ -289,6 +309,22 @@ impl Store for SqliteStore {
         self.writer
             .run(move |connection| {
                 Box::pin(async move { queries::insert_api_key(connection, &row).await })
+            })
+            .await
+    }
+
+    async fn rotate_api_key(
+        &self,
+        name: &str,
+        token_hash: &[u8; 32],
+        grace: Duration,
+    ) -> Result<Option<DateTime<Utc>>, StorageError> {
+        let (name, token_hash, grace) = (name.to_owned(), token_hash.to_vec(), micros(grace));
+        self.writer
+            .run(move |connection| {
+                Box::pin(async move {
+                    queries::rotate_api_key(connection, &name, &token_hash, grace).await
+                })
             })
             .await
     }

@@ -7,9 +7,11 @@ use std::{str::FromStr, time::Duration};
 
 use oncely::{
     domain::{Limits, NewTask},
-    idempotency::{ClaimTarget, Creation, IdempotencyKey, KeyPolicy, KeySource, MissingKeyPolicy},
+    idempotency::{
+        ClaimTarget, Creation, IdempotencyKey, KeyPolicy, KeySource, LegacyScope, MissingKeyPolicy,
+    },
     proto::tasks_v1::{CreateTaskRequest, Task},
-    storage::{postgres, sqlite},
+    storage::{KeyClaim, postgres, sqlite},
 };
 use sqlx::{
     Connection, PgConnection, PgPool, Postgres, SqliteConnection, SqlitePool, Transaction,
@@ -104,7 +106,12 @@ impl OpenTransaction {
     /// Claims the key and inserts the task with the server's own statement,
     /// inside this transaction.
     async fn claim(&mut self, target: &ClaimTarget, task: &NewTask, creation: &Creation) {
-        let claim = target.claim(task, creation);
+        self.claim_as(target.claim(task, creation, None)).await;
+    }
+
+    /// Claims `claim` (its key and its task) with the server's own
+    /// statement, inside this transaction.
+    async fn claim_as(&mut self, claim: KeyClaim) {
         match self {
             Self::Postgres(tx) => {
                 let retention = claim.retention;
@@ -161,6 +168,7 @@ fn policy() -> KeyPolicy {
         retention: Duration::from_secs(3600),
         missing_key: MissingKeyPolicy::Reject,
         dedup_window: Duration::from_secs(300),
+        legacy: LegacyScope::Read,
     }
 }
 
@@ -232,6 +240,35 @@ impl TestDb {
             .await
             .expect("drop the test database");
         db
+    }
+
+    /// Applies the server's migrations older than `version` only: the
+    /// schema of an earlier release, for upgrade tests (the server applies
+    /// the rest when it starts).
+    pub(crate) async fn migrate_before(&self, version: i64) {
+        let mut migrator = match self.backend() {
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite"),
+        };
+        let earlier: Vec<_> = migrator
+            .migrations
+            .iter()
+            .filter(|m| m.version < version)
+            .cloned()
+            .collect();
+        migrator.migrations = std::borrow::Cow::Owned(earlier);
+        match &self.pool {
+            Pool::Postgres { pool, .. } => migrator.run(pool).await,
+            Pool::Sqlite { options, .. } => {
+                let pool = SqlitePool::connect_with((**options).clone().create_if_missing(true))
+                    .await
+                    .expect("create the SQLite file");
+                let ran = migrator.run(&pool).await;
+                pool.close().await;
+                ran
+            }
+        }
+        .expect("the earlier migrations");
     }
 
     /// The store this database is.
@@ -330,10 +367,11 @@ impl TestDb {
         .expect("age key records");
     }
 
-    /// Replaces the stored response of `key`, as another build could have
-    /// written it.
+    /// Replaces the stored response of the client's `key` (whatever the
+    /// agent it is scoped by), as another build could have written it.
     pub(crate) async fn set_stored_response(&self, key: &str, response: &[u8]) {
-        let sql = "UPDATE idempotency_keys SET response = $1 WHERE key = $2";
+        let sql = "UPDATE idempotency_keys SET response = $1 \
+                   WHERE key = $2 OR key LIKE '@% ' || $2";
         let updated = on_pool!(self, |pool| {
             sqlx::query(sql)
                 .bind(response)
@@ -371,11 +409,13 @@ impl TestDb {
         .expect("end the database's sessions");
     }
 
-    /// The stored record of `key`.
+    /// The stored record of the client's `key` (whatever the agent it is
+    /// scoped by; test keys are UUIDs, which hold no LIKE wildcard).
     pub(crate) async fn key_record(&self, key: &str) -> Option<KeyRecord> {
         let sql = "SELECT CAST(task_id AS TEXT) AS task_id, fingerprint, response, \
                    CAST(created_at AS TEXT) AS created_at \
-                   FROM idempotency_keys WHERE scope = $1 AND key = $2";
+                   FROM idempotency_keys \
+                   WHERE scope = $1 AND (key = $2 OR key LIKE '@% ' || $2)";
         on_pool!(self, |pool| {
             sqlx::query_as(sql)
                 .bind(oncely::idempotency::CREATE_TASK_SCOPE)
@@ -437,10 +477,19 @@ impl TestDb {
             .expect("end backoffs");
     }
 
-    /// Every stored key.
+    /// The client's key of every stored record: what follows the agent a
+    /// record is scoped by (`"@<agent_id> <key>"`).
     pub(crate) async fn keys(&self) -> Vec<String> {
         let sql = "SELECT key FROM idempotency_keys ORDER BY key";
-        on_pool!(self, |pool| sqlx::query_scalar(sql).fetch_all(pool).await).expect("keys")
+        let stored: Vec<String> =
+            on_pool!(self, |pool| sqlx::query_scalar(sql).fetch_all(pool).await).expect("keys");
+        stored
+            .into_iter()
+            .map(|key| match key.rsplit_once(' ') {
+                Some((_, client)) => client.to_owned(),
+                None => key,
+            })
+            .collect()
     }
 
     /// Every stored fingerprint.
@@ -479,7 +528,7 @@ impl TestDb {
         let task = NewTask::parse(request, &Limits::default()).expect("valid");
         for _ in 0..count {
             let key = IdempotencyKey::try_from(crate::support::new_key().as_str()).expect("key");
-            let target = ClaimTarget::new(KeySource::Header(&key), None, &task, &policy());
+            let target = ClaimTarget::new(KeySource::Header(&key), &task, &policy());
             let creation = Creation::new(&task, chrono::Utc::now());
             tx.claim(&target, &task, &creation).await;
         }
@@ -500,6 +549,32 @@ impl TestDb {
         tx
     }
 
+    /// Claims `key` for `request` as a server of the earlier version did,
+    /// scoped by the API key `owner` that sent it (`"<owner> <key>"`; the
+    /// bare key for an unauthenticated call), with the server's own
+    /// statement, in a transaction left open (commit it for a record
+    /// written before an upgrade). Returns the transaction and the response
+    /// the claim stored.
+    pub(crate) async fn begin_in_flight_legacy(
+        &self,
+        owner: Option<&str>,
+        key: &str,
+        request: &CreateTaskRequest,
+    ) -> (OpenTransaction, Task) {
+        let task = NewTask::parse(request.clone(), &Limits::default()).expect("valid");
+        let parsed = IdempotencyKey::try_from(key).expect("valid key");
+        let target = ClaimTarget::new(KeySource::Header(&parsed), &task, &policy());
+        let creation = Creation::new(&task, chrono::Utc::now());
+        let mut claim = target.claim(&task, &creation, None);
+        claim.key = match owner {
+            Some(owner) => format!("{owner} {key}"),
+            None => key.to_owned(),
+        };
+        let mut tx = OpenTransaction::begin(self).await;
+        tx.claim_as(claim).await;
+        (tx, creation.response().clone())
+    }
+
     /// Claims `key` for `request` exactly as the server does, with the
     /// server's own code and statement, in a transaction left open: what
     /// another instance's in-flight request looks like to the server under
@@ -511,7 +586,7 @@ impl TestDb {
     ) -> (OpenTransaction, Task) {
         let task = NewTask::parse(request.clone(), &Limits::default()).expect("valid");
         let key = IdempotencyKey::try_from(key).expect("valid key");
-        let target = ClaimTarget::new(KeySource::Header(&key), None, &task, &policy());
+        let target = ClaimTarget::new(KeySource::Header(&key), &task, &policy());
         let creation = Creation::new(&task, chrono::Utc::now());
         let mut tx = OpenTransaction::begin(self).await;
         tx.claim(&target, &task, &creation).await;

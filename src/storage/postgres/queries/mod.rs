@@ -60,6 +60,159 @@ pub async fn find_key(
     })
 }
 
+/// The earliest live record among `keys` of `scope` whose task is for
+/// `agent_id` (see [`crate::storage::Store::find_legacy_key`]). Each key
+/// and its task are read by a lateral `LIMIT 1` probe of their primary
+/// keys, which the planner cannot turn into a join.
+pub async fn find_legacy_key(
+    db: impl PgExecutor<'_>,
+    scope: &str,
+    keys: &[String],
+    agent_id: &str,
+    retention: Duration,
+) -> Result<Option<StoredKey>, StorageError> {
+    let row = sqlx::query(
+        "SELECT k.fingerprint, k.response, \
+                (extract(epoch FROM k.created_at - now()) * 1000000)::bigint + $5 AS remaining_us \
+         FROM unnest($2::text[]) AS wanted(key) \
+         CROSS JOIN LATERAL ( \
+             SELECT fingerprint, response, created_at, task_id FROM idempotency_keys \
+             WHERE scope = $1 AND key = wanted.key AND now() - created_at < $4::interval \
+             LIMIT 1 \
+         ) AS k \
+         CROSS JOIN LATERAL ( \
+             SELECT agent_id FROM tasks WHERE task_id = k.task_id LIMIT 1 \
+         ) AS t \
+         WHERE t.agent_id = $3 \
+         ORDER BY k.created_at \
+         LIMIT 1",
+    )
+    .bind(scope)
+    .bind(keys)
+    .bind(agent_id)
+    .bind(retention)
+    .bind(micros(retention))
+    .fetch_optional(db)
+    .await?;
+    Ok(row.as_ref().map(stored_key).transpose()?.flatten())
+}
+
+/// [`claim_keys`] for claims of which some have a twin (see
+/// [`KeyClaim::twin`]), in one transaction: the claims as usual, then the
+/// twins of those that created their task, each replacing only a record
+/// older than the retention. A claim whose twin a live record holds (a
+/// request of the earlier version, committed first or waited for) is
+/// undone, its key record and task deleted before anyone saw them, and
+/// comes to that record instead.
+pub async fn claim_keys_with_twins(
+    pool: &PgPool,
+    claims: &[KeyClaim],
+    retention: Duration,
+) -> Result<Vec<Claimed>, StorageError> {
+    let mut tx = pool.begin().await?;
+    let mut outcomes = claim_keys(&mut *tx, claims, retention).await?;
+    let twins: Vec<(usize, &str)> = claims
+        .iter()
+        .zip(&outcomes)
+        .enumerate()
+        .filter_map(|(i, (claim, outcome))| match (outcome, &claim.twin) {
+            (Claimed::Created, Some(twin)) => Some((i, twin.as_str())),
+            _ => None,
+        })
+        .collect();
+    if twins.is_empty() {
+        tx.commit().await?;
+        return Ok(outcomes);
+    }
+    let taken: std::collections::HashSet<(String, String)> = sqlx::query(
+        "INSERT INTO idempotency_keys AS k (scope, key, fingerprint, task_id, response) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::uuid[], $5::bytea[]) \
+         ORDER BY 1, 2 \
+         ON CONFLICT (scope, key) DO UPDATE \
+             SET fingerprint = EXCLUDED.fingerprint, task_id = EXCLUDED.task_id, \
+                 response = EXCLUDED.response, created_at = now() \
+             WHERE k.created_at <= now() - interval '1 microsecond' * $6 \
+         RETURNING scope, key",
+    )
+    .bind(
+        twins
+            .iter()
+            .map(|&(i, _)| claims[i].scope)
+            .collect::<Vec<_>>(),
+    )
+    .bind(twins.iter().map(|&(_, twin)| twin).collect::<Vec<_>>())
+    .bind(
+        twins
+            .iter()
+            .map(|&(i, _)| claims[i].fingerprint.as_slice())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        twins
+            .iter()
+            .map(|&(i, _)| claims[i].task_id)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        twins
+            .iter()
+            .map(|&(i, _)| claims[i].response.as_slice())
+            .collect::<Vec<_>>(),
+    )
+    .bind(micros(retention))
+    .fetch_all(&mut *tx)
+    .await?
+    .iter()
+    .map(|row| Ok((row.try_get("scope")?, row.try_get("key")?)))
+    .collect::<Result<_, StorageError>>()?;
+    let lost: Vec<(usize, &str)> = twins
+        .into_iter()
+        .filter(|&(i, twin)| !taken.contains(&(claims[i].scope.to_owned(), twin.to_owned())))
+        .collect();
+    for (i, twin) in lost {
+        let claim = &claims[i];
+        sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2")
+            .bind(claim.scope)
+            .bind(&claim.key)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM tasks WHERE task_id = $1")
+            .bind(claim.task_id)
+            .execute(&mut *tx)
+            .await?;
+        let held = find_key(&mut *tx, claim.scope, twin, retention).await?;
+        outcomes[i] = match held.record {
+            Some(stored) => Claimed::Held(stored),
+            None => Claimed::Unseen,
+        };
+    }
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// When a record of the earlier, per-API-key scope was last written, at
+/// the latest.
+pub async fn legacy_key_records_at(
+    db: impl PgExecutor<'_>,
+) -> Result<Option<DateTime<Utc>>, StorageError> {
+    Ok(
+        sqlx::query_scalar("SELECT at FROM upgrade_marks WHERE name = 'legacy_key_records'")
+            .fetch_optional(db)
+            .await?,
+    )
+}
+
+/// Notes that records of the earlier scope are written now.
+pub async fn mark_legacy_key_records(db: impl PgExecutor<'_>) -> Result<(), StorageError> {
+    sqlx::query(
+        "INSERT INTO upgrade_marks AS m (name, at) VALUES ('legacy_key_records', now()) \
+         ON CONFLICT (name) DO UPDATE SET at = greatest(m.at, EXCLUDED.at)",
+    )
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
 /// The live record a row shows, if any: `fingerprint`, `response` and
 /// `remaining_us`.
 fn stored_key(row: &PgRow) -> Result<Option<StoredKey>, StorageError> {
@@ -232,7 +385,7 @@ macro_rules! returning_finished {
 mod keys;
 mod lifecycle;
 
-pub use keys::{api_keys, insert_api_key, revoke_api_key};
+pub use keys::{api_keys, insert_api_key, revoke_api_key, rotate_api_key};
 pub use lifecycle::{
     Chosen, cancel_task, complete_task, complete_tasks, fail_task, lease_candidates, lease_chosen,
     renew_lease,

@@ -2,16 +2,19 @@
 
 use sqlx::{Row, SqliteConnection, SqliteExecutor};
 
+use chrono::{DateTime, Utc};
+
 use super::time;
 use crate::{
-    domain::{ApiKeyRecord, Principal},
+    domain::{ApiKeyRecord, PreviousToken, Principal},
     storage::{StorageError, role, token_hash},
 };
 
 /// Every API key, revoked ones included, oldest first.
 pub async fn api_keys(db: impl SqliteExecutor<'_>) -> Result<Vec<ApiKeyRecord>, StorageError> {
     let rows = sqlx::query(
-        "SELECT name, token_hash, role, agent_ids, actions, created_at, revoked_at \
+        "SELECT name, token_hash, role, agent_ids, actions, created_at, revoked_at, \
+                previous_token_hash, previous_until \
          FROM api_keys ORDER BY created_at, name",
     )
     .fetch_all(db)
@@ -35,6 +38,16 @@ pub async fn api_keys(db: impl SqliteExecutor<'_>) -> Result<Vec<ApiKeyRecord>, 
                     .try_get::<Option<i64>, _>("revoked_at")?
                     .map(time)
                     .transpose()?,
+                previous: match (
+                    row.try_get::<Option<Vec<u8>>, _>("previous_token_hash")?,
+                    row.try_get::<Option<i64>, _>("previous_until")?,
+                ) {
+                    (Some(hash), Some(until)) => Some(PreviousToken {
+                        token_hash: token_hash(hash)?,
+                        until: time(until)?,
+                    }),
+                    _ => None,
+                },
             })
         })
         .collect()
@@ -99,4 +112,33 @@ pub async fn revoke_api_key(
     .await?
     .rows_affected()
         == 1)
+}
+
+/// Gives a live key a new token hash, keeping its current one accepted for
+/// `grace` microseconds; when that ends, or `None` when no live key has
+/// that name.
+pub async fn rotate_api_key(
+    connection: &mut SqliteConnection,
+    name: &str,
+    token_hash: &[u8],
+    grace: i64,
+) -> Result<Option<DateTime<Utc>>, StorageError> {
+    let until: Option<i64> = sqlx::query_scalar(concat!(
+        "UPDATE api_keys SET \
+             previous_token_hash = CASE WHEN ?3 > 0 THEN token_hash END, \
+             previous_until = CASE WHEN ?3 > 0 THEN ",
+        now!(),
+        " + ?3 END, \
+             token_hash = ?2 \
+         WHERE name = ?1 AND revoked_at IS NULL \
+         RETURNING ",
+        now!(),
+        " + ?3"
+    ))
+    .bind(name)
+    .bind(token_hash)
+    .bind(grace)
+    .fetch_optional(connection)
+    .await?;
+    until.map(time).transpose()
 }

@@ -33,7 +33,7 @@ macro_rules! task_columns {
 mod keys;
 mod lifecycle;
 
-pub use keys::{ApiKeyRow, api_keys, insert_api_key, revoke_api_key};
+pub use keys::{ApiKeyRow, api_keys, insert_api_key, revoke_api_key, rotate_api_key};
 pub use lifecycle::{
     LeaseRow, Leased, any_leasable, cancel_task, complete_task, fail_task, lease_in_transaction,
     renew_lease,
@@ -103,6 +103,62 @@ pub async fn find_key(
         record: stored_key(&row)?,
         now: time(row.try_get("now")?)?,
     })
+}
+
+/// The earliest live record among `keys` of `scope` whose task is for
+/// `agent_id` (see [`crate::storage::Store::find_legacy_key`]).
+pub async fn find_legacy_key(
+    db: impl SqliteExecutor<'_>,
+    scope: &str,
+    keys: &[String],
+    agent_id: &str,
+    retention: Duration,
+) -> Result<Option<StoredKey>, StorageError> {
+    let row = sqlx::query(concat!(
+        "SELECT k.fingerprint, k.response, k.created_at + ?4 - ",
+        now!(),
+        " AS remaining_us \
+         FROM json_each(?2) AS wanted \
+         JOIN idempotency_keys AS k ON k.scope = ?1 AND k.key = wanted.value \
+         JOIN tasks AS t ON t.task_id = k.task_id \
+         WHERE t.agent_id = ?3 AND k.created_at > ",
+        now!(),
+        " - ?4 \
+         ORDER BY k.created_at LIMIT 1"
+    ))
+    .bind(scope)
+    .bind(serde_json::Value::from(keys.to_vec()).to_string())
+    .bind(agent_id)
+    .bind(micros(retention))
+    .fetch_optional(db)
+    .await?;
+    Ok(row.as_ref().map(stored_key).transpose()?.flatten())
+}
+
+/// When a record of the earlier, per-API-key scope was last written, at
+/// the latest.
+pub async fn legacy_key_records_at(
+    db: impl SqliteExecutor<'_>,
+) -> Result<Option<DateTime<Utc>>, StorageError> {
+    let at: Option<i64> =
+        sqlx::query_scalar("SELECT at FROM upgrade_marks WHERE name = 'legacy_key_records'")
+            .fetch_optional(db)
+            .await?;
+    at.map(time).transpose()
+}
+
+/// Notes that records of the earlier scope are written now.
+pub async fn mark_legacy_key_records(
+    connection: &mut SqliteConnection,
+) -> Result<(), StorageError> {
+    sqlx::query(concat!(
+        "INSERT INTO upgrade_marks AS m (name, at) VALUES ('legacy_key_records', ",
+        now!(),
+        ") ON CONFLICT (name) DO UPDATE SET at = max(m.at, excluded.at)"
+    ))
+    .execute(connection)
+    .await?;
+    Ok(())
 }
 
 /// The live record a row shows, if any: `fingerprint`, `response` and
