@@ -370,6 +370,40 @@ impl Instance {
     }
 
     /// Waits until the instance answers health checks as SERVING.
+    /// Waits until this instance takes `token` (it reloads its keys every
+    /// 200 ms; a GetTask of no task answers NOT_FOUND, not
+    /// UNAUTHENTICATED), also across a restart or a pause meanwhile.
+    pub(crate) async fn wait_accepting(&self, token: &str, within: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let mut tasks =
+                oncely_client::proto::tasks_v1::task_service_client::TaskServiceClient::new(
+                    self.channel.clone(),
+                );
+            let mut request = tonic::Request::new(oncely_client::proto::tasks_v1::GetTaskRequest {
+                task_id: uuid::Uuid::nil().to_string(),
+            });
+            request.set_timeout(Duration::from_millis(500));
+            let probe = tokio::time::timeout(
+                Duration::from_secs(1),
+                tasks.get_task(authorized(request, token)),
+            )
+            .await;
+            if let Ok(Err(status)) = probe
+                && status.code() == tonic::Code::NotFound
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!(
+                    "instance {} did not take a rotated key's new token within {within:?}",
+                    self.index
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub(crate) async fn wait_serving(&self, within: Duration) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
@@ -457,10 +491,134 @@ fn fixed_port() -> Result<u16, String> {
     Err(format!("no free port between {from} and {to}"))
 }
 
+/// The names of the two agent keys: two replicas of one agent platform,
+/// each request sent through either (idempotency keys belong to the agent,
+/// not to the key), both acting for every agent of the workload.
+const AGENT_KEYS: [&str; 2] = ["chaos-agents-a", "chaos-agents-b"];
+
+/// The agents of the workload (`workload::request_for` names them).
+const AGENTS: [&str; 4] = [
+    "chaos-agent-0",
+    "chaos-agent-1",
+    "chaos-agent-2",
+    "chaos-agent-3",
+];
+
+/// How long a rotated-out agent token keeps working: far longer than any
+/// call that picked it before the clients moved to the new one.
+const ROTATION_GRACE: &str = "30s";
+
+/// The run's API keys (every instance requires one): the agent keys' tokens
+/// as the clients use them now, a worker key and an admin key.
+pub(crate) struct Keys {
+    agents: Mutex<[String; 2]>,
+    pub(crate) worker: String,
+    pub(crate) admin: String,
+    /// One rotation at a time.
+    rotating: tokio::sync::Mutex<()>,
+    url: String,
+}
+
+impl Keys {
+    /// Creates the keys with `oncely keys create` on the database at `url`
+    /// (which also migrates it).
+    async fn create(url: String) -> Result<Self, String> {
+        let mut agent_scope = vec!["--role", "agent"];
+        for agent in AGENTS {
+            agent_scope.extend(["--agent-id", agent]);
+        }
+        let mut agents = Vec::new();
+        for name in AGENT_KEYS {
+            let mut args = vec!["create", "--name", name];
+            args.extend(&agent_scope);
+            agents.push(keys_command(&url, &args).await?);
+        }
+        let worker = keys_command(
+            &url,
+            &["create", "--name", "chaos-workers", "--role", "worker"],
+        )
+        .await?;
+        let admin = keys_command(
+            &url,
+            &["create", "--name", "chaos-admin", "--role", "admin"],
+        )
+        .await?;
+        let agents: [String; 2] = agents.try_into().map_err(|_| "two agent keys".to_owned())?;
+        Ok(Self {
+            agents: Mutex::new(agents),
+            worker,
+            admin,
+            rotating: tokio::sync::Mutex::new(()),
+            url,
+        })
+    }
+
+    /// An agent token, either key's.
+    pub(crate) fn agent(&self, rng: &mut fastrand::Rng) -> String {
+        self.agents.lock().expect("lock")[rng.usize(..AGENT_KEYS.len())].clone()
+    }
+
+    /// Rotates one agent key (`oncely keys rotate`, with a grace period),
+    /// waits until every instance takes the new token, and moves the
+    /// clients to it. Rotations run one at a time, and the next one waits
+    /// a moment, so that a token is never dropped while a call uses it.
+    pub(crate) async fn rotate(
+        &self,
+        instances: &[Instance],
+        rng: &mut fastrand::Rng,
+    ) -> Result<(), String> {
+        let _one = self.rotating.lock().await;
+        let which = rng.usize(..AGENT_KEYS.len());
+        let token = keys_command(
+            &self.url,
+            &["rotate", AGENT_KEYS[which], "--grace", ROTATION_GRACE],
+        )
+        .await?;
+        for instance in instances {
+            instance
+                .wait_accepting(&token, Duration::from_secs(60))
+                .await?;
+        }
+        self.agents.lock().expect("lock")[which] = token;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        Ok(())
+    }
+}
+
+/// Runs `oncely keys ARGS` on the database at `url`; its standard output
+/// (a token), trimmed.
+async fn keys_command(url: &str, args: &[&str]) -> Result<String, String> {
+    let output = Command::new(BINARY)
+        .arg("keys")
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .map_err(|e| format!("run oncely keys: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "oncely keys {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// `message` with `authorization: Bearer <token>`.
+pub(crate) fn authorized<T>(mut message: tonic::Request<T>, token: &str) -> tonic::Request<T> {
+    if let Ok(value) = format!("Bearer {token}").parse() {
+        message.metadata_mut().insert("authorization", value);
+    }
+    message
+}
+
 /// The instances of one run and their database.
 pub(crate) struct Cluster {
     pub(crate) instances: Vec<Instance>,
     pub(crate) database: Database,
+    pub(crate) keys: Keys,
     /// Held while PostgreSQL restarts.
     pub(crate) postgres: tokio::sync::Mutex<()>,
 }
@@ -472,6 +630,7 @@ impl Cluster {
         count: usize,
         dir: &std::path::Path,
     ) -> Result<Self, String> {
+        let keys = Keys::create(database.url_for(None)).await?;
         let mut instances = Vec::with_capacity(count);
         for index in 0..count {
             let proxy = match &database {
@@ -502,6 +661,8 @@ impl Cluster {
                 ("STATEMENT_TIMEOUT", "10s".into()),
                 ("SHUTDOWN_GRACE", "2s".into()),
                 ("RATE_LIMIT", "0".into()),
+                ("AUTH", "required".into()),
+                ("KEY_REFRESH_INTERVAL", "200ms".into()),
                 ("RUST_LOG", "warn".into()),
             ];
             instances.push(Instance {
@@ -522,6 +683,7 @@ impl Cluster {
         Ok(Self {
             instances,
             database,
+            keys,
             postgres: tokio::sync::Mutex::new(()),
         })
     }

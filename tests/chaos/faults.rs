@@ -14,7 +14,7 @@ use std::{
 use oncely_client::proto::tasks_v1::{CleanupRequest, admin_client::AdminClient};
 use tokio::task::JoinSet;
 
-use crate::cluster::{Cluster, Store};
+use crate::cluster::{Cluster, Store, authorized};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Fault {
@@ -33,6 +33,10 @@ pub(crate) enum Fault {
     PgRestart,
     /// An Admin/Cleanup call, alongside everything else.
     Cleanup,
+    /// `oncely keys rotate` of an agent key: the agents move to the new
+    /// token once every instance takes it, the old one works for a grace
+    /// period meanwhile, and retries go on under their idempotency keys.
+    RotateKey,
 }
 
 impl Fault {
@@ -44,6 +48,7 @@ impl Fault {
             Fault::DbStall => "stall database connections",
             Fault::PgRestart => "restart PostgreSQL",
             Fault::Cleanup => "cleanup in parallel",
+            Fault::RotateKey => "rotate an agent's API key",
         }
     }
 
@@ -57,13 +62,14 @@ impl Fault {
                     Fault::DbCut,
                     Fault::DbStall,
                     Fault::Cleanup,
+                    Fault::RotateKey,
                 ];
                 if restart_postgres {
                     kinds.push(Fault::PgRestart);
                 }
                 kinds
             }
-            Store::Sqlite => vec![Fault::Kill, Fault::Pause, Fault::Cleanup],
+            Store::Sqlite => vec![Fault::Kill, Fault::Pause, Fault::Cleanup, Fault::RotateKey],
         }
     }
 }
@@ -80,14 +86,15 @@ pub(crate) struct Tally {
 }
 
 impl Tally {
-    /// The faults that disrupt something: all but cleanups, which run
-    /// beside the rest but are not counted toward a run's minimum.
+    /// The faults that disrupt something: all but cleanups and key
+    /// rotations, which run beside the rest but are not counted toward a
+    /// run's minimum.
     pub(crate) fn disruptive(&self) -> u64 {
         self.injected
             .lock()
             .expect("lock")
             .iter()
-            .filter(|(fault, _)| **fault != Fault::Cleanup)
+            .filter(|(fault, _)| !matches!(fault, Fault::Cleanup | Fault::RotateKey))
             .map(|(_, n)| n)
             .sum()
     }
@@ -170,10 +177,14 @@ async fn inject(cluster: &Cluster, fault: Fault, tally: &Tally, seed: u64) -> Re
             let _postgres = cluster.postgres.lock().await;
             restart_postgres().await?;
         }
+        Fault::RotateKey => {
+            cluster.keys.rotate(&cluster.instances, &mut rng).await?;
+        }
         Fault::Cleanup => {
             let mut admin = AdminClient::new(instance.channel.clone());
             let mut request = tonic::Request::new(CleanupRequest { older_than: None });
             request.set_timeout(Duration::from_secs(5));
+            let request = authorized(request, &cluster.keys.admin);
             // A cleanup that fails under other faults is retried by the
             // next one, as cron would.
             if let Ok(Ok(answer)) =

@@ -418,7 +418,7 @@ fn print_report(report: &Report, plan: Plan) {
         report.tasks, s[3], s[4], s[1], s[2]
     );
     println!(
-        "faults: {} besides cleanups (minimum {}); cleanup deleted {} records",
+        "faults: {} besides cleanups and key rotations (minimum {}); cleanup deleted {} records",
         report.tally.disruptive(),
         plan.min_faults,
         report.tally.cleaned.lock().expect("lock")

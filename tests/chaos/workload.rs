@@ -26,7 +26,7 @@ use tonic::Code;
 use uuid::Uuid;
 
 use crate::{
-    cluster::{Cluster, LEASE},
+    cluster::{Cluster, LEASE, authorized},
     history::{Answer, Completion, CreateAttempt, Created, Grant, History, KeyRef, bump, micros},
 };
 
@@ -124,9 +124,12 @@ impl KeyPool {
     }
 }
 
-/// The request a key stands for; a variant differs in one value.
+/// The request a key stands for; a variant differs in one value of its
+/// parameters, for the same agent (keys are the agent's: another agent's
+/// request under the key would be that agent's own).
 fn request_for(key: KeyRef, amount: u32, variant: bool) -> CreateTaskRequest {
     let (member, id) = key.member();
+    let agent_id = format!("chaos-agent-{}", amount % 4);
     let amount = if variant { amount + 1 } else { amount };
     let parameters = serde_json::json!({
         member: id.to_string(),
@@ -136,7 +139,7 @@ fn request_for(key: KeyRef, amount: u32, variant: bool) -> CreateTaskRequest {
         "tags": ["chaos", if variant { "variant" } else { "original" }],
     });
     CreateTaskRequest {
-        agent_id: format!("chaos-agent-{}", amount % 4),
+        agent_id,
         action: ACTION.into(),
         parameters: Some(json::to_struct(parameters).expect("an object")),
     }
@@ -276,7 +279,10 @@ async fn create(work: &Workload, rng: &mut fastrand::Rng, slot: Slot, variant: b
         bump(&counts.create_attempts);
         let deadline = Duration::from_millis(rng.u64(100..2000));
         let cancel = (rng.f64() < 0.05).then(|| Duration::from_millis(rng.u64(0..30)));
-        let mut message = with_deadline(request.clone(), deadline);
+        let mut message = authorized(
+            with_deadline(request.clone(), deadline),
+            &work.cluster.keys.agent(rng),
+        );
         if let KeyRef::Keyed(key) = slot.key {
             message.metadata_mut().insert(
                 IDEMPOTENCY_KEY,
@@ -347,9 +353,12 @@ pub(crate) async fn worker(work: Arc<Workload>, id: usize, seed: u64) {
             wait: duration(Duration::from_secs(1)),
         };
         let mut client = work.worker_client(instance);
+        let api_key = work.cluster.keys.worker.clone();
         let deadline = Duration::from_secs(3);
         let answer = call(&work.history, deadline, None, async move {
-            client.lease_tasks(with_deadline(request, deadline)).await
+            client
+                .lease_tasks(authorized(with_deadline(request, deadline), &api_key))
+                .await
         })
         .await;
         match answer {
@@ -403,9 +412,12 @@ async fn handle(work: &Workload, rng: &mut fastrand::Rng, mut instance: usize, l
             retry_after: duration(Duration::from_millis(100)),
         };
         let mut client = work.worker_client(instance);
+        let api_key = work.cluster.keys.worker.clone();
         let deadline = Duration::from_secs(1);
         let _ = call(&work.history, deadline, None, async move {
-            client.fail_task(with_deadline(request, deadline)).await
+            client
+                .fail_task(authorized(with_deadline(request, deadline), &api_key))
+                .await
         })
         .await;
         return;
@@ -418,9 +430,12 @@ async fn handle(work: &Workload, rng: &mut fastrand::Rng, mut instance: usize, l
             lease_duration: duration(LEASE),
         };
         let mut client = work.worker_client(instance);
+        let api_key = work.cluster.keys.worker.clone();
         let deadline = Duration::from_secs(1);
         let answer = call(&work.history, deadline, None, async move {
-            client.renew_lease(with_deadline(request, deadline)).await
+            client
+                .renew_lease(authorized(with_deadline(request, deadline), &api_key))
+                .await
         })
         .await;
         if let Answer::Ok(renewed) = answer {
@@ -458,9 +473,12 @@ async fn handle(work: &Workload, rng: &mut fastrand::Rng, mut instance: usize, l
             result: Some(json::to_struct(result.clone()).expect("an object")),
         };
         let mut client = work.worker_client(instance);
+        let api_key = work.cluster.keys.worker.clone();
         let deadline = Duration::from_millis(rng.u64(200..1500));
         let answer = call(&work.history, deadline, None, async move {
-            client.complete_task(with_deadline(request, deadline)).await
+            client
+                .complete_task(authorized(with_deadline(request, deadline), &api_key))
+                .await
         })
         .await;
         let settled = !matches!(answer, Answer::Unknown(_));
