@@ -90,6 +90,18 @@ async fn plans_made_on_empty_tables_reach_keys_and_tasks_by_their_indexes() {
         .await
         .expect("find the key");
     assert!(found.record.is_some(), "the key's record is found");
+    let legacy = queries::find_legacy_key(
+        &mut *conn,
+        SCOPE,
+        &["agent7-a early-1".to_owned(), "early-2".to_owned()],
+        "agent-1",
+        RETENTION,
+    )
+    .await
+    .expect("look for a record of the earlier scope");
+    // The early claims' keys are bare, as an unauthenticated caller's
+    // were in the earlier scope.
+    assert!(legacy.is_some(), "the bare key's record is found");
     queries::get_task(&mut *conn, first.task_id)
         .await
         .expect("get")
