@@ -338,6 +338,12 @@ async fn serve_with<S: Store>(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        // A client may give up on every call it has open at once (a batch
+        // of calls cancelled together, all reset before the server took
+        // them); h2's default of 20 closed such a connection with
+        // ENHANCE_YOUR_CALM. A flood past what a connection may have open
+        // still is.
+        .http2_max_pending_accept_reset_streams(Some(MAX_STREAMS_PER_CONNECTION as usize))
         .http2_max_header_list_size(Some(MAX_HEADER_BYTES))
         // Each call's span: request id, method, trace context.
         .trace_fn(crate::telemetry::request_span);

@@ -2,9 +2,11 @@
 -- server received them. A lease decides which tasks fit its byte limit
 -- from this column before it locks any row (src/domain/lease.rs), so that
 -- it locks only the tasks it hands out, and never reads parameters to
--- choose. Tasks stored before this migration are measured by their jsonb
--- text, which may be a few bytes longer.
-ALTER TABLE tasks ADD COLUMN parameters_bytes integer NOT NULL DEFAULT 0;
-UPDATE tasks SET parameters_bytes = octet_length(parameters::text);
--- Every insert says it: one that forgot would fail rather than store 0.
-ALTER TABLE tasks ALTER COLUMN parameters_bytes DROP DEFAULT;
+-- choose.
+--
+-- Nullable, without a default, and not filled here: adding it takes no
+-- time whatever the table's size, and instances of the earlier version,
+-- which run beside this one during a rolling upgrade, go on inserting
+-- tasks without it. A lease measures a task without it by its parameters'
+-- jsonb text (a few bytes longer than canonical JSON).
+ALTER TABLE tasks ADD COLUMN parameters_bytes integer;

@@ -98,10 +98,24 @@ impl<S: Store> TaskApi<S> {
         } else {
             Vec::new()
         };
+        let twins: Vec<Option<String>> = if self.legacy.dual() {
+            match caller {
+                Some(caller) => {
+                    let mut names = self.keys.agent_keys_for(&task.agent_id);
+                    if !names.contains(&caller.name) {
+                        names.push(caller.name.clone());
+                    }
+                    names.into_iter().map(Some).collect()
+                }
+                None => vec![None],
+            }
+        } else {
+            Vec::new()
+        };
         let legacy = Legacy {
             live,
             owners: &owners,
-            twin: self.legacy.dual().then(|| caller.map(|c| c.name.as_str())),
+            twins: &twins,
         };
         let done = match idempotency::create_task(
             &self.store,

@@ -161,6 +161,27 @@ impl KeyRing {
             .unwrap_or_default()
     }
 
+    /// The names of the live agent keys that act for `agent_id` (not the
+    /// admin keys, which act for every agent).
+    pub fn agent_keys_for(&self, agent_id: &str) -> Vec<String> {
+        self.snapshot
+            .read()
+            .map(|s| {
+                let mut names: Vec<String> = s
+                    .live
+                    .values()
+                    .filter(|(p, _)| {
+                        p.role == crate::domain::Role::Agent && p.may_act_for(agent_id)
+                    })
+                    .map(|(p, _)| p.name.clone())
+                    .collect();
+                names.sort_unstable();
+                names.dedup();
+                names
+            })
+            .unwrap_or_default()
+    }
+
     /// The caller a bearer token stands for. `token` is the metadata
     /// value's text after `Bearer `; `None` when there was none.
     pub fn authenticate(&self, token: Option<&str>) -> Result<Principal, AuthError> {

@@ -145,6 +145,17 @@ pub fn cut(rooms: &[Room], candidates: &[Candidate], max_attempts: i32) -> Cut {
     }
 }
 
+/// The most rounds (a read and a statement) one batch of orders makes. A
+/// round after the first is for orders that still have room: another
+/// statement took some of the picks first, or tasks past their last
+/// attempt, ended FAILED, filled the read. Each ends or skips what it
+/// read, so rounds make progress; past the bound the store wakes the
+/// pollers that wait, the batch's own included, to read again.
+pub const MAX_ROUNDS: usize = 64;
+/// The most rounds of a batch in which another statement took picks first
+/// (several instances after the same oldest tasks).
+pub const MAX_CONTENDED_ROUNDS: usize = 8;
+
 /// Whether a lease statement should be followed by another round for the
 /// orders that still have room (`rooms`, after the statement): some of its
 /// picks were taken by another statement first (`skipped`), or the read

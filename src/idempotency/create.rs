@@ -70,10 +70,13 @@ pub struct Legacy<'a> {
     /// The names of the API keys (revoked ones too) that act for the
     /// request's agent: the records any of them wrote count.
     pub owners: &'a [String],
-    /// Under which name to write the request's record too (`Some` in
-    /// [`LegacyScope::Dual`](super::LegacyScope::Dual): the calling key's name, or `None` inside for
-    /// an unauthenticated call, whose record was the bare key).
-    pub twin: Option<Option<&'a str>>,
+    /// In [`LegacyScope::Dual`](super::LegacyScope::Dual), the names to
+    /// write the request's record under too, so that an instance of the
+    /// earlier version finds it whichever of them the retry comes with:
+    /// the agent keys acting for the agent and the calling key (`None`
+    /// stands for the bare key of an unauthenticated call). Empty
+    /// otherwise.
+    pub twins: &'a [Option<String>],
 }
 
 impl Legacy<'_> {
@@ -81,7 +84,7 @@ impl Legacy<'_> {
     pub const NONE: Legacy<'static> = Legacy {
         live: false,
         owners: &[],
-        twin: None,
+        twins: &[],
     };
 }
 
@@ -138,17 +141,15 @@ impl ClaimTarget {
     }
 
     /// The claim of this record for `creation`, ready for the store;
-    /// `twin`: see [`Legacy::twin`].
-    pub fn claim(
-        &self,
-        task: &NewTask,
-        creation: &Creation,
-        twin: Option<Option<&str>>,
-    ) -> KeyClaim {
+    /// `twins`: see [`Legacy::twins`].
+    pub fn claim(&self, task: &NewTask, creation: &Creation, twins: &[Option<String>]) -> KeyClaim {
         KeyClaim {
             scope: self.scope,
             key: self.key.clone(),
-            twin: twin.map(|owner| legacy_key(owner, &self.bare)),
+            twins: twins
+                .iter()
+                .map(|owner| legacy_key(owner.as_deref(), &self.bare))
+                .collect(),
             fingerprint: self.fingerprint.0,
             task_id: creation.task_id,
             agent_id: task.agent_id.clone(),
@@ -241,7 +242,7 @@ pub async fn create_task<S: Store>(
         // The stores keep microseconds; the response says what they keep.
         let creation = Creation::new(task, Utc::now().trunc_subsecs(6));
         let sent = Instant::now();
-        let claim = target.claim(task, &creation, legacy.twin);
+        let claim = target.claim(task, &creation, legacy.twins);
         let stored = match store.claim_key(claim).await {
             Ok(Claimed::Created) => {
                 replays.insert(

@@ -367,13 +367,14 @@ pub struct KeyClaim {
     /// The client's key, or a keyless request's fingerprint in hex, after
     /// the agent's id (`"@<agent_id> <key>"`).
     pub key: String,
-    /// The same record's key in the earlier, per-API-key scope, to write
+    /// The same record's keys in the earlier, per-API-key scope, to write
     /// too in the same transaction, so that instances of the earlier
-    /// version see it (a rolling upgrade). If a live record holds it, the
-    /// claim comes to that record, and nothing of this one is kept.
-    /// PostgreSQL only: SQLite serves one process, so no earlier version
-    /// runs beside it.
-    pub twin: Option<String>,
+    /// version see it (a rolling upgrade). If a live record of the same
+    /// agent's task holds one, the claim comes to that record, and nothing
+    /// of this one is kept; one held by another agent's task is left to
+    /// it. PostgreSQL only: SQLite serves one process, so no earlier
+    /// version runs beside it.
+    pub twins: Vec<String>,
     /// The request's fingerprint (SHA-256).
     pub fingerprint: [u8; 32],
     /// The new task's id.

@@ -345,6 +345,44 @@ async fn a_connection_may_open_at_most_128_calls_at_once(backend: Backend) {
     driver.abort();
 }
 
+/// A client that gives up on every call it has open at once (a burst of
+/// RST_STREAMs, as a cancelled batch of calls sends) keeps its connection:
+/// the server refuses a flood of resets only past what a connection may
+/// have open.
+async fn a_burst_of_cancelled_calls_keeps_the_connection(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    let socket = TcpStream::connect(app.addr).await.expect("connect");
+    let (client, driver) = h2::client::handshake(socket).await.expect("h2 handshake");
+    let driver = tokio::spawn(driver);
+    let mut client = client.ready().await.expect("ready");
+    let check = || {
+        http::Request::post(format!("http://{}/grpc.health.v1.Health/Check", app.addr))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .expect("request")
+    };
+
+    // 100 calls opened and reset before the server could take them.
+    for _ in 0..100 {
+        client = client.ready().await.expect("room for a call");
+        let (_, mut body) = client.send_request(check(), false).expect("send");
+        body.send_reset(h2::Reason::CANCEL);
+    }
+    client = client.ready().await.expect("room for a call");
+    let (answer, mut body) = client.send_request(check(), false).expect("send");
+    body.send_data(
+        grpc_frame(&tonic_health::pb::HealthCheckRequest::default()),
+        true,
+    )
+    .expect("body");
+
+    let answer = answer.await.expect("the connection still serves");
+    assert_eq!(answer.status(), http::StatusCode::OK);
+    driver.abort();
+}
+
 async fn a_request_body_that_never_finishes_is_cut_and_frees_its_place(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
@@ -421,6 +459,7 @@ async fn a_health_watch_has_a_limit_of_its_own(backend: Backend) {
 }
 
 conformance!(
+    a_burst_of_cancelled_calls_keeps_the_connection,
     a_health_watch_has_a_limit_of_its_own,
     a_connection_may_open_at_most_128_calls_at_once,
     a_request_body_that_never_finishes_is_cut_and_frees_its_place,

@@ -307,13 +307,16 @@ async fn unauthenticated_records_written_before_the_upgrade_answer_their_retries
     assert_eq!(db.count("tasks").await, 2);
 }
 
-/// LEGACY_KEY_SCOPE=dual, for a rolling upgrade: each record is written in
-/// both scopes, so that an instance of the earlier version, which looks a
-/// key up as `"<key name> <key>"`, finds it too.
+/// LEGACY_KEY_SCOPE=dual, for a rolling upgrade: each record is written
+/// in the agent's scope and under every key of the agent (and the calling
+/// key), so that an instance of the earlier version, which looks a key up
+/// as `"<key name> <key>"`, finds it whichever key the retry comes with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dual_scope_writes_each_record_where_the_earlier_version_looks() {
     let db = TestDb::new(Backend::Postgres).await;
     let token = create_key(&db, "agent7-a", "agent", &[("--agent-id", "agent-7")]);
+    create_key(&db, "agent7-b", "agent", &[("--agent-id", "agent-7")]);
+    create_key(&db, "agent8", "agent", &[("--agent-id", "agent-8")]);
     let app = BinaryApp::start(&db, &[("LEGACY_KEY_SCOPE", "dual")]).await;
     let key = new_key();
 
@@ -322,19 +325,55 @@ async fn dual_scope_writes_each_record_where_the_earlier_version_looks() {
         .expect("create")
         .into_inner();
 
-    let both: Vec<(String, String)> =
+    let records: Vec<(String, String)> =
         sqlx::query_as("SELECT key, task_id::text FROM idempotency_keys ORDER BY key")
             .fetch_all(db.pg_pool())
             .await
             .expect("the key records");
+    let task = created.task_id;
     assert_eq!(
-        both,
+        records,
         [
-            (format!("@agent-7 {key}"), created.task_id.clone()),
-            (format!("agent7-a {key}"), created.task_id.clone()),
+            (format!("@agent-7 {key}"), task.clone()),
+            (format!("agent7-a {key}"), task.clone()),
+            (format!("agent7-b {key}"), task),
         ]
     );
     assert_eq!(db.count("tasks").await, 1);
+}
+
+/// LEGACY_KEY_SCOPE=dual: a key acting for two agents sends one
+/// idempotency key for each; the second agent's request is its own task,
+/// although the earlier scope's record under that key name is the first
+/// agent's (it is left to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dual_scope_keeps_two_agents_apart_under_one_key_name() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let token = create_key(
+        &db,
+        "platform",
+        "agent",
+        &[("--agent-id", "agent-7"), ("--agent-id", "agent-8")],
+    );
+    let app = BinaryApp::start(&db, &[("LEGACY_KEY_SCOPE", "dual")]).await;
+    let key = new_key();
+    let for_agent = |agent: &str| request(agent, "send_email", json!({}));
+
+    let seventh = create_as(&app, &token, &key, for_agent("agent-7"))
+        .await
+        .expect("agent-7");
+    let eighth = create_as(&app, &token, &key, for_agent("agent-8"))
+        .await
+        .expect("agent-8");
+    let eighth_again = create_as(&app, &token, &key, for_agent("agent-8"))
+        .await
+        .expect("agent-8's retry");
+
+    assert_eq!(replayed(&eighth), Some("false"), "a task of its own");
+    assert_ne!(eighth.get_ref().task_id, seventh.get_ref().task_id);
+    assert_eq!(replayed(&eighth_again), Some("true"));
+    assert_eq!(eighth_again.get_ref(), eighth.get_ref());
+    assert_eq!(db.count("tasks").await, 2);
 }
 
 /// LEGACY_KEY_SCOPE=dual: a request still in flight on an instance of the

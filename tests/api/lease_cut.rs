@@ -295,7 +295,61 @@ async fn tasks_a_cut_leaves_behind_wake_the_pollers_that_wait() {
     );
 }
 
+/// Many tasks whose last allowed lease ran out, older than a queued one:
+/// a poll for one task ends them all FAILED on its way and gets the queued
+/// task, rather than an empty answer after a few rounds.
+async fn a_poll_behind_many_tasks_past_their_last_attempt_still_gets_a_task(backend: Backend) {
+    const EXPIRED: usize = 40;
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    for i in 0..=EXPIRED {
+        create_sized(&app, i, 10).await;
+    }
+    // The default MAX_ATTEMPTS is 5: a lease of attempt 5 that ran out
+    // ends its task.
+    db.set_running(EXPIRED as i64, 5).await;
+    db.make_leasable_now().await;
+
+    let answer = polls_at_once(&[&app], &[1]).await.remove(0);
+
+    assert_eq!(answer.len(), 1, "the queued task is leased");
+    assert_eq!(
+        db.count_tasks_with_status(TaskStatus::Failed).await,
+        EXPIRED as i64
+    );
+}
+
+/// Tasks an instance of the earlier version inserted (without their size,
+/// during a rolling upgrade) are leased, and measured for the byte limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tasks_the_earlier_version_inserted_are_leased_and_measured() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let app = TestApp::spawn(&db).await;
+    // The earlier version's insert: no parameters_bytes.
+    sqlx::query(
+        "INSERT INTO tasks (task_id, agent_id, action, parameters, status, create_time, \
+                            update_time, available_at) \
+         SELECT gen_random_uuid(), 'agent-7', 'index', \
+                jsonb_build_object('i', i, 'body', repeat('x', 60000)), 1, now(), now(), now() \
+         FROM generate_series(1, 16) AS i",
+    )
+    .execute(db.pg_pool())
+    .await
+    .expect("the earlier version inserts tasks");
+
+    let first = polls_at_once(&[&app], &[16]).await.remove(0);
+    let rest = polls_at_once(&[&app], &[16]).await.remove(0);
+
+    assert!(
+        (1..16).contains(&first.len()),
+        "the byte limit cut the first answer: {} tasks",
+        first.len()
+    );
+    assert_eq!(first.len() + rest.len(), 16, "every task leased");
+}
+
 conformance!(
+    a_poll_behind_many_tasks_past_their_last_attempt_still_gets_a_task,
     polls_at_once_share_the_tasks_each_within_its_limit,
     polls_at_once_stay_within_their_limits_whatever_the_sizes,
     polls_cut_by_their_byte_limit_leave_no_task_behind,

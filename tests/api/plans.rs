@@ -25,7 +25,7 @@ fn claim(key: &str) -> KeyClaim {
     KeyClaim {
         scope: SCOPE,
         key: key.to_owned(),
-        twin: None,
+        twins: Vec::new(),
         fingerprint: [7; 32],
         task_id: uuid::Uuid::new_v4(),
         agent_id: "agent-1".into(),

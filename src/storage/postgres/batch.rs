@@ -272,7 +272,7 @@ async fn claim_keys(
     claims: &[KeyClaim],
     retention: Duration,
 ) -> Result<Vec<Claimed>, StorageError> {
-    if claims.iter().any(|claim| claim.twin.is_some()) {
+    if claims.iter().any(|claim| !claim.twins.is_empty()) {
         queries::claim_keys_with_twins(pool, claims, retention).await
     } else {
         queries::claim_keys(pool, claims, retention).await
@@ -391,11 +391,6 @@ impl Leased {
     }
 }
 
-/// The most statements one batch of orders sends: each after the first is
-/// for orders that still have room because another statement took their
-/// picks first, or because tasks ended FAILED filled the read.
-const MAX_LEASE_ROUNDS: usize = 8;
-
 /// Leases: one LeaseTasks poll each. Orders that want the same actions on
 /// the same terms share a statement, and [`cut`] decides which tasks each
 /// takes before any is locked, so a statement locks only the tasks it
@@ -466,6 +461,10 @@ impl Leases {
         }
         tracing::debug!(%error, orders = empty.len(), "a lease statement failed; leasing one order at a time");
         for (pending, _) in empty {
+            if pending.reply.is_closed() {
+                // Its caller gave up: lease nothing it would not receive.
+                continue;
+            }
             let outcome = match self.lease(&[&pending.item]).await {
                 Ok(mut done) => Ok(done.pop().unwrap_or_default()),
                 Err((error, mut done)) => match done.pop() {
@@ -495,7 +494,9 @@ impl Leases {
             .collect();
         // Picks another statement took first: left out of later reads.
         let mut skipped: Vec<Uuid> = Vec::new();
-        for _ in 0..MAX_LEASE_ROUNDS {
+        let (mut rounds, mut contended) = (0, 0);
+        loop {
+            rounds += 1;
             let wanted = lease::candidates_wanted(&rooms);
             let (candidates, decided, _reserved) =
                 match self.choose(shape, &rooms, wanted, &skipped).await {
@@ -503,6 +504,9 @@ impl Leases {
                     Err(error) => return Err((error, done)),
                 };
             if decided.picks.is_empty() {
+                if decided.left_behind {
+                    self.wake_pollers().await;
+                }
                 break;
             }
             let chosen: Vec<queries::Chosen<'_>> = decided
@@ -549,15 +553,29 @@ impl Leases {
             if decided.left_behind {
                 // Tasks past the orders' limits stay queued, unlocked:
                 // pollers waiting here or elsewhere may take them now.
-                self.target.events.task_ready();
-                self.target.notifier.ready().await;
+                self.wake_pollers().await;
             }
+            let contested = skipped.len() > skipped_before;
             let read_full = candidates.len() as i64 >= wanted;
-            if !lease::another_round(&rooms, &decided, skipped.len() > skipped_before, read_full) {
+            if !lease::another_round(&rooms, &decided, contested, read_full) {
+                break;
+            }
+            contended += usize::from(contested);
+            if rounds >= lease::MAX_ROUNDS || contended >= lease::MAX_CONTENDED_ROUNDS {
+                // Tasks may still wait for these orders: a poll answered
+                // short is woken to read again.
+                self.wake_pollers().await;
                 break;
             }
         }
         Ok(done)
+    }
+
+    /// Wakes the pollers that wait for a task, on this instance and the
+    /// others.
+    async fn wake_pollers(&self) {
+        self.target.events.task_ready();
+        self.target.notifier.ready().await;
     }
 
     /// Reads the candidates for `rooms` and cuts them, apart from this

@@ -106,7 +106,7 @@ impl OpenTransaction {
     /// Claims the key and inserts the task with the server's own statement,
     /// inside this transaction.
     async fn claim(&mut self, target: &ClaimTarget, task: &NewTask, creation: &Creation) {
-        self.claim_as(target.claim(task, creation, None)).await;
+        self.claim_as(target.claim(task, creation, &[])).await;
     }
 
     /// Claims `claim` (its key and its task) with the server's own
@@ -469,6 +469,20 @@ impl TestDb {
         }
     }
 
+    /// Makes the tasks numbered up to `seq` running on their `attempt`th
+    /// lease, as if their workers had died: with [`Self::make_leasable_now`],
+    /// leases that ran out.
+    pub(crate) async fn set_running(&self, up_to_seq: i64, attempt: i32) {
+        let sql = "UPDATE tasks SET status = 2, attempt = $1 WHERE seq <= $2";
+        on_pool!(self, |pool| sqlx::query(sql)
+            .bind(attempt)
+            .bind(up_to_seq)
+            .execute(pool)
+            .await
+            .map(drop))
+        .expect("set tasks running");
+    }
+
     /// Ends every backoff and lease: all queued and running tasks may be
     /// leased at once.
     pub(crate) async fn make_leasable_now(&self) {
@@ -565,7 +579,7 @@ impl TestDb {
         let parsed = IdempotencyKey::try_from(key).expect("valid key");
         let target = ClaimTarget::new(KeySource::Header(&parsed), &task, &policy());
         let creation = Creation::new(&task, chrono::Utc::now());
-        let mut claim = target.claim(&task, &creation, None);
+        let mut claim = target.claim(&task, &creation, &[]);
         claim.key = match owner {
             Some(owner) => format!("{owner} {key}"),
             None => key.to_owned(),

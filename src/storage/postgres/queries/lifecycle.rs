@@ -41,11 +41,12 @@ pub async fn lease_candidates(
     excluded: &[Uuid],
 ) -> Result<Vec<Candidate>, StorageError> {
     let rows = sqlx::query(
-        "SELECT task_id, parameters_bytes::int8 AS size, status = 2 AS running, attempt \
+        "SELECT task_id, coalesce(parameters_bytes, octet_length(parameters::text))::int8 AS size, \
+                status = 2 AS running, attempt \
          FROM tasks \
          WHERE status IN (1, 2) AND available_at <= now() \
            AND (cardinality($1::text[]) = 0 OR action = ANY($1::text[])) \
-           AND task_id <> ALL($3::uuid[]) \
+           AND NOT EXISTS (SELECT 1 FROM unnest($3::uuid[]) AS x(id) WHERE x.id = task_id) \
          ORDER BY available_at, seq \
          LIMIT $2",
     )
@@ -71,13 +72,13 @@ pub async fn lease_candidates(
 /// order's worker with a new token, or ends it FAILED, in one statement.
 ///
 /// Each is locked by a lateral `LIMIT 1` probe of the primary key, which
-/// the planner cannot turn into a join. The statement is not prepared: it
-/// is planned on each call, with the table's size then and the real number
-/// of chosen tasks. Its update joins the locked tasks to `tasks`, and no
-/// form of that join keeps to the primary key in a generic plan made while
-/// the table was small (a hash of a scan of every task is cheaper then,
-/// and the pool keeps generic plans for good); planning it costs a fraction
-/// of a millisecond, once per batch of polls.
+/// the planner cannot turn into a join. The statement is not prepared, so
+/// it is planned on each call (a generic plan, as the pool asks, but made
+/// with the table's size at that moment): its update joins the locked
+/// tasks to `tasks`, and no form of that join keeps to the primary key in
+/// a plan made while the table was small (a hash of a scan of every task
+/// is cheaper then), which a prepared statement would keep for good.
+/// Planning costs a fraction of a millisecond, once per batch of polls.
 /// Answers the changed tasks with their order, in the order chosen; the
 /// tasks ended FAILED have their waiters notified. A chosen task that is
 /// not answered was taken by someone else first, or changed.

@@ -53,10 +53,6 @@ pub struct Leased {
     pub left_behind: bool,
 }
 
-/// The most reads one lease makes: each after the first because tasks
-/// ended FAILED filled the one before.
-const MAX_LEASE_ROUNDS: usize = 8;
-
 /// Whether any task is leasable now, read without the writer: so idle
 /// workers polling for work do not queue behind the creates.
 pub async fn any_leasable(
@@ -85,7 +81,7 @@ pub async fn lease_in_transaction(
 ) -> Result<Leased, StorageError> {
     let mut done = Leased::default();
     let mut rooms = [Room::new(order.max_tasks, order.max_bytes)];
-    for _ in 0..MAX_LEASE_ROUNDS {
+    for round in 1.. {
         let wanted = lease::candidates_wanted(&rooms);
         let candidates = lease_candidates(&mut *connection, order, wanted).await?;
         let cut = cut(&rooms, &candidates, order.max_attempts);
@@ -105,6 +101,12 @@ pub async fn lease_in_transaction(
             }
         }
         if !lease::another_round(&rooms, &cut, false, candidates.len() as i64 >= wanted) {
+            break;
+        }
+        if round >= lease::MAX_ROUNDS {
+            // Tasks may still wait for this order: wake the poll to read
+            // again (see `lease::MAX_ROUNDS`).
+            done.left_behind = true;
             break;
         }
     }
