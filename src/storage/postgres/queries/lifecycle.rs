@@ -72,13 +72,12 @@ pub async fn lease_candidates(
 /// order's worker with a new token, or ends it FAILED, in one statement.
 ///
 /// Each is locked by a lateral `LIMIT 1` probe of the primary key, which
-/// the planner cannot turn into a join. The statement is not prepared, so
-/// it is planned on each call (a generic plan, as the pool asks, but made
-/// with the table's size at that moment): its update joins the locked
-/// tasks to `tasks`, and no form of that join keeps to the primary key in
-/// a plan made while the table was small (a hash of a scan of every task
-/// is cheaper then), which a prepared statement would keep for good.
-/// Planning costs a fraction of a millisecond, once per batch of polls.
+/// the planner cannot turn into a join. The chosen tasks are read with a
+/// `LIMIT` of their own count, which a generic plan takes for one row: so
+/// the update, which joins the locked tasks to `tasks`, is a nested loop
+/// over the primary key in the plan the pool keeps, even when it was made
+/// while the table was small (without it, a hash of a scan of every task
+/// was cheaper then, and stayed: `tests/api/plans.rs` checks).
 /// Answers the changed tasks with their order, in the order chosen; the
 /// tasks ended FAILED have their waiters notified. A chosen task that is
 /// not answered was taken by someone else first, or changed.
@@ -93,6 +92,7 @@ pub async fn lease_chosen(
                                   $6::text[], $7::int8[]) \
                  WITH ORDINALITY AS c(task_id, running, attempt, ends, worker_id, message, \
                                       ord, rank) \
+             LIMIT $9 \
          ), locked AS ( \
              SELECT t.task_id, c.ends, c.worker_id, c.message, c.ord, c.rank \
              FROM chosen AS c CROSS JOIN LATERAL ( \
@@ -149,7 +149,7 @@ pub async fn lease_chosen(
     )
     .bind(chosen.iter().map(|c| c.order).collect::<Vec<_>>())
     .bind(lease_duration)
-    .persistent(false)
+    .bind(chosen.len() as i64)
     .fetch_all(db)
     .await?;
     rows.iter()
