@@ -495,32 +495,7 @@ async fn ensure_queued(
     if queued >= wanted {
         return;
     }
-    let missing = wanted - queued;
-    let stop_at = Instant::now() + MAX_TOPUP;
-    let left = Arc::new(AtomicU64::new(missing));
-    let fillers: Vec<_> = (0..settings.concurrency)
-        .map(|index| {
-            let mut caller = Caller::new(index, channels);
-            let (shared, left) = (shared.clone(), left.clone());
-            tokio::spawn(async move {
-                let mut failures = 0u64;
-                while Instant::now() < stop_at
-                    && left
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                        .is_ok()
-                {
-                    if !matches!(caller.create(&shared).await, Outcome::Ok) {
-                        failures += 1;
-                    }
-                }
-                failures
-            })
-        })
-        .collect();
-    let mut failures = 0;
-    for filler in fillers {
-        failures += filler.await.expect("topping up the queue");
-    }
+    let failures = top_up(channels, shared, settings, wanted - queued, false).await;
     println!(
         "(queue topped up from {queued} to {} tasks before lease+complete{})",
         shared.created.load(Ordering::Relaxed),
@@ -548,36 +523,7 @@ async fn ensure_large_queued(
     if queued >= wanted {
         return;
     }
-    let stop_at = Instant::now() + MAX_TOPUP;
-    let left = Arc::new(AtomicU64::new(wanted - queued));
-    let fillers: Vec<_> = (0..settings.concurrency)
-        .map(|index| {
-            let mut caller = Caller::new(index, channels);
-            let (shared, left) = (shared.clone(), left.clone());
-            tokio::spawn(async move {
-                let mut failures = 0u64;
-                while Instant::now() < stop_at
-                    && left
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                        .is_ok()
-                {
-                    let n = shared.counter.fetch_add(1, Ordering::Relaxed);
-                    let request = Request::new(large_request(n, &shared.large_body));
-                    match timed(caller.tasks.create_task(request)).await {
-                        Ok(_) => {
-                            shared.large_created.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(_) => failures += 1,
-                    }
-                }
-                failures
-            })
-        })
-        .collect();
-    let mut failures = 0;
-    for filler in fillers {
-        failures += filler.await.expect("topping up the large tasks");
-    }
+    let failures = top_up(channels, shared, settings, wanted - queued, true).await;
     println!(
         "({} tasks of {} bytes queued before lease-batch, leased {} at a time{})",
         shared.large_created.load(Ordering::Relaxed),
@@ -589,6 +535,49 @@ async fn ensure_large_queued(
             String::new()
         }
     );
+}
+
+/// Creates `count` tasks with every caller (large ones for the lease-batch
+/// scenario), not timed, for at most [`MAX_TOPUP`]; how many creates
+/// failed.
+async fn top_up(
+    channels: &[Channel],
+    shared: &Arc<Shared>,
+    settings: Settings,
+    count: u64,
+    large: bool,
+) -> u64 {
+    let stop_at = Instant::now() + MAX_TOPUP;
+    let left = Arc::new(AtomicU64::new(count));
+    let fillers: Vec<_> = (0..settings.concurrency)
+        .map(|index| {
+            let mut caller = Caller::new(index, channels);
+            let (shared, left) = (shared.clone(), left.clone());
+            tokio::spawn(async move {
+                let mut failures = 0u64;
+                while Instant::now() < stop_at
+                    && left
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                        .is_ok()
+                {
+                    let outcome = if large {
+                        caller.create_large(&shared).await
+                    } else {
+                        caller.create(&shared).await
+                    };
+                    if !matches!(outcome, Outcome::Ok) {
+                        failures += 1;
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let mut failures = 0;
+    for filler in fillers {
+        failures += filler.await.expect("topping up the queue");
+    }
+    failures
 }
 
 impl Caller {
@@ -640,6 +629,19 @@ impl Caller {
                 } else {
                     Outcome::Ok
                 }
+            }
+            Err(status) => Outcome::Error(status),
+        }
+    }
+
+    /// A create of a large task for the lease-batch scenario, keyless.
+    async fn create_large(&mut self, shared: &Shared) -> Outcome {
+        let n = shared.counter.fetch_add(1, Ordering::Relaxed);
+        let request = Request::new(large_request(n, &shared.large_body));
+        match timed(self.tasks.create_task(request)).await {
+            Ok(_) => {
+                shared.large_created.fetch_add(1, Ordering::Relaxed);
+                Outcome::Ok
             }
             Err(status) => Outcome::Error(status),
         }

@@ -13,11 +13,10 @@ use oncely::{
     },
 };
 use serde_json::json;
-use tonic::{Code, Request, Status, metadata::MetadataValue, transport::Endpoint};
-use tonic_health::pb::health_check_response::ServingStatus;
+use tonic::{Code, Request, Status, metadata::MetadataValue};
 
 use crate::support::{
-    BINARY, Backend, BinaryServer, TestApp, TestDb, assert_status, eventually, health, keyed,
+    BINARY, Backend, BinaryServer, TestApp, TestDb, assert_status, eventually, is_serving, keyed,
     new_key, request, test_settings,
 };
 
@@ -370,12 +369,7 @@ async fn without_keys_the_server_refuses_to_serve_beyond_loopback(backend: Backe
         );
         let serving = async move {
             eventually(Duration::from_secs(60), "the server to serve", || async {
-                let channel = Endpoint::from_shared(url.clone())
-                    .expect("url")
-                    .connect()
-                    .await
-                    .ok()?;
-                matches!(health(&channel, "").await, Ok(ServingStatus::Serving)).then_some(())
+                is_serving(&url).await.then_some(())
             })
             .await;
         };

@@ -101,6 +101,16 @@ impl TestApp {
     /// process, for a test that reads its metrics), with the same helpers;
     /// there is no server here to stop.
     pub(crate) fn connect_to(addr: std::net::SocketAddr) -> Self {
+        Self::clients(addr, None, None)
+    }
+
+    /// Clients for the server at `addr`, which `shutdown` stops and
+    /// `server` runs, when it runs here.
+    fn clients(
+        addr: std::net::SocketAddr,
+        shutdown: Option<oneshot::Sender<()>>,
+        server: Option<JoinHandle<Result<(), StartupError>>>,
+    ) -> Self {
         let channel = Endpoint::from_shared(format!("http://{addr}"))
             .expect("endpoint")
             .connect_lazy();
@@ -109,8 +119,8 @@ impl TestApp {
             tasks: TaskServiceClient::new(channel.clone()),
             admin: AdminClient::new(channel.clone()),
             channel,
-            _shutdown: None,
-            server: None,
+            _shutdown: shutdown,
+            server,
         }
     }
 
@@ -123,17 +133,7 @@ impl TestApp {
         let server = tokio::spawn(oncely::serve(listener, settings, async {
             let _ = rx.await;
         }));
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .expect("endpoint")
-            .connect_lazy();
-        Self {
-            addr,
-            tasks: TaskServiceClient::new(channel.clone()),
-            admin: AdminClient::new(channel.clone()),
-            channel,
-            _shutdown: Some(tx),
-            server: Some(server),
-        }
+        Self::clients(addr, Some(tx), Some(server))
     }
 
     /// The server's health for `service` ("" for the whole server).

@@ -22,10 +22,10 @@ use std::{
 
 use prost::Message;
 use tonic::transport::Endpoint;
-use tonic_health::pb::health_check_response::ServingStatus;
 
 use super::{
-    Backend, CREATE_TASK_PATH, TestApp, TestDb, email_request, health, keyed, raw_unary, started,
+    Backend, CREATE_TASK_PATH, TestApp, TestDb, email_request, is_serving, keyed, raw_unary,
+    started,
 };
 
 /// The binary cargo built for these tests.
@@ -231,12 +231,7 @@ impl BinaryServer {
         self.addr = Some(addr);
         let url = self.url();
         self.wait_for("the binary to be SERVING", || async {
-            let channel = Endpoint::from_shared(url.clone())
-                .expect("url")
-                .connect()
-                .await
-                .ok()?;
-            matches!(health(&channel, "").await, Ok(ServingStatus::Serving)).then_some(())
+            is_serving(&url).await.then_some(())
         })
         .await;
     }

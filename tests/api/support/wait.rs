@@ -46,3 +46,14 @@ pub(crate) async fn health(channel: &Channel, service: &str) -> Result<ServingSt
         .await?;
     Ok(response.into_inner().status())
 }
+
+/// Whether the server at `url` answers health checks with SERVING now.
+pub(crate) async fn is_serving(url: &str) -> bool {
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url.to_owned()) else {
+        return false;
+    };
+    match endpoint.connect().await {
+        Ok(channel) => matches!(health(&channel, "").await, Ok(ServingStatus::Serving)),
+        Err(_) => false,
+    }
+}
