@@ -6,43 +6,15 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     api::{ConnectionLimits, RateLimits},
+    api_keys_cmd::KeysArgs,
     auth::AuthMode,
     cleanup_cmd::CleanupArgs,
     domain::Limits,
     idempotency::{LegacyScope, MissingKeyPolicy},
-    keys_cmd::KeysArgs,
     queue::QueuePolicy,
     storage::DatabaseSettings,
     telemetry::LogFormat,
 };
-
-/// Parses an [`AuthMode`] from its name, listing the names in `--help`.
-fn auth_mode() -> impl clap::builder::TypedValueParser<Value = AuthMode> {
-    use clap::builder::TypedValueParser;
-    clap::builder::PossibleValuesParser::new(AuthMode::NAMES)
-        .try_map(|name| name.parse::<AuthMode>())
-}
-
-/// Parses a [`LogFormat`] from its name, listing the names in `--help`.
-fn log_format() -> impl clap::builder::TypedValueParser<Value = LogFormat> {
-    use clap::builder::TypedValueParser;
-    clap::builder::PossibleValuesParser::new(LogFormat::NAMES)
-        .try_map(|name| name.parse::<LogFormat>())
-}
-
-/// Parses a [`LegacyScope`] from its name, listing the names in `--help`.
-fn legacy_scope() -> impl clap::builder::TypedValueParser<Value = LegacyScope> {
-    use clap::builder::TypedValueParser;
-    clap::builder::PossibleValuesParser::new(LegacyScope::NAMES)
-        .try_map(|name| name.parse::<LegacyScope>())
-}
-
-/// Parses a [`MissingKeyPolicy`] from its name, listing the names in `--help`.
-fn missing_key_policy() -> impl clap::builder::TypedValueParser<Value = MissingKeyPolicy> {
-    use clap::builder::TypedValueParser;
-    clap::builder::PossibleValuesParser::new(MissingKeyPolicy::NAMES)
-        .try_map(|name| name.parse::<MissingKeyPolicy>())
-}
 
 /// The database used when `DATABASE_URL` is unset: the embedded SQLite
 /// store, in a file in the working directory.
@@ -88,7 +60,7 @@ pub struct ServeArgs {
     pub idempotency_retention: Duration,
     /// What to do with a CreateTask without idempotency-key: reject it, or
     /// deduplicate it by fingerprint within --dedup-window.
-    #[arg(long, env = "MISSING_KEY_POLICY", value_parser = missing_key_policy(), default_value = "reject")]
+    #[arg(long, env = "MISSING_KEY_POLICY", value_enum, default_value = "reject")]
     pub missing_key_policy: MissingKeyPolicy,
     /// Under the fingerprint policy: how long an identical keyless request
     /// counts as a repeat, such as 5m.
@@ -97,7 +69,7 @@ pub struct ServeArgs {
     /// Records of the earlier, per-API-key scope: read (honour them while
     /// any may be live), dual (also write each record in that scope, for
     /// a rolling upgrade from such a version; PostgreSQL) or off.
-    #[arg(long, env = "LEGACY_KEY_SCOPE", value_parser = legacy_scope(), default_value = "read")]
+    #[arg(long, env = "LEGACY_KEY_SCOPE", value_enum, default_value = "read")]
     pub legacy_key_scope: LegacyScope,
     /// How long a request waits for a concurrent request with the same key
     /// before answering ABORTED.
@@ -150,7 +122,7 @@ pub struct ServeArgs {
     pub queue_recheck_interval: Duration,
     /// Whether calls need an API key: auto (as soon as a key exists; until
     /// then only a loopback address is served), required, or disabled.
-    #[arg(long, env = "AUTH", value_parser = auth_mode(), default_value = "auto")]
+    #[arg(long, env = "AUTH", value_enum, default_value = "auto")]
     pub auth: AuthMode,
     /// How often the server reloads the API keys, so that a created or
     /// revoked key takes effect on every instance.
@@ -210,7 +182,7 @@ pub struct ServeArgs {
     pub metrics_queue_interval: Duration,
     /// How log lines are written to standard error: text, or one JSON
     /// object per line.
-    #[arg(long, env = "LOG_FORMAT", value_parser = log_format(), default_value = "text")]
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
     /// How long shutdown waits for in-flight requests before exiting anyway.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = positive_duration)]
@@ -436,6 +408,35 @@ mod tests {
         assert_eq!(default.serve.missing_key_policy, MissingKeyPolicy::Reject);
         assert_eq!(default.serve.dedup_window, Duration::from_secs(300));
         assert!(Cli::try_parse_from(["oncely", "--missing-key-policy", "allow"]).is_err());
+    }
+
+    #[test]
+    fn named_settings_parse_from_the_names_the_docs_give() {
+        let cli = Cli::try_parse_from([
+            "oncely",
+            "--auth",
+            "required",
+            "--log-format",
+            "json",
+            "--legacy-key-scope",
+            "dual",
+        ])
+        .unwrap();
+        assert_eq!(cli.serve.auth, AuthMode::Required);
+        assert_eq!(cli.serve.log_format, LogFormat::Json);
+        assert_eq!(cli.serve.legacy_key_scope, LegacyScope::Dual);
+        let default = Cli::try_parse_from(["oncely"]).unwrap();
+        assert_eq!(default.serve.auth, AuthMode::Auto);
+        assert_eq!(default.serve.log_format, LogFormat::Text);
+        assert_eq!(default.serve.legacy_key_scope, LegacyScope::Read);
+        for (flag, value) in [
+            ("--auth", "none"),
+            ("--log-format", "xml"),
+            ("--legacy-key-scope", "both"),
+        ] {
+            let error = Cli::try_parse_from(["oncely", flag, value]).unwrap_err();
+            assert!(error.to_string().contains("possible values"), "{error}");
+        }
     }
 
     #[test]

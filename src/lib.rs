@@ -22,12 +22,13 @@
 //!
 //! Around them: [`config`] (flags and environment), [`startup`] (wiring and
 //! serving), [`health`] (database-backed health), [`cleanup_cmd`] (the
-//! `cleanup` subcommand for cron), [`keys_cmd`] (the `keys` subcommand for
+//! `cleanup` subcommand for cron), [`api_keys_cmd`] (the `keys` subcommand for
 //! API keys) and [`telemetry`] (logs). The retrying
 //! client for agents is the separate `oncely-client` crate.
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod api_keys_cmd;
 pub mod auth;
 pub mod cleanup_cmd;
 pub mod codec;
@@ -35,7 +36,6 @@ pub mod config;
 pub mod domain;
 pub mod health;
 pub mod idempotency;
-pub mod keys_cmd;
 pub mod metrics;
 pub mod ops_http;
 pub mod proto;

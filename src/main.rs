@@ -2,9 +2,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use oncely::{
-    Settings, cleanup_cmd,
+    Settings, api_keys_cmd, cleanup_cmd,
     config::{Cli, Command},
-    keys_cmd,
     telemetry::chain,
 };
 
@@ -22,7 +21,7 @@ async fn main() -> ExitCode {
         },
         Some(Command::Keys(args)) => {
             let settings = Settings::from(cli.serve);
-            match keys_cmd::run(&settings.database, &args).await {
+            match api_keys_cmd::run(&settings.database, &args).await {
                 Ok(printed) => {
                     print!("{}", printed.stdout);
                     eprint!("{}", printed.stderr);

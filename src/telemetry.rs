@@ -9,10 +9,7 @@
 //!   `OTEL_SERVICE_NAME`; nothing is exported otherwise. A W3C
 //!   `traceparent` in a call's metadata becomes the parent of its span.
 
-use std::{
-    str::FromStr,
-    sync::atomic::{AtomicBool, Ordering},
-};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::{
     propagation::Extractor,
@@ -25,7 +22,7 @@ use tracing_subscriber::{
 };
 
 /// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines (the default).
     #[default]
@@ -33,23 +30,6 @@ pub enum LogFormat {
     /// One JSON object per line, with the spans' fields (request id, trace
     /// id) in `spans`.
     Json,
-}
-
-impl LogFormat {
-    /// Every format's name, as configuration spells it.
-    pub const NAMES: [&str; 2] = ["text", "json"];
-}
-
-impl FromStr for LogFormat {
-    type Err = String;
-
-    fn from_str(name: &str) -> Result<Self, Self::Err> {
-        match name {
-            "text" => Ok(Self::Text),
-            "json" => Ok(Self::Json),
-            other => Err(format!("unknown log format {other:?}; use text or json")),
-        }
-    }
 }
 
 /// Whether spans are exported: their OpenTelemetry fields (span name and
@@ -223,17 +203,4 @@ pub fn chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn formats_parse_from_their_names() {
-        for name in LogFormat::NAMES {
-            assert!(name.parse::<LogFormat>().is_ok(), "{name}");
-        }
-        assert!("xml".parse::<LogFormat>().is_err());
-    }
 }

@@ -25,7 +25,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("health", 4),
     ("ops_http", 4),
     ("cleanup_cmd", 4),
-    ("keys_cmd", 4),
+    ("api_keys_cmd", 4),
     ("config", 5),
     ("startup", 6),
 ];

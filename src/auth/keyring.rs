@@ -18,7 +18,7 @@ use crate::{
 };
 
 /// Whether calls need a key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum AuthMode {
     /// Keys are required as soon as one exists (revoked ones count); until
     /// then the server runs open, but only on a loopback address.
@@ -28,26 +28,6 @@ pub enum AuthMode {
     Required,
     /// No call needs a key, whatever exists: for a trusted network only.
     Disabled,
-}
-
-impl AuthMode {
-    /// Every mode's name, as configuration spells it.
-    pub const NAMES: [&str; 3] = ["auto", "required", "disabled"];
-}
-
-impl std::str::FromStr for AuthMode {
-    type Err = String;
-
-    fn from_str(name: &str) -> Result<Self, Self::Err> {
-        match name {
-            "auto" => Ok(Self::Auto),
-            "required" => Ok(Self::Required),
-            "disabled" => Ok(Self::Disabled),
-            other => Err(format!(
-                "unknown auth mode {other:?}; use auto, required or disabled"
-            )),
-        }
-    }
 }
 
 /// Why a call was not let in.

@@ -5,7 +5,7 @@ use std::{fmt, str::FromStr};
 use chrono::{DateTime, Utc};
 
 /// What a key may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Role {
     /// TaskService, for the agent ids bound to the key.
     Agent,
@@ -16,9 +16,6 @@ pub enum Role {
 }
 
 impl Role {
-    /// Every role's name, as the CLI and the database spell it.
-    pub const NAMES: [&str; 3] = ["agent", "worker", "admin"];
-
     /// The role's name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -38,15 +35,10 @@ impl fmt::Display for Role {
 impl FromStr for Role {
     type Err = String;
 
+    /// The CLI's spelling (clap's `ValueEnum`), which the database shares.
     fn from_str(name: &str) -> Result<Self, Self::Err> {
-        match name {
-            "agent" => Ok(Role::Agent),
-            "worker" => Ok(Role::Worker),
-            "admin" => Ok(Role::Admin),
-            other => Err(format!(
-                "unknown role {other:?}; use agent, worker or admin"
-            )),
-        }
+        <Role as clap::ValueEnum>::from_str(name, false)
+            .map_err(|_| format!("unknown role {name:?}; use agent, worker or admin"))
     }
 }
 
@@ -139,6 +131,16 @@ mod tests {
             agent_ids: agent_ids.iter().map(|s| s.to_string()).collect(),
             actions: actions.iter().map(|s| s.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn roles_are_spelled_alike_in_the_cli_and_the_database() {
+        for role in <Role as clap::ValueEnum>::value_variants() {
+            assert_eq!(role.as_str().parse(), Ok(*role));
+            let cli_name = clap::ValueEnum::to_possible_value(role).unwrap();
+            assert_eq!(cli_name.get_name(), role.as_str());
+        }
+        assert!("root".parse::<Role>().is_err());
     }
 
     #[test]

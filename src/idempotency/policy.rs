@@ -1,6 +1,6 @@
 //! Which records answer a request, and for how long.
 
-use std::{str::FromStr, time::Duration};
+use std::time::Duration;
 
 use super::key::IdempotencyKey;
 
@@ -13,7 +13,7 @@ pub const CREATE_TASK_SCOPE: &str = "tasks.v1.TaskService/CreateTask";
 pub const KEYLESS_CREATE_TASK_SCOPE: &str = "tasks.v1.TaskService/CreateTask#fingerprint";
 
 /// What to do with a CreateTask that carries no `idempotency-key`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum MissingKeyPolicy {
     /// Refuse it with INVALID_ARGUMENT (the default).
     #[default]
@@ -22,29 +22,10 @@ pub enum MissingKeyPolicy {
     Fingerprint,
 }
 
-impl MissingKeyPolicy {
-    /// Every policy's name, as configuration spells it.
-    pub const NAMES: [&str; 2] = ["reject", "fingerprint"];
-}
-
-impl FromStr for MissingKeyPolicy {
-    type Err = String;
-
-    fn from_str(name: &str) -> Result<Self, Self::Err> {
-        match name {
-            "reject" => Ok(Self::Reject),
-            "fingerprint" => Ok(Self::Fingerprint),
-            other => Err(format!(
-                "unknown missing-key policy {other:?}; use reject or fingerprint"
-            )),
-        }
-    }
-}
-
 /// What to do with records written before keys were scoped by agent,
 /// which were scoped by the API key that wrote them (`"<key name> <key>"`,
 /// or the bare key without authentication).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LegacyScope {
     /// Honour them while any may be live (the retention after the last was
     /// written); write agent-scoped records only. The default.
@@ -56,26 +37,6 @@ pub enum LegacyScope {
     Dual,
     /// Ignore them.
     Off,
-}
-
-impl LegacyScope {
-    /// Every mode's name, as configuration spells it.
-    pub const NAMES: [&str; 3] = ["read", "dual", "off"];
-}
-
-impl FromStr for LegacyScope {
-    type Err = String;
-
-    fn from_str(name: &str) -> Result<Self, Self::Err> {
-        match name {
-            "read" => Ok(Self::Read),
-            "dual" => Ok(Self::Dual),
-            "off" => Ok(Self::Off),
-            other => Err(format!(
-                "unknown legacy key scope {other:?}; use read, dual or off"
-            )),
-        }
-    }
 }
 
 /// How long records answer for retries, and what a missing key means.
@@ -107,23 +68,5 @@ impl KeySource<'_> {
             KeySource::Header(_) => "header",
             KeySource::Fingerprint => "fingerprint",
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn policies_parse_from_their_names() {
-        for name in MissingKeyPolicy::NAMES {
-            assert!(name.parse::<MissingKeyPolicy>().is_ok());
-        }
-        for name in LegacyScope::NAMES {
-            assert!(name.parse::<LegacyScope>().is_ok());
-        }
-        assert!("both".parse::<LegacyScope>().is_err());
-        assert_eq!("fingerprint".parse(), Ok(MissingKeyPolicy::Fingerprint));
-        assert!("allow".parse::<MissingKeyPolicy>().is_err());
     }
 }

@@ -10,7 +10,7 @@ use super::token::{new_token, token_hash};
 
 /// Why a key could not be created or revoked.
 #[derive(Debug, thiserror::Error)]
-pub enum KeyError {
+pub enum ApiKeyError {
     /// The request breaks a rule.
     #[error("{0}")]
     Invalid(String),
@@ -37,26 +37,26 @@ pub async fn create_key<S: Store>(
     role: Role,
     agent_ids: Vec<String>,
     actions: Vec<String>,
-) -> Result<String, KeyError> {
-    check_key_name(name).map_err(KeyError::Invalid)?;
+) -> Result<String, ApiKeyError> {
+    check_key_name(name).map_err(ApiKeyError::Invalid)?;
     match role {
         Role::Agent if agent_ids.is_empty() => {
-            return Err(KeyError::Invalid(
+            return Err(ApiKeyError::Invalid(
                 "an agent key acts for named agents: give at least one --agent-id".into(),
             ));
         }
         Role::Agent if !actions.is_empty() => {
-            return Err(KeyError::Invalid(
+            return Err(ApiKeyError::Invalid(
                 "--action is for worker keys; an agent key is scoped by --agent-id".into(),
             ));
         }
         Role::Worker if !agent_ids.is_empty() => {
-            return Err(KeyError::Invalid(
+            return Err(ApiKeyError::Invalid(
                 "--agent-id is for agent keys; a worker key is scoped by --action".into(),
             ));
         }
         Role::Admin if !agent_ids.is_empty() || !actions.is_empty() => {
-            return Err(KeyError::Invalid(
+            return Err(ApiKeyError::Invalid(
                 "an admin key may do everything; it takes no --agent-id or --action".into(),
             ));
         }
@@ -64,12 +64,12 @@ pub async fn create_key<S: Store>(
     }
     for value in agent_ids.iter().chain(&actions) {
         if value.is_empty() || value.len() > MAX_NAME_BYTES || value.contains('\0') {
-            return Err(KeyError::Invalid(format!(
+            return Err(ApiKeyError::Invalid(format!(
                 "agent ids and actions are 1 to {MAX_NAME_BYTES} bytes without NUL"
             )));
         }
     }
-    let token = new_token().map_err(KeyError::Random)?;
+    let token = new_token().map_err(ApiKeyError::Random)?;
     let record = ApiKeyRecord {
         principal: Principal {
             name: name.to_owned(),
@@ -83,13 +83,13 @@ pub async fn create_key<S: Store>(
         previous: None,
     };
     if !store.insert_api_key(&record).await? {
-        return Err(KeyError::NameTaken(name.to_owned()));
+        return Err(ApiKeyError::NameTaken(name.to_owned()));
     }
     Ok(token)
 }
 
 /// Every key, revoked ones included, oldest first.
-pub async fn list_keys<S: Store>(store: &S) -> Result<Vec<ApiKeyRecord>, KeyError> {
+pub async fn list_keys<S: Store>(store: &S) -> Result<Vec<ApiKeyRecord>, ApiKeyError> {
     Ok(store.api_keys().await?)
 }
 
@@ -102,23 +102,23 @@ pub async fn rotate_key<S: Store>(
     store: &S,
     name: &str,
     grace: std::time::Duration,
-) -> Result<(String, chrono::DateTime<chrono::Utc>), KeyError> {
-    let token = new_token().map_err(KeyError::Random)?;
+) -> Result<(String, chrono::DateTime<chrono::Utc>), ApiKeyError> {
+    let token = new_token().map_err(ApiKeyError::Random)?;
     match store
         .rotate_api_key(name, &token_hash(&token), grace)
         .await?
     {
         Some(until) => Ok((token, until)),
-        None => Err(KeyError::NotFound(name.to_owned())),
+        None => Err(ApiKeyError::NotFound(name.to_owned())),
     }
 }
 
 /// Revokes a live key. Running servers stop accepting it within their key
 /// refresh interval.
-pub async fn revoke_key<S: Store>(store: &S, name: &str) -> Result<(), KeyError> {
+pub async fn revoke_key<S: Store>(store: &S, name: &str) -> Result<(), ApiKeyError> {
     if store.revoke_api_key(name).await? {
         Ok(())
     } else {
-        Err(KeyError::NotFound(name.to_owned()))
+        Err(ApiKeyError::NotFound(name.to_owned()))
     }
 }

@@ -7,7 +7,7 @@ use std::fmt::Write;
 use clap::{Args, Subcommand};
 
 use crate::{
-    auth::{self, KeyError},
+    auth::{self, ApiKeyError},
     domain::{ApiKeyRecord, Role},
     storage::{Backend, DatabaseSettings, PgStore, SqliteStore, StorageError, Store, redact_url},
 };
@@ -30,7 +30,7 @@ pub enum KeysAction {
         name: String,
         /// agent (TaskService for its agent ids), worker (WorkerService for
         /// its actions) or admin (everything).
-        #[arg(long, value_parser = role())]
+        #[arg(long, value_enum)]
         role: Role,
         /// An agent id an agent key acts for (repeat for several).
         #[arg(long = "agent-id")]
@@ -71,11 +71,6 @@ fn grace(text: &str) -> Result<std::time::Duration, String> {
     Ok(grace)
 }
 
-fn role() -> impl clap::builder::TypedValueParser<Value = Role> {
-    use clap::builder::TypedValueParser;
-    clap::builder::PossibleValuesParser::new(Role::NAMES).try_map(|name| name.parse::<Role>())
-}
-
 /// Why `oncely keys` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum KeysCmdError {
@@ -93,7 +88,7 @@ pub enum KeysCmdError {
     },
     /// The action failed.
     #[error(transparent)]
-    Key(#[from] KeyError),
+    Key(#[from] ApiKeyError),
 }
 
 /// What a successful run prints: `stdout` for scripts (a token, a table),
