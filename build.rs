@@ -8,12 +8,15 @@ use std::{
     path::{Path, PathBuf},
 };
 
+// The client crate's walker, so both build scripts find the same files.
+#[path = "clients/rust/find_protos.rs"]
+mod find_protos;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     println!("cargo:rerun-if-changed=migrations");
 
-    let mut files = Vec::new();
-    find_protos(Path::new("proto"), &mut files)?;
+    let files = find_protos::find_protos(Path::new("proto"))?;
     let mut compiler = protox::Compiler::new(["proto"])?;
     compiler.include_imports(true).include_source_info(true);
     compiler.open_files(&files)?;
@@ -32,20 +35,5 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Undecodable requests are the caller's error, not oncely's.
         .codec_path("crate::codec::OncelyCodec")
         .compile_fds(fds)?;
-    Ok(())
-}
-
-/// Every `.proto` file under `dir`, relative to `proto/`, in a stable order.
-fn find_protos(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
-    entries.sort_by_key(|e| e.path());
-    for entry in entries {
-        let path = entry.path();
-        if path.is_dir() {
-            find_protos(&path, out)?;
-        } else if path.extension().is_some_and(|e| e == "proto") {
-            out.push(path.strip_prefix("proto")?.to_path_buf());
-        }
-    }
     Ok(())
 }

@@ -2,31 +2,17 @@
 //! one database, each behind a TCP proxy to PostgreSQL that faults can cut
 //! or stall, and the database itself, read directly by the checker.
 
-use std::{
-    path::PathBuf,
-    process::Stdio,
-    str::FromStr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::{path::PathBuf, process::Stdio, str::FromStr, sync::Mutex, time::Duration};
 
 use sqlx::{
     Connection, PgConnection, PgPool, Row, SqlitePool,
     postgres::{PgConnectOptions, PgPoolOptions},
     sqlite::SqliteConnectOptions,
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    process::{Child, Command},
-    task::JoinHandle,
-};
+use tokio::process::{Child, Command};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::history::TaskRow;
+use crate::{db_proxy::PgProxy, history::TaskRow};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -232,109 +218,6 @@ where
     })
 }
 
-/// A TCP proxy between one instance and PostgreSQL: `cut` drops every
-/// connection and refuses new ones until `restore`; `stall` holds every
-/// byte in both directions until `unstall`.
-pub(crate) struct Proxy {
-    port: u16,
-    up: Arc<AtomicBool>,
-    stalled: Arc<AtomicBool>,
-    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    accept: JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start(upstream: String) -> Result<Self, String> {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| format!("bind a proxy: {e}"))?;
-        let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-        let up = Arc::new(AtomicBool::new(true));
-        let stalled = Arc::new(AtomicBool::new(false));
-        let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let accept = tokio::spawn({
-            let (up, stalled, connections) = (up.clone(), stalled.clone(), connections.clone());
-            async move {
-                while let Ok((client, _)) = listener.accept().await {
-                    if !up.load(Ordering::SeqCst) {
-                        continue;
-                    }
-                    let (upstream, stalled) = (upstream.clone(), stalled.clone());
-                    let handle = tokio::spawn(async move {
-                        if let Ok(server) = TcpStream::connect(&upstream).await {
-                            relay(client, server, stalled).await;
-                        }
-                    });
-                    let mut connections = connections.lock().expect("lock");
-                    connections.retain(|c| !c.is_finished());
-                    connections.push(handle);
-                }
-            }
-        });
-        Ok(Self {
-            port,
-            up,
-            stalled,
-            connections,
-            accept,
-        })
-    }
-
-    pub(crate) fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        for handle in self.connections.lock().expect("lock").drain(..) {
-            handle.abort();
-        }
-    }
-
-    pub(crate) fn restore(&self) {
-        self.up.store(true, Ordering::SeqCst);
-    }
-
-    pub(crate) fn stall(&self, on: bool) {
-        self.stalled.store(on, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.cut();
-    }
-}
-
-/// Copies bytes both ways, holding them while `stalled`.
-async fn relay(client: TcpStream, server: TcpStream, stalled: Arc<AtomicBool>) {
-    let (client_read, client_write) = client.into_split();
-    let (server_read, server_write) = server.into_split();
-    let up = pump(client_read, server_write, stalled.clone());
-    let down = pump(server_read, client_write, stalled);
-    tokio::select! {
-        _ = up => {}
-        _ = down => {}
-    }
-}
-
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    stalled: Arc<AtomicBool>,
-) {
-    let mut buffer = vec![0; 64 * 1024];
-    loop {
-        let n = match from.read(&mut buffer).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        while stalled.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        if to.write_all(&buffer[..n]).await.is_err() {
-            return;
-        }
-    }
-}
-
 /// One server instance: the binary as a child process, restartable on the
 /// same address with the same settings.
 pub(crate) struct Instance {
@@ -345,7 +228,7 @@ pub(crate) struct Instance {
     /// Held by a fault while it works on this instance, so that two faults
     /// never act on one process at once.
     pub(crate) busy: tokio::sync::Mutex<()>,
-    pub(crate) proxy: Option<Proxy>,
+    pub(crate) proxy: Option<PgProxy>,
     pub(crate) channel: Channel,
 }
 
@@ -634,7 +517,9 @@ impl Cluster {
         let mut instances = Vec::with_capacity(count);
         for index in 0..count {
             let proxy = match &database {
-                Database::Postgres { upstream, .. } => Some(Proxy::start(upstream.clone()).await?),
+                Database::Postgres { upstream, .. } => {
+                    Some(PgProxy::start_to(upstream.clone()).await?)
+                }
                 Database::Sqlite { .. } => None,
             };
             let port = fixed_port()?;

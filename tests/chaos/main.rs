@@ -20,6 +20,8 @@
 
 mod checker;
 mod cluster;
+#[path = "../api/support/db_proxy.rs"]
+mod db_proxy;
 mod faults;
 mod history;
 mod workload;

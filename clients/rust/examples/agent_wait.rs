@@ -14,7 +14,7 @@
 use std::{process::ExitCode, time::Duration};
 
 use oncely_client::{
-    OncelyClient, api_key_from_env, is_finished, json,
+    OncelyClient, is_finished, json,
     proto::tasks_v1::{CreateTaskRequest, TaskStatus},
 };
 
@@ -25,12 +25,8 @@ async fn main() -> ExitCode {
         .next()
         .unwrap_or_else(|| "http://127.0.0.1:50051".to_owned());
     let to = args.next().unwrap_or_else(|| "ada@example.com".to_owned());
-    // The key, if any, is read here and nowhere else.
-    let client = OncelyClient::connect(server).and_then(|client| match api_key_from_env() {
-        Some(token) => client.with_api_key(token),
-        None => Ok(client),
-    });
-    let client = match client {
+    // ONCELY_API_KEY, if set, is read here and nowhere else.
+    let client = match OncelyClient::connect(server).and_then(OncelyClient::with_api_key_from_env) {
         Ok(client) => client,
         Err(error) => {
             eprintln!("{error}");

@@ -14,21 +14,15 @@ use std::process::ExitCode;
 
 use tonic::Code;
 
-use oncely_client::{
-    ClientError, OncelyClient, api_key_from_env, json, proto::tasks_v1::CreateTaskRequest,
-};
+use oncely_client::{ClientError, OncelyClient, json, proto::tasks_v1::CreateTaskRequest};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let server = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "http://127.0.0.1:50051".to_owned());
-    // The key, if any, is read here and nowhere else.
-    let client = OncelyClient::connect(server).and_then(|client| match api_key_from_env() {
-        Some(token) => client.with_api_key(token),
-        None => Ok(client),
-    });
-    let client = match client {
+    // ONCELY_API_KEY, if set, is read here and nowhere else.
+    let client = match OncelyClient::connect(server).and_then(OncelyClient::with_api_key_from_env) {
         Ok(client) => client,
         Err(error) => {
             eprintln!("{error}");

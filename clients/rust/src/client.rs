@@ -167,6 +167,17 @@ impl OncelyClient {
         Ok(self)
     }
 
+    /// The same client with the API key of `ONCELY_API_KEY` when it is set
+    /// and not empty ([`api_key_from_env`](crate::api_key_from_env)), and
+    /// unchanged otherwise: what an agent that may run with or without
+    /// keys wants.
+    pub fn with_api_key_from_env(self) -> Result<Self, ClientError> {
+        match crate::api_key_from_env() {
+            Some(token) => self.with_api_key(token),
+            None => Ok(self),
+        }
+    }
+
     /// Whether calls send an API key.
     pub fn has_api_key(&self) -> bool {
         self.api_key.is_some()

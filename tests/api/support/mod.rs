@@ -15,6 +15,7 @@ mod app;
 mod binary;
 mod codec;
 mod db;
+mod db_proxy;
 mod proxy;
 mod scrape;
 mod wait;

@@ -1,11 +1,12 @@
 //! TCP proxies for fault injection: one in front of PostgreSQL that a test
-//! cuts and restores, one in front of the server that drops responses.
+//! cuts and restores (`db_proxy.rs`), one in front of the server that drops
+//! responses.
 
 use std::{
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+        atomic::{AtomicUsize, Ordering},
     },
 };
 
@@ -17,68 +18,15 @@ use tokio::{
 
 use super::TestDb;
 
-/// A TCP proxy in front of PostgreSQL that a test can cut and restore, to
-/// make the database go away and come back.
-pub(crate) struct PgProxy {
-    pub(crate) port: u16,
-    up: Arc<AtomicBool>,
-    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    accept: JoinHandle<()>,
-}
+pub(crate) use super::db_proxy::PgProxy;
 
 impl PgProxy {
+    /// A proxy in front of the test database's server.
     pub(crate) async fn start(db: &TestDb) -> Self {
         let (host, port) = db.server();
-        let upstream = format!("{host}:{port}");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let port = listener.local_addr().expect("proxy addr").port();
-        let up = Arc::new(AtomicBool::new(true));
-        let connections = Arc::new(Mutex::new(Vec::new()));
-        let accept = tokio::spawn({
-            let up = up.clone();
-            let connections = connections.clone();
-            async move {
-                while let Ok((mut client, _)) = listener.accept().await {
-                    if !up.load(Ordering::SeqCst) {
-                        drop(client);
-                        continue;
-                    }
-                    let upstream = upstream.clone();
-                    let handle = tokio::spawn(async move {
-                        if let Ok(mut server) = TcpStream::connect(&upstream).await {
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                        }
-                    });
-                    connections.lock().expect("lock").push(handle);
-                }
-            }
-        });
-        Self {
-            port,
-            up,
-            connections,
-            accept,
-        }
-    }
-
-    /// Refuses new connections and cuts every open one.
-    pub(crate) fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        for handle in self.connections.lock().expect("lock").drain(..) {
-            handle.abort();
-        }
-    }
-
-    /// Lets connections through again.
-    pub(crate) fn restore(&self) {
-        self.up.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Drop for PgProxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.cut();
+        Self::start_to(format!("{host}:{port}"))
+            .await
+            .expect("start a database proxy")
     }
 }
 
