@@ -14,62 +14,79 @@ const EXPECTED: &[&str] = &[
     "tasks.v1.TaskService",
 ];
 
-async fn reflection_v1_lists_the_services_and_describes_create_task(backend: Backend) {
-    let db = TestDb::new(backend).await;
-    let app = TestApp::spawn(&db).await;
-    let mut client = v1::server_reflection_client::ServerReflectionClient::new(app.channel.clone());
-    use v1::{
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    };
-    let ask = |message: MessageRequest| v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(message),
-    };
+/// Asks a reflection service of `$version` (`v1` or `v1alpha`, whose
+/// messages have the same shape) for the list of services and then for
+/// `$second`; answers the service names and the file descriptors sent for
+/// `$second`.
+macro_rules! list_and_ask {
+    ($version:ident, $app:expr, $second:expr) => {{
+        use $version::{
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let mut client =
+            $version::server_reflection_client::ServerReflectionClient::new($app.channel.clone());
+        let ask = |message: MessageRequest| $version::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(message),
+        };
+        let mut responses = client
+            .server_reflection_info(tokio_stream::iter([
+                ask(MessageRequest::ListServices(String::new())),
+                ask($second),
+            ]))
+            .await
+            .expect("reflection")
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) = responses
+            .message()
+            .await
+            .expect("stream")
+            .expect("list")
+            .message_response
+        else {
+            panic!("expected a service list");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        let Some(MessageResponse::FileDescriptorResponse(files)) = responses
+            .message()
+            .await
+            .expect("stream")
+            .expect("file")
+            .message_response
+        else {
+            panic!("expected file descriptors");
+        };
+        let files: Vec<FileDescriptorProto> = files
+            .file_descriptor_proto
+            .iter()
+            .map(|bytes| FileDescriptorProto::decode(bytes.as_slice()).expect("descriptor"))
+            .collect();
+        (names, files)
+    }};
+}
 
-    let mut responses = client
-        .server_reflection_info(tokio_stream::iter([
-            ask(MessageRequest::ListServices(String::new())),
-            ask(MessageRequest::FileContainingSymbol(
-                "tasks.v1.TaskService".into(),
-            )),
-        ]))
-        .await
-        .expect("reflection")
-        .into_inner();
-
-    let Some(MessageResponse::ListServicesResponse(list)) = responses
-        .message()
-        .await
-        .expect("stream")
-        .expect("list")
-        .message_response
-    else {
-        panic!("expected a service list");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for name in EXPECTED
-        .iter()
-        .chain(&["grpc.reflection.v1.ServerReflection"])
-    {
+#[track_caller]
+fn assert_lists(names: &[String], expected: &[&str]) {
+    for name in expected {
         assert!(
-            names.contains(&name.to_string()),
+            names.iter().any(|n| n == name),
             "{name} missing from {names:?}"
         );
     }
-    let Some(MessageResponse::FileDescriptorResponse(files)) = responses
-        .message()
-        .await
-        .expect("stream")
-        .expect("file")
-        .message_response
-    else {
-        panic!("expected file descriptors");
-    };
-    let files: Vec<FileDescriptorProto> = files
-        .file_descriptor_proto
-        .iter()
-        .map(|bytes| FileDescriptorProto::decode(bytes.as_slice()).expect("descriptor"))
-        .collect();
+}
+
+async fn reflection_v1_lists_the_services_and_describes_create_task(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+
+    let (names, files) = list_and_ask!(
+        v1,
+        app,
+        MessageRequest::FileContainingSymbol("tasks.v1.TaskService".into())
+    );
+
+    assert_lists(&names, EXPECTED);
+    assert_lists(&names, &["grpc.reflection.v1.ServerReflection"]);
     let service = files
         .iter()
         .flat_map(|f| &f.service)
@@ -87,56 +104,16 @@ async fn reflection_v1_lists_the_services_and_describes_create_task(backend: Bac
 async fn reflection_v1alpha_lists_the_services_and_serves_imported_files(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
-    let mut client =
-        v1alpha::server_reflection_client::ServerReflectionClient::new(app.channel.clone());
-    use v1alpha::{
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    };
-    let ask = |message: MessageRequest| v1alpha::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(message),
-    };
 
-    let mut responses = client
-        .server_reflection_info(tokio_stream::iter([
-            ask(MessageRequest::ListServices(String::new())),
-            // grpcurl needs the imports to describe CreateTaskRequest.parameters.
-            ask(MessageRequest::FileByFilename(
-                "google/protobuf/struct.proto".into(),
-            )),
-        ]))
-        .await
-        .expect("reflection")
-        .into_inner();
+    // grpcurl needs the imports to describe CreateTaskRequest.parameters.
+    let (names, files) = list_and_ask!(
+        v1alpha,
+        app,
+        MessageRequest::FileByFilename("google/protobuf/struct.proto".into())
+    );
 
-    let Some(MessageResponse::ListServicesResponse(list)) = responses
-        .message()
-        .await
-        .expect("stream")
-        .expect("list")
-        .message_response
-    else {
-        panic!("expected a service list");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for name in EXPECTED {
-        assert!(
-            names.contains(&name.to_string()),
-            "{name} missing from {names:?}"
-        );
-    }
-    let Some(MessageResponse::FileDescriptorResponse(files)) = responses
-        .message()
-        .await
-        .expect("stream")
-        .expect("file")
-        .message_response
-    else {
-        panic!("expected struct.proto");
-    };
-    let file =
-        FileDescriptorProto::decode(files.file_descriptor_proto[0].as_slice()).expect("descriptor");
-    assert_eq!(file.name(), "google/protobuf/struct.proto");
+    assert_lists(&names, EXPECTED);
+    assert_eq!(files[0].name(), "google/protobuf/struct.proto");
 }
 
 /// What grpcurl does without proto files: discover the method by reflection,
