@@ -18,14 +18,10 @@ async fn cleanup_deletes_only_older_records_and_never_tasks(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn_uncached(&db).await;
     let old_key = new_key();
-    app.create(Some(&old_key), email_request())
-        .await
-        .expect("create");
+    app.create_with_key(&old_key).await;
     db.age_keys(2 * HOUR).await;
     let fresh_key = new_key();
-    app.create(Some(&fresh_key), email_request())
-        .await
-        .expect("create");
+    app.create_with_key(&fresh_key).await;
 
     let deleted = app.cleanup(Some(HOUR)).await.expect("cleanup");
 
@@ -39,11 +35,7 @@ async fn a_deleted_key_executes_afresh(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn_uncached(&db).await;
     let key = new_key();
-    let first = app
-        .create(Some(&key), email_request())
-        .await
-        .expect("create")
-        .into_inner();
+    let first = app.create_with_key(&key).await.into_inner();
     db.age_keys(2 * HOUR).await;
 
     let deleted = app.cleanup(Some(HOUR)).await.expect("cleanup");
@@ -62,9 +54,7 @@ async fn a_deleted_key_executes_afresh(backend: Backend) {
 async fn cleanup_refuses_to_delete_records_younger_than_the_retention(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
-    app.create(Some(&new_key()), email_request())
-        .await
-        .expect("create");
+    app.create_email().await;
 
     let status = assert_status(
         app.cleanup(Some(Duration::from_secs(60))).await,
@@ -80,9 +70,7 @@ async fn cleanup_refuses_to_delete_records_younger_than_the_retention(backend: B
 async fn cleanup_accepts_durations_with_nanoseconds(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn_uncached(&db).await;
-    app.create(Some(&new_key()), email_request())
-        .await
-        .expect("create");
+    app.create_email().await;
     db.age_keys(2 * HOUR).await;
 
     let deleted = app
@@ -108,9 +96,7 @@ async fn cleanup_works_in_batches_until_all_old_records_are_gone(backend: Backen
     settings.cleanup_batch_size = 2;
     let app = TestApp::spawn_with(uncached(settings)).await;
     for _ in 0..5 {
-        app.create(Some(&new_key()), email_request())
-            .await
-            .expect("create");
+        app.create_email().await;
     }
     db.age_keys(2 * HOUR).await;
 
@@ -125,13 +111,9 @@ async fn cleanup_without_older_than_uses_the_retention(backend: Backend) {
     let mut settings = test_settings(&db.url);
     settings.retention = 3 * HOUR;
     let app = TestApp::spawn_with(uncached(settings)).await;
-    app.create(Some(&new_key()), email_request())
-        .await
-        .expect("create");
+    app.create_email().await;
     db.age_keys(2 * HOUR).await;
-    app.create(Some(&new_key()), email_request())
-        .await
-        .expect("create");
+    app.create_email().await;
     db.age_keys(2 * HOUR).await;
 
     let deleted = app.cleanup(None).await.expect("cleanup");
@@ -143,9 +125,7 @@ async fn cleanup_without_older_than_uses_the_retention(backend: Backend) {
 async fn a_negative_older_than_is_invalid(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
-    app.create(Some(&new_key()), email_request())
-        .await
-        .expect("create");
+    app.create_email().await;
 
     let status = assert_status(
         app.admin
@@ -171,11 +151,7 @@ async fn a_record_older_than_the_retention_is_treated_as_absent_before_cleanup(b
     settings.retention = HOUR;
     let app = TestApp::spawn_with(uncached(settings)).await;
     let key = new_key();
-    let first = app
-        .create(Some(&key), email_request())
-        .await
-        .expect("create")
-        .into_inner();
+    let first = app.create_with_key(&key).await.into_inner();
     db.age_keys(2 * HOUR).await;
 
     let again = app
@@ -202,9 +178,7 @@ async fn an_expired_record_does_not_refuse_a_different_request(backend: Backend)
     settings.retention = HOUR;
     let app = TestApp::spawn_with(uncached(settings)).await;
     let key = new_key();
-    app.create(Some(&key), email_request())
-        .await
-        .expect("create");
+    app.create_with_key(&key).await;
     db.age_keys(2 * HOUR).await;
 
     let other = crate::support::request("agent-7", "send_sms", serde_json::json!({}));

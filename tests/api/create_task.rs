@@ -20,10 +20,7 @@ async fn first_request_creates_a_queued_task_and_its_key_record_together(backend
     let app = TestApp::spawn(&db).await;
     let key = new_key();
 
-    let response = app
-        .create(Some(&key), email_request())
-        .await
-        .expect("create");
+    let response = app.create_with_key(&key).await;
 
     assert_eq!(replayed(&response), Some("false"));
     let task = response.into_inner();
@@ -97,11 +94,7 @@ async fn same_key_with_a_different_request_is_refused_and_the_original_still_rep
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     let key = new_key();
-    let original = app
-        .create(Some(&key), email_request())
-        .await
-        .expect("create")
-        .into_inner();
+    let original = app.create_with_key(&key).await.into_inner();
     let record_before = db.key_record(&key).await.expect("record");
 
     // Changes within the agent: the agent's key names the first request.
@@ -615,11 +608,7 @@ async fn a_request_without_parameters_is_the_same_as_empty_parameters(backend: B
 async fn get_and_list_ignore_the_key(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
-    let task = app
-        .create(Some(&new_key()), email_request())
-        .await
-        .expect("create")
-        .into_inner();
+    let task = app.create_email().await;
 
     let got = app
         .tasks

@@ -142,9 +142,7 @@ async fn the_keyed_contract_is_unchanged_under_the_fingerprint_policy(backend: B
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn_with(fingerprint_settings(&db)).await;
     let key = new_key();
-    app.create(Some(&key), email_request())
-        .await
-        .expect("create");
+    app.create_with_key(&key).await;
 
     let reused = assert_status(
         app.create(

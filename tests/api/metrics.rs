@@ -7,6 +7,7 @@ use oncely::proto::tasks_v1::{
     CompleteTaskRequest, CreateTaskRequest, LeaseTasksRequest,
     task_service_client::TaskServiceClient, worker_service_client::WorkerServiceClient,
 };
+use prometheus_parse::Scrape;
 use tonic::{Code, transport::Endpoint};
 
 use crate::support::{
@@ -29,6 +30,20 @@ fn handled<'a>(method: &'a str, code: &'a str) -> Vec<(&'a str, &'a str)> {
     let mut labels = rpc(service, method);
     labels.push(("grpc_code", code));
     labels
+}
+
+/// The scrape counts `calls` calls of the RPC `labels` names, both as
+/// started and in the handling-time histogram.
+#[track_caller]
+fn assert_calls(scrape: &Scrape, labels: &[(&str, &str)], calls: f64) {
+    assert_eq!(
+        value(scrape, "grpc_server_started_total", labels),
+        Some(calls)
+    );
+    assert_eq!(
+        value(scrape, "grpc_server_handling_seconds", labels),
+        Some(calls)
+    );
 }
 
 async fn counters_follow_a_known_sequence_of_calls(backend: Backend) {
@@ -105,14 +120,7 @@ async fn counters_follow_a_known_sequence_of_calls(backend: Backend) {
     })
     .await;
     let create = rpc("tasks.v1.TaskService", "CreateTask");
-    assert_eq!(
-        value(&after, "grpc_server_started_total", &create),
-        Some(4.0)
-    );
-    assert_eq!(
-        value(&after, "grpc_server_handling_seconds", &create),
-        Some(4.0)
-    );
+    assert_calls(&after, &create, 4.0);
     assert_eq!(
         value(
             &after,
@@ -284,14 +292,7 @@ async fn a_call_given_up_counts_as_canceled(backend: Backend) {
         value(scrape, "grpc_server_handled_total", &canceled) == Some(1.0)
     })
     .await;
-    assert_eq!(
-        value(&scrape, "grpc_server_started_total", &lease),
-        Some(1.0)
-    );
-    assert_eq!(
-        value(&scrape, "grpc_server_handling_seconds", &lease),
-        Some(1.0)
-    );
+    assert_calls(&scrape, &lease, 1.0);
     assert!(
         !scrape
             .samples

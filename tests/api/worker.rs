@@ -774,11 +774,7 @@ async fn a_replay_of_create_shows_the_first_response_while_get_shows_the_current
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
     let key = new_key();
-    let first = app
-        .create(Some(&key), email_request())
-        .await
-        .expect("create")
-        .into_inner();
+    let first = app.create_with_key(&key).await.into_inner();
     let leased = lease_one(&app).await;
     complete(&app, &leased, json!({"ok": true}))
         .await

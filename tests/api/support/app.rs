@@ -162,6 +162,13 @@ impl TestApp {
         self.tasks.clone().create_task(keyed(key, request)).await
     }
 
+    /// CreateTask of [`email_request`] with `key`, which must succeed.
+    pub(crate) async fn create_with_key(&self, key: &str) -> Response<Task> {
+        self.create(Some(key), email_request())
+            .await
+            .expect("create")
+    }
+
     /// GetTask, which must succeed.
     pub(crate) async fn task(&self, task_id: &str) -> Task {
         self.tasks
@@ -176,10 +183,7 @@ impl TestApp {
 
     /// CreateTask of the e-mail request under a new key, which must succeed.
     pub(crate) async fn create_email(&self) -> Task {
-        self.create(Some(&new_key()), email_request())
-            .await
-            .expect("create")
-            .into_inner()
+        self.create_with_key(&new_key()).await.into_inner()
     }
 
     /// Admin.Cleanup; returns how many records it deleted.
