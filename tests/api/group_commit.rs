@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use oncely::idempotency::MissingKeyPolicy;
+use oncely::proto::tasks_v1::Task;
 use serde_json::json;
-use tonic::Code;
+use tonic::{Code, Response};
 
 use crate::support::{
     Backend, BinaryApp, TestApp, TestDb, assert_status, keyed, new_key, replayed, request,
@@ -207,28 +208,34 @@ async fn a_replay_is_answered_from_memory_without_the_database(backend: Backend)
     assert_eq!(db.count("tasks").await, 1, "the database was not asked");
 }
 
+/// The e-mail request sent with `key` (or none) twice, then once more when
+/// `life` has passed since the second answer: the three answers.
+async fn before_and_after(app: &TestApp, key: Option<&str>, life: Duration) -> [Response<Task>; 3] {
+    let first = app
+        .create(key, crate::support::email_request())
+        .await
+        .expect("create");
+    let repeat = app
+        .create(key, crate::support::email_request())
+        .await
+        .expect("repeat");
+    let answered = tokio::time::Instant::now();
+    sleep_past(answered, life).await;
+    let again = app
+        .create(key, crate::support::email_request())
+        .await
+        .expect("create again");
+    [first, repeat, again]
+}
+
 async fn a_key_reused_after_its_retention_executes_afresh(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut settings = test_settings(&db.url);
     settings.retention = SHORT_LIFE;
     let app = TestApp::spawn_with(settings).await;
-    let key = new_key();
-    let first = app
-        .create(Some(&key), crate::support::email_request())
-        .await
-        .expect("create");
-    let answered = tokio::time::Instant::now();
-    let replay = app
-        .create(Some(&key), crate::support::email_request())
-        .await
-        .expect("replay");
-    assert_eq!(replayed(&replay), Some("true"), "cached while live");
+    let [first, replay, again] = before_and_after(&app, Some(&new_key()), SHORT_LIFE).await;
 
-    sleep_past(answered, SHORT_LIFE).await;
-    let again = app
-        .create(Some(&key), crate::support::email_request())
-        .await
-        .expect("create again");
+    assert_eq!(replayed(&replay), Some("true"), "cached while live");
 
     assert_eq!(replayed(&again), Some("false"));
     assert_ne!(again.get_ref().task_id, first.get_ref().task_id);
@@ -241,22 +248,9 @@ async fn a_keyless_request_after_its_window_executes_afresh(backend: Backend) {
     settings.missing_key_policy = MissingKeyPolicy::Fingerprint;
     settings.dedup_window = SHORT_LIFE;
     let app = TestApp::spawn_with(settings).await;
-    let first = app
-        .create(None, crate::support::email_request())
-        .await
-        .expect("create");
-    let answered = tokio::time::Instant::now();
-    let repeat = app
-        .create(None, crate::support::email_request())
-        .await
-        .expect("repeat");
-    assert_eq!(replayed(&repeat), Some("true"));
+    let [first, repeat, again] = before_and_after(&app, None, SHORT_LIFE).await;
 
-    sleep_past(answered, SHORT_LIFE).await;
-    let again = app
-        .create(None, crate::support::email_request())
-        .await
-        .expect("create again");
+    assert_eq!(replayed(&repeat), Some("true"));
 
     assert_eq!(replayed(&again), Some("false"));
     assert_ne!(again.get_ref().task_id, first.get_ref().task_id);

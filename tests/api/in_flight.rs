@@ -9,17 +9,37 @@ use crate::support::Backend;
 
 use std::time::Duration;
 
-use tonic::Code;
+use oncely::proto::tasks_v1::{CreateTaskRequest, Task};
+use tokio::task::JoinHandle;
+use tonic::{Code, Response, Status};
 
 use crate::support::{
-    BinaryApp, TestApp, TestDb, assert_status, email_request, eventually, new_key, replayed,
-    request, test_settings,
+    BinaryApp, OpenTransaction, TestApp, TestDb, assert_status, email_request, eventually, new_key,
+    replayed, request, test_settings,
 };
 
 /// The binary, waiting far longer for a request in flight than the test
 /// takes to end it.
 async fn start_patient(db: &TestDb) -> BinaryApp {
     BinaryApp::start(db, &[("IN_FLIGHT_WAIT", "60s")]).await
+}
+
+/// The first request with `key` held in flight (see above), and `second`,
+/// sent with the same key, seen waiting behind it.
+async fn waiting_behind_the_first(
+    db: &TestDb,
+    app: &BinaryApp,
+    key: &str,
+    second: CreateTaskRequest,
+) -> (
+    OpenTransaction,
+    Task,
+    JoinHandle<Result<Response<Task>, Status>>,
+) {
+    let (tx, first) = db.begin_in_flight(key, &email_request()).await;
+    let second = app.spawn_create(key, second);
+    app.blocked(db, "CreateTask", 1).await;
+    (tx, first, second)
 }
 
 /// How long a test watches a waiting request not answer.
@@ -30,10 +50,7 @@ async fn a_duplicate_waits_for_the_first_request_and_then_replays_it(backend: Ba
     let db = TestDb::new(backend).await;
     let app = start_patient(&db).await;
     let key = new_key();
-    let (tx, first) = db.begin_in_flight(&key, &email_request()).await;
-
-    let duplicate = app.spawn_create(&key, email_request());
-    app.blocked(&db, "CreateTask", 1).await;
+    let (tx, first, duplicate) = waiting_behind_the_first(&db, &app, &key, email_request()).await;
     tokio::time::sleep(WATCH).await;
     assert!(
         !duplicate.is_finished(),
@@ -51,10 +68,13 @@ async fn a_different_request_waits_for_the_first_and_is_then_refused(backend: Ba
     let db = TestDb::new(backend).await;
     let app = start_patient(&db).await;
     let key = new_key();
-    let (tx, _) = db.begin_in_flight(&key, &email_request()).await;
-
-    let other = app.spawn_create(&key, request("agent-7", "send_sms", serde_json::json!({})));
-    app.blocked(&db, "CreateTask", 1).await;
+    let (tx, _, other) = waiting_behind_the_first(
+        &db,
+        &app,
+        &key,
+        request("agent-7", "send_sms", serde_json::json!({})),
+    )
+    .await;
     tokio::time::sleep(WATCH).await;
     assert!(
         !other.is_finished(),
@@ -74,10 +94,7 @@ async fn when_the_first_request_fails_the_waiting_duplicate_executes(backend: Ba
     let db = TestDb::new(backend).await;
     let app = start_patient(&db).await;
     let key = new_key();
-    let (tx, first) = db.begin_in_flight(&key, &email_request()).await;
-
-    let duplicate = app.spawn_create(&key, email_request());
-    app.blocked(&db, "CreateTask", 1).await;
+    let (tx, first, duplicate) = waiting_behind_the_first(&db, &app, &key, email_request()).await;
     tx.rollback().await;
 
     let response = duplicate.await.expect("join").expect("created");

@@ -8,7 +8,10 @@ use oncely::proto::tasks_v1::{
     task_service_client::TaskServiceClient, worker_service_client::WorkerServiceClient,
 };
 use prometheus_parse::Scrape;
-use tonic::{Code, transport::Endpoint};
+use tonic::{
+    Code,
+    transport::{Channel, Endpoint},
+};
 
 use crate::support::{
     Backend, BinaryServer, TestDb, email_request, keyed, lease_one, new_key, request, rpc, scrape,
@@ -19,6 +22,15 @@ use crate::support::{
 async fn start(db: &TestDb) -> (BinaryServer, String) {
     let (server, metrics) = BinaryServer::start_with_metrics(db).await;
     (server, format!("http://{metrics}/metrics"))
+}
+
+/// A channel to `server`.
+async fn connect(server: &BinaryServer) -> Channel {
+    Endpoint::from_shared(server.url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect")
 }
 
 fn handled<'a>(method: &'a str, code: &'a str) -> Vec<(&'a str, &'a str)> {
@@ -69,11 +81,7 @@ async fn counters_follow_a_known_sequence_of_calls(backend: Backend) {
     );
     assert_eq!(value(&before, "oncely_lease_grants_total", &[]), Some(0.0));
 
-    let channel = Endpoint::from_shared(server.url())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = connect(&server).await;
     let mut tasks = TaskServiceClient::new(channel.clone());
     let key = new_key();
     tasks
@@ -204,11 +212,7 @@ async fn counters_follow_a_known_sequence_of_calls(backend: Backend) {
 async fn a_lease_that_runs_out_counts_as_an_expiry(backend: Backend) {
     let db = TestDb::new(backend).await;
     let (server, url) = start(&db).await;
-    let channel = Endpoint::from_shared(server.url())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = connect(&server).await;
     TaskServiceClient::new(channel.clone())
         .create_task(keyed(Some(&new_key()), email_request()))
         .await
@@ -250,11 +254,7 @@ async fn a_lease_that_runs_out_counts_as_an_expiry(backend: Backend) {
 async fn a_call_given_up_counts_as_canceled(backend: Backend) {
     let db = TestDb::new(backend).await;
     let (server, url) = start(&db).await;
-    let channel = Endpoint::from_shared(server.url())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = connect(&server).await;
     let mut workers = WorkerServiceClient::new(channel.clone());
     let poll = tokio::spawn(async move {
         workers

@@ -130,6 +130,20 @@ fn through_proxy(db: &TestDb, proxy: &PgProxy) -> Command {
     command
 }
 
+/// The binary started while its database is away (the proxy to it cut),
+/// returned once its log says it waits for it.
+async fn launched_with_the_database_away(db: &TestDb) -> (PgProxy, BinaryServer) {
+    let proxy = PgProxy::start(db).await;
+    proxy.cut();
+    let mut server = BinaryServer::launch(through_proxy(db, &proxy));
+    server
+        .wait_for_log("the binary to find the database away", |line| {
+            line["message"] == WAITING_FOR_THE_DATABASE
+        })
+        .await;
+    (proxy, server)
+}
+
 /// A server that starts while PostgreSQL is unreachable (restarting,
 /// failing over, or starting beside it) waits for it, and serves once it
 /// answers; found by the chaos harness, where an instance restarted during
@@ -137,15 +151,7 @@ fn through_proxy(db: &TestDb, proxy: &PgProxy) -> Command {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_binary_waits_for_a_database_that_is_not_up_yet() {
     let db = TestDb::new(Backend::Postgres).await;
-    let proxy = PgProxy::start(&db).await;
-    proxy.cut();
-
-    let mut server = BinaryServer::launch(through_proxy(&db, &proxy));
-    server
-        .wait_for_log("the binary to find the database away", |line| {
-            line["message"] == WAITING_FOR_THE_DATABASE
-        })
-        .await;
+    let (proxy, mut server) = launched_with_the_database_away(&db).await;
 
     proxy.restore();
     server.wait_until_serving().await;
@@ -300,14 +306,7 @@ async fn sigterm_during_a_hanging_try_exits_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_while_waiting_for_the_database_exits_zero() {
     let db = TestDb::new(Backend::Postgres).await;
-    let proxy = PgProxy::start(&db).await;
-    proxy.cut();
-    let mut server = BinaryServer::launch(through_proxy(&db, &proxy));
-    server
-        .wait_for_log("the binary to find the database away", |line| {
-            line["message"] == WAITING_FOR_THE_DATABASE
-        })
-        .await;
+    let (_proxy, mut server) = launched_with_the_database_away(&db).await;
     assert!(
         server.child.try_wait().expect("wait").is_none(),
         "the binary exited while the database was away"

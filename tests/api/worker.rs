@@ -155,6 +155,18 @@ async fn polls_waiting(metrics: &str, polls: f64) {
     .await;
 }
 
+/// A long poll for one task at `app`, started in the background and
+/// returned once the binary whose metrics are at `metrics` shows it
+/// waiting (having found none).
+async fn poll_that_waits(app: &Arc<TestApp>, metrics: &str) -> tokio::task::JoinHandle<Vec<Lease>> {
+    let polling = {
+        let app = app.clone();
+        tokio::spawn(async move { lease(&app, 1, 30.0, LONG_WAIT).await })
+    };
+    polls_waiting(metrics, 1.0).await;
+    polling
+}
+
 /// Waits until the server has started `calls` WaitTask calls at the binary
 /// whose metrics are at `metrics`.
 async fn waits_started(metrics: &str, calls: usize) {
@@ -233,11 +245,7 @@ async fn racing_workers_complete_every_task_exactly_once(backend: Backend) {
 async fn a_long_poll_answers_as_soon_as_a_task_is_created(backend: Backend) {
     let db = TestDb::new(backend).await;
     let (_server, metrics, app) = start_without_rechecks(&db).await;
-    let polling = {
-        let app = app.clone();
-        tokio::spawn(async move { lease(&app, 1, 30.0, LONG_WAIT).await })
-    };
-    polls_waiting(&metrics, 1.0).await;
+    let polling = poll_that_waits(&app, &metrics).await;
 
     let created = app.create_email().await;
 
@@ -467,11 +475,7 @@ async fn a_task_failed_without_delay_wakes_a_waiting_worker(backend: Backend) {
     let (_server, metrics, app) = start_without_rechecks(&db).await;
     app.create_email().await;
     let leased = lease_one(&app).await;
-    let polling = {
-        let app = app.clone();
-        tokio::spawn(async move { lease(&app, 1, 30.0, LONG_WAIT).await })
-    };
-    polls_waiting(&metrics, 1.0).await;
+    let polling = poll_that_waits(&app, &metrics).await;
 
     fail(&app, &leased, false, Some(0.0)).await.expect("fail");
 
@@ -887,11 +891,7 @@ async fn workers_and_waiters_on_two_instances_see_each_others_tasks() {
     let db = TestDb::new(Backend::Postgres).await;
     let (_front_server, front_metrics, front) = start_without_rechecks(&db).await;
     let (_back_server, back_metrics, back) = start_without_rechecks(&db).await;
-    let polling = {
-        let back = back.clone();
-        tokio::spawn(async move { lease(&back, 1, 30.0, LONG_WAIT).await })
-    };
-    polls_waiting(&back_metrics, 1.0).await;
+    let polling = poll_that_waits(&back, &back_metrics).await;
 
     let created = front.create_email().await;
     let waiting = {
