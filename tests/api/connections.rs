@@ -20,7 +20,7 @@ use serde_json::json;
 
 use crate::support::{
     Backend, BinaryServer, DroppingProxy, TestApp, TestDb, assert_status, eventually, keyed,
-    new_key, request, scrape_until, test_settings, value,
+    new_key, raw_h2, request, scrape_until, test_settings, value,
 };
 
 /// The longest a test waits for the server to act; it acts much sooner.
@@ -323,10 +323,7 @@ async fn answers_held_for_a_peer_that_never_reads_are_bounded_in_bytes(backend: 
 async fn a_connection_may_open_at_most_128_calls_at_once(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
-    let socket = TcpStream::connect(app.addr).await.expect("connect");
-    let (client, driver) = h2::client::handshake(socket).await.expect("h2 handshake");
-    let driver = tokio::spawn(driver);
-    let mut client = client.ready().await.expect("ready");
+    let (mut client, driver) = raw_h2(app.addr).await;
     let request = http::Request::post(format!("http://{}/grpc.health.v1.Health/Check", app.addr))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
@@ -352,10 +349,7 @@ async fn a_connection_may_open_at_most_128_calls_at_once(backend: Backend) {
 async fn a_burst_of_cancelled_calls_keeps_the_connection(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
-    let socket = TcpStream::connect(app.addr).await.expect("connect");
-    let (client, driver) = h2::client::handshake(socket).await.expect("h2 handshake");
-    let driver = tokio::spawn(driver);
-    let mut client = client.ready().await.expect("ready");
+    let (mut client, driver) = raw_h2(app.addr).await;
     let check = || {
         http::Request::post(format!("http://{}/grpc.health.v1.Health/Check", app.addr))
             .header("content-type", "application/grpc")
@@ -389,10 +383,7 @@ async fn a_request_body_that_never_finishes_is_cut_and_frees_its_place(backend: 
     settings.request_timeout = Duration::from_secs(1);
     settings.rate_limits.max_in_flight = 1;
     let app = TestApp::spawn_with(settings).await;
-    let socket = TcpStream::connect(app.addr).await.expect("connect");
-    let (client, driver) = h2::client::handshake(socket).await.expect("h2 handshake");
-    let driver = tokio::spawn(driver);
-    let mut client = client.ready().await.expect("ready");
+    let (mut client, driver) = raw_h2(app.addr).await;
     let request = http::Request::post(format!(
         "http://{}/tasks.v1.TaskService/ListTasks",
         app.addr

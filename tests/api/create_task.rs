@@ -169,8 +169,7 @@ async fn create_without_a_key_is_invalid_and_stores_nothing(backend: Backend) {
         Some("IDEMPOTENCY_KEY_MISSING"),
     );
 
-    assert_eq!(db.count("tasks").await, 0);
-    assert_eq!(db.count("idempotency_keys").await, 0);
+    db.assert_nothing_stored().await;
 }
 
 async fn malformed_keys_are_invalid_and_store_nothing(backend: Backend) {
@@ -212,8 +211,7 @@ async fn malformed_keys_are_invalid_and_store_nothing(backend: Backend) {
         Some("IDEMPOTENCY_KEY_INVALID"),
     );
 
-    assert_eq!(db.count("tasks").await, 0);
-    assert_eq!(db.count("idempotency_keys").await, 0);
+    db.assert_nothing_stored().await;
 }
 
 async fn keys_at_the_limits_of_the_rules_are_accepted(backend: Backend) {
@@ -326,8 +324,7 @@ async fn invalid_requests_name_the_field_and_leave_the_key_unused(backend: Backe
         );
         assert_eq!(violated_fields(&status), fields);
     }
-    assert_eq!(db.count("tasks").await, 0);
-    assert_eq!(db.count("idempotency_keys").await, 0);
+    db.assert_nothing_stored().await;
 
     let created = app
         .create(Some(&key), email_request())

@@ -13,8 +13,8 @@ use tonic::{Code, Request, Status};
 use tonic_types::StatusExt;
 
 use crate::support::{
-    Backend, BinaryApp, TestApp, TestDb, assert_status, eventually, scrape_until, test_settings,
-    value,
+    Backend, BinaryApp, TestApp, TestDb, assert_status, eventually, raw_h2, scrape_until,
+    test_settings, value,
 };
 
 async fn get_unknown(app: &TestApp) -> Result<(), Status> {
@@ -201,11 +201,7 @@ async fn a_statement_past_the_statement_timeout_is_cancelled_by_the_database() {
     settings.database.in_flight_wait = Duration::from_secs(60);
     settings.database.statement_timeout = Duration::from_secs(1);
     let app = TestApp::spawn_with(settings).await;
-    let mut lock = db.pg_pool().begin().await.expect("begin");
-    sqlx::query("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .expect("lock");
+    let lock = db.lock_tasks_table().await;
     let mut call = Request::new(GetTaskRequest {
         task_id: uuid::Uuid::new_v4().to_string(),
     });
@@ -283,12 +279,7 @@ async fn oversized_metadata_is_refused_and_the_server_keeps_serving(backend: Bac
     let refused = app.tasks.clone().get_task(call).await;
     // The same on a raw connection, which does not check the server's
     // limit itself: the refusal comes from the server.
-    let socket = tokio::net::TcpStream::connect(app.addr)
-        .await
-        .expect("connect");
-    let (client, driver) = h2::client::handshake(socket).await.expect("h2 handshake");
-    let driver = tokio::spawn(driver);
-    let mut client = client.ready().await.expect("ready");
+    let (mut client, driver) = raw_h2(app.addr).await;
     let raw = http::Request::post(format!("http://{}/tasks.v1.TaskService/GetTask", app.addr))
         .header("content-type", "application/grpc")
         .header("te", "trailers")

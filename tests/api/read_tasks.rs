@@ -319,11 +319,7 @@ async fn a_lock_wait_outside_a_claim_is_unavailable_not_in_progress() {
     let mut settings = crate::support::test_settings(&db.url);
     settings.database.in_flight_wait = std::time::Duration::from_millis(300);
     let app = TestApp::spawn_with(settings).await;
-    let mut lock = db.pg_pool().begin().await.expect("begin");
-    sqlx::query("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .expect("lock");
+    let lock = db.lock_tasks_table().await;
 
     let result = app
         .tasks

@@ -35,14 +35,23 @@ fn seconds(s: f64) -> prost_types::Duration {
 
 /// Leases up to `max` tasks for `lease_secs`, waiting up to `wait_secs`.
 async fn lease(app: &TestApp, max: i32, lease_secs: f64, wait_secs: f64) -> Vec<Lease> {
-    workers(app)
-        .lease_tasks(LeaseTasksRequest {
-            worker_id: "test-worker".into(),
-            actions: vec![],
-            max_tasks: max,
-            lease_duration: Some(seconds(lease_secs)),
-            wait: (wait_secs > 0.0).then(|| seconds(wait_secs)),
-        })
+    let request = LeaseTasksRequest {
+        worker_id: "test-worker".into(),
+        actions: vec![],
+        max_tasks: max,
+        lease_duration: Some(seconds(lease_secs)),
+        wait: (wait_secs > 0.0).then(|| seconds(wait_secs)),
+    };
+    leases(workers(app), request).await
+}
+
+/// LeaseTasks, which must succeed: the leases it grants.
+async fn leases(
+    mut workers: WorkerServiceClient<Channel>,
+    request: LeaseTasksRequest,
+) -> Vec<Lease> {
+    workers
+        .lease_tasks(request)
         .await
         .expect("lease")
         .into_inner()
@@ -805,17 +814,16 @@ async fn workers_lease_only_the_actions_they_perform(backend: Backend) {
         .expect("create");
     let email = app.create_email().await;
 
-    let leases = workers(&app)
-        .lease_tasks(LeaseTasksRequest {
+    let leases = leases(
+        workers(&app),
+        LeaseTasksRequest {
             worker_id: "mailer".into(),
             actions: vec!["send_email".into()],
             max_tasks: 10,
             ..Default::default()
-        })
-        .await
-        .expect("lease")
-        .into_inner()
-        .leases;
+        },
+    )
+    .await;
 
     assert_eq!(leases.len(), 1);
     assert_eq!(task_id(&leases[0]), email.task_id);
@@ -839,17 +847,16 @@ async fn worker_process_that_hangs_after_leasing() {
         .connect()
         .await
         .expect("connect");
-    let leases = WorkerServiceClient::new(channel)
-        .lease_tasks(LeaseTasksRequest {
+    let leases = leases(
+        WorkerServiceClient::new(channel),
+        LeaseTasksRequest {
             worker_id: "doomed-worker".into(),
             lease_duration: Some(seconds(1.0)),
             wait: Some(seconds(10.0)),
             ..Default::default()
-        })
-        .await
-        .expect("lease")
-        .into_inner()
-        .leases;
+        },
+    )
+    .await;
     assert_eq!(leases.len(), 1);
     tokio::time::sleep(Duration::from_secs(3600)).await;
 }

@@ -65,3 +65,18 @@ pub(crate) async fn raw_unary(
     )
     .await
 }
+
+/// An HTTP/2 connection of its own to `addr`, ready for a request, and the
+/// task that drives it (abort it to close the connection): for tests that
+/// need what a gRPC client hides (frames, settings, resets).
+pub(crate) async fn raw_h2(
+    addr: std::net::SocketAddr,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (client, driver) = h2::client::handshake(socket).await.expect("h2 handshake");
+    let driver = tokio::spawn(driver);
+    (client.ready().await.expect("ready"), driver)
+}

@@ -287,6 +287,17 @@ impl TestDb {
         }
     }
 
+    /// A transaction holding `tasks` locked against every other statement
+    /// (PostgreSQL), until it is dropped or ends.
+    pub(crate) async fn lock_tasks_table(&self) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut lock = self.pg_pool().begin().await.expect("begin");
+        sqlx::query("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *lock)
+            .await
+            .expect("lock");
+        lock
+    }
+
     /// The host and port of the PostgreSQL server.
     pub(crate) fn server(&self) -> (String, u16) {
         let Pool::Postgres { base, .. } = &self.pool else {
@@ -341,6 +352,16 @@ impl TestDb {
     pub(crate) async fn count(&self, table: &str) -> i64 {
         let sql = sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}"));
         on_pool!(self, |pool| sqlx::query_scalar(sql).fetch_one(pool).await).expect("count rows")
+    }
+
+    /// Asserts that no task and no key record is stored.
+    pub(crate) async fn assert_nothing_stored(&self) {
+        assert_eq!(self.count("tasks").await, 0, "tasks stored");
+        assert_eq!(
+            self.count("idempotency_keys").await,
+            0,
+            "key records stored"
+        );
     }
 
     /// Pretends every key record was created `age` earlier than it was.
