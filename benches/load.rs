@@ -73,12 +73,12 @@ use std::{
 };
 
 use oncely::proto::tasks_v1::{
-    CompleteTaskRequest, CreateTaskRequest, LeaseTasksRequest,
+    CompleteTaskRequest, CreateTaskRequest, LeaseTasksRequest, Task,
     task_service_client::TaskServiceClient, worker_service_client::WorkerServiceClient,
 };
 use prost_types::{Struct, Value, value::Kind};
 use tonic::{
-    Request, Status,
+    Request, Response, Status,
     metadata::{AsciiMetadataValue, MetadataMap},
     transport::Channel,
 };
@@ -499,11 +499,7 @@ async fn ensure_queued(
     println!(
         "(queue topped up from {queued} to {} tasks before lease+complete{})",
         shared.created.load(Ordering::Relaxed),
-        if failures > 0 {
-            format!("; {failures} creates failed")
-        } else {
-            String::new()
-        }
+        failed_note(failures)
     );
 }
 
@@ -529,12 +525,33 @@ async fn ensure_large_queued(
         shared.large_created.load(Ordering::Relaxed),
         settings.task_bytes,
         settings.lease_batch,
-        if failures > 0 {
-            format!("; {failures} creates failed")
-        } else {
-            String::new()
-        }
+        failed_note(failures)
     );
+}
+
+/// The outcome of a create that must make a new task: counted, and
+/// wrong if it was answered as a replay.
+fn created_afresh(shared: &Shared, answer: Result<Response<Task>, Status>) -> Outcome {
+    match answer {
+        Ok(response) => {
+            shared.created.fetch_add(1, Ordering::Relaxed);
+            if replayed(response.metadata()) {
+                Outcome::Wrong
+            } else {
+                Outcome::Ok
+            }
+        }
+        Err(status) => Outcome::Error(status),
+    }
+}
+
+/// What a top-up line adds when creates failed: nothing, or how many.
+fn failed_note(failures: u64) -> String {
+    if failures > 0 {
+        format!("; {failures} creates failed")
+    } else {
+        String::new()
+    }
 }
 
 /// Creates `count` tasks with every caller (large ones for the lease-batch
@@ -621,17 +638,8 @@ impl Caller {
             .to_string()
             .parse()
             .expect("a uuid is a metadata value");
-        match timed(self.tasks.create_task(keyed(key, n))).await {
-            Ok(response) => {
-                shared.created.fetch_add(1, Ordering::Relaxed);
-                if replayed(response.metadata()) {
-                    Outcome::Wrong
-                } else {
-                    Outcome::Ok
-                }
-            }
-            Err(status) => Outcome::Error(status),
-        }
+        let answer = timed(self.tasks.create_task(keyed(key, n))).await;
+        created_afresh(shared, answer)
     }
 
     /// A create of a large task for the lease-batch scenario, keyless.
@@ -662,17 +670,8 @@ impl Caller {
     /// A create without a key, with parameters no other call has.
     async fn keyless(&mut self, shared: &Shared) -> Outcome {
         let n = shared.counter.fetch_add(1, Ordering::Relaxed);
-        match timed(self.tasks.create_task(Request::new(create_request(n)))).await {
-            Ok(response) => {
-                shared.created.fetch_add(1, Ordering::Relaxed);
-                if replayed(response.metadata()) {
-                    Outcome::Wrong
-                } else {
-                    Outcome::Ok
-                }
-            }
-            Err(status) => Outcome::Error(status),
-        }
+        let answer = timed(self.tasks.create_task(Request::new(create_request(n)))).await;
+        created_afresh(shared, answer)
     }
 
     /// Leases up to `settings.lease_batch` large tasks (waiting up to a
