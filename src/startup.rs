@@ -6,13 +6,9 @@ use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
 use tonic_health::ServingStatus;
-use tower::Layer;
 
 use crate::{
-    api::{
-        AdminApi, ConnectionLayer, GuardedIo, RateLimitLayer, RequireApiKeyLayer,
-        RequireIdempotencyKeyLayer, RewriteOversizeLayer, RpcMetricsLayer, TaskApi, WorkerApi,
-    },
+    api::{AdminApi, CallStack, GuardedIo, TaskApi, WorkerApi},
     auth::{AuthMode, KeyRing},
     config::{Settings, TlsFiles},
     health,
@@ -276,17 +272,19 @@ async fn serve_with<S: Store>(
         .await
         .map_err(StartupError::LegacyRecords)?;
     let legacy_refresher = legacy.refresh(store.clone(), policy);
-    let rate_limits = RateLimitLayer::new(settings.rate_limits);
-    let require_keys = RequireApiKeyLayer::new(ring.clone());
+    let stack = CallStack::new(
+        ring.clone(),
+        settings.rate_limits,
+        settings.request_timeout,
+        policy.missing_key,
+    );
     let forgetter = tokio::spawn({
-        let rate_limits = rate_limits.clone();
-        let require_keys = require_keys.clone();
+        let stack = stack.clone();
         async move {
             let mut ticker = tokio::time::interval(std::time::Duration::from_secs(60));
             loop {
                 ticker.tick().await;
-                rate_limits.forget_idle_callers();
-                require_keys.forget_idle_peers();
+                stack.forget_idle();
             }
         }
     });
@@ -360,18 +358,11 @@ async fn serve_with<S: Store>(
         .with_keepalive(Some(TCP_KEEPALIVE))
         .map(move |accepted| accepted.map(|io| GuardedIo::new(io, connection_limits)));
     let server = builder
-        .layer(
-            tower::ServiceBuilder::new()
-                .layer(RpcMetricsLayer)
-                .layer(ConnectionLayer::new(settings.request_timeout))
-                .layer(RewriteOversizeLayer)
-                .layer(require_keys)
-                .layer(rate_limits),
-        )
+        .layer(stack)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(RequireIdempotencyKeyLayer::new(policy.missing_key).layer(tasks))
+        .add_service(tasks)
         .add_service(workers)
         .add_service(admin)
         .serve_with_incoming_shutdown(incoming, async move {
