@@ -20,7 +20,7 @@ use axum::{
     response::{Html, IntoResponse, Response},
     routing::get,
 };
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{net::TcpListener, task::JoinSet};
 
 use crate::{
     domain::TaskRecord,
@@ -39,23 +39,14 @@ struct Ops<S> {
 /// The content type of the Prometheus text format.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// The running listener and queue reader; both stop when it is dropped.
-#[derive(Debug)]
-pub struct OpsListener {
-    server: JoinHandle<()>,
-    sampler: JoinHandle<()>,
-}
-
-impl Drop for OpsListener {
-    fn drop(&mut self) {
-        self.server.abort();
-        self.sampler.abort();
-    }
-}
-
 /// Serves `/metrics` on `listener` and reads the queue every
-/// `queue_interval`.
-pub fn start<S: Store>(store: S, listener: TcpListener, queue_interval: Duration) -> OpsListener {
+/// `queue_interval`, both as tasks of `background` (aborted with it).
+pub fn start<S: Store>(
+    store: S,
+    listener: TcpListener,
+    queue_interval: Duration,
+    background: &mut JoinSet<()>,
+) {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving metrics on /metrics and the status page on /");
         if !addr.ip().is_loopback() {
@@ -73,13 +64,12 @@ pub fn start<S: Store>(store: S, listener: TcpListener, queue_interval: Duration
         // The page shows task details: no script, no frames, no sniffing.
         .layer(axum::middleware::map_response(secure_headers))
         .with_state(ops.clone());
-    let server = tokio::spawn(async move {
+    background.spawn(async move {
         if let Err(error) = axum::serve(listener, router).await {
             tracing::error!(%error, "the metrics listener stopped");
         }
     });
-    let sampler = tokio::spawn(read_queue(ops, queue_interval));
-    OpsListener { server, sampler }
+    background.spawn(read_queue(ops, queue_interval));
 }
 
 /// Binds `addr` for [`start`].
