@@ -15,8 +15,8 @@ use std::{
 
 use axum::{
     Router,
-    extract::State,
-    http::{StatusCode, Uri, header},
+    extract::{Query, State, rejection::QueryRejection},
+    http::{StatusCode, header},
     response::{Html, IntoResponse, Response},
     routing::get,
 };
@@ -179,16 +179,25 @@ async fn status_page<S: Store>(State(ops): State<Ops<S>>) -> Response {
     page(StatusCode::OK, &store.describe(), &body)
 }
 
-/// One task's details, by `?id=`.
-async fn task_page<S: Store>(State(ops): State<Ops<S>>, uri: Uri) -> Response {
+/// The query of the task page.
+#[derive(Debug, serde::Deserialize)]
+struct TaskQuery {
+    /// The task's id, as typed.
+    id: Option<String>,
+}
+
+/// One task's details, by `?id=`. A query that cannot be read is answered
+/// as a missing id: with the page that asks for one.
+async fn task_page<S: Store>(
+    State(ops): State<Ops<S>>,
+    query: Result<Query<TaskQuery>, QueryRejection>,
+) -> Response {
     let store = &ops.store;
-    let id = uri
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("id="))
-        .unwrap_or("")
-        .trim();
+    let id = query
+        .ok()
+        .and_then(|Query(query)| query.id)
+        .unwrap_or_default();
+    let id = id.trim();
     let Ok(task_id) = uuid::Uuid::parse_str(id) else {
         return page(
             StatusCode::BAD_REQUEST,
