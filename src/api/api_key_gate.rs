@@ -80,6 +80,13 @@ impl ApiKeyGate {
     }
 }
 
+/// The caller this gate let in (`None` while keys are not required) and
+/// the message, for the services.
+pub(super) fn caller_and_message<T>(request: tonic::Request<T>) -> (Option<Principal>, T) {
+    let (_, mut extensions, message) = request.into_parts();
+    (extensions.remove::<Principal>(), message)
+}
+
 /// The roles that may call `service`; `None` for open services (health,
 /// reflection) and paths no service answers.
 fn allowed_roles(service: Option<Service>) -> Option<&'static [Role]> {

@@ -5,6 +5,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     ServiceError,
+    api_key_gate::caller_and_message,
     deadline::bounded_wait,
     reply::{Success, finish},
 };
@@ -276,8 +277,8 @@ impl<S: Store> TaskService for TaskApi<S> {
         &self,
         request: Request<CreateTaskRequest>,
     ) -> Result<Response<Task>, Status> {
-        // The idempotency key gate puts a valid key there, or none when the policy lets
-        // keyless requests through.
+        // The idempotency key gate puts a valid key there, or none when the
+        // policy lets keyless requests through.
         let key = request.extensions().get::<IdempotencyKey>().cloned();
         let caller = request.extensions().get::<Principal>().cloned();
         let source = key
@@ -293,8 +294,8 @@ impl<S: Store> TaskService for TaskApi<S> {
 
     #[tracing::instrument(name = "GetTask", skip_all, fields(rpc.method = "GetTask", outcome))]
     async fn get_task(&self, request: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
-        let caller = request.extensions().get::<Principal>().cloned();
-        finish(self.get(caller.as_ref(), request.into_inner()).await, None)
+        let (caller, message) = caller_and_message(request);
+        finish(self.get(caller.as_ref(), message).await, None)
     }
 
     #[tracing::instrument(name = "WaitTask", skip_all, fields(rpc.method = "WaitTask", outcome, task_id))]
@@ -307,11 +308,8 @@ impl<S: Store> TaskService for TaskApi<S> {
         &self,
         request: Request<CancelTaskRequest>,
     ) -> Result<Response<Task>, Status> {
-        let caller = request.extensions().get::<Principal>().cloned();
-        finish(
-            self.cancel(caller.as_ref(), request.into_inner()).await,
-            None,
-        )
+        let (caller, message) = caller_and_message(request);
+        finish(self.cancel(caller.as_ref(), message).await, None)
     }
 
     #[tracing::instrument(name = "ListTasks", skip_all, fields(rpc.method = "ListTasks", outcome))]
@@ -319,7 +317,7 @@ impl<S: Store> TaskService for TaskApi<S> {
         &self,
         request: Request<ListTasksRequest>,
     ) -> Result<Response<ListTasksResponse>, Status> {
-        let caller = request.extensions().get::<Principal>().cloned();
-        finish(self.list(caller.as_ref(), request.into_inner()).await, None)
+        let (caller, message) = caller_and_message(request);
+        finish(self.list(caller.as_ref(), message).await, None)
     }
 }

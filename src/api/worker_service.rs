@@ -4,6 +4,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     ServiceError,
+    api_key_gate::caller_and_message,
     deadline::bounded_wait,
     reply::{Success, finish},
 };
@@ -179,11 +180,8 @@ impl<S: Store> WorkerService for WorkerApi<S> {
         &self,
         request: Request<RenewLeaseRequest>,
     ) -> Result<Response<Lease>, Status> {
-        let caller = request.extensions().get::<Principal>().cloned();
-        finish(
-            self.renew(caller.as_ref(), request.into_inner()).await,
-            None,
-        )
+        let (caller, message) = caller_and_message(request);
+        finish(self.renew(caller.as_ref(), message).await, None)
     }
 
     #[tracing::instrument(
@@ -195,16 +193,13 @@ impl<S: Store> WorkerService for WorkerApi<S> {
         &self,
         request: Request<CompleteTaskRequest>,
     ) -> Result<Response<Task>, Status> {
-        let caller = request.extensions().get::<Principal>().cloned();
-        finish(
-            self.complete(caller.as_ref(), request.into_inner()).await,
-            None,
-        )
+        let (caller, message) = caller_and_message(request);
+        finish(self.complete(caller.as_ref(), message).await, None)
     }
 
     #[tracing::instrument(name = "FailTask", skip_all, fields(rpc.method = "FailTask", outcome, task_id, status))]
     async fn fail_task(&self, request: Request<FailTaskRequest>) -> Result<Response<Task>, Status> {
-        let caller = request.extensions().get::<Principal>().cloned();
-        finish(self.fail(caller.as_ref(), request.into_inner()).await, None)
+        let (caller, message) = caller_and_message(request);
+        finish(self.fail(caller.as_ref(), message).await, None)
     }
 }
