@@ -4,14 +4,18 @@ use std::time::Duration;
 
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::storage::Store;
+use crate::{
+    proto::tasks_v1::{admin_server, task_service_server, worker_service_server},
+    storage::Store,
+};
 
-/// The names whose status is reported: the whole server and each service.
+/// The names whose status is reported: the whole server and each service,
+/// by the generated servers' names.
 pub const SERVICES: &[&str] = &[
     "",
-    "tasks.v1.TaskService",
-    "tasks.v1.WorkerService",
-    "tasks.v1.Admin",
+    task_service_server::SERVICE_NAME,
+    worker_service_server::SERVICE_NAME,
+    admin_server::SERVICE_NAME,
 ];
 
 /// Sets every name in [`SERVICES`] to `status`.

@@ -18,9 +18,6 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use prost::Message;
-
-use crate::proto::FILE_DESCRIPTOR_SET;
 
 /// The labels of `grpc_server_started_total` and
 /// `grpc_server_handling_seconds`.
@@ -302,23 +299,6 @@ impl Metrics {
     /// Creates at zero the series that would otherwise appear only after
     /// their first event.
     fn precreate(&self) {
-        for (service, method, grpc_type) in methods() {
-            let labels = RpcLabels {
-                grpc_type,
-                grpc_service: service,
-                grpc_method: method,
-            };
-            let _ = self.rpc_started.get_or_create(&labels);
-            let _ = self.rpc_seconds.get_or_create(&labels);
-            for grpc_code in GRPC_CODES {
-                let _ = self.rpc_handled.get_or_create(&HandledLabels {
-                    grpc_type,
-                    grpc_service: service,
-                    grpc_method: method,
-                    grpc_code,
-                });
-            }
-        }
         for key_source in ["header", "fingerprint"] {
             for outcome in CREATE_OUTCOMES {
                 let _ = self.creates.get_or_create(&CreateLabels {
@@ -335,6 +315,21 @@ impl Metrics {
         }
         for job in ["claims", "completions", "leases"] {
             let _ = self.batch_sizes.get_or_create(&JobLabels { job });
+        }
+    }
+
+    /// Creates at zero the RPC series of one method (the API layer knows
+    /// the methods, and calls this for each when it is built).
+    pub fn precreate_rpc(&self, labels: RpcLabels) {
+        let _ = self.rpc_started.get_or_create(&labels);
+        let _ = self.rpc_seconds.get_or_create(&labels);
+        for grpc_code in GRPC_CODES {
+            let _ = self.rpc_handled.get_or_create(&HandledLabels {
+                grpc_type: labels.grpc_type,
+                grpc_service: labels.grpc_service,
+                grpc_method: labels.grpc_method,
+                grpc_code,
+            });
         }
     }
 
@@ -364,93 +359,9 @@ impl Metrics {
     }
 }
 
-/// The RPC type of a method by its path (`/package.Service/Method`), and
-/// the path's service and method; `None` for a path that names no method
-/// the server has (as go-grpc-prometheus counts only registered methods),
-/// so that calls to made-up paths cannot make new series without end. The
-/// names are the server's own, so a call's labels need no allocation.
-pub fn rpc_of_path(path: &str) -> Option<(&'static str, &'static str, &'static str)> {
-    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
-    methods()
-        .find(|(s, m, _)| *s == service && *m == method)
-        .map(|(s, m, t)| (t, s, m))
-}
-
-/// Every method served, with its RPC type: the API's from its descriptors,
-/// and health and reflection.
-static METHOD_TYPES: LazyLock<Vec<(String, String, &'static str)>> = LazyLock::new(|| {
-    let mut methods = Vec::new();
-    if let Ok(set) = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET) {
-        for file in set.file.iter().filter(|f| f.package() == "tasks.v1") {
-            for service in &file.service {
-                for method in &service.method {
-                    methods.push((
-                        format!("tasks.v1.{}", service.name()),
-                        method.name().to_owned(),
-                        rpc_type(method.client_streaming(), method.server_streaming()),
-                    ));
-                }
-            }
-        }
-    }
-    for (service, method, grpc_type) in [
-        ("grpc.health.v1.Health", "Check", "unary"),
-        ("grpc.health.v1.Health", "Watch", "server_stream"),
-        (
-            "grpc.reflection.v1.ServerReflection",
-            "ServerReflectionInfo",
-            "bidi_stream",
-        ),
-        (
-            "grpc.reflection.v1alpha.ServerReflection",
-            "ServerReflectionInfo",
-            "bidi_stream",
-        ),
-    ] {
-        methods.push((service.to_owned(), method.to_owned(), grpc_type));
-    }
-    methods
-});
-
-/// Every method served: service, method and RPC type.
-fn methods() -> impl Iterator<Item = (&'static str, &'static str, &'static str)> {
-    METHOD_TYPES
-        .iter()
-        .map(|(service, method, grpc_type)| (service.as_str(), method.as_str(), *grpc_type))
-}
-
-fn rpc_type(client_streaming: bool, server_streaming: bool) -> &'static str {
-    match (client_streaming, server_streaming) {
-        (false, false) => "unary",
-        (true, false) => "client_stream",
-        (false, true) => "server_stream",
-        (true, true) => "bidi_stream",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_api_method_is_known_with_its_type() {
-        assert_eq!(
-            rpc_of_path("/tasks.v1.TaskService/CreateTask"),
-            Some(("unary", "tasks.v1.TaskService", "CreateTask"))
-        );
-        assert_eq!(
-            rpc_of_path("/grpc.health.v1.Health/Watch"),
-            Some(("server_stream", "grpc.health.v1.Health", "Watch"))
-        );
-        assert!(
-            METHOD_TYPES
-                .iter()
-                .any(|(s, m, _)| s == "tasks.v1.WorkerService" && m == "LeaseTasks")
-        );
-        assert_eq!(rpc_of_path("no-slash"), None);
-        assert_eq!(rpc_of_path("/made.Up/Path"), None);
-        assert_eq!(rpc_of_path("/tasks.v1.TaskService/Nothing"), None);
-    }
 
     #[test]
     fn codes_are_named_as_go_grpc_prometheus_names_them() {

@@ -15,12 +15,12 @@ use std::{
 
 use axum::{
     Router,
-    extract::State,
-    http::{StatusCode, Uri, header},
+    extract::{Query, State, rejection::QueryRejection},
+    http::{StatusCode, header},
     response::{Html, IntoResponse, Response},
     routing::get,
 };
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{net::TcpListener, task::JoinSet};
 
 use crate::{
     domain::TaskRecord,
@@ -39,23 +39,14 @@ struct Ops<S> {
 /// The content type of the Prometheus text format.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// The running listener and queue reader; both stop when it is dropped.
-#[derive(Debug)]
-pub struct OpsListener {
-    server: JoinHandle<()>,
-    sampler: JoinHandle<()>,
-}
-
-impl Drop for OpsListener {
-    fn drop(&mut self) {
-        self.server.abort();
-        self.sampler.abort();
-    }
-}
-
 /// Serves `/metrics` on `listener` and reads the queue every
-/// `queue_interval`.
-pub fn start<S: Store>(store: S, listener: TcpListener, queue_interval: Duration) -> OpsListener {
+/// `queue_interval`, both as tasks of `background` (aborted with it).
+pub fn start<S: Store>(
+    store: S,
+    listener: TcpListener,
+    queue_interval: Duration,
+    background: &mut JoinSet<()>,
+) {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving metrics on /metrics and the status page on /");
         if !addr.ip().is_loopback() {
@@ -73,13 +64,12 @@ pub fn start<S: Store>(store: S, listener: TcpListener, queue_interval: Duration
         // The page shows task details: no script, no frames, no sniffing.
         .layer(axum::middleware::map_response(secure_headers))
         .with_state(ops.clone());
-    let server = tokio::spawn(async move {
+    background.spawn(async move {
         if let Err(error) = axum::serve(listener, router).await {
             tracing::error!(%error, "the metrics listener stopped");
         }
     });
-    let sampler = tokio::spawn(read_queue(ops, queue_interval));
-    OpsListener { server, sampler }
+    background.spawn(read_queue(ops, queue_interval));
 }
 
 /// Binds `addr` for [`start`].
@@ -189,16 +179,25 @@ async fn status_page<S: Store>(State(ops): State<Ops<S>>) -> Response {
     page(StatusCode::OK, &store.describe(), &body)
 }
 
-/// One task's details, by `?id=`.
-async fn task_page<S: Store>(State(ops): State<Ops<S>>, uri: Uri) -> Response {
+/// The query of the task page.
+#[derive(Debug, serde::Deserialize)]
+struct TaskQuery {
+    /// The task's id, as typed.
+    id: Option<String>,
+}
+
+/// One task's details, by `?id=`. A query that cannot be read is answered
+/// as a missing id: with the page that asks for one.
+async fn task_page<S: Store>(
+    State(ops): State<Ops<S>>,
+    query: Result<Query<TaskQuery>, QueryRejection>,
+) -> Response {
     let store = &ops.store;
-    let id = uri
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("id="))
-        .unwrap_or("")
-        .trim();
+    let id = query
+        .ok()
+        .and_then(|Query(query)| query.id)
+        .unwrap_or_default();
+    let id = id.trim();
     let Ok(task_id) = uuid::Uuid::parse_str(id) else {
         return page(
             StatusCode::BAD_REQUEST,

@@ -1,109 +1,39 @@
 //! Wiring: connect the store, build the services, serve until shutdown.
+//! `serve` opens the store; `serve_with` builds the server ([`build`]) and
+//! serves it ([`Built::serve`]), its background tasks held in one `JoinSet` that aborts
+//! them whenever it returns. The error type is in `error.rs`; the transport
+//! (connection bounds, TLS, accepted sockets, reflection) in `transport.rs`;
+//! the refusal to serve an open server beyond loopback in `protection.rs`.
+
+mod error;
+mod protection;
+mod transport;
 
 use std::future::Future;
 
-use tokio::net::TcpListener;
-use tokio_stream::StreamExt;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
-use tonic_health::ServingStatus;
-use tower::Layer;
+use tokio::{
+    net::TcpListener,
+    task::{AbortHandle, JoinHandle, JoinSet},
+};
+use tonic::transport::server::Router;
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tower::layer::util::{Identity, Stack};
+
+pub use error::StartupError;
 
 use crate::{
-    api::{
-        AdminApi, ConnectionLayer, GuardedIo, RateLimitLayer, RequireApiKeyLayer,
-        RequireIdempotencyKeyLayer, RewriteOversizeLayer, RpcMetricsLayer, TaskApi, WorkerApi,
-    },
-    auth::{AuthMode, KeyRing},
-    config::{Settings, TlsFiles},
+    api::{AdminApi, CallStack, TaskApi, WorkerApi},
+    auth::KeyRing,
+    config::Settings,
     health,
     idempotency::{KeyPolicy, LegacyRecords, ReplayCache},
     ops_http,
-    proto::{
-        FILE_DESCRIPTOR_SET,
-        tasks_v1::{
-            admin_server::AdminServer, task_service_server::TaskServiceServer,
-            worker_service_server::WorkerServiceServer,
-        },
+    proto::tasks_v1::{
+        admin_server::AdminServer, task_service_server::TaskServiceServer,
+        worker_service_server::WorkerServiceServer,
     },
     storage::{Backend, DatabaseSettings, PgStore, SqliteStore, StorageError, Store, redact_url},
 };
-
-/// The most calls one connection may have open at once.
-const MAX_STREAMS_PER_CONNECTION: u32 = 128;
-/// The largest header block (metadata) a call may send, in bytes.
-const MAX_HEADER_BYTES: u32 = 16 * 1024;
-/// How long a connection may be silent before the kernel probes whether its
-/// peer is still there.
-const TCP_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// Why the server could not start or stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum StartupError {
-    /// The listen address could not be bound.
-    #[error("cannot listen on {addr}")]
-    Bind {
-        /// The address.
-        addr: std::net::SocketAddr,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The database could not be prepared.
-    #[error("cannot prepare the database at {url}")]
-    Database {
-        /// The redacted URL.
-        url: String,
-        /// The cause.
-        #[source]
-        source: StorageError,
-    },
-    /// The database stayed unavailable for all of DB_STARTUP_TIMEOUT.
-    #[error(
-        "the database at {url} did not become available within {waited:?} (DB_STARTUP_TIMEOUT)"
-    )]
-    DatabaseTimeout {
-        /// The redacted URL.
-        url: String,
-        /// How long startup waited.
-        waited: std::time::Duration,
-        /// The last attempt's error.
-        #[source]
-        source: StorageError,
-    },
-    /// No API key exists and the address is not a loopback one.
-    #[error(
-        "refusing to serve on {addr} without API keys: anyone who can reach it could call every method. Create a key first (`oncely keys create --name admin --role admin`, then agent and worker keys), or listen on a loopback address, or set AUTH=disabled if the network is trusted"
-    )]
-    Unprotected {
-        /// The address.
-        addr: std::net::SocketAddr,
-    },
-    /// A TLS file could not be read.
-    #[error("cannot read the TLS file {path}")]
-    TlsFile {
-        /// The file.
-        path: std::path::PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The API keys could not be read.
-    #[error("cannot read the API keys")]
-    Keys(#[source] StorageError),
-    /// When records of the earlier key scope were last written could not
-    /// be read (or, with LEGACY_KEY_SCOPE=dual, noted).
-    #[error("cannot read when records of the earlier, per-API-key scope were last written")]
-    LegacyRecords(#[source] StorageError),
-    /// The database URL names no known store.
-    #[error("DATABASE_URL {0:?} names no store oncely knows; use postgres://... or sqlite://PATH")]
-    UnknownDatabase(String),
-    /// Reflection could not load the descriptors.
-    #[error("cannot build server reflection")]
-    Reflection(#[from] tonic_reflection::server::Error),
-    /// The transport failed.
-    #[error("the gRPC server failed")]
-    Transport(#[from] tonic::transport::Error),
-}
 
 /// Binds `settings.listen_addr` and serves until SIGTERM or SIGINT.
 pub async fn run(settings: Settings) -> Result<(), StartupError> {
@@ -247,25 +177,58 @@ async fn serve_with<S: Store>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartupError> {
     tracing::info!(store = %store.describe(), "database ready");
+    // Every background task lives here: dropped (on return, or at an early
+    // `?` while building), the set aborts them all.
+    let mut background = JoinSet::new();
+    let built = build(store, &listener, &settings, &mut background).await?;
+    let result = built.serve(listener, &settings, shutdown).await;
+    drop(background);
+    result?;
+    tracing::info!("stopped");
+    Ok(())
+}
 
+/// The server as [`build`] leaves it: its router, and what its shutdown
+/// needs.
+struct Built {
+    /// The services behind the [`CallStack`], ready to serve.
+    router: Router<Stack<CallStack, Identity>>,
+    /// Health, set NOT_SERVING and cleared at shutdown.
+    reporter: HealthReporter,
+    /// The database health watcher, stopped first at shutdown so that it
+    /// cannot report SERVING again.
+    health_watcher: AbortHandle,
+    /// Long polls and waits, told to answer at shutdown.
+    events: crate::storage::TaskEvents,
+}
+
+/// Loads the keys and records the services need, starts the background
+/// tasks in `background`, and builds the services behind the call stack.
+async fn build<S: Store>(
+    store: S,
+    listener: &TcpListener,
+    settings: &Settings,
+    background: &mut JoinSet<()>,
+) -> Result<Built, StartupError> {
     let ring = KeyRing::load(&store, settings.auth)
         .await
         .map_err(StartupError::Keys)?;
-    check_protection(&ring, settings.auth, listener.local_addr().ok())?;
-    let ops = match settings.metrics_addr {
-        Some(addr) => {
-            let bound = ops_http::bind(addr)
-                .await
-                .map_err(|source| StartupError::Bind { addr, source })?;
-            Some(ops_http::start(
-                store.clone(),
-                bound,
-                settings.metrics_queue_interval,
-            ))
-        }
-        None => None,
-    };
-    let key_refresher = ring.refresh(store.clone(), settings.key_refresh_interval);
+    protection::check(&ring, settings.auth, listener.local_addr().ok())?;
+    if let Some(addr) = settings.metrics_addr {
+        let bound = ops_http::bind(addr)
+            .await
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        ops_http::start(
+            store.clone(),
+            bound,
+            settings.metrics_queue_interval,
+            background,
+        );
+    }
+    adopt(
+        background,
+        ring.refresh(store.clone(), settings.key_refresh_interval),
+    );
     let policy = KeyPolicy {
         retention: settings.retention,
         missing_key: settings.missing_key_policy,
@@ -275,34 +238,27 @@ async fn serve_with<S: Store>(
     let legacy = LegacyRecords::load(&store, &policy)
         .await
         .map_err(StartupError::LegacyRecords)?;
-    let legacy_refresher = legacy.refresh(store.clone(), policy);
-    let rate_limits = RateLimitLayer::new(settings.rate_limits);
-    let require_keys = RequireApiKeyLayer::new(ring.clone());
-    let forgetter = tokio::spawn({
-        let rate_limits = rate_limits.clone();
-        let require_keys = require_keys.clone();
-        async move {
-            let mut ticker = tokio::time::interval(std::time::Duration::from_secs(60));
-            loop {
-                ticker.tick().await;
-                rate_limits.forget_idle_callers();
-                require_keys.forget_idle_peers();
-            }
-        }
-    });
+    if let Some(refresher) = legacy.refresh(store.clone(), policy) {
+        adopt(background, refresher);
+    }
+    let stack = CallStack::new(
+        ring.clone(),
+        settings.rate_limits,
+        settings.request_timeout,
+        policy.missing_key,
+    );
+    background.spawn(forget_idle_callers(stack.clone()));
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::set_all(reporter.clone(), ServingStatus::NotServing).await;
-    let watcher = tokio::spawn(health::watch_database(
+    let health_watcher = background.spawn(health::watch_database(
         store.clone(),
         reporter.clone(),
         settings.health_check_interval,
     ));
-
-    let watcher_abort = watcher.abort_handle();
     let events = store.events().clone();
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let reflection_v1 = transport::reflection().build_v1()?;
+    let reflection_v1alpha = transport::reflection().build_v1alpha()?;
 
     let tasks = TaskServiceServer::new(TaskApi::new(
         store.clone(),
@@ -323,153 +279,100 @@ async fn serve_with<S: Store>(
     let admin = AdminServer::new(AdminApi::new(store, policy, settings.cleanup_batch_size))
         .max_decoding_message_size(settings.max_request_bytes);
 
-    match listener.local_addr() {
-        Ok(addr) => {
-            tracing::info!(%addr, "serving tasks.v1.TaskService, tasks.v1.WorkerService and tasks.v1.Admin")
-        }
-        Err(error) => tracing::warn!(%error, "serving on a listener without a local address"),
-    }
-    // Signalled when shutdown starts, to bound how long in-flight requests
-    // (and endless streams such as Health/Watch) may hold the exit.
-    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
-    // Bounds on what a connection may hold: dead peers are found by
-    // keepalive pings; streams, headers and calls are bounded.
-    let mut builder = Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        // A client may give up on every call it has open at once (a batch
-        // of calls cancelled together, all reset before the server took
-        // them); h2's default of 20 closed such a connection with
-        // ENHANCE_YOUR_CALM. A flood past what a connection may have open
-        // still is.
-        .http2_max_pending_accept_reset_streams(Some(MAX_STREAMS_PER_CONNECTION as usize))
-        .http2_max_header_list_size(Some(MAX_HEADER_BYTES))
-        // Each call's span: request id, method, trace context.
-        .trace_fn(crate::telemetry::request_span);
-    if let Some(tls) = &settings.tls {
-        builder = builder.tls_config(server_tls(tls)?)?;
-        tracing::info!(mtls = tls.client_ca.is_some(), "serving TLS");
-    }
-    // Every accepted socket answers without Nagle's delay (a small answer
-    // would otherwise wait for the peer's delayed ACK), has the kernel probe
-    // a silent peer, and is closed when idle or holding a call too long.
-    let connection_limits = settings.connection;
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(TCP_KEEPALIVE))
-        .map(move |accepted| accepted.map(|io| GuardedIo::new(io, connection_limits)));
-    let server = builder
-        .layer(
-            tower::ServiceBuilder::new()
-                .layer(RpcMetricsLayer)
-                .layer(ConnectionLayer::new(settings.request_timeout))
-                .layer(RewriteOversizeLayer)
-                .layer(require_keys)
-                .layer(rate_limits),
-        )
+    let router = transport::builder(settings.tls.as_ref())?
+        .layer(stack)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(RequireIdempotencyKeyLayer::new(policy.missing_key).layer(tasks))
+        .add_service(tasks)
         .add_service(workers)
-        .add_service(admin)
-        .serve_with_incoming_shutdown(incoming, async move {
+        .add_service(admin);
+    Ok(Built {
+        router,
+        reporter,
+        health_watcher,
+        events,
+    })
+}
+
+impl Built {
+    /// Serves on `listener` until `shutdown`, then for at most the shutdown
+    /// grace while in-flight requests finish.
+    async fn serve(
+        self,
+        listener: TcpListener,
+        settings: &Settings,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), StartupError> {
+        let Self {
+            router,
+            reporter,
+            health_watcher,
+            events,
+        } = self;
+        match listener.local_addr() {
+            Ok(addr) => {
+                tracing::info!(%addr, "serving tasks.v1.TaskService, tasks.v1.WorkerService and tasks.v1.Admin")
+            }
+            Err(error) => tracing::warn!(%error, "serving on a listener without a local address"),
+        }
+        // Signalled when shutdown starts, to bound how long in-flight requests
+        // (and endless streams such as Health/Watch) may hold the exit.
+        let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+        let incoming = transport::incoming(listener, settings.connection);
+        let server = router.serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             // Long polls and waits answer now rather than hold the exit.
             events.drain();
-            watcher_abort.abort();
+            health_watcher.abort();
             health::set_all(reporter.clone(), ServingStatus::NotServing).await;
             health::clear_all(reporter).await;
             tracing::info!("shutting down: finishing in-flight requests");
             let _ = draining_tx.send(());
         });
-    let grace = settings.shutdown_grace;
-    let deadline = async move {
-        if draining_rx.await.is_ok() {
-            tokio::time::sleep(grace).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    let result = tokio::select! {
-        result = server => result,
-        () = deadline => {
-            tracing::warn!(?grace, "requests still open after the shutdown grace period; stopping anyway");
-            Ok(())
-        }
-    };
-    watcher.abort();
-    key_refresher.abort();
-    if let Some(refresher) = legacy_refresher {
-        refresher.abort();
-    }
-    forgetter.abort();
-    drop(ops);
-    result?;
-    tracing::info!("stopped");
-    Ok(())
-}
-
-/// The server's TLS from its files: its identity, and the CA clients'
-/// certificates must be signed by, for mTLS.
-fn server_tls(files: &TlsFiles) -> Result<ServerTlsConfig, StartupError> {
-    let read = |path: &std::path::PathBuf| {
-        std::fs::read(path).map_err(|source| StartupError::TlsFile {
-            path: path.clone(),
-            source,
-        })
-    };
-    let mut config =
-        ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
-    if let Some(ca) = &files.client_ca {
-        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
-    }
-    Ok(config)
-}
-
-/// Like Redis's protected mode: with no key and no explicit setting, the
-/// server serves only a loopback address. Logs what the setting means.
-fn check_protection(
-    ring: &KeyRing,
-    mode: AuthMode,
-    addr: Option<std::net::SocketAddr>,
-) -> Result<(), StartupError> {
-    match mode {
-        AuthMode::Disabled => {
-            tracing::warn!(
-                "AUTH=disabled: every call is let in without an API key; only for a trusted network"
-            );
-        }
-        AuthMode::Required if !ring.any_key() => {
-            tracing::warn!(
-                "AUTH=required and no API key exists: every call but health and reflection is refused until one is created (`oncely keys create`)"
-            );
-        }
-        AuthMode::Auto if !ring.any_key() => match addr {
-            Some(addr) if addr.ip().is_loopback() => tracing::info!(
-                "no API key exists: serving without authentication on a loopback address; calls need keys as soon as one is created"
-            ),
-            // An address that is not loopback, or one that cannot be told:
-            // refuse rather than serve open.
-            addr => {
-                return Err(StartupError::Unprotected {
-                    addr: addr.unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
-                });
+        let grace = settings.shutdown_grace;
+        let deadline = async move {
+            if draining_rx.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
             }
-        },
-        _ => tracing::info!("calls need an API key"),
+        };
+        tokio::select! {
+            result = server => Ok(result?),
+            () = deadline => {
+                tracing::warn!(?grace, "requests still open after the shutdown grace period; stopping anyway");
+                Ok(())
+            }
+        }
     }
-    Ok(())
 }
 
-/// Reflection over our protos, the health protocol, and the `google.rpc`
-/// error details, so grpcurl can describe services and decode `ErrorInfo`.
-fn reflection() -> tonic_reflection::server::Builder<'static> {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+/// Every minute, forgets the callers and peers whose rate buckets are full
+/// again (see [`CallStack::forget_idle`]). Runs until aborted.
+async fn forget_idle_callers(stack: CallStack) {
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        ticker.tick().await;
+        stack.forget_idle();
+    }
+}
+
+/// Puts `task`, spawned by the code that owns it (the key ring's and the
+/// legacy records' refreshers), under `background`: aborted with the set.
+fn adopt(background: &mut JoinSet<()>, task: JoinHandle<()>) {
+    /// Aborts the task when dropped, as dropping a `JoinHandle` does not.
+    struct AbortOnDrop(AbortHandle);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let guard = AbortOnDrop(task.abort_handle());
+    background.spawn(async move {
+        let _guard = guard;
+        let _ = task.await;
+    });
 }
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C).

@@ -11,10 +11,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use opentelemetry::{
-    propagation::Extractor,
-    trace::{TraceContextExt, TracerProvider as _},
-};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
@@ -127,19 +124,6 @@ pub fn init(format: LogFormat) -> Telemetry {
     }
 }
 
-/// Reads W3C trace context from a request's headers (gRPC metadata).
-struct HeaderExtractor<'a>(&'a http::HeaderMap);
-
-impl Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(http::HeaderName::as_str).collect()
-    }
-}
-
 /// The span of one call, around everything the server does for it: a new
 /// request id, the method, and (recorded when known) the gRPC status code
 /// and the trace id. A `traceparent` in the metadata becomes its parent.
@@ -173,7 +157,7 @@ pub fn request_span(request: &http::Request<()>) -> tracing::Span {
         )
     };
     let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.extract(&HeaderExtractor(request.headers()))
+        propagator.extract(&opentelemetry_http::HeaderExtractor(request.headers()))
     });
     let incoming = parent.span().span_context().clone();
     // Fails only when traces are not exported; the trace id is logged anyway.

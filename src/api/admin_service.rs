@@ -4,7 +4,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     ServiceError,
-    reply::{Done, finish},
+    reply::{Success, finish},
 };
 use crate::{
     domain::CleanupQuery,
@@ -36,7 +36,7 @@ impl<S: Store> AdminApi<S> {
     async fn cleanup(
         &self,
         request: CleanupRequest,
-    ) -> Result<Done<CleanupResponse>, ServiceError> {
+    ) -> Result<Success<CleanupResponse>, ServiceError> {
         let query = CleanupQuery::parse(&request, self.policy.retention)
             .map_err(ServiceError::InvalidRequest)?;
         let span = tracing::Span::current();
@@ -62,7 +62,7 @@ impl<S: Store> AdminApi<S> {
         metrics().cleanup_deleted.inc_by(keyless);
         let deleted = keyed + keyless;
         span.record("deleted", deleted);
-        Ok(Done::Ok(CleanupResponse {
+        Ok(Success::Ok(CleanupResponse {
             deleted: i64::try_from(deleted).unwrap_or(i64::MAX),
         }))
     }

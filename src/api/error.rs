@@ -8,7 +8,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
     domain::{FieldViolation, TaskId},
-    idempotency::KeyError,
+    idempotency::IdempotencyKeyError,
     queue::{QueueError, Refusal},
     storage::StorageError,
     telemetry::chain,
@@ -31,7 +31,7 @@ pub enum ServiceError {
     KeyMissing,
     /// A malformed key.
     #[error("{0}")]
-    KeyInvalid(#[from] KeyError),
+    KeyInvalid(#[from] IdempotencyKeyError),
     /// A request that breaks the field rules.
     #[error("the request is invalid: {}", summary(.0))]
     InvalidRequest(Vec<FieldViolation>),

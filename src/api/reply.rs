@@ -12,13 +12,13 @@ use std::{
 use bytes::Bytes;
 use tonic::{Response, Status, body::Body, metadata::MetadataValue};
 
-use super::ServiceError;
+use super::{ServiceError, rpc::Rpc};
 use crate::{idempotency::KeySource, metrics::metrics};
 use oncely_client::metadata::{IDEMPOTENCY_KEY_SOURCE, IDEMPOTENT_REPLAYED};
 
 /// A successful answer and what it was.
 #[derive(Debug)]
-pub(super) enum Done<T> {
+pub(super) enum Success<T> {
     /// CreateTask created the task.
     Created(T),
     /// CreateTask answered with the first request's stored response: the
@@ -35,7 +35,7 @@ pub(super) enum Done<T> {
 pub(super) struct AnswerSize(pub(super) usize);
 
 /// A replay's response exactly as stored, in the response's extensions:
-/// the key layer sends these bytes as the message, in place of what tonic
+/// the idempotency key gate sends these bytes as the message, in place of what tonic
 /// encoded (the message as this build reads it), so that a replay is byte for byte the first
 /// response even when another build wrote it with fields this one does not
 /// know.
@@ -101,21 +101,21 @@ impl http_body::Body for StoredBody {
 /// error. `source` is set for CreateTask, whose answers (errors included)
 /// say which rule deduplicated the request.
 pub(super) fn finish<T: prost::Message>(
-    result: Result<Done<T>, ServiceError>,
+    result: Result<Success<T>, ServiceError>,
     source: Option<KeySource<'_>>,
 ) -> Result<Response<T>, Status> {
     let span = tracing::Span::current();
     match result {
         Ok(done) => {
             let (message, stored, outcome, replayed) = match done {
-                Done::Created(message) => (message, None, "created", Some("false")),
+                Success::Created(message) => (message, None, "created", Some("false")),
                 // The decoded message stays in the response, so that a caller
-                // without the key layer still gets the task; the key layer
+                // without the idempotency key gate still gets the task; the gate
                 // drops its encoding unread and sends the stored bytes.
-                Done::Replayed(message, stored) => {
+                Success::Replayed(message, stored) => {
                     (message, Some(stored), "replayed", Some("true"))
                 }
-                Done::Ok(message) => (message, None, "ok", None),
+                Success::Ok(message) => (message, None, "ok", None),
             };
             span.record("outcome", outcome);
             if let Some(source) = source {
@@ -151,12 +151,12 @@ pub(super) fn finish<T: prost::Message>(
     }
 }
 
-/// Refuses a request before it reaches its service (in the key layer,
-/// outside any RPC span): logs one line and maps the error. `source` names
+/// Refuses a request before it reaches its service (in a gate, outside
+/// any RPC span): logs one line and maps the error. `source` names
 /// the rule that applied, if any did.
-pub(super) fn refuse(method: &str, error: ServiceError, source: Option<&'static str>) -> Status {
+pub(super) fn refuse(rpc: &Rpc, error: ServiceError, source: Option<&'static str>) -> Status {
     tracing::info!(
-        rpc.method = method,
+        rpc.method = rpc.path(),
         outcome = error.outcome(),
         error = %error,
         "request refused"

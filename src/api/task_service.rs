@@ -5,8 +5,9 @@ use tonic::{Request, Response, Status};
 
 use super::{
     ServiceError,
+    api_key_gate::caller_and_message,
     deadline::bounded_wait,
-    reply::{Done, finish},
+    reply::{Success, finish},
 };
 use crate::{
     auth::KeyRing,
@@ -73,7 +74,7 @@ impl<S: Store> TaskApi<S> {
         source: KeySource<'_>,
         caller: Option<&Principal>,
         request: CreateTaskRequest,
-    ) -> Result<Done<Task>, ServiceError> {
+    ) -> Result<Success<Task>, ServiceError> {
         if source == KeySource::Fingerprint && self.policy.missing_key == MissingKeyPolicy::Reject {
             return Err(ServiceError::KeyMissing);
         }
@@ -127,8 +128,8 @@ impl<S: Store> TaskApi<S> {
         )
         .await?
         {
-            Outcome::Created(task) => Done::Created(task),
-            Outcome::Replayed(bytes) => Done::Replayed(
+            Outcome::Created(task) => Success::Created(task),
+            Outcome::Replayed(bytes) => Success::Replayed(
                 Task::decode(bytes.as_slice())
                     .map_err(|e| StorageError::Corrupt(format!("stored response: {e}")))?,
                 bytes,
@@ -136,7 +137,7 @@ impl<S: Store> TaskApi<S> {
             Outcome::Mismatch => return Err(ServiceError::KeyReused),
             Outcome::InFlight => return Err(ServiceError::InProgress),
         };
-        if let Done::Created(task) | Done::Replayed(task, _) = &done {
+        if let Success::Created(task) | Success::Replayed(task, _) = &done {
             span.record("task_id", task.task_id.as_str());
         }
         Ok(done)
@@ -146,9 +147,9 @@ impl<S: Store> TaskApi<S> {
         &self,
         caller: Option<&Principal>,
         request: GetTaskRequest,
-    ) -> Result<Done<Task>, ServiceError> {
+    ) -> Result<Success<Task>, ServiceError> {
         let task_id = TaskId::parse(&request).map_err(ServiceError::InvalidRequest)?;
-        Ok(Done::Ok(
+        Ok(Success::Ok(
             self.visible_task(caller, task_id).await?.to_task(),
         ))
     }
@@ -186,7 +187,7 @@ impl<S: Store> TaskApi<S> {
         &self,
         caller: Option<&Principal>,
         request: ListTasksRequest,
-    ) -> Result<Done<ListTasksResponse>, ServiceError> {
+    ) -> Result<Success<ListTasksResponse>, ServiceError> {
         let query = ListQuery::parse(request).map_err(ServiceError::InvalidRequest)?;
         if caller.is_some_and(|c| !c.may_act_for(&query.agent_id)) {
             return Err(ServiceError::NotFound(format!(
@@ -226,7 +227,7 @@ impl<S: Store> TaskApi<S> {
             Some(seq) if more => PageToken(seq).encode(),
             _ => String::new(),
         };
-        Ok(Done::Ok(ListTasksResponse {
+        Ok(Success::Ok(ListTasksResponse {
             tasks,
             next_page_token,
         }))
@@ -234,7 +235,7 @@ impl<S: Store> TaskApi<S> {
 }
 
 impl<S: Store> TaskApi<S> {
-    async fn wait(&self, request: Request<WaitTaskRequest>) -> Result<Done<Task>, ServiceError> {
+    async fn wait(&self, request: Request<WaitTaskRequest>) -> Result<Success<Task>, ServiceError> {
         let query = WaitQuery::parse(request.get_ref()).map_err(ServiceError::InvalidRequest)?;
         let wait = bounded_wait(
             request.metadata(),
@@ -247,21 +248,21 @@ impl<S: Store> TaskApi<S> {
         let task = queue::wait_task(&self.store, query.task_id.0, wait, self.queue.recheck)
             .await
             .map_err(|e| ServiceError::from_queue(e, query.task_id))?;
-        Ok(Done::Ok(task.to_task()))
+        Ok(Success::Ok(task.to_task()))
     }
 
     async fn cancel(
         &self,
         caller: Option<&Principal>,
         request: CancelTaskRequest,
-    ) -> Result<Done<Task>, ServiceError> {
+    ) -> Result<Success<Task>, ServiceError> {
         let task_id = TaskId::parse_cancel(&request).map_err(ServiceError::InvalidRequest)?;
         tracing::Span::current().record("task_id", tracing::field::display(task_id));
         self.check_visible(caller, task_id).await?;
         let task = queue::cancel_task(&self.store, task_id.0)
             .await
             .map_err(|e| ServiceError::from_queue(e, task_id))?;
-        Ok(Done::Ok(task.to_task()))
+        Ok(Success::Ok(task.to_task()))
     }
 }
 
@@ -276,8 +277,8 @@ impl<S: Store> TaskService for TaskApi<S> {
         &self,
         request: Request<CreateTaskRequest>,
     ) -> Result<Response<Task>, Status> {
-        // The key layer puts a valid key there, or none when the policy lets
-        // keyless requests through.
+        // The idempotency key gate puts a valid key there, or none when the
+        // policy lets keyless requests through.
         let key = request.extensions().get::<IdempotencyKey>().cloned();
         let caller = request.extensions().get::<Principal>().cloned();
         let source = key
@@ -293,8 +294,8 @@ impl<S: Store> TaskService for TaskApi<S> {
 
     #[tracing::instrument(name = "GetTask", skip_all, fields(rpc.method = "GetTask", outcome))]
     async fn get_task(&self, request: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
-        let caller = request.extensions().get::<Principal>().cloned();
-        finish(self.get(caller.as_ref(), request.into_inner()).await, None)
+        let (caller, message) = caller_and_message(request);
+        finish(self.get(caller.as_ref(), message).await, None)
     }
 
     #[tracing::instrument(name = "WaitTask", skip_all, fields(rpc.method = "WaitTask", outcome, task_id))]
@@ -307,11 +308,8 @@ impl<S: Store> TaskService for TaskApi<S> {
         &self,
         request: Request<CancelTaskRequest>,
     ) -> Result<Response<Task>, Status> {
-        let caller = request.extensions().get::<Principal>().cloned();
-        finish(
-            self.cancel(caller.as_ref(), request.into_inner()).await,
-            None,
-        )
+        let (caller, message) = caller_and_message(request);
+        finish(self.cancel(caller.as_ref(), message).await, None)
     }
 
     #[tracing::instrument(name = "ListTasks", skip_all, fields(rpc.method = "ListTasks", outcome))]
@@ -319,7 +317,7 @@ impl<S: Store> TaskService for TaskApi<S> {
         &self,
         request: Request<ListTasksRequest>,
     ) -> Result<Response<ListTasksResponse>, Status> {
-        let caller = request.extensions().get::<Principal>().cloned();
-        finish(self.list(caller.as_ref(), request.into_inner()).await, None)
+        let (caller, message) = caller_and_message(request);
+        finish(self.list(caller.as_ref(), message).await, None)
     }
 }

@@ -4,8 +4,9 @@ use tonic::{Request, Response, Status};
 
 use super::{
     ServiceError,
+    api_key_gate::caller_and_message,
     deadline::bounded_wait,
-    reply::{Done, finish},
+    reply::{Success, finish},
 };
 use crate::{
     domain::{
@@ -42,7 +43,7 @@ impl<S: Store> WorkerApi<S> {
     async fn lease(
         &self,
         request: Request<LeaseTasksRequest>,
-    ) -> Result<Done<LeaseTasksResponse>, ServiceError> {
+    ) -> Result<Success<LeaseTasksResponse>, ServiceError> {
         let request_timeout = self.policy.request_timeout;
         let wait_cap = |wanted| bounded_wait(request.metadata(), wanted, request_timeout);
         let mut query = LeaseQuery::parse(request.get_ref().clone(), self.policy.default_lease)
@@ -55,7 +56,7 @@ impl<S: Store> WorkerApi<S> {
         span.record("worker_id", echo_segment(&query.worker_id).as_str());
         let leased = queue::lease_tasks(&self.store, &query, &self.policy, wait).await?;
         span.record("leased", leased.len());
-        Ok(Done::Ok(LeaseTasksResponse {
+        Ok(Success::Ok(LeaseTasksResponse {
             leases: leased.iter().map(lease).collect(),
         }))
     }
@@ -81,7 +82,7 @@ impl<S: Store> WorkerApi<S> {
         &self,
         caller: Option<&Principal>,
         request: RenewLeaseRequest,
-    ) -> Result<Done<Lease>, ServiceError> {
+    ) -> Result<Success<Lease>, ServiceError> {
         let renewal = Renewal::parse(&request, self.policy.default_lease)
             .map_err(ServiceError::InvalidRequest)?;
         let task_id = renewal.lease.task_id;
@@ -90,14 +91,14 @@ impl<S: Store> WorkerApi<S> {
         let task = queue::renew_lease(&self.store, &renewal)
             .await
             .map_err(|e| ServiceError::from_queue(e, task_id))?;
-        Ok(Done::Ok(lease(&task)))
+        Ok(Success::Ok(lease(&task)))
     }
 
     async fn complete(
         &self,
         caller: Option<&Principal>,
         request: CompleteTaskRequest,
-    ) -> Result<Done<Task>, ServiceError> {
+    ) -> Result<Success<Task>, ServiceError> {
         let completion =
             Completion::parse(&request, &self.limits).map_err(ServiceError::InvalidRequest)?;
         let task_id = completion.lease.task_id;
@@ -106,14 +107,14 @@ impl<S: Store> WorkerApi<S> {
         let task = queue::complete_task(&self.store, &completion)
             .await
             .map_err(|e| ServiceError::from_queue(e, task_id))?;
-        Ok(Done::Ok(task.to_task()))
+        Ok(Success::Ok(task.to_task()))
     }
 
     async fn fail(
         &self,
         caller: Option<&Principal>,
         request: FailTaskRequest,
-    ) -> Result<Done<Task>, ServiceError> {
+    ) -> Result<Success<Task>, ServiceError> {
         let failure = Failure::parse(&request).map_err(ServiceError::InvalidRequest)?;
         let task_id = failure.lease.task_id;
         record_task(task_id);
@@ -122,7 +123,7 @@ impl<S: Store> WorkerApi<S> {
             .await
             .map_err(|e| ServiceError::from_queue(e, task_id))?;
         tracing::Span::current().record("status", task.status);
-        Ok(Done::Ok(task.to_task()))
+        Ok(Success::Ok(task.to_task()))
     }
 }
 
@@ -179,11 +180,8 @@ impl<S: Store> WorkerService for WorkerApi<S> {
         &self,
         request: Request<RenewLeaseRequest>,
     ) -> Result<Response<Lease>, Status> {
-        let caller = request.extensions().get::<Principal>().cloned();
-        finish(
-            self.renew(caller.as_ref(), request.into_inner()).await,
-            None,
-        )
+        let (caller, message) = caller_and_message(request);
+        finish(self.renew(caller.as_ref(), message).await, None)
     }
 
     #[tracing::instrument(
@@ -195,16 +193,13 @@ impl<S: Store> WorkerService for WorkerApi<S> {
         &self,
         request: Request<CompleteTaskRequest>,
     ) -> Result<Response<Task>, Status> {
-        let caller = request.extensions().get::<Principal>().cloned();
-        finish(
-            self.complete(caller.as_ref(), request.into_inner()).await,
-            None,
-        )
+        let (caller, message) = caller_and_message(request);
+        finish(self.complete(caller.as_ref(), message).await, None)
     }
 
     #[tracing::instrument(name = "FailTask", skip_all, fields(rpc.method = "FailTask", outcome, task_id, status))]
     async fn fail_task(&self, request: Request<FailTaskRequest>) -> Result<Response<Task>, Status> {
-        let caller = request.extensions().get::<Principal>().cloned();
-        finish(self.fail(caller.as_ref(), request.into_inner()).await, None)
+        let (caller, message) = caller_and_message(request);
+        finish(self.fail(caller.as_ref(), message).await, None)
     }
 }

@@ -12,7 +12,7 @@ pub struct IdempotencyKey(String);
 
 /// Why a key was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum KeyError {
+pub enum IdempotencyKeyError {
     /// The key is the empty string.
     #[error("the idempotency-key is empty; send a UUID v4")]
     Empty,
@@ -31,20 +31,20 @@ pub enum KeyError {
 
 impl IdempotencyKey {
     /// Parses a key from raw metadata bytes.
-    pub fn parse(bytes: &[u8]) -> Result<Self, KeyError> {
+    pub fn parse(bytes: &[u8]) -> Result<Self, IdempotencyKeyError> {
         if bytes.is_empty() {
-            return Err(KeyError::Empty);
+            return Err(IdempotencyKeyError::Empty);
         }
         if bytes.len() > MAX_KEY_LEN {
-            return Err(KeyError::TooLong(bytes.len()));
+            return Err(IdempotencyKeyError::TooLong(bytes.len()));
         }
         if let Some(at) = bytes.iter().position(|b| !(0x21..=0x7e).contains(b)) {
-            return Err(KeyError::BadCharacter(at));
+            return Err(IdempotencyKeyError::BadCharacter(at));
         }
         // Every byte is ASCII, so this cannot fail; map instead of unwrapping.
         std::str::from_utf8(bytes)
             .map(|s| Self(s.to_owned()))
-            .map_err(|e| KeyError::BadCharacter(e.valid_up_to()))
+            .map_err(|e| IdempotencyKeyError::BadCharacter(e.valid_up_to()))
     }
 
     /// The key as a string.
@@ -54,7 +54,7 @@ impl IdempotencyKey {
 }
 
 impl TryFrom<&str> for IdempotencyKey {
-    type Error = KeyError;
+    type Error = IdempotencyKeyError;
 
     fn try_from(value: &str) -> Result<Self, Self::Error> {
         Self::parse(value.as_bytes())
@@ -91,22 +91,25 @@ mod tests {
 
     #[test]
     fn bad_keys_are_refused_with_the_reason() {
-        assert_eq!(IdempotencyKey::try_from(""), Err(KeyError::Empty));
+        assert_eq!(
+            IdempotencyKey::try_from(""),
+            Err(IdempotencyKeyError::Empty)
+        );
         assert_eq!(
             IdempotencyKey::try_from("a".repeat(256).as_str()),
-            Err(KeyError::TooLong(256))
+            Err(IdempotencyKeyError::TooLong(256))
         );
         assert_eq!(
             IdempotencyKey::try_from("a b"),
-            Err(KeyError::BadCharacter(1))
+            Err(IdempotencyKeyError::BadCharacter(1))
         );
         assert_eq!(
             IdempotencyKey::try_from("ab\u{7f}"),
-            Err(KeyError::BadCharacter(2))
+            Err(IdempotencyKeyError::BadCharacter(2))
         );
         assert_eq!(
             IdempotencyKey::try_from("é"),
-            Err(KeyError::BadCharacter(0))
+            Err(IdempotencyKeyError::BadCharacter(0))
         );
     }
 }

@@ -20,7 +20,7 @@ pub mod policy;
 pub use cache::ReplayCache;
 pub use create::{ClaimTarget, Creation, Legacy, Outcome, create_task};
 pub use fingerprint::Fingerprint;
-pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
+pub use key::{IdempotencyKey, IdempotencyKeyError, MAX_KEY_LEN};
 pub use legacy::LegacyRecords;
 pub use policy::{
     CREATE_TASK_SCOPE, KEYLESS_CREATE_TASK_SCOPE, KeyPolicy, KeySource, LegacyScope,

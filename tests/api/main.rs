@@ -42,6 +42,7 @@ mod health;
 mod in_flight;
 mod key_scope;
 mod keyless;
+mod layer_order;
 mod lease_cut;
 mod limits;
 mod metrics;

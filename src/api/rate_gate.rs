@@ -14,9 +14,7 @@ use std::{
     collections::HashMap,
     future::Future,
     num::NonZeroU32,
-    pin::Pin,
     sync::{Arc, Mutex},
-    task::{Context, Poll},
     time::Duration,
 };
 
@@ -24,19 +22,17 @@ use governor::{
     DefaultKeyedRateLimiter, Quota, RateLimiter,
     clock::{Clock, DefaultClock},
 };
-use tokio::sync::Semaphore;
-use tonic::body::Body;
-use tower::{Layer, Service};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::{Status, body::Body};
 
 use super::{
     ServiceError,
-    connection::{hold_until_sent, peer_ip},
+    connection::peer_ip,
+    gate::{Gate, hold_until_sent},
     reply::{self, AnswerSize},
+    rpc::{Method, Rpc},
 };
 use crate::domain::Principal;
-
-/// The one call whose answer is never dropped to shed load.
-const LEASE_TASKS_PATH: &str = "/tasks.v1.WorkerService/LeaseTasks";
 
 /// How long a shed call is asked to wait before coming back.
 const SHED_RETRY: Duration = Duration::from_secs(1);
@@ -57,9 +53,9 @@ pub struct RateLimits {
     pub max_answer_bytes: usize,
 }
 
-/// Adds [`RateLimit`] around a service.
+/// Refuses calls past the limits; see the module.
 #[derive(Debug, Clone)]
-pub struct RateLimitLayer {
+pub struct RateGate {
     limiter: Option<Arc<DefaultKeyedRateLimiter<String>>>,
     in_flight: Arc<Semaphore>,
     callers: Arc<OpenCalls>,
@@ -116,8 +112,8 @@ impl Drop for CallerPlace {
     }
 }
 
-impl RateLimitLayer {
-    /// A layer enforcing `limits`.
+impl RateGate {
+    /// A gate enforcing `limits`.
     pub fn new(limits: RateLimits) -> Self {
         let limiter = limits.per_second.map(|rate| {
             Arc::new(RateLimiter::keyed(
@@ -146,24 +142,6 @@ impl RateLimitLayer {
     }
 }
 
-impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimit<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RateLimit {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-/// See [`RateLimitLayer`].
-#[derive(Debug, Clone)]
-pub struct RateLimit<S> {
-    inner: S,
-    layer: RateLimitLayer,
-}
-
 /// Who a call counts against: its API key, or its peer's address.
 fn caller<B>(request: &http::Request<B>) -> String {
     if let Some(principal) = request.extensions().get::<Principal>() {
@@ -172,75 +150,83 @@ fn caller<B>(request: &http::Request<B>) -> String {
     peer_ip(request).map_or_else(|| "peer:unknown".to_owned(), |ip| format!("peer:{ip}"))
 }
 
-/// Whether the limits apply to `path`: not to health and reflection.
-fn limited(path: &str) -> bool {
-    path.starts_with("/tasks.v1.")
+/// What a call that passed the limits holds until its answer is sent.
+#[derive(Debug)]
+pub struct Places {
+    /// Its place among the calls the server works on.
+    _permit: OwnedSemaphorePermit,
+    /// Its place among its caller's open calls.
+    _place: CallerPlace,
+    /// The answers' allowance, to take the answer's bytes from.
+    answer_bytes: Arc<Semaphore>,
+    /// The most bytes one answer takes of the allowance.
+    max_answer_bytes: u32,
 }
 
-impl<S, B> Service<http::Request<B>> for RateLimit<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+impl Gate for RateGate {
+    /// `None` for calls the limits do not apply to: health and reflection.
+    type Pass = Option<Places>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let path = request.uri().path().to_owned();
-        if !limited(&path) {
-            return Box::pin(self.inner.call(request));
+    fn check<B>(&self, rpc: &Rpc, request: &mut http::Request<B>) -> Result<Self::Pass, Status> {
+        if !rpc.is_api() {
+            return Ok(None);
         }
-        let caller = caller(&request);
-        if let Some(limiter) = &self.layer.limiter
+        let caller = caller(request);
+        if let Some(limiter) = &self.limiter
             && let Err(not_until) = limiter.check_key(&caller)
         {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
-            let response = reply::refuse(&path, ServiceError::RateLimited(wait), None).into_http();
-            return Box::pin(async move { Ok(response) });
+            return Err(reply::refuse(rpc, ServiceError::RateLimited(wait), None));
         }
-        let Ok(permit) = self.layer.in_flight.clone().try_acquire_owned() else {
-            let response =
-                reply::refuse(&path, ServiceError::Overloaded(SHED_RETRY), None).into_http();
-            return Box::pin(async move { Ok(response) });
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            return Err(reply::refuse(
+                rpc,
+                ServiceError::Overloaded(SHED_RETRY),
+                None,
+            ));
         };
-        let place = match self.layer.callers.enter(caller) {
-            Ok(place) => place,
-            Err(open) => {
-                let response =
-                    reply::refuse(&path, ServiceError::CallerBusy(open, SHED_RETRY), None)
-                        .into_http();
-                return Box::pin(async move { Ok(response) });
+        let place = self
+            .callers
+            .enter(caller)
+            .map_err(|open| reply::refuse(rpc, ServiceError::CallerBusy(open, SHED_RETRY), None))?;
+        Ok(Some(Places {
+            _permit: permit,
+            _place: place,
+            answer_bytes: Arc::clone(&self.answer_bytes),
+            max_answer_bytes: self.max_answer_bytes,
+        }))
+    }
+
+    async fn answer<E, F>(
+        rpc: Rpc,
+        places: Self::Pass,
+        answer: F,
+    ) -> Result<http::Response<Body>, E>
+    where
+        E: Send + 'static,
+        F: Future<Output = Result<http::Response<Body>, E>> + Send + 'static,
+    {
+        let response = answer.await?;
+        let Some(places) = places else {
+            return Ok(response);
+        };
+        // The answer's bytes count until they are sent; one answer may
+        // take the whole allowance. Leases are sent whatever the count:
+        // dropping one would strand its tasks until their leases ran out.
+        let size = response
+            .extensions()
+            .get::<AnswerSize>()
+            .map_or(0, |size| u32::try_from(size.0).unwrap_or(u32::MAX))
+            .min(places.max_answer_bytes);
+        let bytes = match Arc::clone(&places.answer_bytes).try_acquire_many_owned(size) {
+            Ok(bytes) => Some(bytes),
+            Err(_) if rpc.is(Method::LeaseTasks) => None,
+            Err(_) => {
+                return Ok(
+                    reply::refuse(&rpc, ServiceError::Overloaded(SHED_RETRY), None).into_http(),
+                );
             }
         };
-        let answer = self.inner.call(request);
-        let answer_bytes = self.layer.answer_bytes.clone();
-        let max_answer_bytes = self.layer.max_answer_bytes;
-        Box::pin(async move {
-            let response = answer.await?;
-            // The answer's bytes count until they are sent; one answer may
-            // take the whole allowance. Leases are sent whatever the count:
-            // dropping one would strand its tasks until their leases ran out.
-            let size = response
-                .extensions()
-                .get::<AnswerSize>()
-                .map_or(0, |size| u32::try_from(size.0).unwrap_or(u32::MAX))
-                .min(max_answer_bytes);
-            let bytes = match answer_bytes.try_acquire_many_owned(size) {
-                Ok(bytes) => Some(bytes),
-                Err(_) if path == LEASE_TASKS_PATH => None,
-                Err(_) => {
-                    return Ok(
-                        reply::refuse(&path, ServiceError::Overloaded(SHED_RETRY), None)
-                            .into_http(),
-                    );
-                }
-            };
-            Ok(hold_until_sent(response, (permit, place, bytes)))
-        })
+        Ok(hold_until_sent(response, (places, bytes)))
     }
 }

@@ -10,49 +10,54 @@ use std::{
 };
 
 use http_body::Frame;
-use tonic::body::Body;
-use tower::{Layer, Service};
+use tonic::{Status, body::Body};
 
-use crate::metrics::{HandledLabels, RpcLabels, grpc_code_name, metrics, rpc_of_path};
-
-/// Adds [`RpcMetrics`] around a service.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RpcMetricsLayer;
-
-impl<S> Layer<S> for RpcMetricsLayer {
-    type Service = RpcMetrics<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RpcMetrics { inner }
-    }
-}
+use super::{
+    gate::Gate,
+    rpc::{Method, Rpc},
+};
+use crate::metrics::{HandledLabels, RpcLabels, grpc_code_name, metrics};
 
 /// Counts each call when it starts and when its status is known.
-#[derive(Debug, Clone)]
-pub struct RpcMetrics<S> {
-    inner: S,
+#[derive(Debug, Clone, Copy)]
+pub struct RpcMetrics;
+
+impl RpcMetrics {
+    /// Creates every method's series at zero, so that rates and alerts
+    /// work from the start.
+    pub fn new() -> Self {
+        for method in Method::ALL {
+            metrics().precreate_rpc(labels(method));
+        }
+        Self
+    }
 }
 
-impl<S, B> Service<http::Request<B>> for RpcMetrics<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+impl Default for RpcMetrics {
+    fn default() -> Self {
+        Self::new()
     }
+}
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let call = rpc_of_path(request.uri().path()).map(|(grpc_type, service, method)| Call {
-            labels: RpcLabels {
-                grpc_type,
-                grpc_service: service,
-                grpc_method: method,
-            },
+/// The labels of `method`'s series: the server's own names, so a call's
+/// labels need no allocation.
+fn labels(method: Method) -> RpcLabels {
+    RpcLabels {
+        grpc_type: method.streaming().label(),
+        grpc_service: method.service().name(),
+        grpc_method: method.name(),
+    }
+}
+
+impl Gate for RpcMetrics {
+    /// `None` for a path that names no method the server has (as
+    /// go-grpc-prometheus counts only registered methods), so that calls
+    /// to made-up paths cannot make new series without end.
+    type Pass = Option<Call>;
+
+    fn check<B>(&self, rpc: &Rpc, _request: &mut http::Request<B>) -> Result<Self::Pass, Status> {
+        let call = rpc.method().map(|method| Call {
+            labels: labels(method),
             started: Instant::now(),
             span: tracing::Span::none(),
             done: false,
@@ -60,46 +65,52 @@ where
         if let Some(call) = &call {
             metrics().rpc_started.get_or_create(&call.labels).inc();
         }
-        let answer = self.inner.call(request);
-        Box::pin(async move {
-            // The call's span (see telemetry::request_span), to record the
-            // status in; held until then.
-            let call = call.map(|mut call| {
-                call.span = tracing::Span::current();
-                call
-            });
-            let response = match answer.await {
-                Ok(response) => response,
-                Err(error) => {
-                    if let Some(call) = call {
-                        call.finish(UNKNOWN);
-                    }
-                    return Err(error);
+        Ok(call)
+    }
+
+    async fn answer<E, F>(_rpc: Rpc, call: Self::Pass, answer: F) -> Result<http::Response<Body>, E>
+    where
+        E: Send + 'static,
+        F: Future<Output = Result<http::Response<Body>, E>> + Send + 'static,
+    {
+        // The call's span (see telemetry::request_span), to record the
+        // status in; held until then.
+        let call = call.map(|mut call| {
+            call.span = tracing::Span::current();
+            call
+        });
+        let response = match answer.await {
+            Ok(response) => response,
+            Err(error) => {
+                if let Some(call) = call {
+                    call.finish(UNKNOWN);
                 }
-            };
-            let Some(call) = call else {
-                return Ok(response);
-            };
-            // An error before any message is a trailers-only answer: the
-            // status is in the headers. Otherwise it comes in the trailers.
-            if let Some(code) = grpc_status(response.headers()) {
-                call.finish(code);
-                return Ok(response);
+                return Err(error);
             }
-            Ok(response.map(|body| {
-                Body::new(MeteredBody {
-                    inner: body,
-                    call: Some(call),
-                })
-            }))
-        })
+        };
+        let Some(call) = call else {
+            return Ok(response);
+        };
+        // An error before any message is a trailers-only answer: the
+        // status is in the headers. Otherwise it comes in the trailers.
+        if let Some(code) = grpc_status(response.headers()) {
+            call.finish(code);
+            return Ok(response);
+        }
+        Ok(response.map(|body| {
+            Body::new(MeteredBody {
+                inner: body,
+                call: Some(call),
+            })
+        }))
     }
 }
 
 /// One call being counted; dropped before its status was known (the
 /// client went away, its deadline passed, the connection closed), it counts
 /// as `Canceled`.
-struct Call {
+#[derive(Debug)]
+pub struct Call {
     labels: RpcLabels,
     started: Instant,
     span: tracing::Span,

@@ -1,0 +1,87 @@
+//! The transport: the tonic server's bounds on what a connection may hold,
+//! its TLS, the accepted sockets, and reflection.
+
+use tokio::net::TcpListener;
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
+
+use super::StartupError;
+use crate::{
+    api::{ConnectionLimits, GuardedIo},
+    config::TlsFiles,
+    proto::FILE_DESCRIPTOR_SET,
+};
+
+/// The most calls one connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// The largest header block (metadata) a call may send, in bytes.
+const MAX_HEADER_BYTES: u32 = 16 * 1024;
+/// How long a connection may be silent before the kernel probes whether its
+/// peer is still there.
+const TCP_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The server builder with the bounds on what a connection may hold, each
+/// call's span, and TLS when `tls` names its files.
+pub(super) fn builder(tls: Option<&TlsFiles>) -> Result<Server, StartupError> {
+    // Dead peers are found by keepalive pings; streams, headers and calls
+    // are bounded.
+    let builder = Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        // A client may give up on every call it has open at once (a batch
+        // of calls cancelled together, all reset before the server took
+        // them); h2's default of 20 closed such a connection with
+        // ENHANCE_YOUR_CALM. A flood past what a connection may have open
+        // still is.
+        .http2_max_pending_accept_reset_streams(Some(MAX_STREAMS_PER_CONNECTION as usize))
+        .http2_max_header_list_size(Some(MAX_HEADER_BYTES))
+        // Each call's span: request id, method, trace context.
+        .trace_fn(crate::telemetry::request_span);
+    let Some(tls) = tls else {
+        return Ok(builder);
+    };
+    let builder = builder.tls_config(server_tls(tls)?)?;
+    tracing::info!(mtls = tls.client_ca.is_some(), "serving TLS");
+    Ok(builder)
+}
+
+/// The sockets `listener` accepts: every one answers without Nagle's delay
+/// (a small answer would otherwise wait for the peer's delayed ACK), has
+/// the kernel probe a silent peer, and is closed when idle or holding a
+/// call too long.
+pub(super) fn incoming(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+) -> impl Stream<Item = std::io::Result<GuardedIo>> {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE))
+        .map(move |accepted| accepted.map(|io| GuardedIo::new(io, limits)))
+}
+
+/// The server's TLS from its files: its identity, and the CA clients'
+/// certificates must be signed by, for mTLS.
+fn server_tls(files: &TlsFiles) -> Result<ServerTlsConfig, StartupError> {
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read(path).map_err(|source| StartupError::TlsFile {
+            path: path.clone(),
+            source,
+        })
+    };
+    let mut config =
+        ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
+    if let Some(ca) = &files.client_ca {
+        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(config)
+}
+
+/// Reflection over our protos, the health protocol, and the `google.rpc`
+/// error details, so grpcurl can describe services and decode `ErrorInfo`.
+pub(super) fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+}
