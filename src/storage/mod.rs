@@ -8,6 +8,8 @@
 //! Query style: runtime-checked `sqlx::query` with binds, so building needs no
 //! database; the integration tests exercise every statement on both backends.
 
+#[macro_use]
+mod status;
 mod error;
 mod events;
 pub mod postgres;
@@ -24,6 +26,7 @@ pub use events::TaskEvents;
 pub use postgres::PgStore;
 pub use settings::{Backend, DatabaseSettings, redact_url};
 pub use sqlite::SqliteStore;
+pub use status::StoredStatus;
 
 use crate::domain::{ApiKeyRecord, Completion, Failure, LeaseRef, TaskRecord};
 
@@ -285,8 +288,7 @@ fn count_leases(leased: &[TaskRecord], failed: usize, max_attempts: i32) {
 /// Tasks by status and the oldest wait, as [`Store::queue_stats`] reads them.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct QueueStats {
-    /// Tasks of each status, by stored number less one: queued, running,
-    /// succeeded, failed, cancelled.
+    /// Tasks of each status, in the order of [`StoredStatus::ALL`].
     pub by_status: [i64; 5],
     /// How long the oldest queued task that may be leased now has waited
     /// for a worker, in seconds; 0 when none.
@@ -294,14 +296,22 @@ pub struct QueueStats {
 }
 
 impl QueueStats {
-    /// Adds `count` tasks of stored status `status` (others are ignored).
-    pub fn add(&mut self, status: i64, count: i64) {
-        if let Some(slot) = usize::try_from(status - 1)
-            .ok()
-            .and_then(|i| self.by_status.get_mut(i))
+    /// Adds `count` tasks of stored status `code` (a number this build
+    /// does not know is ignored).
+    pub fn add(&mut self, code: i64, count: i64) {
+        if let Some(place) = StoredStatus::from_code(code)
+            .and_then(|status| StoredStatus::ALL.iter().position(|s| *s == status))
         {
-            *slot += count;
+            self.by_status[place] += count;
         }
+    }
+
+    /// How many tasks have `status`.
+    pub fn count(&self, status: StoredStatus) -> i64 {
+        StoredStatus::ALL
+            .iter()
+            .position(|s| *s == status)
+            .map_or(0, |place| self.by_status[place])
     }
 }
 

@@ -40,16 +40,20 @@ pub async fn lease_candidates(
     limit: i64,
     excluded: &[Uuid],
 ) -> Result<Vec<Candidate>, StorageError> {
-    let rows = sqlx::query(
+    let rows = sqlx::query(concat!(
         "SELECT task_id, coalesce(parameters_bytes, octet_length(parameters::text))::int8 AS size, \
-                status = 2 AS running, attempt \
+                status = ",
+        status!(running),
+        " AS running, attempt \
          FROM tasks \
-         WHERE status IN (1, 2) AND available_at <= now() \
+         WHERE status IN ",
+        status!(leasable),
+        " AND available_at <= now() \
            AND (cardinality($1::text[]) = 0 OR action = ANY($1::text[])) \
            AND NOT EXISTS (SELECT 1 FROM unnest($3::uuid[]) AS x(id) WHERE x.id = task_id) \
          ORDER BY available_at, seq \
-         LIMIT $2",
-    )
+         LIMIT $2"
+    ))
     .bind(actions)
     .bind(limit)
     .bind(excluded)
@@ -97,14 +101,22 @@ pub async fn lease_chosen(
              SELECT t.task_id, c.ends, c.worker_id, c.message, c.ord, c.rank \
              FROM chosen AS c CROSS JOIN LATERAL ( \
                  SELECT task_id FROM tasks \
-                 WHERE task_id = c.task_id AND status = CASE WHEN c.running THEN 2 ELSE 1 END \
+                 WHERE task_id = c.task_id AND status = CASE WHEN c.running THEN ",
+        status!(running),
+        " ELSE ",
+        status!(queued),
+        " END \
                    AND attempt = c.attempt AND available_at <= now() \
                  LIMIT 1 \
                  FOR UPDATE SKIP LOCKED \
              ) AS t \
          ), changed AS ( \
              UPDATE tasks AS t SET \
-                 status = CASE WHEN l.ends THEN 4 ELSE 2 END, \
+                 status = CASE WHEN l.ends THEN ",
+        status!(failed),
+        " ELSE ",
+        status!(running),
+        " END, \
                  error_message = coalesce(l.message, t.error_message), \
                  attempt = CASE WHEN l.ends THEN t.attempt ELSE t.attempt + 1 END, \
                  lease_token = CASE WHEN l.ends THEN t.lease_token ELSE gen_random_uuid() END, \
@@ -117,8 +129,9 @@ pub async fn lease_chosen(
          ) \
          SELECT ord, ",
         task_columns!(),
-        ", CASE WHEN status = 4 \
-                THEN pg_notify('oncely_tasks', 'finished:' || task_id)::text END \
+        ", CASE WHEN status = ",
+        status!(failed),
+        " THEN pg_notify('oncely_tasks', 'finished:' || task_id)::text END \
          FROM changed ORDER BY rank"
     ))
     .bind(
@@ -165,8 +178,9 @@ pub async fn renew_lease(
 ) -> Result<Option<TaskRecord>, StorageError> {
     sqlx::query(concat!(
         "UPDATE tasks SET available_at = now() + $3::interval, update_time = now() \
-         WHERE task_id = $1 AND lease_token = $2 AND status = 2 \
-         RETURNING ",
+         WHERE task_id = $1 AND lease_token = $2 AND status = ",
+        status!(running),
+        " RETURNING ",
         task_columns!()
     ))
     .bind(lease.task_id.0)
@@ -207,10 +221,14 @@ pub async fn complete_tasks(
                  WITH ORDINALITY AS c(task_id, token, result, ord) \
              ORDER BY task_id \
          ), done AS ( \
-             UPDATE tasks AS t SET status = 3, result = c.result::jsonb, error_message = '', \
+             UPDATE tasks AS t SET status = ",
+        status!(succeeded),
+        ", result = c.result::jsonb, error_message = '', \
                                    update_time = now() \
              FROM input AS c \
-             WHERE t.task_id = c.task_id AND t.lease_token = c.token AND t.status = 2 \
+             WHERE t.task_id = c.task_id AND t.lease_token = c.token AND t.status = ",
+        status!(running),
+        " \
              RETURNING c.ord, t.* \
          ) \
          SELECT ord, ",
@@ -292,8 +310,10 @@ pub async fn cancel_task(
     task_id: Uuid,
 ) -> Result<Option<TaskRecord>, StorageError> {
     sqlx::query(concat!(
-        "UPDATE tasks SET status = 5, update_time = now() \
-         WHERE task_id = $1 AND status IN (1, 2)",
+        "UPDATE tasks SET status = ",
+        status!(cancelled),
+        ", update_time = now() WHERE task_id = $1 AND status IN ",
+        status!(leasable),
         returning_finished!()
     ))
     .bind(task_id)

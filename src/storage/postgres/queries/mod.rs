@@ -347,7 +347,9 @@ pub async fn claim_keys(
          ), created AS ( \
              INSERT INTO tasks (task_id, agent_id, action, parameters, parameters_bytes, \
                                 status, create_time, update_time, available_at) \
-             SELECT task_id, agent_id, action, parameters::jsonb, octet_length(parameters), 1, \
+             SELECT task_id, agent_id, action, parameters::jsonb, octet_length(parameters), ",
+        status!(queued),
+        ", \
                     create_time, create_time, now() \
              FROM ( \
                  SELECT claimed.*, pg_advisory_xact_lock_shared(",
@@ -585,7 +587,9 @@ pub async fn recent_failures(
     sqlx::query(concat!(
         "SELECT ",
         task_columns!(),
-        " FROM tasks WHERE status = 4 ORDER BY update_time DESC LIMIT $1"
+        " FROM tasks WHERE status = ",
+        status!(failed),
+        " ORDER BY update_time DESC LIMIT $1"
     ))
     .bind(limit)
     .fetch_all(db)
@@ -596,8 +600,8 @@ pub async fn recent_failures(
 }
 
 /// Tasks by status, and the wait of the oldest queued task ready to lease
-/// (read through the leasable index, whose predicate `status IN (1, 2)` the
-/// query repeats so that SQLite sees it applies).
+/// (read through the leasable index, whose predicate, `status!(leasable)`,
+/// the query repeats so that SQLite sees it applies).
 pub async fn queue_stats(
     db: impl PgExecutor<'_> + Copy,
 ) -> Result<crate::storage::QueueStats, StorageError> {
@@ -609,10 +613,14 @@ pub async fn queue_stats(
     for row in &rows {
         stats.add(row.try_get("status")?, row.try_get("n")?);
     }
-    stats.oldest_ready_seconds = sqlx::query_scalar(
+    stats.oldest_ready_seconds = sqlx::query_scalar(concat!(
         "SELECT coalesce(extract(epoch FROM now() - min(available_at)), 0)::float8 \
-         FROM tasks WHERE status IN (1, 2) AND status = 1 AND available_at <= now()",
-    )
+         FROM tasks WHERE status IN ",
+        status!(leasable),
+        " AND status = ",
+        status!(queued),
+        " AND available_at <= now()"
+    ))
     .fetch_one(db)
     .await?;
     Ok(stats)

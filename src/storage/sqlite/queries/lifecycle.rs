@@ -60,7 +60,9 @@ pub async fn any_leasable(
     order: &LeaseRow,
 ) -> Result<bool, StorageError> {
     let found: Option<i64> = sqlx::query_scalar(concat!(
-        "SELECT 1 FROM tasks WHERE status IN (1, 2) AND available_at <= ",
+        "SELECT 1 FROM tasks WHERE status IN ",
+        status!(leasable),
+        " AND available_at <= ",
         now!(),
         " AND (json_array_length(?1) = 0 OR action IN (SELECT value FROM json_each(?1))) LIMIT 1"
     ))
@@ -120,8 +122,11 @@ async fn lease_candidates(
     limit: i64,
 ) -> Result<Vec<Candidate>, StorageError> {
     let rows: Vec<(String, i64, bool, i32)> = sqlx::query_as(concat!(
-        "SELECT task_id, parameters_bytes, status = 2, attempt FROM tasks \
-         WHERE status IN (1, 2) AND available_at <= ",
+        "SELECT task_id, parameters_bytes, status = ",
+        status!(running),
+        ", attempt FROM tasks WHERE status IN ",
+        status!(leasable),
+        " AND available_at <= ",
         now!(),
         " AND (json_array_length(?1) = 0 OR action IN (SELECT value FROM json_each(?1))) \
          ORDER BY available_at, seq LIMIT ?2"
@@ -149,7 +154,9 @@ async fn end_expired(
     message: Option<String>,
 ) -> Result<(), StorageError> {
     sqlx::query(concat!(
-        "UPDATE tasks SET status = 4, error_message = coalesce(?2, error_message), update_time = ",
+        "UPDATE tasks SET status = ",
+        status!(failed),
+        ", error_message = coalesce(?2, error_message), update_time = ",
         now!(),
         " WHERE task_id = ?1"
     ))
@@ -168,7 +175,9 @@ async fn lease_one(
     message: Option<String>,
 ) -> Result<TaskRecord, StorageError> {
     let row = sqlx::query(concat!(
-        "UPDATE tasks SET status = 2, error_message = coalesce(?2, error_message), \
+        "UPDATE tasks SET status = ",
+        status!(running),
+        ", error_message = coalesce(?2, error_message), \
              attempt = attempt + 1, lease_token = ?3, worker_id = ?4, \
              available_at = ",
         now!(),
@@ -198,7 +207,9 @@ pub async fn renew_lease(
         now!(),
         " + ?3, update_time = ",
         now!(),
-        " WHERE task_id = ?1 AND lease_token = ?2 AND status = 2 RETURNING ",
+        " WHERE task_id = ?1 AND lease_token = ?2 AND status = ",
+        status!(running),
+        " RETURNING ",
         task_columns!()
     ))
     .bind(lease.task_id.0.to_string())
@@ -216,9 +227,13 @@ pub async fn complete_task(
     completion: &Completion,
 ) -> Result<Option<TaskRecord>, StorageError> {
     sqlx::query(concat!(
-        "UPDATE tasks SET status = 3, result = ?3, error_message = '', update_time = ",
+        "UPDATE tasks SET status = ",
+        status!(succeeded),
+        ", result = ?3, error_message = '', update_time = ",
         now!(),
-        " WHERE task_id = ?1 AND lease_token = ?2 AND status = 2 RETURNING ",
+        " WHERE task_id = ?1 AND lease_token = ?2 AND status = ",
+        status!(running),
+        " RETURNING ",
         task_columns!()
     ))
     .bind(completion.lease.task_id.0.to_string())
@@ -248,7 +263,9 @@ pub async fn fail_task(
                     * ((random() & 9007199254740991) / 9007199254740992.0)) AS INTEGER) END, \
              update_time = ",
         now!(),
-        " WHERE task_id = ?1 AND lease_token = ?2 AND status = 2 RETURNING ",
+        " WHERE task_id = ?1 AND lease_token = ?2 AND status = ",
+        status!(running),
+        " RETURNING ",
         task_columns!()
     ))
     .bind(failure.lease.task_id.0.to_string())
@@ -271,9 +288,13 @@ pub async fn cancel_task(
     task_id: Uuid,
 ) -> Result<Option<TaskRecord>, StorageError> {
     sqlx::query(concat!(
-        "UPDATE tasks SET status = 5, update_time = ",
+        "UPDATE tasks SET status = ",
+        status!(cancelled),
+        ", update_time = ",
         now!(),
-        " WHERE task_id = ?1 AND status IN (1, 2) RETURNING ",
+        " WHERE task_id = ?1 AND status IN ",
+        status!(leasable),
+        " RETURNING ",
         task_columns!()
     ))
     .bind(task_id.to_string())

@@ -217,8 +217,11 @@ pub async fn claim_keys(
         .filter(|c| taken.contains(&c.task_id))
         .collect();
     if !created.is_empty() {
-        let values =
-            vec![concat!("(?, ?, ?, ?, ?, 1, ?, ?, ", now!(), ")"); created.len()].join(", ");
+        let values = vec![
+            concat!("(?, ?, ?, ?, ?, ", status!(queued), ", ?, ?, ", now!(), ")");
+            created.len()
+        ]
+        .join(", ");
         let sql = format!(
             "INSERT INTO tasks \
                  (task_id, agent_id, action, parameters, parameters_bytes, status, create_time, \
@@ -312,7 +315,9 @@ pub async fn claim_key(
         "INSERT INTO tasks \
              (task_id, agent_id, action, parameters, parameters_bytes, status, create_time, \
               update_time, available_at) \
-         VALUES (?1, ?2, ?3, ?4, ?6, 1, ?5, ?5, ",
+         VALUES (?1, ?2, ?3, ?4, ?6, ",
+        status!(queued),
+        ", ?5, ?5, ",
         now!(),
         ")"
     ))
@@ -430,7 +435,9 @@ pub async fn recent_failures(
     sqlx::query(concat!(
         "SELECT ",
         task_columns!(),
-        " FROM tasks WHERE status = 4 ORDER BY update_time DESC LIMIT ?1"
+        " FROM tasks WHERE status = ",
+        status!(failed),
+        " ORDER BY update_time DESC LIMIT ?1"
     ))
     .bind(limit)
     .fetch_all(db)
@@ -441,8 +448,8 @@ pub async fn recent_failures(
 }
 
 /// Tasks by status, and the wait of the oldest queued task ready to lease
-/// (read through the leasable index, whose predicate `status IN (1, 2)` the
-/// query repeats so that SQLite sees it applies).
+/// (read through the leasable index, whose predicate, `status!(leasable)`,
+/// the query repeats so that SQLite sees it applies).
 pub async fn queue_stats(
     db: impl SqliteExecutor<'_> + Copy,
 ) -> Result<crate::storage::QueueStats, StorageError> {
@@ -457,7 +464,11 @@ pub async fn queue_stats(
         "SELECT coalesce((",
         now!(),
         " - min(available_at)) / 1e6, 0.0) FROM tasks \
-         WHERE status IN (1, 2) AND status = 1 AND available_at <= ",
+         WHERE status IN ",
+        status!(leasable),
+        " AND status = ",
+        status!(queued),
+        " AND available_at <= ",
         now!()
     ))
     .fetch_one(db)
