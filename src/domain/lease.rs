@@ -36,6 +36,14 @@ impl Candidate {
     pub fn ends(&self, max_attempts: i32) -> bool {
         self.running && self.attempt >= max_attempts
     }
+
+    /// The message the lease's write gives the task: a running task's
+    /// lease ran out ([`expired_message`]), whether it is leased again or
+    /// ends; `None` keeps a queued task's own message.
+    pub fn message(&self, max_attempts: i32) -> Option<String> {
+        self.running
+            .then(|| expired_message(self.attempt, max_attempts))
+    }
 }
 
 /// What one order may still take.
@@ -353,6 +361,13 @@ mod tests {
         assert!(!another_round(&[open], &cut_short, false, true));
         // Unless picks were taken by someone else, which gives room back.
         assert!(another_round(&[open], &cut_short, true, true));
+    }
+
+    #[test]
+    fn only_a_lease_that_ran_out_gets_the_expiry_message() {
+        assert_eq!(queued(10).message(5), None);
+        assert_eq!(expired(2).message(5), Some(expired_message(2, 5)));
+        assert_eq!(expired(5).message(5), Some(expired_message(5, 5)));
     }
 
     #[test]

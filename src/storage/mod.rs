@@ -12,6 +12,7 @@
 mod status;
 mod error;
 mod events;
+mod grouping;
 pub mod postgres;
 mod settings;
 pub mod sqlite;
@@ -189,14 +190,14 @@ pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
         completion: &Completion,
     ) -> impl Future<Output = Result<Option<TaskRecord>, StorageError>> + Send;
 
-    /// Records a failed attempt, if the lease is still the current one: the
-    /// task ends FAILED when the failure is permanent or the attempt was the
-    /// last allowed, and is queued again after its delay otherwise. `None`
-    /// when the lease is not current, with nothing changed.
+    /// Records a failed attempt as `outcome` says (decided by
+    /// `queue::retry`): the task ends FAILED, or is queued again after the
+    /// delay. Only if the lease is still the current one, on the attempt
+    /// the outcome was decided for; `None` otherwise, with nothing changed.
     fn fail_task(
         &self,
         failure: &Failure,
-        retry: &RetryRule,
+        outcome: &FailureOutcome,
     ) -> impl Future<Output = Result<Option<TaskRecord>, StorageError>> + Send;
 
     /// Cancels a queued or running task; `None` when it does not exist or has
@@ -251,18 +252,31 @@ pub struct LeaseOrder<'a> {
     pub max_attempts: i32,
 }
 
-/// When a failed attempt is retried.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryRule {
-    /// The most attempts a task may have; a failure on the last one is
-    /// final.
-    pub max_attempts: i32,
-    /// The backoff ceiling after the first attempt; it doubles with each
-    /// attempt. The delay is random up to the ceiling (full jitter), unless
-    /// the worker asked for a `retry_after`.
-    pub backoff_base: Duration,
-    /// The largest backoff ceiling.
-    pub backoff_max: Duration,
+/// What a failed attempt does to its task, as `queue::retry` decided it;
+/// a store only writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailureOutcome {
+    /// The attempt the decision is for: the write is fenced on it (as well
+    /// as on the lease's token).
+    pub attempt: i32,
+    /// `None`: the task ends FAILED. Otherwise it is queued again, to be
+    /// leasable after this delay.
+    pub retry_in: Option<Duration>,
+}
+
+impl FailureOutcome {
+    /// The status the task is left in.
+    pub fn status(&self) -> StoredStatus {
+        match self.retry_in {
+            None => StoredStatus::Failed,
+            Some(_) => StoredStatus::Queued,
+        }
+    }
+
+    /// The delay in whole microseconds, `None` when the task ends.
+    pub fn retry_in_micros(&self) -> Option<i64> {
+        self.retry_in.map(micros)
+    }
 }
 
 /// Counts the leases of one statement in the metrics: each lease granted

@@ -34,7 +34,10 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{
-    super::{Claimed, KeyClaim, LeaseOrder, StorageError, TaskEvents},
+    super::{
+        Claimed, KeyClaim, LeaseOrder, StorageError, TaskEvents,
+        grouping::{by_retention, groups},
+    },
     notify::Notifier,
     queries,
 };
@@ -137,22 +140,6 @@ async fn run<J: Job>(job: Arc<J>, mut items: mpsc::Receiver<Pending<J::Item, J::
     }
 }
 
-/// Splits a batch into the groups one statement can serve (`same` says
-/// whether two items can share one), each non-empty and in arrival order.
-fn groups<T, A>(
-    batch: Vec<Pending<T, A>>,
-    same: impl Fn(&T, &T) -> bool,
-) -> Vec<Vec<Pending<T, A>>> {
-    let mut groups: Vec<Vec<Pending<T, A>>> = Vec::new();
-    for pending in batch {
-        match groups.iter_mut().find(|g| same(&g[0].item, &pending.item)) {
-            Some(group) => group.push(pending),
-            None => groups.push(vec![pending]),
-        }
-    }
-    groups
-}
-
 /// Where a job's batches go, and whom a commit wakes.
 #[derive(Debug, Clone)]
 pub(super) struct Target {
@@ -177,8 +164,7 @@ impl Job for Claims {
         // its own outcome: a failing one is retried claim by claim without
         // touching the others, which are committed.
         let mut created = false;
-        for group in groups(batch, |a, b| a.retention == b.retention) {
-            let retention = group[0].item.retention;
+        for (retention, group) in by_retention(batch, |p| p.item.retention) {
             created |= send_claims(&self.0.pool, group, retention).await;
         }
         if created {
@@ -423,7 +409,7 @@ impl Job for Leases {
     type Answer = Leased;
 
     async fn send(&self, batch: Vec<Pending<LeaseRequest, Leased>>) {
-        for group in groups(batch, LeaseRequest::same_shape) {
+        for group in groups(batch, |a, b| a.item.same_shape(&b.item)) {
             self.send_group(group).await;
         }
     }
@@ -519,9 +505,7 @@ impl Leases {
                         order: pick.order as i64 + 1,
                         worker_id: &orders[pick.order].worker_id,
                         ends: pick.ends,
-                        message: candidate
-                            .running
-                            .then(|| lease::expired_message(candidate.attempt, shape.max_attempts)),
+                        message: candidate.message(shape.max_attempts),
                     }
                 })
                 .collect();

@@ -18,8 +18,8 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    Claimed, DatabaseSettings, KeyClaim, KeyLookup, LeaseOrder, RetryRule, StorageError, Store,
-    StoredKey, TaskEvents, TaskPage, redact_url,
+    Claimed, DatabaseSettings, FailureOutcome, KeyClaim, KeyLookup, LeaseOrder, StorageError,
+    Store, StoredKey, TaskEvents, TaskPage, redact_url,
 };
 use crate::domain::{ApiKeyRecord, Completion, Failure, LeaseRef, TaskRecord};
 
@@ -258,9 +258,9 @@ impl Store for PgStore {
     async fn fail_task(
         &self,
         failure: &Failure,
-        retry: &RetryRule,
+        outcome: &FailureOutcome,
     ) -> Result<Option<TaskRecord>, StorageError> {
-        queries::fail_task(&self.pool, failure, retry).await
+        queries::fail_task(&self.pool, failure, outcome).await
     }
 
     #[tracing::instrument(skip_all)]

@@ -24,8 +24,8 @@ use self::{
     writer::Writer,
 };
 use super::{
-    Claimed, DatabaseSettings, KeyClaim, KeyLookup, LeaseOrder, RetryRule, StorageError, Store,
-    StoredKey, TaskEvents, TaskPage, micros,
+    Claimed, DatabaseSettings, FailureOutcome, KeyClaim, KeyLookup, LeaseOrder, StorageError,
+    Store, StoredKey, TaskEvents, TaskPage, micros,
 };
 use crate::domain::{ApiKeyRecord, Completion, Failure, LeaseRef, TaskRecord};
 
@@ -287,13 +287,13 @@ impl Store for SqliteStore {
     async fn fail_task(
         &self,
         failure: &Failure,
-        retry: &RetryRule,
+        outcome: &FailureOutcome,
     ) -> Result<Option<TaskRecord>, StorageError> {
-        let (failure, retry) = (failure.clone(), *retry);
+        let (failure, outcome) = (failure.clone(), *outcome);
         let task = self
             .writer
             .run(move |connection| {
-                Box::pin(async move { queries::fail_task(connection, &failure, &retry).await })
+                Box::pin(async move { queries::fail_task(connection, &failure, &outcome).await })
             })
             .await?;
         self.announce(task.as_ref());

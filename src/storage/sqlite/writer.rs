@@ -28,7 +28,7 @@ use sqlx::{Connection, SqliteConnection, sqlite::SqliteConnectOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    super::{Claimed, StorageError},
+    super::{Claimed, StorageError, grouping::by_retention},
     queries::{self, ClaimRow},
 };
 
@@ -473,23 +473,16 @@ impl Answer for Refused {
     }
 }
 
-/// Every claim of the batch in a few statements, grouped by retention
-/// (keyed and keyless records keep theirs); answers in the batch's order.
+/// Every claim of the batch in a few statements, one group per retention
+/// (see [`by_retention`]); answers in the batch's order.
 async fn claim_together(
     connection: &mut SqliteConnection,
     batch: &[Claim],
 ) -> Result<Vec<Result<Claimed, StorageError>>, StorageError> {
     let mut outcomes: Vec<Option<Claimed>> = vec![None; batch.len()];
-    let mut retentions: Vec<i64> = batch.iter().map(|c| c.row.retention()).collect();
-    retentions.sort_unstable();
-    retentions.dedup();
-    for retention in retentions {
-        let (indices, rows): (Vec<usize>, Vec<&ClaimRow>) = batch
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.row.retention() == retention)
-            .map(|(i, c)| (i, &c.row))
-            .unzip();
+    for (retention, group) in by_retention(batch.iter().enumerate(), |(_, c)| c.row.retention()) {
+        let (indices, rows): (Vec<usize>, Vec<&ClaimRow>) =
+            group.into_iter().map(|(i, c)| (i, &c.row)).unzip();
         for chunk in indices.chunks(CHUNK).zip(rows.chunks(CHUNK)) {
             let claimed = queries::claim_keys(connection, chunk.1, retention).await?;
             for (index, outcome) in chunk.0.iter().zip(claimed) {

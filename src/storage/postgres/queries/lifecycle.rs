@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::task_record;
 use crate::{
     domain::{Completion, Failure, LeaseRef, TaskRecord, lease::Candidate},
-    storage::{RetryRule, StorageError},
+    storage::{FailureOutcome, StorageError},
 };
 
 /// A task a lease statement was told to take: which order takes it, and
@@ -267,37 +267,34 @@ pub async fn complete_tasks(
     Ok(done)
 }
 
-/// Records a failed attempt, if the lease is current: FAILED (4) when
-/// permanent or on the last allowed attempt, else queued (1) again after
-/// `retry_after` or a random delay up to the attempt's backoff ceiling.
+/// Writes a failed attempt's `outcome` (decided by `queue::retry`), if the
+/// lease is current and on the attempt it was decided for: the task ends
+/// FAILED, keeping its `available_at`, or is queued again to be leasable
+/// after the outcome's delay.
 pub async fn fail_task(
     db: impl PgExecutor<'_>,
     failure: &Failure,
-    retry: &RetryRule,
+    outcome: &FailureOutcome,
 ) -> Result<Option<TaskRecord>, StorageError> {
     sqlx::query(concat!(
-        "UPDATE tasks AS t SET \
-             status = CASE WHEN $4 OR t.attempt >= $5 THEN 4 ELSE 1 END, \
-             error_message = $3, \
-             available_at = CASE WHEN $4 OR t.attempt >= $5 THEN t.available_at \
-                 ELSE now() + make_interval(secs => COALESCE($6::float8, \
-                     least($8::float8, $7::float8 * (1::bigint << least(t.attempt - 1, 30))) \
-                     * random())) END, \
+        "UPDATE tasks AS t SET status = $4, error_message = $3, \
+             available_at = coalesce(now() + interval '1 microsecond' * $6, t.available_at), \
              update_time = now() \
-         WHERE task_id = $1 AND lease_token = $2 AND status = 2 \
-         RETURNING ",
+         WHERE task_id = $1 AND lease_token = $2 AND attempt = $5 AND status = ",
+        status!(running),
+        " RETURNING ",
         task_columns!(),
-        ", CASE WHEN status = 4 THEN pg_notify('oncely_tasks', 'finished:' || task_id) \
+        ", CASE WHEN status = ",
+        status!(failed),
+        " THEN pg_notify('oncely_tasks', 'finished:' || task_id) \
                 ELSE pg_notify('oncely_tasks', 'ready') END::text"
     ))
     .bind(failure.lease.task_id.0)
     .bind(failure.lease.token)
     .bind(&failure.message)
-    .bind(failure.permanent)
-    .bind(retry.max_attempts)
-    .bind(failure.retry_after.map(|d| d.as_secs_f64()))
-    .bind(retry.backoff_base.as_secs_f64())
-    .bind(retry.backoff_max.as_secs_f64())
+    .bind(outcome.status().code() as i16)
+    .bind(outcome.attempt)
+    .bind(outcome.retry_in_micros())
     .fetch_optional(db)
     .await?
     .map(|row| task_record(&row))

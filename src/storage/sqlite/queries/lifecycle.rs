@@ -13,7 +13,7 @@ use crate::{
         Completion, Failure, LeaseRef, TaskRecord,
         lease::{self, Candidate, Room, cut},
     },
-    storage::{LeaseOrder, RetryRule, StorageError},
+    storage::{FailureOutcome, LeaseOrder, StorageError},
 };
 
 /// An owned [`LeaseOrder`], to cross into the writer task.
@@ -90,9 +90,7 @@ pub async fn lease_in_transaction(
         done.left_behind |= cut.left_behind;
         for pick in &cut.picks {
             let candidate = &candidates[pick.candidate];
-            let message = candidate
-                .running
-                .then(|| lease::expired_message(candidate.attempt, order.max_attempts));
+            let message = candidate.message(order.max_attempts);
             if pick.ends {
                 end_expired(&mut *connection, candidate, message).await?;
                 done.failed.push(candidate.task_id);
@@ -245,25 +243,21 @@ pub async fn complete_task(
     .transpose()
 }
 
-/// Records a failed attempt, if the lease is current: FAILED (4) when
-/// permanent or on the last allowed attempt, else queued (1) again after
-/// `retry_after` or a random delay up to the attempt's backoff ceiling.
+/// Writes a failed attempt's `outcome` (decided by `queue::retry`), if the
+/// lease is current and on the attempt it was decided for: the task ends
+/// FAILED, keeping its `available_at`, or is queued again to be leasable
+/// after the outcome's delay.
 pub async fn fail_task(
     connection: &mut SqliteConnection,
     failure: &Failure,
-    retry: &RetryRule,
+    outcome: &FailureOutcome,
 ) -> Result<Option<TaskRecord>, StorageError> {
     sqlx::query(concat!(
-        "UPDATE tasks SET \
-             status = CASE WHEN ?4 OR attempt >= ?5 THEN 4 ELSE 1 END, \
-             error_message = ?3, \
-             available_at = CASE WHEN ?4 OR attempt >= ?5 THEN available_at ELSE ",
+        "UPDATE tasks SET status = ?4, error_message = ?3, available_at = coalesce(",
         now!(),
-        " + CAST(COALESCE(?6, min(?8, ?7 * (1 << min(attempt - 1, 30))) \
-                    * ((random() & 9007199254740991) / 9007199254740992.0)) AS INTEGER) END, \
-             update_time = ",
+        " + ?6, available_at), update_time = ",
         now!(),
-        " WHERE task_id = ?1 AND lease_token = ?2 AND status = ",
+        " WHERE task_id = ?1 AND lease_token = ?2 AND attempt = ?5 AND status = ",
         status!(running),
         " RETURNING ",
         task_columns!()
@@ -271,11 +265,9 @@ pub async fn fail_task(
     .bind(failure.lease.task_id.0.to_string())
     .bind(failure.lease.token.to_string())
     .bind(&failure.message)
-    .bind(failure.permanent)
-    .bind(retry.max_attempts)
-    .bind(failure.retry_after.map(micros))
-    .bind(micros(retry.backoff_base))
-    .bind(micros(retry.backoff_max))
+    .bind(outcome.status().code())
+    .bind(outcome.attempt)
+    .bind(outcome.retry_in_micros())
     .fetch_optional(connection)
     .await?
     .map(|row| task_record(&row))
