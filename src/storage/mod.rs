@@ -153,6 +153,12 @@ pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
     /// The pool's connections: how many are in use, how many idle.
     fn connections(&self) -> (u32, u32);
 
+    /// The group commits made since the last call, by job and batch size,
+    /// for the metrics to record; none for a store that does not batch.
+    fn take_group_commits(&self) -> Vec<GroupCommits> {
+        Vec::new()
+    }
+
     /// The `limit` tasks that ended FAILED last, latest first (the status
     /// page).
     fn recent_failures(
@@ -168,11 +174,11 @@ pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
     /// first, each with a new token, in one transaction; none is handed to
     /// two callers and no caller waits on another's rows. An expired lease
     /// on the last allowed attempt ends its task FAILED instead. Returns the
-    /// leased tasks, RUNNING.
+    /// leased tasks, RUNNING, and how many run-out leases it found.
     fn lease_tasks(
         &self,
         order: &LeaseOrder<'_>,
-    ) -> impl Future<Output = Result<Vec<TaskRecord>, StorageError>> + Send;
+    ) -> impl Future<Output = Result<LeasedTasks, StorageError>> + Send;
 
     /// Extends the lease to `lease_duration` from now, if it is still the
     /// task's current one (its token, and the task RUNNING). `None`: it is
@@ -279,24 +285,34 @@ impl FailureOutcome {
     }
 }
 
-/// Counts the leases of one statement in the metrics: each lease granted
-/// and its attempt number, and each lease found run out, whether its task
-/// was leased again (its message is then the expiry's, for the attempt
-/// before) or ended FAILED on its last attempt (`failed`).
-fn count_leases(leased: &[TaskRecord], failed: usize, max_attempts: i32) {
-    let metrics = crate::metrics::metrics();
-    let mut expired = failed;
-    for task in leased {
-        metrics.lease_grants.inc();
-        metrics.lease_attempts.observe(f64::from(task.attempt));
-        if task.attempt > 1
-            && task.error_message
-                == crate::domain::lease::expired_message(task.attempt - 1, max_attempts)
-        {
-            expired += 1;
-        }
+/// What a lease call did.
+#[derive(Debug, Default)]
+pub struct LeasedTasks {
+    /// The leased tasks, RUNNING, oldest first.
+    pub tasks: Vec<TaskRecord>,
+    /// How many leases it found run out: of tasks leased again (in
+    /// `tasks`) and of tasks ended FAILED on their last allowed attempt
+    /// (not in `tasks`).
+    pub expired: u64,
+}
+
+impl LeasedTasks {
+    /// Whether the call leased or ended any task (committed work that its
+    /// caller must be told of).
+    pub fn changed_any(&self) -> bool {
+        !self.tasks.is_empty() || self.expired > 0
     }
-    metrics.lease_expiries.inc_by(expired as u64);
+}
+
+/// Group commits of one size, for the batch-size metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupCommits {
+    /// What was batched: `claims`, `completions` or `leases`.
+    pub job: &'static str,
+    /// How many requests each batch held.
+    pub size: usize,
+    /// How many batches of that size were sent.
+    pub batches: u64,
 }
 
 /// Tasks by status and the oldest wait, as [`Store::queue_stats`] reads them.

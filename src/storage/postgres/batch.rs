@@ -35,7 +35,7 @@ use uuid::Uuid;
 
 use super::{
     super::{
-        Claimed, KeyClaim, LeaseOrder, StorageError, TaskEvents,
+        Claimed, GroupCommits, KeyClaim, LeaseOrder, LeasedTasks, StorageError, TaskEvents,
         grouping::{by_retention, groups},
     },
     notify::Notifier,
@@ -52,6 +52,38 @@ const LANES: usize = 2;
 const MAX_BATCH: usize = 256;
 /// How many items may wait for a lane before callers wait to enqueue.
 const QUEUE: usize = 4096;
+
+/// How many batches of each job and size were sent since the metrics last
+/// took them (see
+/// [`Store::take_group_commits`](crate::storage::Store::take_group_commits)); bounded by the jobs
+/// times [`MAX_BATCH`] sizes, however long nobody takes them.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Tally(Arc<std::sync::Mutex<HashMap<(&'static str, usize), u64>>>);
+
+impl Tally {
+    /// Counts a batch of `size` items of `job`.
+    fn count(&self, job: &'static str, size: usize) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry((job, size))
+            .or_default() += 1;
+    }
+
+    /// The batches counted since the last call.
+    pub(super) fn take(&self) -> Vec<GroupCommits> {
+        std::mem::take(
+            &mut *self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_iter()
+        .map(|((job, size), batches)| GroupCommits { job, size, batches })
+        .collect()
+    }
+}
 
 /// An item waiting for its batch, and where its answer goes.
 #[derive(Debug)]
@@ -90,9 +122,9 @@ impl<J: Job> Clone for Batcher<J> {
 
 impl<J: Job> Batcher<J> {
     /// Starts the batching task; it ends when every handle is dropped.
-    pub(super) fn start(job: J) -> Self {
+    pub(super) fn start(job: J, tally: Tally) -> Self {
         let (queue, items) = mpsc::channel(QUEUE);
-        tokio::spawn(run(Arc::new(job), items));
+        tokio::spawn(run(Arc::new(job), items, tally));
         Self { queue }
     }
 
@@ -112,7 +144,11 @@ impl<J: Job> Batcher<J> {
 /// Takes items as they come and sends them in batches, at most `LANES`
 /// batches at once. An item whose caller stopped waiting is dropped before
 /// its batch is sent: nothing was written, and a retry starts afresh.
-async fn run<J: Job>(job: Arc<J>, mut items: mpsc::Receiver<Pending<J::Item, J::Answer>>) {
+async fn run<J: Job>(
+    job: Arc<J>,
+    mut items: mpsc::Receiver<Pending<J::Item, J::Answer>>,
+    tally: Tally,
+) {
     let lanes = Arc::new(Semaphore::new(LANES));
     loop {
         let Ok(lane) = lanes.clone().acquire_owned().await else {
@@ -128,11 +164,11 @@ async fn run<J: Job>(job: Arc<J>, mut items: mpsc::Receiver<Pending<J::Item, J::
                 Err(_) => break,
             }
         }
-        let job = job.clone();
+        let (job, tally) = (job.clone(), tally.clone());
         tokio::spawn(async move {
             let batch: Vec<_> = batch.into_iter().filter(|p| !p.reply.is_closed()).collect();
             if !batch.is_empty() {
-                crate::metrics::metrics().observe_batch(J::NAME, batch.len());
+                tally.count(J::NAME, batch.len());
                 job.send(batch).await;
             }
             drop(lane);
@@ -359,24 +395,6 @@ impl LeaseRequest {
     }
 }
 
-/// What a lease order got.
-#[derive(Debug, Default)]
-pub(super) struct Leased {
-    /// The leased tasks, RUNNING, oldest first.
-    pub(super) leased: Vec<TaskRecord>,
-    /// How many tasks whose last allowed lease had run out its statements
-    /// ended FAILED (they took no room in the answer).
-    pub(super) failed: usize,
-}
-
-impl Leased {
-    /// Whether the order's statements leased or ended any task (committed
-    /// work that it must be told of).
-    fn changed_any(&self) -> bool {
-        !self.leased.is_empty() || self.failed > 0
-    }
-}
-
 /// Leases: one LeaseTasks poll each. Orders that want the same actions on
 /// the same terms share a statement, and [`cut`] decides which tasks each
 /// takes before any is locked, so a statement locks only the tasks it
@@ -406,9 +424,9 @@ impl Leases {
 impl Job for Leases {
     const NAME: &'static str = "leases";
     type Item = LeaseRequest;
-    type Answer = Leased;
+    type Answer = LeasedTasks;
 
-    async fn send(&self, batch: Vec<Pending<LeaseRequest, Leased>>) {
+    async fn send(&self, batch: Vec<Pending<LeaseRequest, LeasedTasks>>) {
         for group in groups(batch, |a, b| a.item.same_shape(&b.item)) {
             self.send_group(group).await;
         }
@@ -416,7 +434,7 @@ impl Job for Leases {
 }
 
 impl Leases {
-    async fn send_group(&self, group: Vec<Pending<LeaseRequest, Leased>>) {
+    async fn send_group(&self, group: Vec<Pending<LeaseRequest, LeasedTasks>>) {
         let orders: Vec<&LeaseRequest> = group.iter().map(|p| &p.item).collect();
         let outcome = self.lease(&orders).await;
         let (done, error) = match outcome {
@@ -469,8 +487,8 @@ impl Leases {
     async fn lease(
         &self,
         orders: &[&LeaseRequest],
-    ) -> Result<Vec<Leased>, (StorageError, Vec<Leased>)> {
-        let mut done: Vec<Leased> = orders.iter().map(|_| Leased::default()).collect();
+    ) -> Result<Vec<LeasedTasks>, (StorageError, Vec<LeasedTasks>)> {
+        let mut done: Vec<LeasedTasks> = orders.iter().map(|_| LeasedTasks::default()).collect();
         let Some(shape) = orders.first() else {
             return Ok(done);
         };
@@ -527,11 +545,10 @@ impl Leases {
                     continue;
                 };
                 let (room, leased) = (&mut rooms[pick.order], &mut done[pick.order]);
-                if pick.ends {
-                    leased.failed += 1;
-                } else {
+                leased.expired += u64::from(candidate.running);
+                if !pick.ends {
                     room.take(candidate.size);
-                    leased.leased.push(task);
+                    leased.tasks.push(task);
                 }
             }
             if decided.left_behind {

@@ -18,8 +18,8 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    Claimed, DatabaseSettings, FailureOutcome, KeyClaim, KeyLookup, LeaseOrder, StorageError,
-    Store, StoredKey, TaskEvents, TaskPage, redact_url,
+    Claimed, DatabaseSettings, FailureOutcome, GroupCommits, KeyClaim, KeyLookup, LeaseOrder,
+    LeasedTasks, StorageError, Store, StoredKey, TaskEvents, TaskPage, redact_url,
 };
 use crate::domain::{ApiKeyRecord, Completion, Failure, LeaseRef, TaskRecord};
 
@@ -33,6 +33,8 @@ pub struct PgStore {
     completions: batch::Batcher<batch::Completions>,
     /// Sends concurrent leases together.
     leases: batch::Batcher<batch::Leases>,
+    /// The batchers' batch sizes, until the metrics take them.
+    tally: batch::Tally,
     /// A connection of its own for health checks, so a pool busy with
     /// waiting requests does not look like a dead database.
     health_pool: PgPool,
@@ -121,10 +123,12 @@ impl PgStore {
             notifier: notify::Notifier::start(pool.clone()),
             events: events.clone(),
         };
+        let tally = batch::Tally::default();
         Ok(Self {
-            claims: batch::Batcher::start(batch::Claims(target.clone())),
-            completions: batch::Batcher::start(batch::Completions(target.clone())),
-            leases: batch::Batcher::start(batch::Leases::new(target)),
+            claims: batch::Batcher::start(batch::Claims(target.clone()), tally.clone()),
+            completions: batch::Batcher::start(batch::Completions(target.clone()), tally.clone()),
+            leases: batch::Batcher::start(batch::Leases::new(target), tally.clone()),
+            tally,
             pool,
             health_pool,
             events,
@@ -222,17 +226,19 @@ impl Store for PgStore {
         (self.pool.size().saturating_sub(idle), idle)
     }
 
+    fn take_group_commits(&self) -> Vec<GroupCommits> {
+        self.tally.take()
+    }
+
     fn events(&self) -> &TaskEvents {
         &self.events
     }
 
     #[tracing::instrument(skip_all)]
-    async fn lease_tasks(&self, order: &LeaseOrder<'_>) -> Result<Vec<TaskRecord>, StorageError> {
+    async fn lease_tasks(&self, order: &LeaseOrder<'_>) -> Result<LeasedTasks, StorageError> {
         // Sent with the polls that arrive with it, in one statement (or a
         // few, when another statement took its picks first).
-        let done = self.leases.submit(batch::LeaseRequest::new(order)).await?;
-        super::count_leases(&done.leased, done.failed, order.max_attempts);
-        Ok(done.leased)
+        self.leases.submit(batch::LeaseRequest::new(order)).await
     }
 
     #[tracing::instrument(skip_all)]

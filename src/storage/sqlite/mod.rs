@@ -24,8 +24,8 @@ use self::{
     writer::Writer,
 };
 use super::{
-    Claimed, DatabaseSettings, FailureOutcome, KeyClaim, KeyLookup, LeaseOrder, StorageError,
-    Store, StoredKey, TaskEvents, TaskPage, micros,
+    Claimed, DatabaseSettings, FailureOutcome, KeyClaim, KeyLookup, LeaseOrder, LeasedTasks,
+    StorageError, Store, StoredKey, TaskEvents, TaskPage, micros,
 };
 use crate::domain::{ApiKeyRecord, Completion, Failure, LeaseRef, TaskRecord};
 
@@ -230,11 +230,10 @@ impl Store for SqliteStore {
     }
 
     #[tracing::instrument(skip_all)]
-    async fn lease_tasks(&self, order: &LeaseOrder<'_>) -> Result<Vec<TaskRecord>, StorageError> {
-        let max_attempts = order.max_attempts;
+    async fn lease_tasks(&self, order: &LeaseOrder<'_>) -> Result<LeasedTasks, StorageError> {
         let order = LeaseRow::from(order);
         if !queries::any_leasable(&self.readers, &order).await? {
-            return Ok(Vec::new());
+            return Ok(LeasedTasks::default());
         }
         let done = self
             .writer
@@ -242,8 +241,7 @@ impl Store for SqliteStore {
                 Box::pin(async move { queries::lease_in_transaction(connection, &order).await })
             })
             .await?;
-        super::count_leases(&done.leased, done.failed.len(), max_attempts);
-        for task_id in done.failed {
+        for task_id in done.ended {
             self.events.task_finished(task_id);
         }
         if done.left_behind {
@@ -251,7 +249,7 @@ impl Store for SqliteStore {
             // may take them now.
             self.events.task_ready();
         }
-        Ok(done.leased)
+        Ok(done.granted)
     }
 
     #[tracing::instrument(skip_all)]

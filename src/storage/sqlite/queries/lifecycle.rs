@@ -13,7 +13,7 @@ use crate::{
         Completion, Failure, LeaseRef, TaskRecord,
         lease::{self, Candidate, Room, cut},
     },
-    storage::{FailureOutcome, LeaseOrder, StorageError},
+    storage::{FailureOutcome, LeaseOrder, LeasedTasks, StorageError},
 };
 
 /// An owned [`LeaseOrder`], to cross into the writer task.
@@ -44,11 +44,11 @@ impl From<&LeaseOrder<'_>> for LeaseRow {
 /// What a lease transaction did: the tasks it leased, and those whose
 /// expired lease was their last allowed attempt, which it ended FAILED.
 #[derive(Debug, Default)]
-pub struct Leased {
-    /// The leased tasks, RUNNING, oldest first.
-    pub leased: Vec<TaskRecord>,
-    /// The tasks ended FAILED.
-    pub failed: Vec<Uuid>,
+pub struct TransactionLeases {
+    /// The leased tasks and the run-out leases found.
+    pub granted: LeasedTasks,
+    /// The tasks ended FAILED (counted in `granted.expired` too).
+    pub ended: Vec<Uuid>,
     /// Whether leasable tasks were left behind, past the order's limits.
     pub left_behind: bool,
 }
@@ -80,8 +80,8 @@ pub async fn any_leasable(
 pub async fn lease_in_transaction(
     connection: &mut SqliteConnection,
     order: &LeaseRow,
-) -> Result<Leased, StorageError> {
-    let mut done = Leased::default();
+) -> Result<TransactionLeases, StorageError> {
+    let mut done = TransactionLeases::default();
     let mut rooms = [Room::new(order.max_tasks, order.max_bytes)];
     for round in 1.. {
         let wanted = lease::candidates_wanted(&rooms);
@@ -91,13 +91,14 @@ pub async fn lease_in_transaction(
         for pick in &cut.picks {
             let candidate = &candidates[pick.candidate];
             let message = candidate.message(order.max_attempts);
+            done.granted.expired += u64::from(candidate.running);
             if pick.ends {
                 end_expired(&mut *connection, candidate, message).await?;
-                done.failed.push(candidate.task_id);
+                done.ended.push(candidate.task_id);
             } else {
                 let task = lease_one(&mut *connection, order, candidate, message).await?;
                 rooms[0].take(candidate.size);
-                done.leased.push(task);
+                done.granted.tasks.push(task);
             }
         }
         if !lease::another_round(&rooms, &cut, false, candidates.len() as i64 >= wanted) {

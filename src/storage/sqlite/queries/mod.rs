@@ -35,8 +35,8 @@ mod lifecycle;
 
 pub use keys::{ApiKeyRow, api_keys, insert_api_key, revoke_api_key, rotate_api_key};
 pub use lifecycle::{
-    LeaseRow, Leased, any_leasable, cancel_task, complete_task, fail_task, lease_in_transaction,
-    renew_lease,
+    LeaseRow, TransactionLeases, any_leasable, cancel_task, complete_task, fail_task,
+    lease_in_transaction, renew_lease,
 };
 
 /// A [`KeyClaim`] in the form SQLite stores it.
