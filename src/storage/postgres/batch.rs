@@ -154,15 +154,11 @@ async fn run<J: Job>(
         let Ok(lane) = lanes.clone().acquire_owned().await else {
             return;
         };
-        let Some(first) = items.recv().await else {
+        // Waits for one item, then takes every one queued, up to the cap;
+        // none: every handle is gone.
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        if items.recv_many(&mut batch, MAX_BATCH).await == 0 {
             return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match items.try_recv() {
-                Ok(pending) => batch.push(pending),
-                Err(_) => break,
-            }
         }
         let (job, tally) = (job.clone(), tally.clone());
         tokio::spawn(async move {
@@ -546,7 +542,11 @@ impl Leases {
                 };
                 let (room, leased) = (&mut rooms[pick.order], &mut done[pick.order]);
                 leased.expired += u64::from(candidate.running);
-                if !pick.ends {
+                if pick.ends {
+                    // Committed: its waiters, here and elsewhere, may wake.
+                    self.target.events.task_finished(task.task_id);
+                    self.target.notifier.finished(task.task_id).await;
+                } else {
                     room.take(candidate.size);
                     leased.tasks.push(task);
                 }

@@ -39,6 +39,8 @@ pub struct PgStore {
     /// waiting requests does not look like a dead database.
     health_pool: PgPool,
     events: TaskEvents,
+    /// Tells the other instances of the changes this one commits.
+    notifier: notify::Notifier,
     /// Stops the listener when the last clone of the store is dropped.
     _listener: Arc<listener::Listening>,
     description: String,
@@ -118,9 +120,10 @@ impl PgStore {
             .connect_lazy_with(options.application_name("oncely-listener"));
         let events = TaskEvents::default();
         let listener = listener::start(listener_pool, events.clone());
+        let notifier = notify::Notifier::start(pool.clone());
         let target = batch::Target {
             pool: pool.clone(),
-            notifier: notify::Notifier::start(pool.clone()),
+            notifier: notifier.clone(),
             events: events.clone(),
         };
         let tally = batch::Tally::default();
@@ -132,6 +135,7 @@ impl PgStore {
             pool,
             health_pool,
             events,
+            notifier,
             _listener: Arc::new(listener),
             description: format!("postgres at {}", redact_url(&settings.url)),
         })
@@ -266,12 +270,16 @@ impl Store for PgStore {
         failure: &Failure,
         outcome: &FailureOutcome,
     ) -> Result<Option<TaskRecord>, StorageError> {
-        queries::fail_task(&self.pool, failure, outcome).await
+        let task = queries::fail_task(&self.pool, failure, outcome).await?;
+        self.announce(task.as_ref()).await;
+        Ok(task)
     }
 
     #[tracing::instrument(skip_all)]
     async fn cancel_task(&self, task_id: Uuid) -> Result<Option<TaskRecord>, StorageError> {
-        queries::cancel_task(&self.pool, task_id).await
+        let task = queries::cancel_task(&self.pool, task_id).await?;
+        self.announce(task.as_ref()).await;
+        Ok(task)
     }
 
     async fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StorageError> {
@@ -293,5 +301,24 @@ impl Store for PgStore {
 
     async fn revoke_api_key(&self, name: &str) -> Result<bool, StorageError> {
         queries::revoke_api_key(&self.pool, name).await
+    }
+}
+
+impl PgStore {
+    /// Wakes whoever waits on a task a committed write just changed, here
+    /// and on every instance: its waiters if it ended, the workers if it is
+    /// queued again.
+    async fn announce(&self, task: Option<&TaskRecord>) {
+        match task {
+            Some(task) if task.is_finished() => {
+                self.events.task_finished(task.task_id);
+                self.notifier.finished(task.task_id).await;
+            }
+            Some(_) => {
+                self.events.task_ready();
+                self.notifier.ready().await;
+            }
+            None => {}
+        }
     }
 }

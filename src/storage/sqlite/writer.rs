@@ -274,20 +274,18 @@ async fn run(
     lock_wait: Duration,
 ) {
     let mut connection = Some(connection);
-    while let Some(first) = queue.recv().await {
-        // Every item queued now joins the batch.
+    let mut items = Vec::with_capacity(MAX_BATCH);
+    // Every item queued now joins the batch, up to the cap; none: every
+    // sender is gone.
+    while queue.recv_many(&mut items, MAX_BATCH).await > 0 {
         let mut claims = Vec::new();
         let mut jobs = Vec::new();
-        let mut item = Some(first);
-        while let Some(next) = item.take() {
-            match next {
+        for item in items.drain(..) {
+            match item {
                 Item::Claim(claim) if !claim.reply.is_closed() => claims.push(claim),
                 Item::Job(job) if !job.abandoned() => jobs.push(job),
                 // Callers that stopped waiting: nothing to do.
                 Item::Claim(_) | Item::Job(_) => {}
-            }
-            if claims.len() + jobs.len() < MAX_BATCH {
-                item = queue.try_recv().ok();
             }
         }
         if claims.is_empty() && jobs.is_empty() {

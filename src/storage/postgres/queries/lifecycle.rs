@@ -82,8 +82,9 @@ pub async fn lease_candidates(
 /// over the primary key in the plan the pool keeps, even when it was made
 /// while the table was small (without it, a hash of a scan of every task
 /// was cheaper then, and stayed: `tests/api/plans.rs` checks).
-/// Answers the changed tasks with their order, in the order chosen; the
-/// tasks ended FAILED have their waiters notified. A chosen task that is
+/// Answers the changed tasks with their order, in the order chosen.
+/// Notifies no one: the caller does, after the commit (see `notify.rs`),
+/// for the tasks ended FAILED. A chosen task that is
 /// not answered was taken by someone else first, or changed.
 pub async fn lease_chosen(
     db: impl PgExecutor<'_>,
@@ -129,10 +130,7 @@ pub async fn lease_chosen(
          ) \
          SELECT ord, ",
         task_columns!(),
-        ", CASE WHEN status = ",
-        status!(failed),
-        " THEN pg_notify('oncely_tasks', 'finished:' || task_id)::text END \
-         FROM changed ORDER BY rank"
+        " FROM changed ORDER BY rank"
     ))
     .bind(
         chosen
@@ -283,11 +281,7 @@ pub async fn fail_task(
          WHERE task_id = $1 AND lease_token = $2 AND attempt = $5 AND status = ",
         status!(running),
         " RETURNING ",
-        task_columns!(),
-        ", CASE WHEN status = ",
-        status!(failed),
-        " THEN pg_notify('oncely_tasks', 'finished:' || task_id) \
-                ELSE pg_notify('oncely_tasks', 'ready') END::text"
+        task_columns!()
     ))
     .bind(failure.lease.task_id.0)
     .bind(failure.lease.token)
@@ -311,7 +305,8 @@ pub async fn cancel_task(
         status!(cancelled),
         ", update_time = now() WHERE task_id = $1 AND status IN ",
         status!(leasable),
-        returning_finished!()
+        " RETURNING ",
+        task_columns!()
     ))
     .bind(task_id)
     .fetch_optional(db)

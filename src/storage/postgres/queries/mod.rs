@@ -14,10 +14,6 @@ use super::super::{
 };
 use crate::domain::TaskRecord;
 
-/// The channel every instance listens on. Payloads: `ready` (a task may be
-/// leasable) and `finished:<task_id>`.
-pub const CHANNEL: &str = "oncely_tasks";
-
 /// The advisory lock under which tasks are numbered: creates hold it
 /// shared from numbering to commit, ListTasks takes it exclusively to wait
 /// them out. (An arbitrary constant; advisory locks are per database.)
@@ -434,18 +430,6 @@ macro_rules! task_columns {
     () => {
         "seq, task_id, agent_id, action, parameters, status, result, create_time, \
          attempt, update_time, error_message, lease_token, available_at"
-    };
-}
-
-/// A task's columns after an update that ended it, with the notification
-/// that wakes its waiters on every instance.
-macro_rules! returning_finished {
-    () => {
-        concat!(
-            " RETURNING ",
-            task_columns!(),
-            ", pg_notify('oncely_tasks', 'finished:' || task_id)::text"
-        )
     };
 }
 
