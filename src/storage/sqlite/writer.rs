@@ -28,7 +28,11 @@ use sqlx::{Connection, SqliteConnection, sqlite::SqliteConnectOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    super::{Claimed, StorageError, grouping::by_retention},
+    super::{
+        Claimed, StorageError,
+        error::{SQLITE_BUSY, SQLITE_ERROR, SQLITE_LOCKED, sqlite_code_of},
+        grouping::by_retention,
+    },
     queries::{self, ClaimRow},
 };
 
@@ -497,11 +501,7 @@ async fn claim_together(
 /// Whether SQLite answered SQLITE_BUSY or SQLITE_LOCKED: another connection
 /// held the lock for the whole busy timeout.
 fn is_busy(error: &sqlx::Error) -> bool {
-    error
-        .as_database_error()
-        .and_then(|e| e.code())
-        .and_then(|code| code.parse::<i32>().ok())
-        .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+    matches!(sqlite_code_of(error), Some(SQLITE_BUSY | SQLITE_LOCKED))
 }
 
 /// Undoes the batch's transaction and begins another.
@@ -559,7 +559,7 @@ fn refuse_batch(claims: Vec<Claim>, jobs: Vec<Box<dyn Job>>, error: &sqlx::Error
 async fn recover(connection: &mut SqliteConnection) -> bool {
     match sqlx::query("ROLLBACK").execute(&mut *connection).await {
         Ok(_) => {}
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("1") => {}
+        Err(error) if sqlite_code_of(&error) == Some(SQLITE_ERROR) => {}
         Err(_) => return false,
     }
     sqlx::query("SELECT 1")
