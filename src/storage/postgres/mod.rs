@@ -121,7 +121,7 @@ impl PgStore {
         let events = TaskEvents::default();
         let listener = listener::start(listener_pool, events.clone());
         let notifier = notify::Notifier::start(pool.clone());
-        let target = batch::Target {
+        let target = batch::PoolWithWakeups {
             pool: pool.clone(),
             notifier: notifier.clone(),
             events: events.clone(),
