@@ -1,22 +1,8 @@
-//! The single writer of the SQLite store.
-//!
-//! SQLite lets one transaction write at a time. Rather than let pooled
-//! connections race for the write lock (and surface "database is locked"),
-//! every write is a job sent to one writer task that owns one connection.
-//! Because the writer task, not the request, runs each transaction, a
-//! cancelled request cannot leave one half done.
-//!
-//! Group commit: the writer takes every job queued when it gets to them
-//! and runs them in one IMMEDIATE transaction, so they share one fsync.
-//! Each job runs in a savepoint of its own, so that one job's failure is
-//! its own, and every job is answered only once the transaction has
-//! committed (or with an error if it could not). Claims of keys are run
-//! together in a few statements. This module is only the machinery; the
-//! statements are in [`super::queries`].
+//! The writer task: what is queued runs in batches, each in one IMMEDIATE
+//! transaction, claims together and every other job in a savepoint of its
+//! own.
 
 use std::{
-    future::Future,
-    pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
@@ -25,251 +11,31 @@ use std::{
 };
 
 use sqlx::{Connection, SqliteConnection, sqlite::SqliteConnectOptions};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::{
     super::{
-        Claimed, StorageError,
-        error::{SQLITE_BUSY, SQLITE_ERROR, SQLITE_LOCKED, sqlite_code_of},
-        grouping::by_retention,
+        super::{
+            Claimed, StorageError,
+            error::{SQLITE_ERROR, sqlite_code_of},
+            grouping::by_retention,
+        },
+        queries::{self, ClaimRow},
     },
-    queries::{self, ClaimRow},
+    jobs::{Answer, Claim, Item, Refused, WriteJob, is_busy, not_committed},
 };
 
-/// How many writes may queue for the writer before callers wait to enqueue.
-const WRITE_QUEUE: usize = 4096;
 /// The most claims and jobs committed in one transaction.
 const MAX_BATCH: usize = 256;
+
 /// The most claims in one statement (SQLite binds at most 32,766 values).
 const CHUNK: usize = 128;
-
-/// A future that borrows the writer's connection.
-pub(super) type ConnFuture<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
-
-/// A unit of work for the writer.
-trait Job: Send {
-    /// Whether the caller stopped waiting: its work need not be done, since
-    /// nothing was written and a retry executes afresh.
-    fn abandoned(&self) -> bool;
-
-    /// Runs inside the writer's transaction and returns the answer to give
-    /// once the transaction has ended.
-    fn run<'c>(
-        self: Box<Self>,
-        connection: &'c mut SqliteConnection,
-    ) -> ConnFuture<'c, Box<dyn Answer>>;
-
-    /// Answers with `error`, the work not done.
-    fn refuse(self: Box<Self>, error: StorageError);
-}
-
-/// A job's result, held until its transaction has ended.
-trait Answer: Send {
-    /// Whether the job failed (its savepoint is then rolled back).
-    fn failed(&self) -> bool;
-
-    /// Gives the result if the transaction committed, an error otherwise.
-    fn send(self: Box<Self>, committed: Result<(), &sqlx::Error>);
-}
-
-/// A caller's work and where its answer goes.
-struct Work<T, F> {
-    work: F,
-    reply: oneshot::Sender<Result<T, StorageError>>,
-}
-
-/// A [`Work`]'s result and where it goes.
-struct WorkAnswer<T> {
-    result: Result<T, StorageError>,
-    reply: oneshot::Sender<Result<T, StorageError>>,
-}
-
-impl<T: Send + 'static> Answer for WorkAnswer<T> {
-    fn failed(&self) -> bool {
-        self.result.is_err()
-    }
-
-    fn send(self: Box<Self>, committed: Result<(), &sqlx::Error>) {
-        let result = match committed {
-            Ok(()) => self.result,
-            Err(error) => Err(not_committed(error)),
-        };
-        let _ = self.reply.send(result);
-    }
-}
-
-impl<T, F> Job for Work<T, F>
-where
-    T: Send + 'static,
-    F: for<'c> FnOnce(&'c mut SqliteConnection) -> ConnFuture<'c, Result<T, StorageError>>
-        + Send
-        + 'static,
-{
-    fn abandoned(&self) -> bool {
-        self.reply.is_closed()
-    }
-
-    fn run<'c>(
-        self: Box<Self>,
-        connection: &'c mut SqliteConnection,
-    ) -> ConnFuture<'c, Box<dyn Answer>> {
-        let Work { work, reply } = *self;
-        Box::pin(async move {
-            let result = work(connection).await;
-            Box::new(WorkAnswer { result, reply }) as Box<dyn Answer>
-        })
-    }
-
-    fn refuse(self: Box<Self>, error: StorageError) {
-        let _ = self.reply.send(Err(error));
-    }
-}
-
-/// The error of a job whose transaction could not commit.
-fn not_committed(error: &sqlx::Error) -> StorageError {
-    let described = sqlx::Error::Protocol(format!("the write could not be committed: {error}"));
-    if is_busy(error) {
-        // Another connection held the write lock: as a claim's own busy
-        // error would say.
-        StorageError::LockTimeout(described)
-    } else {
-        StorageError::from(described)
-    }
-}
-
-/// A claim waiting for its batch, and where its answer goes.
-#[derive(Debug)]
-struct Claim {
-    row: ClaimRow,
-    reply: oneshot::Sender<Result<Claimed, StorageError>>,
-}
-
-/// What the writer is asked to do.
-enum Item {
-    /// A job, in a savepoint of its batch's transaction.
-    Job(Box<dyn Job>),
-    /// A claim, committed with the claims queued with it.
-    Claim(Claim),
-}
-
-/// A handle on the writer task; cloning it shares the one writer.
-#[derive(Debug, Clone)]
-pub(super) struct Writer {
-    jobs: mpsc::Sender<Item>,
-    /// False while the writer has no working connection.
-    healthy: Arc<AtomicBool>,
-    /// Since when the writer has waited for another connection's write
-    /// lock (a BEGIN IMMEDIATE found it held, and none has succeeded
-    /// since), if it has.
-    locked_out: Arc<Mutex<Option<Instant>>>,
-    /// How long a write may wait for the writer, queue included.
-    wait: Duration,
-}
-
-impl std::fmt::Debug for dyn Job {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Job")
-    }
-}
-
-impl Writer {
-    /// Starts the writer task on `connection`; `options` reopen it after a
-    /// failure. The task ends when every handle is dropped.
-    pub(super) fn start(
-        options: SqliteConnectOptions,
-        connection: SqliteConnection,
-        wait: Duration,
-    ) -> Self {
-        let (jobs, queue) = mpsc::channel(WRITE_QUEUE);
-        let healthy = Arc::new(AtomicBool::new(true));
-        let locked_out = Arc::new(Mutex::new(None));
-        tokio::spawn(run(
-            options,
-            connection,
-            queue,
-            healthy.clone(),
-            locked_out.clone(),
-            wait,
-        ));
-        Self {
-            jobs,
-            healthy,
-            locked_out,
-            wait,
-        }
-    }
-
-    /// Runs `work` on the writer's connection and waits for its answer, at
-    /// most the wait bound (queue included); past it the caller gets
-    /// [`StorageError::WriteLocked`] if the writer was then waiting for
-    /// another connection's write lock, else [`StorageError::WriterBusy`].
-    /// Work whose caller stopped waiting before it started is skipped.
-    pub(super) async fn run<T, F>(&self, work: F) -> Result<T, StorageError>
-    where
-        T: Send + 'static,
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> ConnFuture<'c, Result<T, StorageError>>
-            + Send
-            + 'static,
-    {
-        let (reply, answer) = oneshot::channel();
-        let job: Box<dyn Job> = Box::new(Work { work, reply });
-        self.send(Item::Job(job), answer).await
-    }
-
-    /// Claims a key in the writer's next batch: every claim queued when the
-    /// writer gets to it is committed in one transaction, with one fsync.
-    /// Waits as [`Writer::run`] does.
-    pub(super) async fn claim(&self, row: ClaimRow) -> Result<Claimed, StorageError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Item::Claim(Claim { row, reply }), answer).await
-    }
-
-    /// Queues `item` and waits for its `answer`, at most the wait bound.
-    async fn send<T>(
-        &self,
-        item: Item,
-        answer: oneshot::Receiver<Result<T, StorageError>>,
-    ) -> Result<T, StorageError> {
-        let round_trip = async {
-            self.jobs
-                .send(item)
-                .await
-                .map_err(|_| StorageError::Unavailable(sqlx::Error::WorkerCrashed))?;
-            answer
-                .await
-                .map_err(|_| StorageError::Unavailable(sqlx::Error::WorkerCrashed))?
-        };
-        tokio::time::timeout(self.wait, round_trip)
-            .await
-            .map_err(|_| {
-                let begun = *self
-                    .locked_out
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                if begun.is_some() {
-                    StorageError::WriteLocked(self.wait)
-                } else {
-                    StorageError::WriterBusy(self.wait)
-                }
-            })?
-    }
-
-    /// Whether the writer task has stopped.
-    pub(super) fn is_closed(&self) -> bool {
-        self.jobs.is_closed()
-    }
-
-    /// Whether the writer's connection worked at its last use.
-    pub(super) fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::SeqCst)
-    }
-}
 
 /// Runs what is queued in batches, each in one transaction, until every
 /// sender is gone. After a failed batch it makes sure no transaction is
 /// left open; a connection that no longer works is dropped and reopened
 /// for the next batch.
-async fn run(
+pub(super) async fn run(
     options: SqliteConnectOptions,
     connection: SqliteConnection,
     mut queue: mpsc::Receiver<Item>,
@@ -353,7 +119,7 @@ async fn run_batch(
     locked_out: &Mutex<Option<Instant>>,
     lock_wait: Duration,
     claims: Vec<Claim>,
-    jobs: Vec<Box<dyn Job>>,
+    jobs: Vec<Box<dyn WriteJob>>,
 ) -> bool {
     // IMMEDIATE takes the write lock now. The connection's busy timeout is
     // zero, so a first BEGIN answers at once: with the lock free it takes
@@ -441,7 +207,7 @@ async fn run_batch(
 /// whether the transaction is still there.
 async fn job_in_savepoint(
     connection: &mut SqliteConnection,
-    job: Box<dyn Job>,
+    job: Box<dyn WriteJob>,
 ) -> (Box<dyn Answer>, bool) {
     if let Err(error) = sqlx::query("SAVEPOINT job").execute(&mut *connection).await {
         return (
@@ -458,21 +224,6 @@ async fn job_in_savepoint(
     // If this fails the transaction is gone, and COMMIT fails too.
     let intact = sqlx::query(end).execute(&mut *connection).await.is_ok();
     (answer, intact)
-}
-
-/// The answer of a job that could not be started.
-struct Refused(Option<(Box<dyn Job>, StorageError)>);
-
-impl Answer for Refused {
-    fn failed(&self) -> bool {
-        true
-    }
-
-    fn send(mut self: Box<Self>, _committed: Result<(), &sqlx::Error>) {
-        if let Some((job, error)) = self.0.take() {
-            job.refuse(error);
-        }
-    }
 }
 
 /// Every claim of the batch in a few statements, one group per retention
@@ -496,12 +247,6 @@ async fn claim_together(
         .into_iter()
         .map(|o| o.ok_or_else(|| StorageError::Corrupt("a claim got no answer".into())))
         .collect())
-}
-
-/// Whether SQLite answered SQLITE_BUSY or SQLITE_LOCKED: another connection
-/// held the lock for the whole busy timeout.
-fn is_busy(error: &sqlx::Error) -> bool {
-    matches!(sqlite_code_of(error), Some(SQLITE_BUSY | SQLITE_LOCKED))
 }
 
 /// Undoes the batch's transaction and begins another.
@@ -545,7 +290,7 @@ fn answer_all(batch: Vec<Claim>, error: &sqlx::Error) {
 }
 
 /// Answers a whole batch that could not be run.
-fn refuse_batch(claims: Vec<Claim>, jobs: Vec<Box<dyn Job>>, error: &sqlx::Error) {
+fn refuse_batch(claims: Vec<Claim>, jobs: Vec<Box<dyn WriteJob>>, error: &sqlx::Error) {
     answer_all(claims, error);
     for job in jobs {
         job.refuse(not_committed(error));
