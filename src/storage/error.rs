@@ -81,6 +81,17 @@ impl StorageError {
         )
     }
 
+    /// A migration's failure: a statement that failed (maybe for want of a
+    /// connection, or on a locked file) is classified like any other;
+    /// anything else (a missing or changed migration) is a bug.
+    pub fn from_migration(error: sqlx::migrate::MigrateError) -> Self {
+        match error {
+            sqlx::migrate::MigrateError::Execute(e)
+            | sqlx::migrate::MigrateError::ExecuteMigration(e, _) => Self::from(e),
+            e => Self::Internal(e.into()),
+        }
+    }
+
     /// Whether the error says the store is set up wrong rather than not
     /// up yet, so that waiting for it is pointless: a TLS failure, or an
     /// SQLite file that is read-only or cannot be opened.

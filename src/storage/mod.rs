@@ -10,7 +10,8 @@
 //!
 //! - `store.rs`: the [`Store`] trait.
 //! - `idempotency_records.rs`, `queue_types.rs`: what the stores take and
-//!   give; `status.rs`: the stored task status and its SQL literals.
+//!   give; `task_row.rs`: a task row's columns and stored status, with
+//!   their SQL text.
 //! - `postgres/`, `sqlite/`: the two backends.
 //! - `grouping.rs`: how both split a batch into statements.
 //! - `error.rs`: [`StorageError`] and the database error codes it reads.
@@ -18,7 +19,7 @@
 //!   the database.
 
 #[macro_use]
-mod status;
+mod task_row;
 mod error;
 mod events;
 mod grouping;
@@ -42,13 +43,20 @@ pub use queue_types::{
 };
 pub use settings::{Backend, DatabaseSettings, redact_url};
 pub use sqlite::SqliteStore;
-pub use status::StoredStatus;
 pub use store::Store;
+pub use task_row::StoredStatus;
 
 /// A duration in whole microseconds, saturating: how both stores take
 /// durations in their statements.
 pub fn micros(duration: Duration) -> i64 {
     i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// A pool's connections as [`Store::connections`] reports them: in use,
+/// idle.
+fn pool_usage(size: u32, idle: usize) -> (u32, u32) {
+    let idle = u32::try_from(idle).unwrap_or(u32::MAX);
+    (size.saturating_sub(idle), idle)
 }
 
 /// A key's role as stored.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{StoredStatus, micros};
+use super::{StorageError, StoredStatus, micros};
 use crate::domain::TaskRecord;
 
 /// What a worker asks to lease.
@@ -78,6 +78,31 @@ pub struct TaskPage {
     pub tasks: Vec<TaskRecord>,
     /// Whether the page ended at the size bound (more may follow).
     pub cut_by_size: bool,
+}
+
+impl TaskPage {
+    /// The page that `rows` make (oldest first, each with the `running`
+    /// total of the bytes of the rows up to it): cut by size when the last
+    /// row's total reached `max_bytes`.
+    pub(crate) fn from_rows<R>(
+        rows: &[R],
+        max_bytes: i64,
+        task_record: impl Fn(&R) -> Result<TaskRecord, StorageError>,
+    ) -> Result<Self, StorageError>
+    where
+        R: sqlx::Row,
+        i64: sqlx::Type<R::Database> + for<'r> sqlx::Decode<'r, R::Database>,
+        for<'c> &'c str: sqlx::ColumnIndex<R>,
+    {
+        let cut_by_size = match rows.last() {
+            Some(row) => row.try_get::<i64, _>("running")? >= max_bytes,
+            None => false,
+        };
+        Ok(Self {
+            tasks: rows.iter().map(task_record).collect::<Result<_, _>>()?,
+            cut_by_size,
+        })
+    }
 }
 
 /// Tasks by status and the oldest wait, as [`Store::queue_stats`] reads them.

@@ -74,13 +74,7 @@ impl PgStore {
         sqlx::migrate!("./migrations/postgres")
             .run(&migration_pool)
             .await
-            .map_err(|e| match e {
-                // A statement that failed, maybe for want of a connection:
-                // classified like any other.
-                sqlx::migrate::MigrateError::Execute(e)
-                | sqlx::migrate::MigrateError::ExecuteMigration(e, _) => StorageError::from(e),
-                e => StorageError::Internal(e.into()),
-            })?;
+            .map_err(StorageError::from_migration)?;
         migration_pool.close().await;
 
         // lock_timeout bounds how long a claim waits for a concurrent
@@ -226,8 +220,7 @@ impl Store for PgStore {
     }
 
     fn connections(&self) -> (u32, u32) {
-        let idle = self.pool.num_idle() as u32;
-        (self.pool.size().saturating_sub(idle), idle)
+        super::pool_usage(self.pool.size(), self.pool.num_idle())
     }
 
     fn take_group_commits(&self) -> Vec<GroupCommits> {

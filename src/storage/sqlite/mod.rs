@@ -69,13 +69,7 @@ impl SqliteStore {
         sqlx::migrate!("./migrations/sqlite")
             .run(&migration_pool)
             .await
-            .map_err(|e| match e {
-                // A statement that failed, maybe on a locked file:
-                // classified like any other.
-                sqlx::migrate::MigrateError::Execute(e)
-                | sqlx::migrate::MigrateError::ExecuteMigration(e, _) => StorageError::from(e),
-                e => StorageError::Internal(e.into()),
-            })?;
+            .map_err(StorageError::from_migration)?;
         migration_pool.close().await;
 
         // The writer waits for another connection's write lock only once it
@@ -207,8 +201,7 @@ impl Store for SqliteStore {
     }
 
     fn connections(&self) -> (u32, u32) {
-        let idle = self.readers.num_idle() as u32;
-        (self.readers.size().saturating_sub(idle), idle)
+        super::pool_usage(self.readers.size(), self.readers.num_idle())
     }
 
     async fn ping(&self) -> Result<(), StorageError> {

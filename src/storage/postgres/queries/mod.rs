@@ -24,14 +24,6 @@ macro_rules! seq_lock {
     };
 }
 
-/// The columns of a [`TaskRecord`], as [`task_record`] reads them.
-macro_rules! task_columns {
-    () => {
-        "seq, task_id, agent_id, action, parameters, status, result, create_time, \
-         attempt, update_time, error_message, lease_token, available_at"
-    };
-}
-
 mod api_keys;
 mod idempotency_keys;
 mod lifecycle;

@@ -78,14 +78,7 @@ pub async fn list_tasks(
     .bind(max_bytes)
     .fetch_all(db)
     .await?;
-    let cut_by_size = match rows.last() {
-        Some(row) => row.try_get::<i64, _>("running")? >= max_bytes,
-        None => false,
-    };
-    Ok(TaskPage {
-        tasks: rows.iter().map(task_record).collect::<Result<_, _>>()?,
-        cut_by_size,
-    })
+    TaskPage::from_rows(&rows, max_bytes, task_record)
 }
 
 /// The `limit` tasks that ended FAILED last, latest first.

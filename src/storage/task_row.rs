@@ -1,7 +1,7 @@
-//! A task's status as both stores keep it: one small integer per
-//! [`TaskStatus`], the same number the protobuf enum gives it. This is the
-//! one place that says which number is which: [`StoredStatus`] for Rust,
-//! and the `status!` macro for SQL text.
+//! A task's row as both stores keep it: its columns (`task_columns!`) and
+//! its status, one small integer per [`TaskStatus`], the same number the
+//! protobuf enum gives it. This is the one place that says which number is
+//! which: [`StoredStatus`] for Rust, and the `status!` macro for SQL text.
 //!
 //! The SQL gets the numbers as literals (`status!(running)` expands to
 //! `"2"` inside `concat!`), not as bound parameters: the partial indexes
@@ -36,6 +36,16 @@ macro_rules! status {
     };
     (leasable) => {
         "(1, 2)"
+    };
+}
+
+/// The columns of a task row, in the order both stores' `task_record`
+/// (the row decoders in `postgres/queries` and `sqlite/queries`) read
+/// them: one list for the two dialects.
+macro_rules! task_columns {
+    () => {
+        "seq, task_id, agent_id, action, parameters, status, result, create_time, \
+         attempt, update_time, error_message, lease_token, available_at"
     };
 }
 
