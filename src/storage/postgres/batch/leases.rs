@@ -156,9 +156,8 @@ impl Leases {
             .collect();
         // Picks another statement took first: left out of later reads.
         let mut skipped: Vec<Uuid> = Vec::new();
-        let (mut rounds, mut contended) = (0, 0);
+        let mut rounds = lease::Rounds::default();
         loop {
-            rounds += 1;
             let wanted = lease::candidates_wanted(&rooms);
             let (candidates, decided, _reserved) =
                 match self.choose(shape, &rooms, wanted, &skipped).await {
@@ -220,15 +219,15 @@ impl Leases {
             }
             let contested = skipped.len() > skipped_before;
             let read_full = candidates.len() as i64 >= wanted;
-            if !lease::another_round(&rooms, &decided, contested, read_full) {
-                break;
-            }
-            contended += usize::from(contested);
-            if rounds >= lease::MAX_ROUNDS || contended >= lease::MAX_CONTENDED_ROUNDS {
-                // Tasks may still wait for these orders: a poll answered
-                // short is woken to read again.
-                self.wake_pollers().await;
-                break;
+            match rounds.after(&rooms, &decided, contested, read_full) {
+                lease::AfterRound::Again => {}
+                lease::AfterRound::Done => break,
+                lease::AfterRound::GiveUp => {
+                    // Tasks may still wait for these orders: a poll
+                    // answered short is woken to read again.
+                    self.wake_pollers().await;
+                    break;
+                }
             }
         }
         Ok(done)

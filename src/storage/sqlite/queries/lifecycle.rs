@@ -83,7 +83,8 @@ pub async fn lease_in_transaction(
 ) -> Result<TransactionLeases, StorageError> {
     let mut done = TransactionLeases::default();
     let mut rooms = [Room::new(order.max_tasks, order.max_bytes)];
-    for round in 1.. {
+    let mut rounds = lease::Rounds::default();
+    loop {
         let wanted = lease::candidates_wanted(&rooms);
         let candidates = lease_candidates(&mut *connection, order, wanted).await?;
         let cut = cut(&rooms, &candidates, order.max_attempts);
@@ -101,14 +102,16 @@ pub async fn lease_in_transaction(
                 done.granted.tasks.push(task);
             }
         }
-        if !lease::another_round(&rooms, &cut, false, candidates.len() as i64 >= wanted) {
-            break;
-        }
-        if round >= lease::MAX_ROUNDS {
-            // Tasks may still wait for this order: wake the poll to read
-            // again (see `lease::MAX_ROUNDS`).
-            done.left_behind = true;
-            break;
+        // One writer: no other statement takes picks first.
+        match rounds.after(&rooms, &cut, false, candidates.len() as i64 >= wanted) {
+            lease::AfterRound::Again => {}
+            lease::AfterRound::Done => break,
+            lease::AfterRound::GiveUp => {
+                // Tasks may still wait for this order: wake the poll to
+                // read again.
+                done.left_behind = true;
+                break;
+            }
         }
     }
     Ok(done)
