@@ -88,7 +88,7 @@ pub enum Claimed {
     Held(StoredKey),
     /// A record committed while the claim waited holds the key, but the
     /// claim's statement could not read it: read it with
-    /// [`Store::find_key`].
+    /// [`Store::find_key`](super::Store::find_key).
     Unseen,
 }
 

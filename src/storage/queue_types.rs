@@ -105,7 +105,8 @@ impl TaskPage {
     }
 }
 
-/// Tasks by status and the oldest wait, as [`Store::queue_stats`] reads them.
+/// Tasks by status and the oldest wait, as
+/// [`Store::queue_stats`](super::Store::queue_stats) reads them.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct QueueStats {
     /// Tasks of each status, in the order of [`StoredStatus::ALL`].

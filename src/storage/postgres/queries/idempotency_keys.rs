@@ -99,7 +99,7 @@ pub async fn find_legacy_key(
 /// The tasks are numbered (`seq`) under a shared advisory lock, taken once
 /// every key of the batch is claimed (the sort is the barrier: no lock is
 /// held while a key waits); ListTasks takes it exclusively before it reads
-/// (see [`list_settled_tasks`]), so a page never holds a task while an
+/// (see [`list_settled_tasks`](super::list_settled_tasks)), so a page never holds a task while an
 /// earlier-numbered one is still uncommitted.
 ///
 /// The claims share one `retention` (the batcher sends keyed and keyless
