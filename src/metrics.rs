@@ -90,9 +90,8 @@ pub const CREATE_OUTCOMES: [&str; 6] = [
     "unavailable",
 ];
 
-/// Task statuses by their stored number (1 to 5), as
-/// [`StoredStatus`](crate::storage::StoredStatus) names them.
-pub const TASK_STATUSES: [&str; 5] = crate::storage::StoredStatus::NAMES;
+/// Task statuses by their stored number (1 to 5).
+pub const TASK_STATUSES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
 
 /// Every gRPC status code, as go-grpc-prometheus names them.
 const GRPC_CODES: [&str; 17] = [
