@@ -108,6 +108,12 @@ async fn metrics_text<S: Store>(State(ops): State<Ops<S>>) -> impl IntoResponse 
         .db_connections
         .get_or_create(&StateLabels { state: "idle" })
         .set(i64::from(idle));
+    // The store counts its group commits; they are recorded here.
+    for commits in ops.store.take_group_commits() {
+        for _ in 0..commits.batches {
+            metrics.observe_batch(commits.job, commits.size);
+        }
+    }
     ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], metrics.encode())
 }
 

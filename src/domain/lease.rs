@@ -36,6 +36,14 @@ impl Candidate {
     pub fn ends(&self, max_attempts: i32) -> bool {
         self.running && self.attempt >= max_attempts
     }
+
+    /// The message the lease's write gives the task: a running task's
+    /// lease ran out ([`expired_message`]), whether it is leased again or
+    /// ends; `None` keeps a queued task's own message.
+    pub fn message(&self, max_attempts: i32) -> Option<String> {
+        self.running
+            .then(|| expired_message(self.attempt, max_attempts))
+    }
 }
 
 /// What one order may still take.
@@ -165,6 +173,52 @@ pub const MAX_CONTENDED_ROUNDS: usize = 8;
 /// for the next one, and reading again would find it first again.
 pub fn another_round(rooms: &[Room], cut: &Cut, skipped: bool, read_full: bool) -> bool {
     (skipped || (read_full && !cut.left_behind)) && rooms.iter().any(|room| !room.is_full())
+}
+
+/// What a store does after a lease round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterRound {
+    /// The orders are served: answer them.
+    Done,
+    /// Read and lease again for the orders that still have room.
+    Again,
+    /// Past the bound on rounds: answer, and wake the pollers that wait
+    /// (the batch's own included) to read again, since tasks may still
+    /// wait for them.
+    GiveUp,
+}
+
+/// The rounds of one batch of orders, counted so that both stores stop
+/// by the same rule: [`another_round`], bounded by [`MAX_ROUNDS`] and
+/// [`MAX_CONTENDED_ROUNDS`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rounds {
+    rounds: usize,
+    contended: usize,
+}
+
+impl Rounds {
+    /// Counts a round that ended with `rooms` after `cut`; `skipped`:
+    /// another statement took some of its picks first; `read_full`: the
+    /// read returned as many candidates as it asked for.
+    pub fn after(
+        &mut self,
+        rooms: &[Room],
+        cut: &Cut,
+        skipped: bool,
+        read_full: bool,
+    ) -> AfterRound {
+        self.rounds += 1;
+        if !another_round(rooms, cut, skipped, read_full) {
+            return AfterRound::Done;
+        }
+        self.contended += usize::from(skipped);
+        if self.rounds >= MAX_ROUNDS || self.contended >= MAX_CONTENDED_ROUNDS {
+            AfterRound::GiveUp
+        } else {
+            AfterRound::Again
+        }
+    }
 }
 
 /// How many candidates to read for `rooms`: enough to fill every order
@@ -353,6 +407,52 @@ mod tests {
         assert!(!another_round(&[open], &cut_short, false, true));
         // Unless picks were taken by someone else, which gives room back.
         assert!(another_round(&[open], &cut_short, true, true));
+    }
+
+    #[test]
+    fn rounds_go_on_while_orders_have_room_up_to_their_bounds() {
+        let open = [Room::new(3, 100)];
+        let took_all = Cut::default();
+        let mut rounds = Rounds::default();
+
+        assert_eq!(
+            rounds.after(&open, &took_all, false, false),
+            AfterRound::Done
+        );
+        for _ in 1..MAX_ROUNDS - 1 {
+            assert_eq!(
+                rounds.after(&open, &took_all, false, true),
+                AfterRound::Again
+            );
+        }
+        assert_eq!(
+            rounds.after(&open, &took_all, false, true),
+            AfterRound::GiveUp
+        );
+    }
+
+    #[test]
+    fn contended_rounds_give_up_sooner() {
+        let open = [Room::new(3, 100)];
+        let mut rounds = Rounds::default();
+
+        for _ in 1..MAX_CONTENDED_ROUNDS {
+            assert_eq!(
+                rounds.after(&open, &Cut::default(), true, false),
+                AfterRound::Again
+            );
+        }
+        assert_eq!(
+            rounds.after(&open, &Cut::default(), true, false),
+            AfterRound::GiveUp
+        );
+    }
+
+    #[test]
+    fn only_a_lease_that_ran_out_gets_the_expiry_message() {
+        assert_eq!(queued(10).message(5), None);
+        assert_eq!(expired(2).message(5), Some(expired_message(2, 5)));
+        assert_eq!(expired(5).message(5), Some(expired_message(5, 5)));
     }
 
     #[test]

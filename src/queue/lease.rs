@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use super::QueuePolicy;
 use crate::{
     domain::{LeaseQuery, MAX_LEASED_BYTES, TaskRecord},
-    storage::{LeaseOrder, StorageError, Store},
+    storage::{LeaseOrder, LeasedTasks, StorageError, Store},
 };
 
 /// Leases up to `query.max_tasks` tasks. When none is available, waits up
@@ -37,6 +37,8 @@ pub async fn lease_tasks<S: Store>(
         ready.as_mut().enable();
 
         let leased = store.lease_tasks(&order).await?;
+        count_leases(&leased);
+        let leased = leased.tasks;
         let left = until.saturating_duration_since(Instant::now());
         if !leased.is_empty() || left.is_zero() || store.events().is_draining() {
             return Ok(leased);
@@ -45,6 +47,17 @@ pub async fn lease_tasks<S: Store>(
         let _ = tokio::time::timeout(left.min(policy.recheck), ready).await;
         drop(waiting);
     }
+}
+
+/// Counts one lease call in the metrics: each lease granted and its
+/// attempt number, and each lease it found run out.
+fn count_leases(leased: &LeasedTasks) {
+    let metrics = crate::metrics::metrics();
+    for task in &leased.tasks {
+        metrics.lease_grants.inc();
+        metrics.lease_attempts.observe(f64::from(task.attempt));
+    }
+    metrics.lease_expiries.inc_by(leased.expired);
 }
 
 /// A long poll counted in `oncely_lease_polls_waiting` while it lives.

@@ -4,11 +4,13 @@
 //! refused change means, and waits without polling in a hot loop.
 //!
 //! - [`lease`]: LeaseTasks, with long polling.
+//! - [`retry`]: what a failed attempt comes to (the retry policy).
 //! - [`settle`]: RenewLease, CompleteTask, FailTask, CancelTask, and why a
 //!   change was refused.
 //! - [`wait`]: WaitTask, until a task is finished.
 
 pub mod lease;
+pub mod retry;
 pub mod settle;
 pub mod wait;
 

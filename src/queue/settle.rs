@@ -3,11 +3,11 @@
 
 use uuid::Uuid;
 
-use super::{QueueError, QueuePolicy, Refusal};
+use super::{QueueError, QueuePolicy, Refusal, retry};
 use crate::{
     domain::{Completion, Failure, Renewal, TaskRecord, canonical_json},
     proto::tasks_v1::TaskStatus,
-    storage::{RetryRule, StorageError, Store},
+    storage::{StorageError, Store, StoredStatus},
 };
 
 /// Extends a lease while its worker works (the heartbeat).
@@ -49,18 +49,25 @@ pub async fn complete_task<S: Store>(
 }
 
 /// Records a failed attempt: the task is queued again after a backoff, or
-/// ends FAILED when the failure is permanent or the attempt was the last.
+/// ends FAILED when the failure is permanent or the attempt was the last
+/// ([`retry::after_failure`] decides, for the attempt the lease is on).
 pub async fn fail_task<S: Store>(
     store: &S,
     failure: &Failure,
     policy: &QueuePolicy,
 ) -> Result<TaskRecord, QueueError> {
-    let retry = RetryRule {
-        max_attempts: policy.max_attempts,
-        backoff_base: policy.backoff_base,
-        backoff_max: policy.backoff_max,
-    };
-    match store.fail_task(failure, &retry).await? {
+    // The decision depends on the attempt, which the lease's token fixes:
+    // read it, decide, and write fenced on the token and that attempt.
+    let task = store
+        .get_task(failure.lease.task_id.0)
+        .await?
+        .ok_or(QueueError::Refused(Refusal::NotFound))?;
+    if task.status != StoredStatus::Running.code() || task.lease_token != Some(failure.lease.token)
+    {
+        return Err(classify(&task).into());
+    }
+    let outcome = retry::after_failure(policy, task.attempt, failure, retry::random_fraction());
+    match store.fail_task(failure, &outcome).await? {
         Some(task) => Ok(task),
         None => Err(refusal(store, failure.lease.task_id.0).await?.into()),
     }

@@ -46,7 +46,7 @@ impl From<sqlx::Error> for StorageError {
         let class = match &error {
             sqlx::Error::Database(db) => {
                 if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
-                    sqlite_class(db.code().as_deref())
+                    sqlite_class(sqlite_primary_code(db.as_ref()))
                 } else {
                     let context = db
                         .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
@@ -80,6 +80,68 @@ impl StorageError {
             StorageError::Internal(_) | StorageError::Corrupt(_) | StorageError::Config(_)
         )
     }
+
+    /// A migration's failure: a statement that failed (maybe for want of a
+    /// connection, or on a locked file) is classified like any other;
+    /// anything else (a missing or changed migration) is a bug.
+    pub fn from_migration(error: sqlx::migrate::MigrateError) -> Self {
+        match error {
+            sqlx::migrate::MigrateError::Execute(e)
+            | sqlx::migrate::MigrateError::ExecuteMigration(e, _) => Self::from(e),
+            e => Self::Internal(e.into()),
+        }
+    }
+
+    /// Whether the error says the store is set up wrong rather than not
+    /// up yet, so that waiting for it is pointless: a TLS failure, or an
+    /// SQLite file that is read-only or cannot be opened.
+    pub fn is_misconfigured(&self) -> bool {
+        let source = match self {
+            StorageError::Unavailable(source) | StorageError::Internal(source) => source,
+            _ => return false,
+        };
+        match source {
+            sqlx::Error::Tls(_) => true,
+            sqlx::Error::Database(db) => matches!(
+                sqlite_primary_code(db.as_ref()),
+                Some(SQLITE_READONLY | SQLITE_CANTOPEN)
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// SQLITE_ERROR: a generic error (also "no transaction is active").
+pub(crate) const SQLITE_ERROR: i32 = 1;
+/// SQLITE_BUSY: another connection held the lock for the busy timeout.
+pub(crate) const SQLITE_BUSY: i32 = 5;
+/// SQLITE_LOCKED: a conflict within one connection's shared cache.
+pub(crate) const SQLITE_LOCKED: i32 = 6;
+/// SQLITE_READONLY: the file cannot be written.
+pub(crate) const SQLITE_READONLY: i32 = 8;
+/// SQLITE_IOERR: the operating system reported an I/O error.
+pub(crate) const SQLITE_IOERR: i32 = 10;
+/// SQLITE_FULL: the disk is full.
+pub(crate) const SQLITE_FULL: i32 = 13;
+/// SQLITE_CANTOPEN: the file cannot be opened.
+pub(crate) const SQLITE_CANTOPEN: i32 = 14;
+/// SQLITE_PROTOCOL: a locking protocol error.
+pub(crate) const SQLITE_PROTOCOL: i32 = 15;
+
+/// The primary result code of an SQLite error (an extended code's low
+/// byte: SQLITE_READONLY_DBMOVED is SQLITE_READONLY); `None` for another
+/// database's error. The one place SQLite's code is parsed.
+pub(crate) fn sqlite_primary_code(error: &dyn sqlx::error::DatabaseError) -> Option<i32> {
+    error.try_downcast_ref::<sqlx::sqlite::SqliteError>()?;
+    error
+        .code()
+        .and_then(|code| code.parse::<i32>().ok())
+        .map(|code| code & 0xff)
+}
+
+/// [`sqlite_primary_code`] of any error: `None` unless SQLite answered it.
+pub(crate) fn sqlite_code_of(error: &sqlx::Error) -> Option<i32> {
+    error.as_database_error().and_then(sqlite_primary_code)
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -132,15 +194,15 @@ fn names_key_records(context: &str) -> bool {
     })
 }
 
-/// Classifies an SQLite (extended) result code by its primary code.
-fn sqlite_class(code: Option<&str>) -> Class {
-    match code.and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff) {
-        // SQLITE_BUSY, SQLITE_LOCKED: another writer held the database for the
-        // whole busy timeout.
-        Some(5 | 6) => Class::LockTimeout,
-        // SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN, SQLITE_READONLY,
-        // SQLITE_PROTOCOL: the file or disk is failing, maybe for a while.
-        Some(8 | 10 | 13 | 14 | 15) => Class::Unavailable,
+/// Classifies an SQLite primary result code.
+fn sqlite_class(code: Option<i32>) -> Class {
+    match code {
+        // Another writer held the database for the whole busy timeout.
+        Some(SQLITE_BUSY | SQLITE_LOCKED) => Class::LockTimeout,
+        // The file or disk is failing, maybe for a while.
+        Some(SQLITE_READONLY | SQLITE_IOERR | SQLITE_FULL | SQLITE_CANTOPEN | SQLITE_PROTOCOL) => {
+            Class::Unavailable
+        }
         _ => Class::Internal,
     }
 }
@@ -163,6 +225,27 @@ mod tests {
         for code in ["23505", "42P01", "22P02", "XX000"] {
             assert_eq!(postgres_class(Some(code), None), Class::Internal, "{code}");
         }
+    }
+
+    #[test]
+    fn sqlite_codes_are_classified_by_their_primary_code() {
+        assert_eq!(sqlite_class(Some(SQLITE_BUSY)), Class::LockTimeout);
+        assert_eq!(sqlite_class(Some(SQLITE_LOCKED)), Class::LockTimeout);
+        for code in [SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN] {
+            assert_eq!(sqlite_class(Some(code)), Class::Unavailable, "{code}");
+        }
+        assert_eq!(sqlite_class(Some(SQLITE_ERROR)), Class::Internal);
+        assert_eq!(sqlite_class(None), Class::Internal);
+    }
+
+    #[test]
+    fn a_tls_failure_is_misconfigured_and_a_lost_connection_is_not() {
+        let tls = StorageError::Unavailable(sqlx::Error::Tls("bad certificate".into()));
+        let lost = StorageError::Unavailable(sqlx::Error::PoolTimedOut);
+
+        assert!(tls.is_misconfigured());
+        assert!(!lost.is_misconfigured());
+        assert!(!StorageError::Config("x".into()).is_misconfigured());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::Utc;
 use oncely::{
     domain::{Completion, Failure, LeaseRef, TaskId},
-    storage::{Claimed, KeyClaim, RetryRule, postgres::queries},
+    storage::{Claimed, FailureOutcome, KeyClaim, postgres::queries},
 };
 use serde_json::Value;
 use sqlx::Row;
@@ -161,10 +161,9 @@ async fn plans_made_on_empty_tables_reach_keys_and_tasks_by_their_indexes() {
             permanent: false,
             retry_after: None,
         },
-        &RetryRule {
-            max_attempts: 3,
-            backoff_base: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(60),
+        &FailureOutcome {
+            attempt: 1,
+            retry_in: Some(Duration::from_secs(1)),
         },
     )
     .await

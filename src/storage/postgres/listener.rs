@@ -1,4 +1,4 @@
-//! `LISTEN oncely_tasks`: turns the notifications every instance's writes
+//! `LISTEN` on the tasks' channel (`notify::CHANNEL`): turns the notifications every instance's writes
 //! send into this instance's wake-ups. A lost connection is reopened; while
 //! it is down, waiters fall back on their once-a-second re-read, and on
 //! reconnection every waiter is woken to re-read at once.
@@ -9,7 +9,10 @@ use sqlx::{PgPool, postgres::PgListener};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use super::{super::TaskEvents, queries::CHANNEL};
+use super::{
+    super::TaskEvents,
+    notify::{CHANNEL, FINISHED},
+};
 
 /// How long to wait before listening again after a failure.
 const RETRY: Duration = Duration::from_secs(1);
@@ -64,7 +67,7 @@ async fn listen(pool: &PgPool, events: &TaskEvents, warned: &mut bool) -> Result
 }
 
 fn dispatch(payload: &str, events: &TaskEvents) {
-    match payload.strip_prefix("finished:") {
+    match payload.strip_prefix(FINISHED) {
         Some(id) => match Uuid::parse_str(id) {
             Ok(task_id) => events.task_finished(task_id),
             Err(_) => events.anything(),

@@ -18,8 +18,8 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    Claimed, DatabaseSettings, KeyClaim, KeyLookup, LeaseOrder, RetryRule, StorageError, Store,
-    StoredKey, TaskEvents, TaskPage, redact_url,
+    Claimed, DatabaseSettings, FailureOutcome, GroupCommits, KeyClaim, KeyLookup, LeaseOrder,
+    LeasedTasks, StorageError, Store, StoredKey, TaskEvents, TaskPage, redact_url,
 };
 use crate::domain::{ApiKeyRecord, Completion, Failure, LeaseRef, TaskRecord};
 
@@ -33,10 +33,14 @@ pub struct PgStore {
     completions: batch::Batcher<batch::Completions>,
     /// Sends concurrent leases together.
     leases: batch::Batcher<batch::Leases>,
+    /// The batchers' batch sizes, until the metrics take them.
+    tally: batch::Tally,
     /// A connection of its own for health checks, so a pool busy with
     /// waiting requests does not look like a dead database.
     health_pool: PgPool,
     events: TaskEvents,
+    /// Tells the other instances of the changes this one commits.
+    notifier: notify::Notifier,
     /// Stops the listener when the last clone of the store is dropped.
     _listener: Arc<listener::Listening>,
     description: String,
@@ -70,13 +74,7 @@ impl PgStore {
         sqlx::migrate!("./migrations/postgres")
             .run(&migration_pool)
             .await
-            .map_err(|e| match e {
-                // A statement that failed, maybe for want of a connection:
-                // classified like any other.
-                sqlx::migrate::MigrateError::Execute(e)
-                | sqlx::migrate::MigrateError::ExecuteMigration(e, _) => StorageError::from(e),
-                e => StorageError::Internal(e.into()),
-            })?;
+            .map_err(StorageError::from_migration)?;
         migration_pool.close().await;
 
         // lock_timeout bounds how long a claim waits for a concurrent
@@ -116,18 +114,22 @@ impl PgStore {
             .connect_lazy_with(options.application_name("oncely-listener"));
         let events = TaskEvents::default();
         let listener = listener::start(listener_pool, events.clone());
-        let target = batch::Target {
+        let notifier = notify::Notifier::start(pool.clone());
+        let target = batch::PoolWithWakeups {
             pool: pool.clone(),
-            notifier: notify::Notifier::start(pool.clone()),
+            notifier: notifier.clone(),
             events: events.clone(),
         };
+        let tally = batch::Tally::default();
         Ok(Self {
-            claims: batch::Batcher::start(batch::Claims(target.clone())),
-            completions: batch::Batcher::start(batch::Completions(target.clone())),
-            leases: batch::Batcher::start(batch::Leases::new(target)),
+            claims: batch::Batcher::start(batch::Claims(target.clone()), tally.clone()),
+            completions: batch::Batcher::start(batch::Completions(target.clone()), tally.clone()),
+            leases: batch::Batcher::start(batch::Leases::new(target), tally.clone()),
+            tally,
             pool,
             health_pool,
             events,
+            notifier,
             _listener: Arc::new(listener),
             description: format!("postgres at {}", redact_url(&settings.url)),
         })
@@ -218,8 +220,11 @@ impl Store for PgStore {
     }
 
     fn connections(&self) -> (u32, u32) {
-        let idle = self.pool.num_idle() as u32;
-        (self.pool.size().saturating_sub(idle), idle)
+        super::pool_usage(self.pool.size(), self.pool.num_idle())
+    }
+
+    fn take_group_commits(&self) -> Vec<GroupCommits> {
+        self.tally.take()
     }
 
     fn events(&self) -> &TaskEvents {
@@ -227,12 +232,10 @@ impl Store for PgStore {
     }
 
     #[tracing::instrument(skip_all)]
-    async fn lease_tasks(&self, order: &LeaseOrder<'_>) -> Result<Vec<TaskRecord>, StorageError> {
+    async fn lease_tasks(&self, order: &LeaseOrder<'_>) -> Result<LeasedTasks, StorageError> {
         // Sent with the polls that arrive with it, in one statement (or a
         // few, when another statement took its picks first).
-        let done = self.leases.submit(batch::LeaseRequest::new(order)).await?;
-        super::count_leases(&done.leased, done.failed, order.max_attempts);
-        Ok(done.leased)
+        self.leases.submit(batch::LeaseRequest::new(order)).await
     }
 
     #[tracing::instrument(skip_all)]
@@ -258,14 +261,18 @@ impl Store for PgStore {
     async fn fail_task(
         &self,
         failure: &Failure,
-        retry: &RetryRule,
+        outcome: &FailureOutcome,
     ) -> Result<Option<TaskRecord>, StorageError> {
-        queries::fail_task(&self.pool, failure, retry).await
+        let task = queries::fail_task(&self.pool, failure, outcome).await?;
+        self.announce(task.as_ref()).await;
+        Ok(task)
     }
 
     #[tracing::instrument(skip_all)]
     async fn cancel_task(&self, task_id: Uuid) -> Result<Option<TaskRecord>, StorageError> {
-        queries::cancel_task(&self.pool, task_id).await
+        let task = queries::cancel_task(&self.pool, task_id).await?;
+        self.announce(task.as_ref()).await;
+        Ok(task)
     }
 
     async fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StorageError> {
@@ -287,5 +294,24 @@ impl Store for PgStore {
 
     async fn revoke_api_key(&self, name: &str) -> Result<bool, StorageError> {
         queries::revoke_api_key(&self.pool, name).await
+    }
+}
+
+impl PgStore {
+    /// Wakes whoever waits on a task a committed write just changed, here
+    /// and on every instance: its waiters if it ended, the workers if it is
+    /// queued again.
+    async fn announce(&self, task: Option<&TaskRecord>) {
+        match task {
+            Some(task) if task.is_finished() => {
+                self.events.task_finished(task.task_id);
+                self.notifier.finished(task.task_id).await;
+            }
+            Some(_) => {
+                self.events.task_ready();
+                self.notifier.ready().await;
+            }
+            None => {}
+        }
     }
 }

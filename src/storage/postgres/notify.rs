@@ -1,5 +1,8 @@
 //! Notifications to every instance (a task is ready, a task finished),
-//! sent after the commit of what they announce, and in batches.
+//! sent after the commit of what they announce, and in batches. Every
+//! write that makes a task leasable or ends one (create, lease, complete,
+//! fail, cancel) commits first and then queues its notification here; no
+//! statement calls `pg_notify` itself.
 //!
 //! PostgreSQL serializes the commits of transactions that NOTIFY (they
 //! take one lock on the notification queue through commit, WAL flush
@@ -14,11 +17,18 @@
 //! on every instance also re-read now and then, so a notification lost
 //! with a connection delays them, never strands them.
 
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
 
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use uuid::Uuid;
+
+/// The channel every instance listens on (see `listener.rs`).
+pub(super) const CHANNEL: &str = "oncely_tasks";
+/// The payload that says a task may be leasable.
+pub(super) const READY: &str = "ready";
+/// The prefix of the payload that says a task ended: `finished:<task_id>`.
+pub(super) const FINISHED: &str = "finished:";
 
 /// The least time between two notifying statements.
 const GAP: Duration = Duration::from_millis(5);
@@ -46,34 +56,32 @@ impl Notifier {
     /// Queues the notification that `task_id` finished.
     pub(super) async fn finished(&self, task_id: Uuid) {
         // Only fails once the store is gone.
-        let _ = self.queue.send(format!("finished:{task_id}")).await;
+        let _ = self.queue.send(format!("{FINISHED}{task_id}")).await;
     }
 
     /// Queues the notification that a task may be leasable.
     pub(super) async fn ready(&self) {
-        let _ = self.queue.send("ready".to_owned()).await;
+        let _ = self.queue.send(READY.to_owned()).await;
     }
 }
 
 async fn run(pool: PgPool, mut payloads: mpsc::Receiver<String>) {
-    while let Some(first) = payloads.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match payloads.try_recv() {
-                Ok(payload) if !batch.contains(&payload) => batch.push(payload),
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-        let sent = sqlx::query(
-            "SELECT pg_notify('oncely_tasks', payload) FROM unnest($1::text[]) AS payload",
-        )
-        .bind(&batch)
-        .execute(&pool)
-        .await;
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    // Waits for one, then takes what else is queued, up to the cap; none:
+    // every sender is gone.
+    while payloads.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // Each payload once: a waiter needs one wake-up per change.
+        let mut seen = HashSet::new();
+        batch.retain(|payload| seen.insert(payload.clone()));
+        let sent = sqlx::query("SELECT pg_notify($2, payload) FROM unnest($1::text[]) AS payload")
+            .bind(&batch)
+            .bind(CHANNEL)
+            .execute(&pool)
+            .await;
         if let Err(error) = sent {
             tracing::debug!(%error, notifications = batch.len(), "could not notify; waiters will re-read");
         }
+        batch.clear();
         tokio::time::sleep(GAP).await;
     }
 }

@@ -24,8 +24,8 @@ use self::{
     writer::Writer,
 };
 use super::{
-    Claimed, DatabaseSettings, KeyClaim, KeyLookup, LeaseOrder, RetryRule, StorageError, Store,
-    StoredKey, TaskEvents, TaskPage, micros,
+    Claimed, DatabaseSettings, FailureOutcome, KeyClaim, KeyLookup, LeaseOrder, LeasedTasks,
+    StorageError, Store, StoredKey, TaskEvents, TaskPage, micros,
 };
 use crate::domain::{ApiKeyRecord, Completion, Failure, LeaseRef, TaskRecord};
 
@@ -69,13 +69,7 @@ impl SqliteStore {
         sqlx::migrate!("./migrations/sqlite")
             .run(&migration_pool)
             .await
-            .map_err(|e| match e {
-                // A statement that failed, maybe on a locked file:
-                // classified like any other.
-                sqlx::migrate::MigrateError::Execute(e)
-                | sqlx::migrate::MigrateError::ExecuteMigration(e, _) => StorageError::from(e),
-                e => StorageError::Internal(e.into()),
-            })?;
+            .map_err(StorageError::from_migration)?;
         migration_pool.close().await;
 
         // The writer waits for another connection's write lock only once it
@@ -207,8 +201,7 @@ impl Store for SqliteStore {
     }
 
     fn connections(&self) -> (u32, u32) {
-        let idle = self.readers.num_idle() as u32;
-        (self.readers.size().saturating_sub(idle), idle)
+        super::pool_usage(self.readers.size(), self.readers.num_idle())
     }
 
     async fn ping(&self) -> Result<(), StorageError> {
@@ -230,11 +223,10 @@ impl Store for SqliteStore {
     }
 
     #[tracing::instrument(skip_all)]
-    async fn lease_tasks(&self, order: &LeaseOrder<'_>) -> Result<Vec<TaskRecord>, StorageError> {
-        let max_attempts = order.max_attempts;
+    async fn lease_tasks(&self, order: &LeaseOrder<'_>) -> Result<LeasedTasks, StorageError> {
         let order = LeaseRow::from(order);
         if !queries::any_leasable(&self.readers, &order).await? {
-            return Ok(Vec::new());
+            return Ok(LeasedTasks::default());
         }
         let done = self
             .writer
@@ -242,8 +234,7 @@ impl Store for SqliteStore {
                 Box::pin(async move { queries::lease_in_transaction(connection, &order).await })
             })
             .await?;
-        super::count_leases(&done.leased, done.failed.len(), max_attempts);
-        for task_id in done.failed {
+        for task_id in done.ended {
             self.events.task_finished(task_id);
         }
         if done.left_behind {
@@ -251,7 +242,7 @@ impl Store for SqliteStore {
             // may take them now.
             self.events.task_ready();
         }
-        Ok(done.leased)
+        Ok(done.granted)
     }
 
     #[tracing::instrument(skip_all)]
@@ -287,13 +278,13 @@ impl Store for SqliteStore {
     async fn fail_task(
         &self,
         failure: &Failure,
-        retry: &RetryRule,
+        outcome: &FailureOutcome,
     ) -> Result<Option<TaskRecord>, StorageError> {
-        let (failure, retry) = (failure.clone(), *retry);
+        let (failure, outcome) = (failure.clone(), *outcome);
         let task = self
             .writer
             .run(move |connection| {
-                Box::pin(async move { queries::fail_task(connection, &failure, &retry).await })
+                Box::pin(async move { queries::fail_task(connection, &failure, &outcome).await })
             })
             .await?;
         self.announce(task.as_ref());

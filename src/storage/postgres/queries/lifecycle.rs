@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::task_record;
 use crate::{
     domain::{Completion, Failure, LeaseRef, TaskRecord, lease::Candidate},
-    storage::{RetryRule, StorageError},
+    storage::{FailureOutcome, StorageError},
 };
 
 /// A task a lease statement was told to take: which order takes it, and
@@ -40,16 +40,20 @@ pub async fn lease_candidates(
     limit: i64,
     excluded: &[Uuid],
 ) -> Result<Vec<Candidate>, StorageError> {
-    let rows = sqlx::query(
+    let rows = sqlx::query(concat!(
         "SELECT task_id, coalesce(parameters_bytes, octet_length(parameters::text))::int8 AS size, \
-                status = 2 AS running, attempt \
+                status = ",
+        status!(running),
+        " AS running, attempt \
          FROM tasks \
-         WHERE status IN (1, 2) AND available_at <= now() \
+         WHERE status IN ",
+        status!(leasable),
+        " AND available_at <= now() \
            AND (cardinality($1::text[]) = 0 OR action = ANY($1::text[])) \
            AND NOT EXISTS (SELECT 1 FROM unnest($3::uuid[]) AS x(id) WHERE x.id = task_id) \
          ORDER BY available_at, seq \
-         LIMIT $2",
-    )
+         LIMIT $2"
+    ))
     .bind(actions)
     .bind(limit)
     .bind(excluded)
@@ -78,8 +82,9 @@ pub async fn lease_candidates(
 /// over the primary key in the plan the pool keeps, even when it was made
 /// while the table was small (without it, a hash of a scan of every task
 /// was cheaper then, and stayed: `tests/api/plans.rs` checks).
-/// Answers the changed tasks with their order, in the order chosen; the
-/// tasks ended FAILED have their waiters notified. A chosen task that is
+/// Answers the changed tasks with their order, in the order chosen.
+/// Notifies no one: the caller does, after the commit (see `notify.rs`),
+/// for the tasks ended FAILED. A chosen task that is
 /// not answered was taken by someone else first, or changed.
 pub async fn lease_chosen(
     db: impl PgExecutor<'_>,
@@ -97,14 +102,22 @@ pub async fn lease_chosen(
              SELECT t.task_id, c.ends, c.worker_id, c.message, c.ord, c.rank \
              FROM chosen AS c CROSS JOIN LATERAL ( \
                  SELECT task_id FROM tasks \
-                 WHERE task_id = c.task_id AND status = CASE WHEN c.running THEN 2 ELSE 1 END \
+                 WHERE task_id = c.task_id AND status = CASE WHEN c.running THEN ",
+        status!(running),
+        " ELSE ",
+        status!(queued),
+        " END \
                    AND attempt = c.attempt AND available_at <= now() \
                  LIMIT 1 \
                  FOR UPDATE SKIP LOCKED \
              ) AS t \
          ), changed AS ( \
              UPDATE tasks AS t SET \
-                 status = CASE WHEN l.ends THEN 4 ELSE 2 END, \
+                 status = CASE WHEN l.ends THEN ",
+        status!(failed),
+        " ELSE ",
+        status!(running),
+        " END, \
                  error_message = coalesce(l.message, t.error_message), \
                  attempt = CASE WHEN l.ends THEN t.attempt ELSE t.attempt + 1 END, \
                  lease_token = CASE WHEN l.ends THEN t.lease_token ELSE gen_random_uuid() END, \
@@ -117,9 +130,7 @@ pub async fn lease_chosen(
          ) \
          SELECT ord, ",
         task_columns!(),
-        ", CASE WHEN status = 4 \
-                THEN pg_notify('oncely_tasks', 'finished:' || task_id)::text END \
-         FROM changed ORDER BY rank"
+        " FROM changed ORDER BY rank"
     ))
     .bind(
         chosen
@@ -165,8 +176,9 @@ pub async fn renew_lease(
 ) -> Result<Option<TaskRecord>, StorageError> {
     sqlx::query(concat!(
         "UPDATE tasks SET available_at = now() + $3::interval, update_time = now() \
-         WHERE task_id = $1 AND lease_token = $2 AND status = 2 \
-         RETURNING ",
+         WHERE task_id = $1 AND lease_token = $2 AND status = ",
+        status!(running),
+        " RETURNING ",
         task_columns!()
     ))
     .bind(lease.task_id.0)
@@ -207,10 +219,14 @@ pub async fn complete_tasks(
                  WITH ORDINALITY AS c(task_id, token, result, ord) \
              ORDER BY task_id \
          ), done AS ( \
-             UPDATE tasks AS t SET status = 3, result = c.result::jsonb, error_message = '', \
+             UPDATE tasks AS t SET status = ",
+        status!(succeeded),
+        ", result = c.result::jsonb, error_message = '', \
                                    update_time = now() \
              FROM input AS c \
-             WHERE t.task_id = c.task_id AND t.lease_token = c.token AND t.status = 2 \
+             WHERE t.task_id = c.task_id AND t.lease_token = c.token AND t.status = ",
+        status!(running),
+        " \
              RETURNING c.ord, t.* \
          ) \
          SELECT ord, ",
@@ -249,37 +265,30 @@ pub async fn complete_tasks(
     Ok(done)
 }
 
-/// Records a failed attempt, if the lease is current: FAILED (4) when
-/// permanent or on the last allowed attempt, else queued (1) again after
-/// `retry_after` or a random delay up to the attempt's backoff ceiling.
+/// Writes a failed attempt's `outcome` (decided by `queue::retry`), if the
+/// lease is current and on the attempt it was decided for: the task ends
+/// FAILED, keeping its `available_at`, or is queued again to be leasable
+/// after the outcome's delay.
 pub async fn fail_task(
     db: impl PgExecutor<'_>,
     failure: &Failure,
-    retry: &RetryRule,
+    outcome: &FailureOutcome,
 ) -> Result<Option<TaskRecord>, StorageError> {
     sqlx::query(concat!(
-        "UPDATE tasks AS t SET \
-             status = CASE WHEN $4 OR t.attempt >= $5 THEN 4 ELSE 1 END, \
-             error_message = $3, \
-             available_at = CASE WHEN $4 OR t.attempt >= $5 THEN t.available_at \
-                 ELSE now() + make_interval(secs => COALESCE($6::float8, \
-                     least($8::float8, $7::float8 * (1::bigint << least(t.attempt - 1, 30))) \
-                     * random())) END, \
+        "UPDATE tasks AS t SET status = $4, error_message = $3, \
+             available_at = coalesce(now() + interval '1 microsecond' * $6, t.available_at), \
              update_time = now() \
-         WHERE task_id = $1 AND lease_token = $2 AND status = 2 \
-         RETURNING ",
-        task_columns!(),
-        ", CASE WHEN status = 4 THEN pg_notify('oncely_tasks', 'finished:' || task_id) \
-                ELSE pg_notify('oncely_tasks', 'ready') END::text"
+         WHERE task_id = $1 AND lease_token = $2 AND attempt = $5 AND status = ",
+        status!(running),
+        " RETURNING ",
+        task_columns!()
     ))
     .bind(failure.lease.task_id.0)
     .bind(failure.lease.token)
     .bind(&failure.message)
-    .bind(failure.permanent)
-    .bind(retry.max_attempts)
-    .bind(failure.retry_after.map(|d| d.as_secs_f64()))
-    .bind(retry.backoff_base.as_secs_f64())
-    .bind(retry.backoff_max.as_secs_f64())
+    .bind(outcome.status().code() as i16)
+    .bind(outcome.attempt)
+    .bind(outcome.retry_in_micros())
     .fetch_optional(db)
     .await?
     .map(|row| task_record(&row))
@@ -292,9 +301,12 @@ pub async fn cancel_task(
     task_id: Uuid,
 ) -> Result<Option<TaskRecord>, StorageError> {
     sqlx::query(concat!(
-        "UPDATE tasks SET status = 5, update_time = now() \
-         WHERE task_id = $1 AND status IN (1, 2)",
-        returning_finished!()
+        "UPDATE tasks SET status = ",
+        status!(cancelled),
+        ", update_time = now() WHERE task_id = $1 AND status IN ",
+        status!(leasable),
+        " RETURNING ",
+        task_columns!()
     ))
     .bind(task_id)
     .fetch_optional(db)

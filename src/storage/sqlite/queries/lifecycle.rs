@@ -13,7 +13,7 @@ use crate::{
         Completion, Failure, LeaseRef, TaskRecord,
         lease::{self, Candidate, Room, cut},
     },
-    storage::{LeaseOrder, RetryRule, StorageError},
+    storage::{FailureOutcome, LeaseOrder, LeasedTasks, StorageError},
 };
 
 /// An owned [`LeaseOrder`], to cross into the writer task.
@@ -44,11 +44,11 @@ impl From<&LeaseOrder<'_>> for LeaseRow {
 /// What a lease transaction did: the tasks it leased, and those whose
 /// expired lease was their last allowed attempt, which it ended FAILED.
 #[derive(Debug, Default)]
-pub struct Leased {
-    /// The leased tasks, RUNNING, oldest first.
-    pub leased: Vec<TaskRecord>,
-    /// The tasks ended FAILED.
-    pub failed: Vec<Uuid>,
+pub struct TransactionLeases {
+    /// The leased tasks and the run-out leases found.
+    pub granted: LeasedTasks,
+    /// The tasks ended FAILED (counted in `granted.expired` too).
+    pub ended: Vec<Uuid>,
     /// Whether leasable tasks were left behind, past the order's limits.
     pub left_behind: bool,
 }
@@ -60,7 +60,9 @@ pub async fn any_leasable(
     order: &LeaseRow,
 ) -> Result<bool, StorageError> {
     let found: Option<i64> = sqlx::query_scalar(concat!(
-        "SELECT 1 FROM tasks WHERE status IN (1, 2) AND available_at <= ",
+        "SELECT 1 FROM tasks WHERE status IN ",
+        status!(leasable),
+        " AND available_at <= ",
         now!(),
         " AND (json_array_length(?1) = 0 OR action IN (SELECT value FROM json_each(?1))) LIMIT 1"
     ))
@@ -78,36 +80,38 @@ pub async fn any_leasable(
 pub async fn lease_in_transaction(
     connection: &mut SqliteConnection,
     order: &LeaseRow,
-) -> Result<Leased, StorageError> {
-    let mut done = Leased::default();
+) -> Result<TransactionLeases, StorageError> {
+    let mut done = TransactionLeases::default();
     let mut rooms = [Room::new(order.max_tasks, order.max_bytes)];
-    for round in 1.. {
+    let mut rounds = lease::Rounds::default();
+    loop {
         let wanted = lease::candidates_wanted(&rooms);
         let candidates = lease_candidates(&mut *connection, order, wanted).await?;
         let cut = cut(&rooms, &candidates, order.max_attempts);
         done.left_behind |= cut.left_behind;
         for pick in &cut.picks {
             let candidate = &candidates[pick.candidate];
-            let message = candidate
-                .running
-                .then(|| lease::expired_message(candidate.attempt, order.max_attempts));
+            let message = candidate.message(order.max_attempts);
+            done.granted.expired += u64::from(candidate.running);
             if pick.ends {
                 end_expired(&mut *connection, candidate, message).await?;
-                done.failed.push(candidate.task_id);
+                done.ended.push(candidate.task_id);
             } else {
                 let task = lease_one(&mut *connection, order, candidate, message).await?;
                 rooms[0].take(candidate.size);
-                done.leased.push(task);
+                done.granted.tasks.push(task);
             }
         }
-        if !lease::another_round(&rooms, &cut, false, candidates.len() as i64 >= wanted) {
-            break;
-        }
-        if round >= lease::MAX_ROUNDS {
-            // Tasks may still wait for this order: wake the poll to read
-            // again (see `lease::MAX_ROUNDS`).
-            done.left_behind = true;
-            break;
+        // One writer: no other statement takes picks first.
+        match rounds.after(&rooms, &cut, false, candidates.len() as i64 >= wanted) {
+            lease::AfterRound::Again => {}
+            lease::AfterRound::Done => break,
+            lease::AfterRound::GiveUp => {
+                // Tasks may still wait for this order: wake the poll to
+                // read again.
+                done.left_behind = true;
+                break;
+            }
         }
     }
     Ok(done)
@@ -120,8 +124,11 @@ async fn lease_candidates(
     limit: i64,
 ) -> Result<Vec<Candidate>, StorageError> {
     let rows: Vec<(String, i64, bool, i32)> = sqlx::query_as(concat!(
-        "SELECT task_id, parameters_bytes, status = 2, attempt FROM tasks \
-         WHERE status IN (1, 2) AND available_at <= ",
+        "SELECT task_id, parameters_bytes, status = ",
+        status!(running),
+        ", attempt FROM tasks WHERE status IN ",
+        status!(leasable),
+        " AND available_at <= ",
         now!(),
         " AND (json_array_length(?1) = 0 OR action IN (SELECT value FROM json_each(?1))) \
          ORDER BY available_at, seq LIMIT ?2"
@@ -149,7 +156,9 @@ async fn end_expired(
     message: Option<String>,
 ) -> Result<(), StorageError> {
     sqlx::query(concat!(
-        "UPDATE tasks SET status = 4, error_message = coalesce(?2, error_message), update_time = ",
+        "UPDATE tasks SET status = ",
+        status!(failed),
+        ", error_message = coalesce(?2, error_message), update_time = ",
         now!(),
         " WHERE task_id = ?1"
     ))
@@ -168,7 +177,9 @@ async fn lease_one(
     message: Option<String>,
 ) -> Result<TaskRecord, StorageError> {
     let row = sqlx::query(concat!(
-        "UPDATE tasks SET status = 2, error_message = coalesce(?2, error_message), \
+        "UPDATE tasks SET status = ",
+        status!(running),
+        ", error_message = coalesce(?2, error_message), \
              attempt = attempt + 1, lease_token = ?3, worker_id = ?4, \
              available_at = ",
         now!(),
@@ -198,7 +209,9 @@ pub async fn renew_lease(
         now!(),
         " + ?3, update_time = ",
         now!(),
-        " WHERE task_id = ?1 AND lease_token = ?2 AND status = 2 RETURNING ",
+        " WHERE task_id = ?1 AND lease_token = ?2 AND status = ",
+        status!(running),
+        " RETURNING ",
         task_columns!()
     ))
     .bind(lease.task_id.0.to_string())
@@ -216,9 +229,13 @@ pub async fn complete_task(
     completion: &Completion,
 ) -> Result<Option<TaskRecord>, StorageError> {
     sqlx::query(concat!(
-        "UPDATE tasks SET status = 3, result = ?3, error_message = '', update_time = ",
+        "UPDATE tasks SET status = ",
+        status!(succeeded),
+        ", result = ?3, error_message = '', update_time = ",
         now!(),
-        " WHERE task_id = ?1 AND lease_token = ?2 AND status = 2 RETURNING ",
+        " WHERE task_id = ?1 AND lease_token = ?2 AND status = ",
+        status!(running),
+        " RETURNING ",
         task_columns!()
     ))
     .bind(completion.lease.task_id.0.to_string())
@@ -230,35 +247,31 @@ pub async fn complete_task(
     .transpose()
 }
 
-/// Records a failed attempt, if the lease is current: FAILED (4) when
-/// permanent or on the last allowed attempt, else queued (1) again after
-/// `retry_after` or a random delay up to the attempt's backoff ceiling.
+/// Writes a failed attempt's `outcome` (decided by `queue::retry`), if the
+/// lease is current and on the attempt it was decided for: the task ends
+/// FAILED, keeping its `available_at`, or is queued again to be leasable
+/// after the outcome's delay.
 pub async fn fail_task(
     connection: &mut SqliteConnection,
     failure: &Failure,
-    retry: &RetryRule,
+    outcome: &FailureOutcome,
 ) -> Result<Option<TaskRecord>, StorageError> {
     sqlx::query(concat!(
-        "UPDATE tasks SET \
-             status = CASE WHEN ?4 OR attempt >= ?5 THEN 4 ELSE 1 END, \
-             error_message = ?3, \
-             available_at = CASE WHEN ?4 OR attempt >= ?5 THEN available_at ELSE ",
+        "UPDATE tasks SET status = ?4, error_message = ?3, available_at = coalesce(",
         now!(),
-        " + CAST(COALESCE(?6, min(?8, ?7 * (1 << min(attempt - 1, 30))) \
-                    * ((random() & 9007199254740991) / 9007199254740992.0)) AS INTEGER) END, \
-             update_time = ",
+        " + ?6, available_at), update_time = ",
         now!(),
-        " WHERE task_id = ?1 AND lease_token = ?2 AND status = 2 RETURNING ",
+        " WHERE task_id = ?1 AND lease_token = ?2 AND attempt = ?5 AND status = ",
+        status!(running),
+        " RETURNING ",
         task_columns!()
     ))
     .bind(failure.lease.task_id.0.to_string())
     .bind(failure.lease.token.to_string())
     .bind(&failure.message)
-    .bind(failure.permanent)
-    .bind(retry.max_attempts)
-    .bind(failure.retry_after.map(micros))
-    .bind(micros(retry.backoff_base))
-    .bind(micros(retry.backoff_max))
+    .bind(outcome.status().code())
+    .bind(outcome.attempt)
+    .bind(outcome.retry_in_micros())
     .fetch_optional(connection)
     .await?
     .map(|row| task_record(&row))
@@ -271,9 +284,13 @@ pub async fn cancel_task(
     task_id: Uuid,
 ) -> Result<Option<TaskRecord>, StorageError> {
     sqlx::query(concat!(
-        "UPDATE tasks SET status = 5, update_time = ",
+        "UPDATE tasks SET status = ",
+        status!(cancelled),
+        ", update_time = ",
         now!(),
-        " WHERE task_id = ?1 AND status IN (1, 2) RETURNING ",
+        " WHERE task_id = ?1 AND status IN ",
+        status!(leasable),
+        " RETURNING ",
         task_columns!()
     ))
     .bind(task_id.to_string())

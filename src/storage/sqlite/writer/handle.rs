@@ -1,0 +1,138 @@
+//! The handle on the writer task: callers send work and claims through
+//! it and wait, at most the wait bound, for their answers.
+
+use std::{
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use sqlx::{SqliteConnection, sqlite::SqliteConnectOptions};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    super::{
+        super::{Claimed, StorageError},
+        queries::ClaimRow,
+    },
+    jobs::{Claim, ConnFuture, Item, Work, WriteJob},
+    transaction::run,
+};
+
+/// How many writes may queue for the writer before callers wait to enqueue.
+pub(crate) const WRITE_QUEUE: usize = 4096;
+
+/// A handle on the writer task; cloning it shares the one writer.
+#[derive(Debug, Clone)]
+pub(crate) struct Writer {
+    jobs: mpsc::Sender<Item>,
+    /// False while the writer has no working connection.
+    healthy: Arc<AtomicBool>,
+    /// Since when the writer has waited for another connection's write
+    /// lock (a BEGIN IMMEDIATE found it held, and none has succeeded
+    /// since), if it has.
+    locked_out: Arc<Mutex<Option<Instant>>>,
+    /// How long a write may wait for the writer, queue included.
+    wait: Duration,
+}
+
+impl std::fmt::Debug for dyn WriteJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Job")
+    }
+}
+
+impl Writer {
+    /// Starts the writer task on `connection`; `options` reopen it after a
+    /// failure. The task ends when every handle is dropped.
+    pub(crate) fn start(
+        options: SqliteConnectOptions,
+        connection: SqliteConnection,
+        wait: Duration,
+    ) -> Self {
+        let (jobs, queue) = mpsc::channel(WRITE_QUEUE);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let locked_out = Arc::new(Mutex::new(None));
+        tokio::spawn(run(
+            options,
+            connection,
+            queue,
+            healthy.clone(),
+            locked_out.clone(),
+            wait,
+        ));
+        Self {
+            jobs,
+            healthy,
+            locked_out,
+            wait,
+        }
+    }
+
+    /// Runs `work` on the writer's connection and waits for its answer, at
+    /// most the wait bound (queue included); past it the caller gets
+    /// [`StorageError::WriteLocked`] if the writer was then waiting for
+    /// another connection's write lock, else [`StorageError::WriterBusy`].
+    /// Work whose caller stopped waiting before it started is skipped.
+    pub(crate) async fn run<T, F>(&self, work: F) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> ConnFuture<'c, Result<T, StorageError>>
+            + Send
+            + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: Box<dyn WriteJob> = Box::new(Work { work, reply });
+        self.send(Item::Job(job), answer).await
+    }
+
+    /// Claims a key in the writer's next batch: every claim queued when the
+    /// writer gets to it is committed in one transaction, with one fsync.
+    /// Waits as [`Writer::run`] does.
+    pub(crate) async fn claim(&self, row: ClaimRow) -> Result<Claimed, StorageError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Item::Claim(Claim { row, reply }), answer).await
+    }
+
+    /// Queues `item` and waits for its `answer`, at most the wait bound.
+    async fn send<T>(
+        &self,
+        item: Item,
+        answer: oneshot::Receiver<Result<T, StorageError>>,
+    ) -> Result<T, StorageError> {
+        let round_trip = async {
+            self.jobs
+                .send(item)
+                .await
+                .map_err(|_| StorageError::Unavailable(sqlx::Error::WorkerCrashed))?;
+            answer
+                .await
+                .map_err(|_| StorageError::Unavailable(sqlx::Error::WorkerCrashed))?
+        };
+        tokio::time::timeout(self.wait, round_trip)
+            .await
+            .map_err(|_| {
+                let begun = *self
+                    .locked_out
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if begun.is_some() {
+                    StorageError::WriteLocked(self.wait)
+                } else {
+                    StorageError::WriterBusy(self.wait)
+                }
+            })?
+    }
+
+    /// Whether the writer task has stopped.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.jobs.is_closed()
+    }
+
+    /// Whether the writer's connection worked at its last use.
+    pub(crate) fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst)
+    }
+}
