@@ -87,9 +87,6 @@ pub const CREATE_OUTCOMES: [&str; 6] = [
     "unavailable",
 ];
 
-/// Task statuses by their stored number (1 to 5).
-pub const TASK_STATUSES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
-
 /// Every gRPC status code, as go-grpc-prometheus names them.
 const GRPC_CODES: [&str; 17] = [
     "OK",
@@ -306,9 +303,6 @@ impl Metrics {
                     key_source,
                 });
             }
-        }
-        for status in TASK_STATUSES {
-            let _ = self.tasks.get_or_create(&StatusLabels { status });
         }
         for state in ["in_use", "idle"] {
             let _ = self.db_connections.get_or_create(&StateLabels { state });

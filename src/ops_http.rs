@@ -24,8 +24,8 @@ use tokio::{net::TcpListener, task::JoinSet};
 
 use crate::{
     domain::TaskRecord,
-    metrics::{StateLabels, StatusLabels, TASK_STATUSES, metrics},
-    storage::{QueueStats, Store},
+    metrics::{StateLabels, StatusLabels, metrics},
+    storage::{QueueStats, Store, StoredStatus},
 };
 
 /// What the handlers share: the store, and the queue as last read (the
@@ -139,7 +139,7 @@ async fn status_page<S: Store>(State(ops): State<Ops<S>>) -> Response {
     let mut body = String::from(
         "<h2>Tasks</h2>\n<table id=\"tasks\">\n<tr><th>Status</th><th>Tasks</th></tr>\n",
     );
-    for (status, count) in TASK_STATUSES.into_iter().zip(stats.by_status) {
+    for (status, count) in StoredStatus::NAMES.into_iter().zip(stats.by_status) {
         body.push_str(&format!(
             "<tr id=\"status-{status}\"><td>{status}</td><td class=\"n\">{count}</td></tr>\n"
         ));
@@ -226,11 +226,7 @@ async fn task_page<S: Store>(
 }
 
 fn task_details(task: &TaskRecord) -> String {
-    let status = usize::try_from(task.status - 1)
-        .ok()
-        .and_then(|i| TASK_STATUSES.get(i))
-        .copied()
-        .unwrap_or("unknown");
+    let status = StoredStatus::from_code(task.status.into()).map_or("unknown", StoredStatus::name);
     let json = |map: &serde_json::Map<String, serde_json::Value>| {
         escape(&serde_json::to_string_pretty(map).unwrap_or_default())
     };
@@ -326,6 +322,10 @@ fn escape(text: &str) -> String {
 /// Reads the queue into the metrics every `interval`; a failed read keeps
 /// the last figures and is logged.
 async fn read_queue<S: Store>(ops: Ops<S>, interval: Duration) {
+    // Every status's series exists, at zero, before the first read.
+    for status in StoredStatus::NAMES {
+        let _ = metrics().tasks.get_or_create(&StatusLabels { status });
+    }
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -335,7 +335,7 @@ async fn read_queue<S: Store>(ops: Ops<S>, interval: Duration) {
                 *ops.queue.lock().unwrap_or_else(PoisonError::into_inner) =
                     Some((stats, Instant::now()));
                 let metrics = metrics();
-                for (status, count) in TASK_STATUSES.into_iter().zip(stats.by_status) {
+                for (status, count) in StoredStatus::NAMES.into_iter().zip(stats.by_status) {
                     metrics
                         .tasks
                         .get_or_create(&StatusLabels { status })

@@ -84,31 +84,6 @@ const OPEN_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 /// The least time one try to open the store gets.
 const OPEN_TRY_MIN: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Errors that are worth retrying for a running server but, when opening
-/// the store, say the settings are wrong: a TLS mismatch (the server does
-/// not speak TLS, or a certificate is refused), an SQLite file that cannot
-/// be opened or written (a missing folder, permissions). Startup fails at
-/// once on them rather than waiting out DB_STARTUP_TIMEOUT.
-fn is_misconfigured(error: &StorageError) -> bool {
-    let source = match error {
-        StorageError::Unavailable(source) | StorageError::Internal(source) => source,
-        _ => return false,
-    };
-    match source {
-        sqlx::Error::Tls(_) => true,
-        sqlx::Error::Database(db) => {
-            // SQLITE_READONLY (8) and SQLITE_CANTOPEN (14), extended codes
-            // included.
-            db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some()
-                && db
-                    .code()
-                    .and_then(|code| code.parse::<i32>().ok())
-                    .is_some_and(|code| matches!(code & 0xff, 8 | 14))
-        }
-        _ => false,
-    }
-}
-
 /// Opens the store with `connect`, trying again while the database is
 /// unavailable (starting, restarting, failing over, its file locked), for
 /// at most `settings.startup_timeout`. Anything else fails at once.
@@ -138,7 +113,7 @@ where
         };
         let source = match attempt {
             Ok(Ok(store)) => return Ok(Some(store)),
-            Ok(Err(error)) if error.is_transient() && !is_misconfigured(&error) => error,
+            Ok(Err(error)) if error.is_transient() && !error.is_misconfigured() => error,
             Ok(Err(source)) => return Err(StartupError::Database { url, source }),
             Err(_) => StorageError::Unavailable(sqlx::Error::PoolTimedOut),
         };

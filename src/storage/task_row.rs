@@ -154,11 +154,6 @@ mod tests {
     }
 
     #[test]
-    fn the_metrics_label_statuses_by_these_names() {
-        assert_eq!(crate::metrics::TASK_STATUSES, StoredStatus::NAMES);
-    }
-
-    #[test]
     fn stored_codes_are_the_protobuf_numbers() {
         for status in StoredStatus::ALL {
             assert_eq!(status.code(), status.to_proto() as i32, "{status}");
