@@ -3,28 +3,32 @@
 //! An agent calls `tasks.v1.TaskService/CreateTask` with an `idempotency-key`;
 //! one key yields exactly one task, and every retry gets the first response
 //! back byte for byte. The crate is laid out by layer, each importing only
-//! from the layers below it:
+//! from the layers below it (`tests/layers.rs` holds that), top down:
 //!
-//! - [`api`]: the gRPC surface: the services, the layer that validates the
-//!   `idempotency-key` metadata, the one mapping from errors to `Status`, and
-//!   the one place an RPC's outcome is logged and its metadata attached.
-//! - [`idempotency`]: the key newtype, the fingerprint, and the create /
-//!   replay / refuse decision (`create.rs`).
-//! - [`queue`]: the task lifecycle after creation: leases, completion,
-//!   failure, cancellation, and waiting for a result.
-//! - [`auth`]: API keys and the key ring calls are checked against.
+//! - [`startup`] (wiring: picks the store, builds the services and the
+//!   gates around them, serves until shutdown) and [`config`] (flags and
+//!   environment, parsed once).
+//! - The surfaces: [`api`] (the gRPC services, the gates every call passes
+//!   through in the order `api::stack` writes down, the one mapping from
+//!   errors to `Status`), [`health`] (database-backed health), [`ops_http`]
+//!   (`/metrics` and the status page), [`cleanup_cmd`] and [`api_keys_cmd`]
+//!   (the `cleanup` and `keys` subcommands).
+//! - The decisions: [`idempotency`] (the key newtype, the fingerprint, the
+//!   create / replay / refuse decision in `create.rs`, the replay cache),
+//!   [`queue`] (leases, completion, failure with its retry policy in
+//!   `retry.rs`, cancellation, waiting) and [`auth`] (API keys and the key
+//!   ring calls are checked against).
 //! - [`storage`]: every SQL statement, behind the [`storage::Store`] trait,
-//!   for PostgreSQL and for the embedded SQLite store.
-//! - [`domain`]: validated requests and stored tasks, shared by the layers
-//!   above; no I/O.
-//! - [`proto`]: the API's types, shared with the `oncely-client` crate, and
-//!   [`codec`], the wire codec of the server's stubs.
+//!   for PostgreSQL and for the embedded SQLite store; the stores write
+//!   what the layers above decided.
+//! - [`domain`] (requests parsed once, stored tasks, the lease cut; no I/O)
+//!   and [`metrics`] (the Prometheus registry).
+//! - [`proto`] (the API's types, shared with the `oncely-client` crate),
+//!   [`codec`] (the wire codec of the server's stubs) and [`telemetry`]
+//!   (logs and traces).
 //!
-//! Around them: [`config`] (flags and environment), [`startup`] (wiring and
-//! serving), [`health`] (database-backed health), [`cleanup_cmd`] (the
-//! `cleanup` subcommand for cron), [`api_keys_cmd`] (the `keys` subcommand for
-//! API keys) and [`telemetry`] (logs). The retrying
-//! client for agents is the separate `oncely-client` crate.
+//! The retrying client for agents is the separate `oncely-client` crate;
+//! docs/architecture.md walks through a keyed CreateTask.
 #![forbid(unsafe_code)]
 
 pub mod api;

@@ -11,8 +11,8 @@ use tonic::{Code, metadata::MetadataValue};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
-    CREATE_TASK_PATH, TestApp, TestDb, assert_status, email_request, keyed, new_key, replayed,
-    request, test_settings, violated_fields,
+    CREATE_TASK_PATH, TestApp, TestDb, assert_invalid, assert_status, email_request, keyed,
+    new_key, replayed, request, test_settings, violated_fields,
 };
 
 async fn first_request_creates_a_queued_task_and_its_key_record_together(backend: Backend) {
@@ -163,10 +163,9 @@ async fn create_without_a_key_is_invalid_and_stores_nothing(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
 
-    assert_status(
+    assert_invalid(
         app.create(None, email_request()).await,
-        Code::InvalidArgument,
-        Some("IDEMPOTENCY_KEY_MISSING"),
+        "IDEMPOTENCY_KEY_MISSING",
     );
 
     db.assert_nothing_stored().await;
@@ -191,10 +190,9 @@ async fn malformed_keys_are_invalid_and_store_nothing(backend: Backend) {
             "idempotency-key",
             MetadataValue::try_from(key).expect("a legal header value"),
         );
-        let status = assert_status(
+        let status = assert_invalid(
             app.tasks.clone().create_task(req).await,
-            Code::InvalidArgument,
-            Some("IDEMPOTENCY_KEY_INVALID"),
+            "IDEMPOTENCY_KEY_INVALID",
         );
         assert_eq!(violated_fields(&status), ["idempotency-key"], "key {key:?}");
     }
@@ -205,10 +203,9 @@ async fn malformed_keys_are_invalid_and_store_nothing(backend: Backend) {
     two_keys
         .metadata_mut()
         .append("idempotency-key", new_key().parse().unwrap());
-    assert_status(
+    assert_invalid(
         app.tasks.clone().create_task(two_keys).await,
-        Code::InvalidArgument,
-        Some("IDEMPOTENCY_KEY_INVALID"),
+        "IDEMPOTENCY_KEY_INVALID",
     );
 
     db.assert_nothing_stored().await;
@@ -317,11 +314,7 @@ async fn invalid_requests_name_the_field_and_leave_the_key_unused(backend: Backe
     ];
 
     for (bad, fields) in cases {
-        let status = assert_status(
-            app.create(Some(&key), bad).await,
-            Code::InvalidArgument,
-            Some("INVALID_REQUEST"),
-        );
+        let status = assert_invalid(app.create(Some(&key), bad).await, "INVALID_REQUEST");
         assert_eq!(violated_fields(&status), fields);
     }
     db.assert_nothing_stored().await;
@@ -342,11 +335,7 @@ async fn requests_over_the_size_limits_are_refused_and_the_server_keeps_serving(
     let key = new_key();
 
     let big_params = request("agent-7", "send_email", json!({"body": "x".repeat(200)}));
-    let status = assert_status(
-        app.create(Some(&key), big_params).await,
-        Code::InvalidArgument,
-        Some("INVALID_REQUEST"),
-    );
+    let status = assert_invalid(app.create(Some(&key), big_params).await, "INVALID_REQUEST");
     assert_eq!(violated_fields(&status), ["parameters"]);
     let huge_message = request("agent-7", "send_email", json!({"body": "x".repeat(5000)}));
     let status = assert_status(
@@ -388,10 +377,9 @@ async fn caller_input_in_errors_is_cut_to_a_short_prefix(backend: Backend) {
             .fields
             .insert("nan".into(), value(Kind::NumberValue(f64::NAN)));
     }
-    let status = assert_status(
+    let status = assert_invalid(
         app.create(Some(&new_key()), bad_value).await,
-        Code::InvalidArgument,
-        Some("INVALID_REQUEST"),
+        "INVALID_REQUEST",
     );
     let fields = violated_fields(&status);
     assert_eq!(fields.len(), 1);
@@ -399,14 +387,13 @@ async fn caller_input_in_errors_is_cut_to_a_short_prefix(backend: Backend) {
     assert!(fields[0].len() < 100, "{fields:?}");
     assert!(status.message().len() < 500);
 
-    let status = assert_status(
+    let status = assert_invalid(
         app.create(
             Some(&new_key()),
             request("agent-7", "send_email", json!({ nul_name: 1 })),
         )
         .await,
-        Code::InvalidArgument,
-        Some("INVALID_REQUEST"),
+        "INVALID_REQUEST",
     );
     assert!(status.message().len() < 500, "{}", status.message());
     assert_eq!(db.count("idempotency_keys").await, 0);
@@ -453,10 +440,9 @@ async fn undecodable_requests_are_invalid_arguments_and_the_server_keeps_serving
             deeply_nested_request(120),
         ),
     ] {
-        let status = assert_status(
+        let status = assert_invalid(
             app.raw_call(CREATE_TASK_PATH, Some(&new_key()), body).await,
-            Code::InvalidArgument,
-            Some("UNDECODABLE_REQUEST"),
+            "UNDECODABLE_REQUEST",
         );
         assert!(status.message().len() < 500, "{what}: {}", status.message());
     }

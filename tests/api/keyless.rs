@@ -8,8 +8,8 @@ use prost::Message;
 use tonic::{Code, Status};
 
 use crate::support::{
-    Backend, CREATE_TASK_PATH, TestApp, TestDb, assert_status, create_all_at_once, email_request,
-    new_key, replayed, request, test_settings, uncached,
+    Backend, CREATE_TASK_PATH, TestApp, TestDb, assert_invalid, assert_status, create_all_at_once,
+    email_request, new_key, replayed, request, test_settings, uncached,
 };
 
 const WINDOW: Duration = Duration::from_secs(300);
@@ -153,10 +153,9 @@ async fn the_keyed_contract_is_unchanged_under_the_fingerprint_policy(backend: B
         Code::FailedPrecondition,
         Some("IDEMPOTENCY_KEY_REUSED"),
     );
-    let malformed = assert_status(
+    let malformed = assert_invalid(
         app.create(Some("has space"), email_request()).await,
-        Code::InvalidArgument,
-        Some("IDEMPOTENCY_KEY_INVALID"),
+        "IDEMPOTENCY_KEY_INVALID",
     );
 
     assert_eq!(status_source(&reused), Some("header"));
@@ -168,7 +167,7 @@ async fn an_invalid_keyless_request_is_refused_and_says_its_source(backend: Back
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn_with(fingerprint_settings(&db)).await;
 
-    let status = assert_status(
+    let status = assert_invalid(
         app.create(
             None,
             CreateTaskRequest {
@@ -177,8 +176,7 @@ async fn an_invalid_keyless_request_is_refused_and_says_its_source(backend: Back
             },
         )
         .await,
-        Code::InvalidArgument,
-        Some("INVALID_REQUEST"),
+        "INVALID_REQUEST",
     );
 
     assert_eq!(status_source(&status), Some("fingerprint"));
@@ -244,10 +242,9 @@ async fn without_the_policy_a_keyless_request_is_still_refused(backend: Backend)
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
 
-    assert_status(
+    assert_invalid(
         app.create(None, email_request()).await,
-        Code::InvalidArgument,
-        Some("IDEMPOTENCY_KEY_MISSING"),
+        "IDEMPOTENCY_KEY_MISSING",
     );
     let keyed = app
         .create(Some(&new_key()), email_request())

@@ -17,8 +17,8 @@ use tokio::sync::Mutex;
 use tonic::{Code, Status, transport::Channel};
 
 use crate::support::{
-    Backend, BinaryServer, TestApp, TestDb, assert_status, email_request, new_key, request,
-    scrape_until, started, test_settings, value, violated_fields,
+    Backend, BinaryServer, TestApp, TestDb, assert_invalid, assert_status, email_request, new_key,
+    request, scrape_until, started, test_settings, value, violated_fields,
 };
 
 fn workers(app: &TestApp) -> WorkerServiceClient<Channel> {
@@ -764,16 +764,16 @@ async fn bad_worker_calls_are_refused_and_change_nothing(backend: Backend) {
     )
     .await;
 
-    let status = assert_status(bad_lease, Code::InvalidArgument, Some("INVALID_REQUEST"));
+    let status = assert_invalid(bad_lease, "INVALID_REQUEST");
     assert_eq!(
         violated_fields(&status),
         ["worker_id", "max_tasks", "lease_duration"]
     );
-    let status = assert_status(bad_ids, Code::InvalidArgument, Some("INVALID_REQUEST"));
+    let status = assert_invalid(bad_ids, "INVALID_REQUEST");
     assert_eq!(violated_fields(&status), ["task_id", "lease_token"]);
-    let status = assert_status(bad_result, Code::InvalidArgument, Some("INVALID_REQUEST"));
+    let status = assert_invalid(bad_result, "INVALID_REQUEST");
     assert_eq!(violated_fields(&status), ["result.x"]);
-    let status = assert_status(too_big, Code::InvalidArgument, Some("INVALID_REQUEST"));
+    let status = assert_invalid(too_big, "INVALID_REQUEST");
     assert_eq!(violated_fields(&status), ["result"]);
     assert_eq!(unknown.expect_err("unknown").code(), Code::NotFound);
     let task = app.task(&task_id(&leased)).await;

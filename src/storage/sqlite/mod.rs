@@ -1,7 +1,7 @@
 //! The embedded SQLite store: one file, WAL mode, one writer.
 //!
 //! Reads use a pool and, in WAL mode, never wait for the writer. Writes go
-//! to the single writer task (`writer.rs`). The statements are in
+//! to the single writer task (`writer/`). The statements are in
 //! [`queries`].
 //!
 //! SQLite is for one process: several instances on one file would contend

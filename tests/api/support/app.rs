@@ -304,6 +304,15 @@ pub(crate) fn replayed<T>(response: &Response<T>) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
+/// Asserts `result` failed with INVALID_ARGUMENT and `ErrorInfo.reason`.
+#[track_caller]
+pub(crate) fn assert_invalid<T: std::fmt::Debug>(
+    result: Result<T, Status>,
+    reason: &str,
+) -> Status {
+    assert_status(result, Code::InvalidArgument, Some(reason))
+}
+
 /// Asserts `result` failed with `code` and, when given, `ErrorInfo.reason`.
 #[track_caller]
 pub(crate) fn assert_status<T: std::fmt::Debug>(
