@@ -23,9 +23,9 @@ use axum::{
 use tokio::{net::TcpListener, task::JoinSet};
 
 use crate::{
-    domain::TaskRecord,
+    domain::{StoredStatus, TaskRecord},
     metrics::{StateLabels, StatusLabels, metrics},
-    storage::{QueueStats, Store, StoredStatus},
+    storage::{QueueStats, Store},
 };
 
 /// What the handlers share: the store, and the queue as last read (the

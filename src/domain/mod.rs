@@ -10,6 +10,8 @@
 //! - [`worker`]: the arguments of the WorkerService calls, parsed.
 //! - [`lease`]: which leasable tasks a lease statement takes (the cut),
 //!   decided once for both stores.
+//! - [`status`]: a task's status as stored ([`StoredStatus`]): its number,
+//!   its name, whether it is final.
 //! - [`principal`]: who calls: an API key's name, role and scope.
 //! - [`violation`]: what a refusal says about a field, and how much of the
 //!   caller's input it may echo.
@@ -21,6 +23,7 @@ pub mod lease;
 pub mod parameters;
 pub mod principal;
 pub mod requests;
+pub mod status;
 pub mod task;
 pub mod violation;
 pub mod worker;
@@ -28,6 +31,7 @@ pub mod worker;
 pub use parameters::{Limits, MAX_PARAMETERS_DEPTH};
 pub use principal::{ApiKeyRecord, PreviousToken, Principal, Role};
 pub use requests::{CleanupQuery, ListQuery, PageToken, TaskId, WaitQuery};
-pub use task::{MAX_NAME_BYTES, NewTask, TaskRecord, is_finished, timestamp};
+pub use status::StoredStatus;
+pub use task::{MAX_NAME_BYTES, NewTask, TaskRecord, timestamp};
 pub use violation::{FieldViolation, echo};
 pub use worker::{Completion, Failure, LeaseQuery, LeaseRef, MAX_LEASED_BYTES, Renewal};

@@ -9,9 +9,10 @@ use uuid::Uuid;
 use super::{
     canonical_json,
     parameters::{Limits, NUL, struct_to_json},
+    status::StoredStatus,
     violation::FieldViolation,
 };
-use crate::proto::tasks_v1::{CreateTaskRequest, Task, TaskStatus};
+use crate::proto::tasks_v1::{CreateTaskRequest, Task};
 
 /// The longest `agent_id` or `action`, in bytes.
 pub const MAX_NAME_BYTES: usize = 255;
@@ -76,7 +77,7 @@ impl NewTask {
             agent_id: &self.agent_id,
             action: &self.action,
             parameters: &self.parameters,
-            status: TaskStatus::Queued as i32,
+            status: StoredStatus::Queued.code(),
             create_time,
             result: None,
             attempt: 0,
@@ -144,7 +145,7 @@ pub struct TaskRecord {
 impl TaskRecord {
     /// Whether the task has ended: succeeded, failed or cancelled.
     pub fn is_finished(&self) -> bool {
-        is_finished(self.status)
+        StoredStatus::from_code(self.status.into()).is_some_and(StoredStatus::is_finished)
     }
 
     /// The task as GetTask and ListTasks show it.
@@ -162,17 +163,6 @@ impl TaskRecord {
             error_message: &self.error_message,
         })
     }
-}
-
-/// Whether a status number is one a task never leaves.
-pub fn is_finished(status: i32) -> bool {
-    [
-        TaskStatus::Succeeded,
-        TaskStatus::Failed,
-        TaskStatus::Cancelled,
-    ]
-    .iter()
-    .any(|s| *s as i32 == status)
 }
 
 /// Everything a protobuf `Task` shows, borrowed.
@@ -294,7 +284,7 @@ mod tests {
             agent_id: new.agent_id.clone(),
             action: new.action.clone(),
             parameters: new.parameters.clone(),
-            status: TaskStatus::Queued as i32,
+            status: StoredStatus::Queued.code(),
             result: None,
             create_time: now,
             attempt: 0,

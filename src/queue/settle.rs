@@ -5,9 +5,8 @@ use uuid::Uuid;
 
 use super::{QueueError, QueuePolicy, Refusal, retry};
 use crate::{
-    domain::{Completion, Failure, Renewal, TaskRecord, canonical_json},
-    proto::tasks_v1::TaskStatus,
-    storage::{StorageError, Store, StoredStatus},
+    domain::{Completion, Failure, Renewal, StoredStatus, TaskRecord, canonical_json},
+    storage::{StorageError, Store},
 };
 
 /// Extends a lease while its worker works (the heartbeat).
@@ -36,7 +35,7 @@ pub async fn complete_task<S: Store>(
         .get_task(task_id)
         .await?
         .ok_or(QueueError::Refused(Refusal::NotFound))?;
-    let same_completion = task.status == TaskStatus::Succeeded as i32
+    let same_completion = task.status == StoredStatus::Succeeded.code()
         && task.lease_token == Some(completion.lease.token)
         && task
             .result
@@ -100,7 +99,7 @@ async fn refusal<S: Store>(store: &S, task_id: Uuid) -> Result<Refusal, StorageE
 
 /// Why a task that exists refused a change fenced by a lease.
 fn classify(task: &TaskRecord) -> Refusal {
-    if task.status == TaskStatus::Cancelled as i32 {
+    if task.status == StoredStatus::Cancelled.code() {
         Refusal::Cancelled
     } else if task.is_finished() {
         Refusal::Finished

@@ -44,7 +44,6 @@ pub use queue_types::{
 pub use settings::{Backend, DatabaseSettings, redact_url};
 pub use sqlite::SqliteStore;
 pub use store::Store;
-pub use task_row::StoredStatus;
 
 /// A duration in whole microseconds, saturating: how both stores take
 /// durations in their statements.

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use super::{StorageError, StoredStatus, micros};
+use super::{StorageError, micros};
+use crate::domain::StoredStatus;
 use crate::domain::TaskRecord;
 
 /// What a worker asks to lease.
