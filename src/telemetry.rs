@@ -124,15 +124,12 @@ pub fn init(format: LogFormat) -> Telemetry {
     }
 }
 
-/// The span of one call, around everything the server does for it: a new
-/// request id, the method, and (recorded when known) the gRPC status code
-/// and the trace id. A `traceparent` in the metadata becomes its parent.
-pub fn request_span(request: &http::Request<()>) -> tracing::Span {
+/// The span of one call to `service` and `method` (as its path asks for
+/// them), around everything the server does for it: a new request id, the
+/// method, and (recorded when known) the gRPC status code and the trace
+/// id. A `traceparent` in the metadata becomes its parent.
+pub fn request_span(request: &http::Request<()>, service: &str, method: &str) -> tracing::Span {
     let path = request.uri().path();
-    let (service, method) = path
-        .trim_start_matches('/')
-        .split_once('/')
-        .unwrap_or((path, ""));
     let request_id = uuid::Uuid::new_v4();
     let span = if EXPORTING.load(Ordering::Relaxed) {
         tracing::info_span!(

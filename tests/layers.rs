@@ -85,7 +85,7 @@ fn the_import_scanner_sees_grouped_and_nested_paths() {
 }
 
 /// The top-level module a file belongs to: `storage` for
-/// `storage/sqlite/writer.rs`, `config` for `config.rs`.
+/// `storage/sqlite/writer/jobs.rs`, `config` for `config.rs`.
 fn top_module(relative: &Path) -> String {
     let first = relative.components().next().expect("a path");
     let name = first.as_os_str().to_string_lossy();

@@ -36,7 +36,7 @@ pub use idempotency_key_gate::IdempotencyKeyGate;
 pub use oncely_client::metadata::{IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_SOURCE, IDEMPOTENT_REPLAYED};
 pub use oversize::RewriteOversize;
 pub use rate_gate::{Places, RateGate, RateLimits};
-pub use rpc::{Method, Rpc, Service, Streaming};
+pub use rpc::{Method, Rpc, Service, Streaming, asked};
 pub use rpc_metrics::{Call, RpcMetrics};
 pub use stack::{CallStack, Stacked};
 pub use task_service::TaskApi;

@@ -179,6 +179,15 @@ impl Method {
     }
 }
 
+/// The service and the method a path asks for, as sent, whether or not the
+/// server has them: after any leading slashes, up to the next slash, and
+/// the rest. The one reading of a path: [`Rpc::parse`] decides from it what
+/// the server has, and each call's span is named by it.
+pub fn asked(path: &str) -> (&str, &str) {
+    let trimmed = path.trim_start_matches('/');
+    trimmed.split_once('/').unwrap_or((trimmed, ""))
+}
+
 /// What a call is for, in its request's extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rpc {
@@ -199,7 +208,7 @@ impl Rpc {
     pub fn parse(path: PathAndQuery) -> Self {
         let text = path.path();
         let trimmed = text.trim_start_matches('/');
-        let (service_name, method_name) = trimmed.split_once('/').unwrap_or((trimmed, ""));
+        let (service_name, method_name) = asked(text);
         let service = Service::ALL.into_iter().find(|s| s.name() == service_name);
         let exact = text.len() == trimmed.len() + 1;
         let method = service.filter(|_| exact).and_then(|service| {

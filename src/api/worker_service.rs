@@ -10,8 +10,8 @@ use super::{
 };
 use crate::{
     domain::{
-        Completion, Failure, LeaseQuery, Limits, Principal, Renewal, Role, TaskId, TaskRecord,
-        echo, timestamp, violation::echo_segment,
+        Completion, Failure, LeaseQuery, Limits, Principal, Renewal, Role, StoredStatus, TaskId,
+        TaskRecord, echo, timestamp, violation::echo_segment,
     },
     proto::tasks_v1::{
         CompleteTaskRequest, FailTaskRequest, Lease, LeaseTasksRequest, LeaseTasksResponse,
@@ -67,13 +67,13 @@ impl<S: Store> WorkerApi<S> {
         &self,
         caller: Option<&Principal>,
         task_id: TaskId,
-    ) -> Result<(), ServiceError> {
+    ) -> Result<Option<TaskRecord>, ServiceError> {
         let Some(caller) = caller.filter(|c| c.role == Role::Worker && !c.actions.is_empty())
         else {
-            return Ok(());
+            return Ok(None);
         };
         match self.store.get_task(task_id.0).await? {
-            Some(task) if caller.may_perform(&task.action) => Ok(()),
+            Some(task) if caller.may_perform(&task.action) => Ok(Some(task)),
             _ => Err(ServiceError::NotFound(format!("no task has id {task_id}"))),
         }
     }
@@ -118,11 +118,14 @@ impl<S: Store> WorkerApi<S> {
         let failure = Failure::parse(&request).map_err(ServiceError::InvalidRequest)?;
         let task_id = failure.lease.task_id;
         record_task(task_id);
-        self.check_scope(caller, task_id).await?;
-        let task = queue::fail_task(&self.store, &failure, &self.policy)
+        // The task as the scope check read it, if it did: failing needs it.
+        let read = self.check_scope(caller, task_id).await?;
+        let task = queue::fail_task(&self.store, &failure, &self.policy, read)
             .await
             .map_err(|e| ServiceError::from_queue(e, task_id))?;
-        tracing::Span::current().record("status", task.status);
+        if let Some(status) = StoredStatus::from_code(task.status.into()) {
+            tracing::Span::current().record("status", status.name());
+        }
         Ok(Success::Ok(task.to_task()))
     }
 }

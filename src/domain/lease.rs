@@ -34,7 +34,7 @@ impl Candidate {
     /// Whether leasing it would be an attempt past `max_attempts`: its
     /// last allowed lease ran out, so it ends FAILED instead.
     pub fn ends(&self, max_attempts: i32) -> bool {
-        self.running && self.attempt >= max_attempts
+        self.running && is_last_attempt(self.attempt, max_attempts)
     }
 
     /// The message the lease's write gives the task: a running task's
@@ -44,6 +44,12 @@ impl Candidate {
         self.running
             .then(|| expired_message(self.attempt, max_attempts))
     }
+}
+
+/// Whether `attempt` is the last a task may make: the attempt limit, one
+/// rule for a lease that ran out (the cut) and a failure (`queue::retry`).
+pub fn is_last_attempt(attempt: i32, max_attempts: i32) -> bool {
+    attempt >= max_attempts
 }
 
 /// What one order may still take.

@@ -1,7 +1,8 @@
 //! The task lifecycle after creation: workers lease tasks, renew, complete
-//! and fail them; agents wait for them and cancel them. The storage layer
-//! does each change in one fenced statement; this layer decides what a
-//! refused change means, and waits without polling in a hot loop.
+//! and fail them; agents wait for them and cancel them. This layer decides
+//! (what a failure comes to, what a refused change means) and the storage
+//! layer writes each change in one statement fenced by the lease; it waits
+//! without polling in a hot loop.
 //!
 //! - [`lease`]: LeaseTasks, with long polling.
 //! - [`retry`]: what a failed attempt comes to (the retry policy).

@@ -6,7 +6,10 @@
 use std::time::Duration;
 
 use super::QueuePolicy;
-use crate::{domain::Failure, storage::FailureOutcome};
+use crate::{
+    domain::{Failure, lease::is_last_attempt},
+    storage::FailureOutcome,
+};
 
 /// The largest power of two the backoff ceiling is doubled to (after
 /// attempt 31 it doubles no more; `backoff_max` caps it long before).
@@ -24,7 +27,7 @@ pub fn after_failure(
     failure: &Failure,
     fraction: f64,
 ) -> FailureOutcome {
-    let retry_in = if failure.permanent || attempt >= policy.max_attempts {
+    let retry_in = if failure.permanent || is_last_attempt(attempt, policy.max_attempts) {
         None
     } else {
         Some(failure.retry_after.unwrap_or_else(|| {

@@ -50,17 +50,23 @@ pub async fn complete_task<S: Store>(
 /// Records a failed attempt: the task is queued again after a backoff, or
 /// ends FAILED when the failure is permanent or the attempt was the last
 /// ([`retry::after_failure`] decides, for the attempt the lease is on).
+/// `read` is the task if the caller has just read it.
 pub async fn fail_task<S: Store>(
     store: &S,
     failure: &Failure,
     policy: &QueuePolicy,
+    read: Option<TaskRecord>,
 ) -> Result<TaskRecord, QueueError> {
     // The decision depends on the attempt, which the lease's token fixes:
-    // read it, decide, and write fenced on the token and that attempt.
-    let task = store
-        .get_task(failure.lease.task_id.0)
-        .await?
-        .ok_or(QueueError::Refused(Refusal::NotFound))?;
+    // read it (unless the caller just did), decide, and write fenced on
+    // the token and that attempt.
+    let task = match read {
+        Some(task) => task,
+        None => store
+            .get_task(failure.lease.task_id.0)
+            .await?
+            .ok_or(QueueError::Refused(Refusal::NotFound))?,
+    };
     if task.status != StoredStatus::Running.code() || task.lease_token != Some(failure.lease.token)
     {
         return Err(classify(&task).into());

@@ -37,7 +37,10 @@ pub(super) fn builder(tls: Option<&TlsFiles>) -> Result<Server, StartupError> {
         .http2_max_pending_accept_reset_streams(Some(MAX_STREAMS_PER_CONNECTION as usize))
         .http2_max_header_list_size(Some(MAX_HEADER_BYTES))
         // Each call's span: request id, method, trace context.
-        .trace_fn(crate::telemetry::request_span);
+        .trace_fn(|request| {
+            let (service, method) = crate::api::asked(request.uri().path());
+            crate::telemetry::request_span(request, service, method)
+        });
     let Some(tls) = tls else {
         return Ok(builder);
     };

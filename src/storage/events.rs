@@ -1,9 +1,10 @@
 //! Wake-ups for those who wait on tasks: new work for long-polling workers,
 //! finished tasks for WaitTask. Each store raises them when its writes
-//! commit: SQLite in process, PostgreSQL through `LISTEN/NOTIFY` so every
-//! instance hears of every change. They are hints, never the truth: a
-//! waiter re-reads the database after each one, and at least once a second
-//! anyway, so a lost wake-up costs a second, not a result.
+//! commit, in process; PostgreSQL also sends them through `LISTEN/NOTIFY`
+//! so every instance hears of every change. They are hints, never the
+//! truth: a waiter re-reads the database after each one, and at least
+//! every `QUEUE_RECHECK_INTERVAL` anyway, so a lost wake-up costs that
+//! interval, not a result.
 
 use std::sync::{
     Arc,

@@ -13,8 +13,9 @@
 #[cfg(doc)]
 use crate::domain::StoredStatus;
 
-/// The SQL literal of a stored status, or of the leasable ones
-/// (`leasable`, as the `tasks_leasable` index's predicate spells it), for
+/// The SQL literal of a stored status, of the leasable ones (`leasable`, as
+/// the `tasks_leasable` index's predicate spells it), or of those a task
+/// may still leave (`unfinished`: what can be cancelled), for
 /// use inside `concat!`. A unit test holds each literal to
 /// [`StoredStatus::code`].
 macro_rules! status {
@@ -34,6 +35,9 @@ macro_rules! status {
         "5"
     };
     (leasable) => {
+        "(1, 2)"
+    };
+    (unfinished) => {
         "(1, 2)"
     };
 }
@@ -69,6 +73,12 @@ mod tests {
             literal(status!(cancelled)),
             Some(StoredStatus::Cancelled.code())
         );
+        let unfinished: Vec<String> = StoredStatus::ALL
+            .into_iter()
+            .filter(|s| !s.is_finished())
+            .map(|s| s.code().to_string())
+            .collect();
+        assert_eq!(status!(unfinished), format!("({})", unfinished.join(", ")));
         assert_eq!(
             status!(leasable),
             format!(

@@ -2,14 +2,20 @@
 //! each test fails if two gates trade places, by a refusal that only the
 //! written order gives.
 
-use std::num::NonZeroU32;
+use std::{net::Ipv4Addr, num::NonZeroU32};
 
-use oncely::auth::AuthMode;
-use tonic::{Code, Status};
+use oncely::{
+    auth::AuthMode,
+    proto::tasks_v1::{
+        GetTaskRequest, LeaseTasksRequest, task_service_client::TaskServiceClient,
+        worker_service_client::WorkerServiceClient,
+    },
+};
+use tonic::{Code, Status, transport::Endpoint};
 
 use crate::support::{
-    Backend, BinaryApp, TestApp, TestDb, assert_status, email_request, rpc, scrape_until,
-    test_settings, value,
+    Backend, BinaryApp, BinaryServer, TestApp, TestDb, assert_status, email_request, rpc,
+    scrape_until, test_settings, value,
 };
 
 /// A key no server accepts: a space is outside visible ASCII.
@@ -83,4 +89,55 @@ async fn calls_refused_by_a_gate_are_counted_with_their_status() {
         count("ResourceExhausted") >= Some(1.0) && count("InvalidArgument") >= Some(1.0)
     })
     .await;
+}
+
+#[tokio::test]
+async fn callers_without_a_key_are_limited_by_their_own_address() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    // The binary, whose metrics are this test's own: they show the poll
+    // waiting without a call of the same caller's to look.
+    let (server, metrics) =
+        BinaryServer::start_with_metrics_and(&db, &[("MAX_IN_FLIGHT_PER_CALLER", "1")]).await;
+    let metrics = format!("http://{metrics}/metrics");
+    let app = TestApp::connect_to(server.addr());
+    // A caller at 127.0.0.1 holds its one place with a long poll.
+    let mut workers = WorkerServiceClient::new(app.channel.clone());
+    let poll = tokio::spawn(async move {
+        workers
+            .lease_tasks(LeaseTasksRequest {
+                worker_id: "holder".into(),
+                max_tasks: 1,
+                wait: Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+                ..LeaseTasksRequest::default()
+            })
+            .await
+    });
+    scrape_until(&metrics, "the long poll to wait", |scrape| {
+        value(scrape, "oncely_lease_polls_waiting", &[]) == Some(1.0)
+    })
+    .await;
+    let same = app.tasks.clone().get_task(unknown_task()).await;
+    assert_status(same, Code::ResourceExhausted, Some("CALLER_BUSY"));
+
+    let other = Endpoint::from_shared(format!("http://{}", server.addr()))
+        .expect("endpoint")
+        .local_address(Some(Ipv4Addr::new(127, 0, 0, 2).into()))
+        .connect()
+        .await
+        .expect("connect from 127.0.0.2");
+    let answer = TaskServiceClient::new(other).get_task(unknown_task()).await;
+
+    // The connection gate, which finds the peer's address, sits above the
+    // rate gate: the caller at 127.0.0.2 has places of its own.
+    assert_status(answer, Code::NotFound, None);
+    poll.abort();
+}
+
+fn unknown_task() -> GetTaskRequest {
+    GetTaskRequest {
+        task_id: uuid::Uuid::new_v4().to_string(),
+    }
 }

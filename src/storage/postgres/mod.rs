@@ -263,16 +263,16 @@ impl Store for PgStore {
         failure: &Failure,
         outcome: &FailureOutcome,
     ) -> Result<Option<TaskRecord>, StorageError> {
-        let task = queries::fail_task(&self.pool, failure, outcome).await?;
-        self.announce(task.as_ref()).await;
-        Ok(task)
+        let (pool, failure, outcome) = (self.pool.clone(), failure.clone(), *outcome);
+        self.write_and_announce(async move { queries::fail_task(&pool, &failure, &outcome).await })
+            .await
     }
 
     #[tracing::instrument(skip_all)]
     async fn cancel_task(&self, task_id: Uuid) -> Result<Option<TaskRecord>, StorageError> {
-        let task = queries::cancel_task(&self.pool, task_id).await?;
-        self.announce(task.as_ref()).await;
-        Ok(task)
+        let pool = self.pool.clone();
+        self.write_and_announce(async move { queries::cancel_task(&pool, task_id).await })
+            .await
     }
 
     async fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StorageError> {
@@ -298,6 +298,29 @@ impl Store for PgStore {
 }
 
 impl PgStore {
+    /// Runs `write` and announces the task it changed, in a task of its
+    /// own: a caller that gives up (a cancelled call, a timeout) cannot
+    /// drop the announcement of a change that committed. (A change whose
+    /// answer the database lost is announced by no one; the waiters' slow
+    /// re-check finds it.)
+    async fn write_and_announce<W>(&self, write: W) -> Result<Option<TaskRecord>, StorageError>
+    where
+        W: Future<Output = Result<Option<TaskRecord>, StorageError>> + Send + 'static,
+    {
+        let store = self.clone();
+        let written = tokio::spawn(async move {
+            let task = write.await?;
+            store.announce(task.as_ref()).await;
+            Ok(task)
+        });
+        match written.await {
+            Ok(result) => result,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            // Aborted only when the runtime shuts down.
+            Err(_) => Err(StorageError::Unavailable(sqlx::Error::PoolClosed)),
+        }
+    }
+
     /// Wakes whoever waits on a task a committed write just changed, here
     /// and on every instance: its waiters if it ended, the workers if it is
     /// queued again.

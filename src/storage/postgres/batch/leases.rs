@@ -34,6 +34,7 @@ pub(crate) struct LeaseRequest {
 }
 
 impl LeaseRequest {
+    /// The batcher's owned copy of `order`.
     pub(crate) fn new(order: &LeaseOrder<'_>) -> Self {
         Self {
             worker_id: order.worker_id.to_owned(),
@@ -70,6 +71,7 @@ pub(crate) struct Leases {
 }
 
 impl Leases {
+    /// The lease job, writing through `target` and waking its waiters.
     pub(crate) fn new(target: PoolWithWakeups) -> Self {
         Self {
             target,

@@ -304,7 +304,7 @@ pub async fn cancel_task(
         "UPDATE tasks SET status = ",
         status!(cancelled),
         ", update_time = now() WHERE task_id = $1 AND status IN ",
-        status!(leasable),
+        status!(unfinished),
         " RETURNING ",
         task_columns!()
     ))

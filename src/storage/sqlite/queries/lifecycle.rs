@@ -289,7 +289,7 @@ pub async fn cancel_task(
         ", update_time = ",
         now!(),
         " WHERE task_id = ?1 AND status IN ",
-        status!(leasable),
+        status!(unfinished),
         " RETURNING ",
         task_columns!()
     ))
