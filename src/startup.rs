@@ -22,7 +22,7 @@ use tower::layer::util::{Identity, Stack};
 pub use error::StartupError;
 
 use crate::{
-    api::{AdminApi, CallStack, TaskApi, WorkerApi},
+    api::{AdminApi, CallStack, TaskApi, WorkerApi, json::JsonApi},
     auth::KeyRing,
     config::Settings,
     health,
@@ -167,7 +167,7 @@ async fn serve_with<S: Store>(
 /// needs.
 struct Built {
     /// The services behind the [`CallStack`], ready to serve.
-    router: Router<Stack<CallStack, Identity>>,
+    router: Router<Stack<CallStack, Stack<JsonApi, Identity>>>,
     /// Health, set NOT_SERVING and cleared at shutdown.
     reporter: HealthReporter,
     /// The database health watcher, stopped first at shutdown so that it
@@ -255,6 +255,8 @@ async fn build<S: Store>(
         .max_decoding_message_size(settings.max_request_bytes);
 
     let router = transport::builder(settings.tls.as_ref())?
+        // Outermost: a JSON call becomes the RPC it names before any gate.
+        .layer(JsonApi::new(settings.max_request_bytes))
         .layer(stack)
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -10,6 +10,8 @@
 //! - `task_service.rs`, `worker_service.rs`, `admin_service.rs`: the
 //!   services; `deadline.rs`: how long a long poll may wait.
 //! - `error.rs`: errors to `Status`; `reply.rs`: how every RPC ends.
+//! - `json/`: the JSON API, transcoded into the same RPCs in front of the
+//!   gates.
 
 mod admin_service;
 mod api_key_gate;
@@ -18,6 +20,7 @@ mod deadline;
 mod error;
 mod gate;
 mod idempotency_key_gate;
+pub mod json;
 mod oversize;
 mod rate_gate;
 mod reply;

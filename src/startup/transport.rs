@@ -26,6 +26,8 @@ pub(super) fn builder(tls: Option<&TlsFiles>) -> Result<Server, StartupError> {
     // Dead peers are found by keepalive pings; streams, headers and calls
     // are bounded.
     let builder = Server::builder()
+        // The JSON API is served over HTTP/1.1 too (curl, fetch).
+        .accept_http1(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
