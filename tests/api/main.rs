@@ -40,6 +40,7 @@ mod fingerprint;
 mod group_commit;
 mod health;
 mod in_flight;
+mod json_api;
 mod key_scope;
 mod keyless;
 mod layer_order;

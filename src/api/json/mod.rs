@@ -123,7 +123,7 @@ where
     let (route, task_id) = match routes::find(request.method().as_str(), request.uri().path()) {
         Matched::Route(route, task_id) => (route, task_id),
         Matched::WrongMethod(allowed) => {
-            let mut response = refusal(&Status::new(
+            let status = Status::new(
                 Code::Unimplemented,
                 format!(
                     "{} takes {}, not {}",
@@ -131,8 +131,9 @@ where
                     allowed.join(" or "),
                     request.method()
                 ),
-            ));
-            *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            );
+            let mut response = problem::response_as(&status, StatusCode::METHOD_NOT_ALLOWED)
+                .map(|text| Body::new(Full::new(Bytes::from(text))));
             if let Ok(allow) = HeaderValue::from_str(&allowed.join(", ")) {
                 response.headers_mut().insert(header::ALLOW, allow);
             }

@@ -40,9 +40,15 @@ pub(super) fn http_status(code: Code, reason: Option<&str>) -> StatusCode {
 /// `status` as an HTTP response: its HTTP status, `Retry-After` when it
 /// says when to retry, and the problem.
 pub(super) fn response(status: &Status) -> http::Response<String> {
+    let reason = status.get_details_error_info().map(|info| info.reason);
+    response_as(status, http_status(status.code(), reason.as_deref()))
+}
+
+/// [`response`] with the HTTP status `code`, for refusals only HTTP has
+/// (a method a route does not take).
+pub(super) fn response_as(status: &Status, code: StatusCode) -> http::Response<String> {
     let info = status.get_details_error_info();
     let reason = info.as_ref().map(|info| info.reason.as_str());
-    let code = http_status(status.code(), reason);
     let mut problem = Map::new();
     problem.insert("type".into(), Value::String(problem_type(reason)));
     problem.insert(
