@@ -16,6 +16,7 @@
 //! are case-blind); its value may be quoted, as a structured-field string,
 //! as the IETF draft writes it.
 
+mod openapi;
 mod problem;
 mod routes;
 mod transcode;
@@ -33,6 +34,7 @@ use tonic::{Code, Status, body::Body};
 use tonic_types::StatusExt;
 use tower::{Layer, Service};
 
+pub use openapi::OPENAPI_PATH;
 pub use problem::PROBLEM_JSON;
 pub use routes::{ROUTES, Route};
 
@@ -120,6 +122,9 @@ async fn transcoded<S>(
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>>,
 {
+    if request.method() == http::Method::GET && request.uri().path() == OPENAPI_PATH {
+        return Ok(openapi_document());
+    }
     let (route, task_id) = match routes::find(request.method().as_str(), request.uri().path()) {
         Matched::Route(route, task_id) => (route, task_id),
         Matched::WrongMethod(allowed) => {
@@ -174,6 +179,18 @@ where
     let call = http::Request::from_parts(parts, Body::new(Full::new(grpc_frame(&message))));
     let answer = inner.call(call).await?;
     Ok(answered(&route, &transcoder, answer).await)
+}
+
+/// The OpenAPI document, made once.
+fn openapi_document() -> http::Response<Body> {
+    static DOCUMENT: std::sync::LazyLock<Bytes> =
+        std::sync::LazyLock::new(|| Bytes::from(openapi::document()));
+    let mut response = http::Response::new(Body::new(Full::new(DOCUMENT.clone())));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 /// The gRPC path of a route's RPC.

@@ -14,7 +14,7 @@ use super::{super::ERROR_DOMAIN, Route};
 use crate::proto::FILE_DESCRIPTOR_SET;
 
 /// The API's descriptors, read once.
-static POOL: LazyLock<Option<DescriptorPool>> =
+pub(super) static POOL: LazyLock<Option<DescriptorPool>> =
     LazyLock::new(|| DescriptorPool::decode(FILE_DESCRIPTOR_SET).ok());
 
 /// The request and answer messages of one route's RPC.
