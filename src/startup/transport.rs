@@ -40,7 +40,8 @@ pub(super) fn builder(tls: Option<&TlsFiles>) -> Result<Server, StartupError> {
         .http2_max_header_list_size(Some(MAX_HEADER_BYTES))
         // Each call's span: request id, method, trace context.
         .trace_fn(|request| {
-            let (service, method) = crate::api::asked(request.uri().path());
+            let (service, method) = crate::api::json::rpc_names(request)
+                .unwrap_or_else(|| crate::api::asked(request.uri().path()));
             crate::telemetry::request_span(request, service, method)
         });
     let Some(tls) = tls else {

@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 use tonic::Code;
 
 use crate::support::{
-    BinaryApp, TestDb, assert_status, email_request, eventually, new_key, replayed,
+    BinaryApp, TestDb, assert_status, email_request, eventually, new_key, replayed, rpc,
+    scrape_until, value,
 };
 
 /// An HTTP answer, read whole.
@@ -377,7 +378,31 @@ async fn callers_past_their_rate_are_told_when_to_come_back(backend: Backend) {
     assert!(limited.header("retry-after").is_some());
 }
 
+async fn http_calls_are_counted_as_the_rpcs_they_are(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = BinaryApp::start(&db, &[]).await;
+
+    create(&app, Some(&new_key()), &email_json()).await;
+    create(&app, None, &email_json()).await;
+
+    let handled = |code| {
+        let mut labels = rpc("tasks.v1.TaskService", "CreateTask");
+        labels.push(("grpc_code", code));
+        labels
+    };
+    scrape_until(&app.metrics, "the HTTP calls to be counted", |scrape| {
+        value(scrape, "grpc_server_handled_total", &handled("OK")) == Some(1.0)
+            && value(
+                scrape,
+                "grpc_server_handled_total",
+                &handled("InvalidArgument"),
+            ) == Some(1.0)
+    })
+    .await;
+}
+
 conformance!(
+    http_calls_are_counted_as_the_rpcs_they_are,
     a_create_is_created_and_its_retry_replayed_byte_for_byte,
     a_key_used_on_one_surface_replays_on_the_other,
     a_reused_key_is_unprocessable_and_a_missing_one_a_bad_request,

@@ -105,6 +105,18 @@ where
     }
 }
 
+/// The service and method a JSON call is transcoded to, for its span; `None`
+/// for a gRPC call or a path the JSON API does not have.
+pub fn rpc_names<B>(request: &http::Request<B>) -> Option<(&'static str, &'static str)> {
+    if is_grpc(request.headers()) {
+        return None;
+    }
+    match routes::find(request.method().as_str(), request.uri().path()) {
+        Matched::Route(route, _) => Some((route.rpc.service().name(), route.rpc.name())),
+        _ => None,
+    }
+}
+
 /// Whether a request is gRPC's, which passes through.
 fn is_grpc(headers: &HeaderMap) -> bool {
     headers

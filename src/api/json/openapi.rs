@@ -281,4 +281,23 @@ mod tests {
         assert!(schemas["CreateTaskRequest"]["properties"]["agentId"].is_object());
         assert!(schemas["ListTasksResponse"].is_object());
     }
+
+    #[test]
+    fn every_query_parameter_is_a_field_of_its_request() {
+        let pool = POOL.as_ref().expect("the descriptors");
+        for route in ROUTES {
+            let input = pool
+                .get_service_by_name(route.rpc.service().name())
+                .and_then(|s| s.methods().find(|m| m.name() == route.rpc.name()))
+                .map(|m| m.input())
+                .expect("the route's RPC");
+            for name in route.query {
+                assert!(
+                    input.get_field_by_name(name).is_some(),
+                    "{} has no field {name}",
+                    input.full_name()
+                );
+            }
+        }
+    }
 }
