@@ -76,3 +76,21 @@ def test_a_ca_is_only_for_https_targets(certificates: Path) -> None:
     with pytest.raises(ValueError, match="https"):
         Client("127.0.0.1:50051", tls_ca=certificates / "ca.pem")
 
+
+
+def test_the_json_api_is_served_over_tls_too(tls_server: str, certificates: Path) -> None:
+    import json
+    import ssl
+    import urllib.request
+    import uuid
+
+    context = ssl.create_default_context(cafile=str(certificates / "ca.pem"))
+    request = urllib.request.Request(
+        f"https://{tls_server}/v1/tasks",
+        data=json.dumps({"agent_id": "agent-7", "action": "send_email"}).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "Idempotency-Key": str(uuid.uuid4())},
+    )
+    with urllib.request.urlopen(request, context=context, timeout=30) as response:
+        assert response.status == 201
+        assert json.loads(response.read())["agentId"] == "agent-7"
