@@ -30,6 +30,10 @@
 //!   re-sends one of those 1,000 requests, round-robin, and must be answered
 //!   with `idempotent-replayed: true`.
 //! - `mixed`: alternately a fresh create and a replay.
+//! - `http-create`, `http-replay`: `create` and `replay` over the JSON API
+//!   (`POST /v1/tasks` with `Idempotency-Key`, HTTP/1.1 with kept-alive
+//!   connections, one per caller); the replayed requests are the ones the
+//!   replay scenario created over gRPC, so every replay crosses surfaces.
 //! - `keyless`: CreateTask without a key, distinct parameters each call (so
 //!   each creates a task, deduplicated by fingerprint).
 //! - `lease+complete`: enough queued tasks are ensured first (not timed);
@@ -141,6 +145,8 @@ enum Scenario {
     Create,
     Replay,
     Mixed,
+    HttpCreate,
+    HttpReplay,
     Keyless,
     LeaseComplete,
     LeaseBatch,
@@ -152,6 +158,8 @@ impl Scenario {
             Self::Create => "create",
             Self::Replay => "replay",
             Self::Mixed => "mixed",
+            Self::HttpCreate => "http-create",
+            Self::HttpReplay => "http-replay",
             Self::Keyless => "keyless",
             Self::LeaseComplete => "lease+complete",
             Self::LeaseBatch => "lease-batch",
@@ -166,6 +174,8 @@ fn scenarios() -> Vec<Scenario> {
         Scenario::Create,
         Scenario::Replay,
         Scenario::Mixed,
+        Scenario::HttpCreate,
+        Scenario::HttpReplay,
         Scenario::Keyless,
         Scenario::LeaseComplete,
         Scenario::LeaseBatch,
@@ -177,7 +187,7 @@ fn scenarios() -> Vec<Scenario> {
     for name in &wanted {
         assert!(
             all.iter().any(|s| s.name() == *name),
-            "unknown scenario {name}; BENCH_SCENARIOS takes create, replay, mixed, keyless, lease+complete and lease-batch"
+            "unknown scenario {name}; BENCH_SCENARIOS takes create, replay, mixed, http-create, http-replay, keyless, lease+complete and lease-batch"
         );
     }
     all.into_iter()
@@ -203,6 +213,10 @@ struct Shared {
     large_body: String,
     /// How many large tasks a worker asks for at a time.
     lease_batch: i32,
+    /// The server's JSON API, `http://host:port`.
+    http_base: String,
+    /// Whether the replayed requests were created.
+    prefilled: std::sync::atomic::AtomicBool,
 }
 
 /// One call's outcome.
@@ -225,6 +239,8 @@ struct Caller {
     tasks: TaskServiceClient<Channel>,
     workers: WorkerServiceClient<Channel>,
     worker_id: String,
+    /// The JSON API's client: HTTP/1.1, a kept-alive connection.
+    http: reqwest::Client,
 }
 
 /// What one caller saw in the measured window.
@@ -316,6 +332,8 @@ async fn run_store(store: &str, url: &str, settings: Settings) {
         large_created: AtomicU64::new(0),
         large_body: "x".repeat(settings.task_bytes),
         lease_batch: settings.lease_batch,
+        http_base: format!("http://{}", server.addr),
+        prefilled: std::sync::atomic::AtomicBool::new(false),
     });
     println!(
         "\n{store}: server started, {:.1} MiB resident",
@@ -325,7 +343,11 @@ async fn run_store(store: &str, url: &str, settings: Settings) {
     let mut create_rate = 0.0;
     for scenario in scenarios() {
         match scenario {
-            Scenario::Replay => prefill_replays(&channels, &shared, settings).await,
+            Scenario::Replay | Scenario::HttpReplay
+                if !shared.prefilled.swap(true, Ordering::Relaxed) =>
+            {
+                prefill_replays(&channels, &shared, settings).await
+            }
             Scenario::LeaseComplete => {
                 ensure_queued(&channels, &shared, settings, create_rate).await;
             }
@@ -606,6 +628,7 @@ impl Caller {
             tasks: TaskServiceClient::new(channel.clone()),
             workers: WorkerServiceClient::new(channel),
             worker_id: format!("bench-{index}"),
+            http: reqwest::Client::new(),
         }
     }
 
@@ -624,6 +647,16 @@ impl Caller {
                     self.replay(shared).await
                 }
             }
+            Scenario::HttpCreate => {
+                let key = uuid::Uuid::new_v4().to_string();
+                let n = shared.counter.fetch_add(1, Ordering::Relaxed);
+                self.http_create(shared, &key, n, false).await
+            }
+            Scenario::HttpReplay => {
+                let i = shared.next_replay.fetch_add(1, Ordering::Relaxed) as usize % REPLAY_KEYS;
+                let key = shared.replay_keys[i].to_str().unwrap_or_default().to_owned();
+                self.http_create(shared, &key, i as u64, true).await
+            }
             Scenario::Keyless => self.keyless(shared).await,
             Scenario::LeaseComplete => self.lease_and_complete().await,
             Scenario::LeaseBatch => return self.lease_batch(shared).await,
@@ -640,6 +673,46 @@ impl Caller {
             .expect("a uuid is a metadata value");
         let answer = timed(self.tasks.create_task(keyed(key, n))).await;
         created_afresh(shared, answer)
+    }
+
+    /// POST /v1/tasks of [`create_request`] `n` with `key`: must be 201 and
+    /// marked replayed when `replay` says so, and only then.
+    async fn http_create(&mut self, shared: &Shared, key: &str, n: u64, replay: bool) -> Outcome {
+        let body = serde_json::json!({
+            "agent_id": "bench",
+            "action": "send_email",
+            "parameters": {"to": "a@example.com", "n": n},
+        });
+        let sent = self
+            .http
+            .post(format!("{}/v1/tasks", shared.http_base))
+            .header("idempotency-key", key)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .timeout(CALL_TIMEOUT)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(error) => return Outcome::Error(Status::unavailable(error.to_string())),
+        };
+        let status = response.status().as_u16();
+        let was_replayed = response
+            .headers()
+            .get("idempotent-replayed")
+            .is_some_and(|value| value == "true");
+        // The body is read, as a client would.
+        if response.bytes().await.is_err() || status != 201 {
+            return Outcome::Error(Status::unknown(format!("HTTP {status}")));
+        }
+        if !replay {
+            shared.created.fetch_add(1, Ordering::Relaxed);
+        }
+        if was_replayed == replay {
+            Outcome::Ok
+        } else {
+            Outcome::Wrong
+        }
     }
 
     /// A create of a large task for the lease-batch scenario, keyless.
