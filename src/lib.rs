@@ -10,7 +10,8 @@
 //!   environment, parsed once).
 //! - The surfaces: [`api`] (the gRPC services, the gates every call passes
 //!   through in the order `api::stack` writes down, the one mapping from
-//!   errors to `Status`), [`health`] (database-backed health), [`ops_http`]
+//!   errors to `Status`, and the JSON API, `api::json`, which turns HTTP
+//!   calls into the same RPCs in front of them), [`health`] (database-backed health), [`ops_http`]
 //!   (`/metrics` and the status page), [`cleanup_cmd`] and [`api_keys_cmd`]
 //!   (the `cleanup` and `keys` subcommands).
 //! - The decisions: [`idempotency`] (the key newtype, the fingerprint, the
