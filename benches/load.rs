@@ -654,7 +654,10 @@ impl Caller {
             }
             Scenario::HttpReplay => {
                 let i = shared.next_replay.fetch_add(1, Ordering::Relaxed) as usize % REPLAY_KEYS;
-                let key = shared.replay_keys[i].to_str().unwrap_or_default().to_owned();
+                let key = shared.replay_keys[i]
+                    .to_str()
+                    .unwrap_or_default()
+                    .to_owned();
                 self.http_create(shared, &key, i as u64, true).await
             }
             Scenario::Keyless => self.keyless(shared).await,

@@ -85,6 +85,11 @@ async fn get(app: &BinaryApp, path: &str) -> Answer {
     call(app, reqwest::Method::GET, path, &[], Vec::new()).await
 }
 
+/// POST `path`, without a body.
+async fn post(app: &BinaryApp, path: &str) -> Answer {
+    call(app, reqwest::Method::POST, path, &[], Vec::new()).await
+}
+
 /// POST /v1/tasks with `key` (none: no header) and `body`.
 async fn create(app: &BinaryApp, key: Option<&str>, body: &Value) -> Answer {
     let headers: Vec<(&str, &str)> = key.map(|k| ("idempotency-key", k)).into_iter().collect();
@@ -254,22 +259,8 @@ async fn tasks_are_read_waited_for_and_cancelled(backend: Backend) {
 
     let read = get(&app, &format!("/v1/tasks/{task_id}")).await;
     let listed = get(&app, "/v1/tasks?agent_id=agent-7&page_size=10").await;
-    let waited = call(
-        &app,
-        reqwest::Method::POST,
-        &format!("/v1/tasks/{task_id}:wait?timeout=1s"),
-        &[],
-        Vec::new(),
-    )
-    .await;
-    let cancelled = call(
-        &app,
-        reqwest::Method::POST,
-        &format!("/v1/tasks/{task_id}:cancel"),
-        &[],
-        Vec::new(),
-    )
-    .await;
+    let waited = post(&app, &format!("/v1/tasks/{task_id}:wait?timeout=1s")).await;
+    let cancelled = post(&app, &format!("/v1/tasks/{task_id}:cancel")).await;
 
     assert_eq!(read.status, 200);
     assert_eq!(read.json(), created);

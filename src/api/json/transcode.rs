@@ -185,22 +185,11 @@ mod tests {
     #[test]
     fn a_body_in_either_spelling_is_the_same_message() {
         let (route, transcoder) = create();
-        let snake = transcoder
-            .request(
-                &route,
-                None,
-                None,
-                br#"{"agent_id": "a", "action": "b", "parameters": {"x": 1}}"#,
-            )
-            .unwrap();
-        let camel = transcoder
-            .request(
-                &route,
-                None,
-                None,
-                br#"{"agentId": "a", "action": "b", "parameters": {"x": 1}}"#,
-            )
-            .unwrap();
+        let [snake, camel] = [
+            &br#"{"agent_id": "a", "action": "b", "parameters": {"x": 1}}"#[..],
+            br#"{"agentId": "a", "action": "b", "parameters": {"x": 1}}"#,
+        ]
+        .map(|body| transcoder.request(&route, None, None, body).unwrap());
         assert_eq!(snake, camel);
     }
 
