@@ -24,6 +24,7 @@ mod transcode;
 use std::{
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -47,6 +48,8 @@ const REPLAYED: &str = "idempotent-replayed";
 const KEY_SOURCE: &str = "idempotency-key-source";
 /// The idempotency key header.
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The reason of a body route's request whose body is not JSON: 415.
+const UNSUPPORTED_MEDIA_TYPE: &str = "UNSUPPORTED_MEDIA_TYPE";
 
 /// Serves the JSON API in front of the gRPC services; see the module.
 #[derive(Debug, Clone)]
@@ -165,32 +168,105 @@ where
             ))));
         }
     };
-    let transcoder = Transcoder::for_route(&route);
+    if let Some(refused) = refuse_before_reading(&request, max_body_bytes) {
+        return Ok(refusal(&refused));
+    }
+    let transcoder = Arc::new(Transcoder::for_route(&route));
     let (mut parts, body) = request.into_parts();
-    let body = match Limited::new(body, max_body_bytes).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
-            return Ok(refusal(&too_large(max_body_bytes)));
-        }
-        Err(error) => {
-            return Ok(refusal(&Status::invalid_argument(format!(
-                "the request's body could not be read: {error}"
-            ))));
-        }
-    };
-    let message = match transcoder.request(&route, task_id, parts.uri.query(), &body) {
-        Ok(message) => message,
-        Err(status) => return Ok(refusal(&status)),
-    };
+    let query = parts.uri.query().map(str::to_owned);
     parts.uri = match http::Uri::try_from(route_path(&route)) {
         Ok(uri) => uri,
         Err(error) => return Ok(refusal(&Status::internal(error.to_string()))),
     };
     parts.method = http::Method::POST;
     grpc_headers(&mut parts.headers);
-    let call = http::Request::from_parts(parts, Body::new(Full::new(grpc_frame(&message))));
+    // The JSON is read and turned into the message only when the service
+    // reads its request, after every gate let the call in: a caller the
+    // gates refuse costs no parsing.
+    let message = {
+        let transcoder = Arc::clone(&transcoder);
+        async move {
+            let json = match Limited::new(body, max_body_bytes).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+                    return Err(too_large(max_body_bytes));
+                }
+                Err(error) => {
+                    return Err(Status::invalid_argument(format!(
+                        "the request's body could not be read: {error}"
+                    )));
+                }
+            };
+            let message = transcoder.request(&route, task_id, query.as_deref(), &json)?;
+            Ok(grpc_frame(&message))
+        }
+    };
+    let call = http::Request::from_parts(parts, Body::new(LazyBody::new(message)));
     let answer = inner.call(call).await?;
     Ok(answered(&route, &transcoder, answer).await)
+}
+
+/// What refuses a JSON call before its body is read: a content type that
+/// is not JSON (so that a web page cannot send a form, which needs no
+/// consent from the server, as a call), a browser's request from a page of
+/// another origin, a body declared larger than the bound.
+fn refuse_before_reading(request: &http::Request<Body>, max_body_bytes: usize) -> Option<Status> {
+    let headers = request.headers();
+    if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
+        let content_type = content_type.to_str().unwrap_or("?");
+        let essence = content_type
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        if essence != "application/json" && !essence.ends_with("+json") {
+            return Some(Status::with_error_details(
+                Code::InvalidArgument,
+                format!(
+                    "the body is JSON: send Content-Type: application/json (or none), not {:?}",
+                    echo(content_type)
+                ),
+                tonic_types::ErrorDetails::with_error_info(
+                    UNSUPPORTED_MEDIA_TYPE,
+                    super::ERROR_DOMAIN,
+                    std::collections::HashMap::new(),
+                ),
+            ));
+        }
+    }
+    if let Some(origin) = cross_origin(headers) {
+        return Some(Status::permission_denied(format!(
+            "the JSON API does not serve web pages of other origins ({:?}); call it from              the agent's own process",
+            echo(&origin)
+        )));
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > max_body_bytes as u64) {
+        return Some(too_large(max_body_bytes));
+    }
+    None
+}
+
+/// The `Origin` of a browser's request from a page of another origin than
+/// the server's (`Host`): a web page the user visits must not be able to
+/// create or cancel tasks on a server it can reach.
+fn cross_origin(headers: &HeaderMap) -> Option<String> {
+    let origin = headers.get(header::ORIGIN)?.to_str().unwrap_or("?");
+    let host = headers
+        .get(header::HOST)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+    (!origin_host.eq_ignore_ascii_case(host)).then(|| origin.to_owned())
+}
+
+/// At most a short prefix of caller input, for a message.
+fn echo(text: &str) -> String {
+    text.chars().take(64).collect()
 }
 
 /// The OpenAPI document, made once.
@@ -221,8 +297,11 @@ fn grpc_headers(headers: &mut HeaderMap) {
     headers.remove(header::CONTENT_LENGTH);
     headers.remove(header::ACCEPT_ENCODING);
     headers.remove("grpc-encoding");
+    // A single key only: several are refused by the gate, as over gRPC.
+    let single = headers.get_all(IDEMPOTENCY_KEY).iter().count() == 1;
     let unquoted = headers
         .get(IDEMPOTENCY_KEY)
+        .filter(|_| single)
         .and_then(|key| key.to_str().ok())
         .and_then(|key| key.strip_prefix('"')?.strip_suffix('"'))
         .and_then(|key| HeaderValue::from_str(key).ok());
@@ -251,25 +330,34 @@ async fn answered(
     transcoder: &Transcoder,
     answer: http::Response<Body>,
 ) -> http::Response<Body> {
-    let (parts, body) = answer.into_parts();
-    let collected = match body.collect().await {
-        Ok(collected) => collected,
-        Err(status) => return refusal(&status),
-    };
-    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let (parts, mut body) = answer.into_parts();
+    let mut data = Vec::new();
+    let mut trailers = HeaderMap::new();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => match frame.into_data() {
+                Ok(bytes) => data.extend_from_slice(&bytes),
+                Err(frame) => {
+                    if let Ok(more) = frame.into_trailers() {
+                        trailers.extend(more);
+                    }
+                }
+            },
+            Err(status) => return refusal(&status),
+        }
+    }
     let status = Status::from_header_map(&parts.headers)
         .or_else(|| Status::from_header_map(&trailers))
         .unwrap_or_else(|| Status::internal("the service answered without a status"));
     if status.code() != Code::Ok {
         return refusal(&status);
     }
-    let data = collected.to_bytes();
-    let json = match data
-        .get(5..)
-        .filter(|_| data.first() == Some(&0))
-        .ok_or_else(|| Status::internal("the service's answer is not one uncompressed message"))
-        .and_then(|message| transcoder.response(message))
-    {
+    let Some(message) = one_message(&data) else {
+        return refusal(&Status::internal(
+            "the service's answer is not one uncompressed message",
+        ));
+    };
+    let json = match transcoder.response(message) {
         Ok(json) => json,
         Err(status) => return refusal(&status),
     };
@@ -288,13 +376,23 @@ async fn answered(
         // Created, the first time and on every replay of it alike.
         *response.status_mut() = StatusCode::CREATED;
         if let Some(location) = transcoder
-            .task_id(&data[5..])
+            .task_id(message)
             .and_then(|id| HeaderValue::from_str(&format!("/v1/tasks/{id}")).ok())
         {
             response.headers_mut().insert(header::LOCATION, location);
         }
     }
-    response
+    // What the call holds (its places among the calls, its connection's
+    // count) is held until the JSON is sent, as a gRPC answer holds it.
+    super::gate::hold_until_sent(response, body)
+}
+
+/// The message of a gRPC answer's one uncompressed frame.
+fn one_message(data: &[u8]) -> Option<&[u8]> {
+    let (&compressed, rest) = data.split_first()?;
+    let (length, message) = rest.split_first_chunk::<4>()?;
+    let length = usize::try_from(u32::from_be_bytes(*length)).ok()?;
+    (compressed == 0 && message.len() == length).then_some(message)
 }
 
 /// A refusal as an HTTP answer.
@@ -313,4 +411,49 @@ fn too_large(max_body_bytes: usize) -> Status {
             std::collections::HashMap::new(),
         ),
     )
+}
+
+/// What makes a [`LazyBody`]'s one frame.
+type MakeFrame = Pin<Box<dyn Future<Output = Result<Bytes, Status>> + Send>>;
+
+/// A body made when it is first read: one frame from `make`, or its error.
+struct LazyBody {
+    make: Option<MakeFrame>,
+}
+
+impl LazyBody {
+    fn new(make: impl Future<Output = Result<Bytes, Status>> + Send + 'static) -> Self {
+        Self {
+            make: Some(Box::pin(make)),
+        }
+    }
+}
+
+impl http_body::Body for LazyBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        let Some(make) = self.make.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let made = std::task::ready!(make.as_mut().poll(cx));
+        self.make = None;
+        Poll::Ready(Some(made.map(http_body::Frame::data)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.make.is_none()
+    }
+}
+
+impl std::fmt::Debug for LazyBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyBody")
+            .field("made", &self.make.is_none())
+            .finish()
+    }
 }

@@ -16,12 +16,15 @@ pub const PROBLEM_JSON: &str = "application/problem+json";
 const KEY_REUSED: &str = "IDEMPOTENCY_KEY_REUSED";
 /// The reason of a request too large to take: 413 over HTTP.
 const TOO_LARGE: &str = "REQUEST_TOO_LARGE";
+/// The reason of a body that is not JSON: 415 over HTTP.
+const NOT_JSON: &str = "UNSUPPORTED_MEDIA_TYPE";
 
 /// The HTTP status a gRPC status is answered with.
 pub(super) fn http_status(code: Code, reason: Option<&str>) -> StatusCode {
     match (code, reason) {
         (Code::FailedPrecondition, Some(KEY_REUSED)) => StatusCode::UNPROCESSABLE_ENTITY,
         (Code::ResourceExhausted, Some(TOO_LARGE)) => StatusCode::PAYLOAD_TOO_LARGE,
+        (Code::InvalidArgument, Some(NOT_JSON)) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         (Code::Ok, _) => StatusCode::OK,
         (Code::InvalidArgument | Code::OutOfRange, _) => StatusCode::BAD_REQUEST,
         (Code::Unauthenticated, _) => StatusCode::UNAUTHORIZED,
@@ -131,7 +134,7 @@ mod tests {
             StatusCode::UNPROCESSABLE_ENTITY
         );
         assert_eq!(
-            http_status(Code::Aborted, Some("IDEMPOTENCY_KEY_IN_PROGRESS")),
+            http_status(Code::Aborted, Some("IDEMPOTENCY_REQUEST_IN_PROGRESS")),
             StatusCode::CONFLICT
         );
         assert_eq!(

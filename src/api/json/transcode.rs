@@ -5,7 +5,7 @@
 use std::sync::LazyLock;
 
 use prost::Message;
-use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, ReflectMessage};
+use prost_reflect::{DescriptorPool, DynamicMessage, Kind, MessageDescriptor, ReflectMessage};
 use serde_json::{Map, Value};
 use tonic::Status;
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
@@ -68,7 +68,7 @@ impl Transcoder {
             let fields = fields_of(route, task_id, query)?;
             from_json(input, Value::Object(fields).to_string().as_bytes(), "query")?
         };
-        Ok(message.encode_to_vec())
+        Ok(message)
     }
 
     /// The RPC's answer, `message` (encoded), as canonical JSON.
@@ -79,7 +79,10 @@ impl Transcoder {
             .ok_or_else(|| Status::internal("the API's descriptors are missing"))?;
         let message = DynamicMessage::decode(output, message)
             .map_err(|e| Status::internal(format!("the service's answer does not decode: {e}")))?;
-        serde_json::to_vec(&message)
+        let mut json = serde_json::to_value(&message)
+            .map_err(|e| Status::internal(format!("the answer has no JSON form: {e}")))?;
+        whole_numbers_as_integers(&mut json);
+        serde_json::to_vec(&json)
             .map_err(|e| Status::internal(format!("the answer has no JSON form: {e}")))
     }
 
@@ -89,6 +92,30 @@ impl Transcoder {
         let message = DynamicMessage::decode(output, message).ok()?;
         let field = message.descriptor().get_field_by_name("task_id")?;
         message.get_field(&field).as_str().map(str::to_owned)
+    }
+}
+
+/// Writes every whole number that a double holds exactly as an integer
+/// (`1`, not `1.0`): `parameters` and `result` hold doubles, and an agent
+/// that sent `1` reads `1` back, as canonical JSON (and the gRPC clients'
+/// conversions) write it.
+fn whole_numbers_as_integers(value: &mut Value) {
+    /// 2^53: every integer up to it is exactly a double.
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    match value {
+        Value::Number(number) => {
+            if let Some(float) = number
+                .as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() <= EXACT)
+                && !number.is_i64()
+                && !number.is_u64()
+            {
+                *value = Value::from(float as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(whole_numbers_as_integers),
+        Value::Object(fields) => fields.values_mut().for_each(whole_numbers_as_integers),
+        _ => {}
     }
 }
 
@@ -129,31 +156,49 @@ fn form_urlencoded(query: &str) -> Result<Vec<(String, String)>, Status> {
         .map_err(|e| invalid("query", &format!("not a query string: {e}")))
 }
 
-/// `json` as a `descriptor` message, by the canonical proto3 JSON mapping
-/// (field names as in the proto or in lowerCamelCase; unknown fields
-/// refused).
-fn from_json(
-    descriptor: MessageDescriptor,
-    json: &[u8],
-    what: &str,
-) -> Result<DynamicMessage, Status> {
-    let mut deserializer = serde_json::Deserializer::from_slice(json);
-    let message = DynamicMessage::deserialize(descriptor.clone(), &mut deserializer)
-        .and_then(|message| deserializer.end().map(|()| message))
-        .map_err(|e| {
-            invalid(
-                what,
-                &format!(
-                    "not a {} in JSON: {e}",
-                    descriptor
-                        .full_name()
-                        .rsplit('.')
-                        .next()
-                        .unwrap_or("message")
-                ),
-            )
-        })?;
-    Ok(message)
+/// `json` as a `descriptor` message, encoded, by the canonical proto3 JSON
+/// mapping (field names as in the proto or in lowerCamelCase; unknown
+/// fields refused).
+///
+/// `google.protobuf.Struct` fields (`parameters`) are encoded by prost
+/// from the parsed JSON, a few words a value: a dynamic message would hold
+/// a map for every value of a list, hundreds of bytes for two of JSON.
+fn from_json(descriptor: MessageDescriptor, json: &[u8], what: &str) -> Result<Vec<u8>, Status> {
+    let name = descriptor.name().to_owned();
+    let not_the_message =
+        |e: &dyn std::fmt::Display| invalid(what, &format!("not a {name} in JSON: {e}"));
+    let mut value: Value = serde_json::from_slice(json).map_err(|e| not_the_message(&e))?;
+    let mut structs = Vec::new();
+    if let Value::Object(object) = &mut value {
+        for field in descriptor.fields() {
+            let is_struct = matches!(field.kind(), Kind::Message(m) if m.full_name() == "google.protobuf.Struct");
+            if !is_struct || field.is_list() {
+                continue;
+            }
+            for key in [field.name(), field.json_name()] {
+                if let Some(given) = object.remove(key) {
+                    structs.push((field.number(), field.name().to_owned(), given));
+                }
+            }
+        }
+    }
+    let message =
+        DynamicMessage::deserialize(descriptor, value).map_err(|e| not_the_message(&e))?;
+    let mut encoded = message.encode_to_vec();
+    let mut seen = Vec::new();
+    for (number, field, given) in structs {
+        if seen.contains(&number) {
+            return Err(invalid(&field, "given twice"));
+        }
+        seen.push(number);
+        if given.is_null() {
+            continue;
+        }
+        let object = oncely_client::json::to_struct(given)
+            .map_err(|e| invalid(&field, &format!("must be a JSON object: {e}")))?;
+        prost::encoding::message::encode(number, &object, &mut encoded);
+    }
+    Ok(encoded)
 }
 
 /// An INVALID_ARGUMENT refusal of `field`, as the gRPC surface's
@@ -221,6 +266,29 @@ mod tests {
             .request(&route, None, None, body.as_bytes())
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn whole_numbers_read_as_integers_and_fractions_stay() {
+        let mut value = serde_json::json!({"a": 1.0, "b": [2.5, -3.0], "c": 1e300});
+        whole_numbers_as_integers(&mut value);
+        assert_eq!(value.to_string(), r#"{"a":1,"b":[2.5,-3],"c":1e+300}"#);
+    }
+
+    #[test]
+    fn a_wide_list_in_parameters_is_encoded_compactly() {
+        let (route, transcoder) = create();
+        let zeros = vec!["0"; 100_000].join(",");
+        let body =
+            format!(r#"{{"agent_id": "a", "action": "b", "parameters": {{"x": [{zeros}]}}}}"#);
+        let encoded = transcoder
+            .request(&route, None, None, body.as_bytes())
+            .unwrap();
+        // A value of a list is a handful of protobuf bytes.
+        assert!(encoded.len() < 100_000 * 12, "{}", encoded.len());
+        let decoded =
+            crate::proto::tasks_v1::CreateTaskRequest::decode(encoded.as_slice()).unwrap();
+        assert_eq!(decoded.agent_id, "a");
     }
 
     #[test]
