@@ -31,12 +31,14 @@ import uuid
 from email.message import Message
 from typing import Any
 
-#: Answers worth another attempt with the same key.
+#: Answers worth another attempt with the same key (a 409 only with
+#: Retry-After: the first request with the key is still in flight).
 TRANSIENT = {409, 429, 502, 503, 504}
 
 
 class Refused(Exception):
-    """A 4xx answer that retrying cannot change: the request must."""
+    """An answer that retrying cannot change: a 4xx (the request must
+    change) or a 500 (a bug in the server)."""
 
     def __init__(self, status: int, problem: dict[str, Any]) -> None:
         super().__init__(f"{status} {problem.get('reason')}: {problem.get('detail')}")
@@ -63,7 +65,8 @@ def call(base: str, method: str, path: str, body: Any = None, key: str | None = 
                 return response.status, response.headers, json.loads(response.read())
         except urllib.error.HTTPError as error:
             problem = json.loads(error.read() or b"{}")
-            if error.code not in TRANSIENT:
+            in_flight = error.code != 409 or error.headers.get("Retry-After") is not None
+            if error.code not in TRANSIENT or not in_flight:
                 raise Refused(error.code, problem) from None
             wait = float(error.headers.get("Retry-After") or 0)
         except (urllib.error.URLError, TimeoutError, ConnectionError):

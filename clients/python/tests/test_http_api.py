@@ -30,12 +30,10 @@ def call(server: Server, method: str, path: str, body: Any = None, headers: dict
 
 
 def test_the_openapi_document_is_valid_openapi_3_1(server: Server) -> None:
-    validator = pytest.importorskip("openapi_spec_validator")
     status, headers, body = call(server, "GET", "/v1/openapi.json")
 
     assert status == 200
     document = json.loads(body)
-    validator.validate(document)
     assert document["openapi"].startswith("3.1")
     assert set(document["paths"]) == {
         "/v1/tasks",
@@ -43,6 +41,9 @@ def test_the_openapi_document_is_valid_openapi_3_1(server: Server) -> None:
         "/v1/tasks/{task_id}:wait",
         "/v1/tasks/{task_id}:cancel",
     }
+    # The validator needs Python 3.10 or newer (requirements-dev.txt).
+    validator = pytest.importorskip("openapi_spec_validator")
+    validator.validate(document)
 
 
 def test_a_retry_over_http_gets_the_first_answer_byte_for_byte(server: Server) -> None:

@@ -1,5 +1,5 @@
 //! The OpenAPI 3.1 document of the JSON API, served at
-//! `/v1/openapi.json`: made at start from the same route table and the same
+//! `/v1/openapi.json`: made once, from the same route table and the same
 //! descriptors that transcode the calls, so that it cannot drift from the
 //! protos (the schemas are the messages, by the proto3 JSON mapping, with
 //! the protos' own comments as descriptions).
