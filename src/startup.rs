@@ -7,6 +7,7 @@
 
 mod error;
 mod protection;
+mod tls;
 mod transport;
 
 use std::future::Future;
@@ -168,6 +169,8 @@ async fn serve_with<S: Store>(
 struct Built {
     /// The services behind the [`CallStack`], ready to serve.
     router: Router<Stack<CallStack, Stack<JsonApi, Identity>>>,
+    /// The TLS the connections are served with, if any.
+    tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
     /// Health, set NOT_SERVING and cleared at shutdown.
     reporter: HealthReporter,
     /// The database health watcher, stopped first at shutdown so that it
@@ -254,7 +257,11 @@ async fn build<S: Store>(
     let admin = AdminServer::new(AdminApi::new(store, policy, settings.cleanup_batch_size))
         .max_decoding_message_size(settings.max_request_bytes);
 
-    let router = transport::builder(settings.tls.as_ref())?
+    let tls = settings.tls.as_ref().map(tls::config).transpose()?;
+    if let Some(files) = &settings.tls {
+        tracing::info!(mtls = files.client_ca.is_some(), "serving TLS");
+    }
+    let router = transport::builder()
         // Outermost: a JSON call becomes the RPC it names before any gate.
         .layer(JsonApi::new(settings.max_request_bytes))
         .layer(stack)
@@ -266,6 +273,7 @@ async fn build<S: Store>(
         .add_service(admin);
     Ok(Built {
         router,
+        tls,
         reporter,
         health_watcher,
         events,
@@ -283,6 +291,7 @@ impl Built {
     ) -> Result<(), StartupError> {
         let Self {
             router,
+            tls,
             reporter,
             health_watcher,
             events,
@@ -296,7 +305,7 @@ impl Built {
         // Signalled when shutdown starts, to bound how long in-flight requests
         // (and endless streams such as Health/Watch) may hold the exit.
         let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
-        let incoming = transport::incoming(listener, settings.connection);
+        let incoming = transport::incoming(listener, settings.connection, tls);
         let server = router.serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             // Long polls and waits answer now rather than hold the exit.

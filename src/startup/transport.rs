@@ -1,14 +1,16 @@
 //! The transport: the tonic server's bounds on what a connection may hold,
 //! its TLS, the accepted sockets, and reflection.
 
-use tokio::net::TcpListener;
-use tokio_stream::{Stream, StreamExt};
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
+use std::{pin::Pin, sync::Arc};
 
-use super::StartupError;
+use tokio::net::TcpListener;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::{Server, server::TcpIncoming};
+
+use super::tls::{self, ServedIo};
 use crate::{
     api::{ConnectionLimits, GuardedIo},
-    config::TlsFiles,
     proto::FILE_DESCRIPTOR_SET,
 };
 
@@ -20,9 +22,9 @@ const MAX_HEADER_BYTES: u32 = 16 * 1024;
 /// peer is still there.
 const TCP_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// The server builder with the bounds on what a connection may hold, each
-/// call's span, and TLS when `tls` names its files.
-pub(super) fn builder(tls: Option<&TlsFiles>) -> Result<Server, StartupError> {
+/// The server builder with the bounds on what a connection may hold and
+/// each call's span (TLS is [`incoming`]'s).
+pub(super) fn builder() -> Server {
     // Dead peers are found by keepalive pings; streams, headers and calls
     // are bounded.
     let builder = Server::builder()
@@ -44,43 +46,26 @@ pub(super) fn builder(tls: Option<&TlsFiles>) -> Result<Server, StartupError> {
                 .unwrap_or_else(|| crate::api::asked(request.uri().path()));
             crate::telemetry::request_span(request, service, method)
         });
-    let Some(tls) = tls else {
-        return Ok(builder);
-    };
-    let builder = builder.tls_config(server_tls(tls)?)?;
-    tracing::info!(mtls = tls.client_ca.is_some(), "serving TLS");
-    Ok(builder)
+    builder
 }
 
-/// The sockets `listener` accepts: every one answers without Nagle's delay
-/// (a small answer would otherwise wait for the peer's delayed ACK), has
-/// the kernel probe a silent peer, and is closed when idle or holding a
-/// call too long.
+/// The connections `listener` accepts, over TLS when `tls` is given:
+/// every socket answers without Nagle's delay (a small answer would
+/// otherwise wait for the peer's delayed ACK), has the kernel probe a
+/// silent peer, and is closed when idle or holding a call too long.
 pub(super) fn incoming(
     listener: TcpListener,
     limits: ConnectionLimits,
-) -> impl Stream<Item = std::io::Result<GuardedIo>> {
-    TcpIncoming::from(listener)
+    tls: Option<Arc<ServerConfig>>,
+) -> Pin<Box<dyn Stream<Item = std::io::Result<ServedIo>> + Send>> {
+    let plain = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(TCP_KEEPALIVE))
-        .map(move |accepted| accepted.map(|io| GuardedIo::new(io, limits)))
-}
-
-/// The server's TLS from its files: its identity, and the CA clients'
-/// certificates must be signed by, for mTLS.
-fn server_tls(files: &TlsFiles) -> Result<ServerTlsConfig, StartupError> {
-    let read = |path: &std::path::PathBuf| {
-        std::fs::read(path).map_err(|source| StartupError::TlsFile {
-            path: path.clone(),
-            source,
-        })
-    };
-    let mut config =
-        ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
-    if let Some(ca) = &files.client_ca {
-        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+        .map(move |accepted| accepted.map(|io| GuardedIo::new(io, limits)));
+    match tls {
+        None => Box::pin(plain.map(|accepted| accepted.map(ServedIo::Plain))),
+        Some(config) => Box::pin(tls::accept(plain, config)),
     }
-    Ok(config)
 }
 
 /// Reflection over our protos, the health protocol, and the `google.rpc`

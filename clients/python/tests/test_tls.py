@@ -85,6 +85,8 @@ def test_the_json_api_is_served_over_tls_too(tls_server: str, certificates: Path
     import uuid
 
     context = ssl.create_default_context(cafile=str(certificates / "ca.pem"))
+    # As urllib3, requests and curl --http1.1 do: HTTP/1.1 only, by ALPN.
+    context.set_alpn_protocols(["http/1.1"])
     request = urllib.request.Request(
         f"https://{tls_server}/v1/tasks",
         data=json.dumps({"agent_id": "agent-7", "action": "send_email"}).encode(),
