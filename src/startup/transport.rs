@@ -27,7 +27,7 @@ const TCP_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
 pub(super) fn builder() -> Server {
     // Dead peers are found by keepalive pings; streams, headers and calls
     // are bounded.
-    let builder = Server::builder()
+    Server::builder()
         // The JSON API is served over HTTP/1.1 too (curl, fetch).
         .accept_http1(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
@@ -45,8 +45,7 @@ pub(super) fn builder() -> Server {
             let (service, method) = crate::api::json::rpc_names(request)
                 .unwrap_or_else(|| crate::api::asked(request.uri().path()));
             crate::telemetry::request_span(request, service, method)
-        });
-    builder
+        })
 }
 
 /// The connections `listener` accepts, over TLS when `tls` is given:
