@@ -5,12 +5,14 @@
 
 use crate::support::Backend;
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 use tonic::Code;
 
 use crate::support::{
-    BinaryApp, TestDb, assert_status, email_request, eventually, new_key, replayed, rpc,
-    scrape_until, value,
+    BinaryApp, PgProxy, TestApp, TestDb, assert_status, email_request, eventually, new_key,
+    replayed, rpc, scrape_until, test_settings, value,
 };
 
 /// An HTTP answer, read whole.
@@ -67,7 +69,18 @@ async fn call(
     headers: &[(&str, &str)],
     body: Vec<u8>,
 ) -> Answer {
-    let url = format!("{}{path}", app.server.url());
+    call_at(&app.server.url(), method, path, headers, body).await
+}
+
+/// [`call`] to the server at `base` (`http://host:port`).
+async fn call_at(
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Answer {
+    let url = format!("{base}{path}");
     let mut request = reqwest::Client::new().request(method, url).body(body);
     for (name, value) in headers {
         request = request.header(*name, *value);
@@ -414,14 +427,10 @@ async fn callers_past_their_rate_are_told_when_to_come_back(backend: Backend) {
     let app = BinaryApp::start(&db, &[("RATE_LIMIT", "1"), ("RATE_BURST", "1")]).await;
     let path = format!("/v1/tasks/{}", uuid::Uuid::new_v4());
 
-    let limited = eventually(
-        std::time::Duration::from_secs(30),
-        "a call past the rate",
-        || async {
-            let answer = call(&app, reqwest::Method::GET, &path, &[], Vec::new()).await;
-            (answer.status == 429).then_some(answer)
-        },
-    )
+    let limited = eventually(Duration::from_secs(30), "a call past the rate", || async {
+        let answer = call(&app, reqwest::Method::GET, &path, &[], Vec::new()).await;
+        (answer.status == 429).then_some(answer)
+    })
     .await;
 
     limited.assert_problem(429, Some("RATE_LIMITED"));
@@ -448,6 +457,41 @@ async fn http_calls_are_counted_as_the_rpcs_they_are(backend: Backend) {
                 &handled("InvalidArgument"),
             ) == Some(1.0)
     })
+    .await;
+}
+
+/// The database away: the JSON API answers 503 with Retry-After, as gRPC
+/// answers UNAVAILABLE with RetryInfo, and serves again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_away_is_unavailable_with_a_time_to_come_back() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let proxy = PgProxy::start(&db).await;
+    let app = TestApp::spawn_with(test_settings(&db.url_via(proxy.port))).await;
+    let base = format!("http://{}", app.addr);
+    let path = format!("/v1/tasks/{}", uuid::Uuid::new_v4());
+    proxy.cut();
+
+    let away = eventually(
+        Duration::from_secs(30),
+        "a 503 while the database is away",
+        || async {
+            let answer = call_at(&base, reqwest::Method::GET, &path, &[], Vec::new()).await;
+            (answer.status == 503).then_some(answer)
+        },
+    )
+    .await;
+    proxy.restore();
+
+    away.assert_problem(503, Some("DATABASE_UNAVAILABLE"));
+    assert!(away.header("retry-after").is_some());
+    eventually(
+        Duration::from_secs(30),
+        "a 404 once the database is back",
+        || async {
+            let answer = call_at(&base, reqwest::Method::GET, &path, &[], Vec::new()).await;
+            (answer.status == 404).then_some(())
+        },
+    )
     .await;
 }
 
