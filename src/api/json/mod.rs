@@ -16,6 +16,8 @@
 //! are case-blind); its value may be quoted, as a structured-field string,
 //! as the IETF draft writes it.
 
+mod admission;
+mod lazy_body;
 mod openapi;
 mod problem;
 mod routes;
@@ -32,13 +34,14 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use tonic::{Code, Status, body::Body};
-use tonic_types::StatusExt;
 use tower::{Layer, Service};
 
 pub use openapi::OPENAPI_PATH;
 pub use problem::PROBLEM_JSON;
 pub use routes::{ROUTES, Route};
 
+use admission::{refuse_before_reading, too_large};
+use lazy_body::LazyBody;
 use routes::Matched;
 use transcode::Transcoder;
 
@@ -48,8 +51,6 @@ const REPLAYED: &str = "idempotent-replayed";
 const KEY_SOURCE: &str = "idempotency-key-source";
 /// The idempotency key header.
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
-/// The reason of a body route's request whose body is not JSON: 415.
-const UNSUPPORTED_MEDIA_TYPE: &str = "UNSUPPORTED_MEDIA_TYPE";
 
 /// Serves the JSON API in front of the gRPC services; see the module.
 #[derive(Debug, Clone)]
@@ -206,69 +207,6 @@ where
     Ok(answered(&route, &transcoder, answer).await)
 }
 
-/// What refuses a JSON call before its body is read: a content type that
-/// is not JSON (so that a web page cannot send a form, which needs no
-/// consent from the server, as a call), a browser's request from a page of
-/// another origin, a body declared larger than the bound.
-fn refuse_before_reading(request: &http::Request<Body>, max_body_bytes: usize) -> Option<Status> {
-    let headers = request.headers();
-    if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
-        let content_type = content_type.to_str().unwrap_or("?");
-        let essence = content_type
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
-        if essence != "application/json" && !essence.ends_with("+json") {
-            return Some(Status::with_error_details(
-                Code::InvalidArgument,
-                format!(
-                    "the body is JSON: send Content-Type: application/json (or none), not {:?}",
-                    echo(content_type)
-                ),
-                tonic_types::ErrorDetails::with_error_info(
-                    UNSUPPORTED_MEDIA_TYPE,
-                    super::ERROR_DOMAIN,
-                    std::collections::HashMap::new(),
-                ),
-            ));
-        }
-    }
-    if let Some(origin) = cross_origin(headers) {
-        return Some(Status::permission_denied(format!(
-            "the JSON API does not serve web pages of other origins ({:?}); call it from              the agent's own process",
-            echo(&origin)
-        )));
-    }
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > max_body_bytes as u64) {
-        return Some(too_large(max_body_bytes));
-    }
-    None
-}
-
-/// The `Origin` of a browser's request from a page of another origin than
-/// the server's (`Host`): a web page the user visits must not be able to
-/// create or cancel tasks on a server it can reach.
-fn cross_origin(headers: &HeaderMap) -> Option<String> {
-    let origin = headers.get(header::ORIGIN)?.to_str().unwrap_or("?");
-    let host = headers
-        .get(header::HOST)
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default();
-    let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
-    (!origin_host.eq_ignore_ascii_case(host)).then(|| origin.to_owned())
-}
-
-/// At most a short prefix of caller input, for a message.
-fn echo(text: &str) -> String {
-    text.chars().take(64).collect()
-}
-
 /// The OpenAPI document, made once.
 fn openapi_document() -> http::Response<Body> {
     static DOCUMENT: std::sync::LazyLock<Bytes> =
@@ -398,62 +336,4 @@ fn one_message(data: &[u8]) -> Option<&[u8]> {
 /// A refusal as an HTTP answer.
 fn refusal(status: &Status) -> http::Response<Body> {
     problem::response(status).map(|text| Body::new(Full::new(Bytes::from(text))))
-}
-
-/// The refusal of a body past the bound, as the gRPC surface words it.
-fn too_large(max_body_bytes: usize) -> Status {
-    Status::with_error_details(
-        Code::ResourceExhausted,
-        format!("the request's body is larger than {max_body_bytes} bytes; send a smaller one"),
-        tonic_types::ErrorDetails::with_error_info(
-            "REQUEST_TOO_LARGE",
-            super::ERROR_DOMAIN,
-            std::collections::HashMap::new(),
-        ),
-    )
-}
-
-/// What makes a [`LazyBody`]'s one frame.
-type MakeFrame = Pin<Box<dyn Future<Output = Result<Bytes, Status>> + Send>>;
-
-/// A body made when it is first read: one frame from `make`, or its error.
-struct LazyBody {
-    make: Option<MakeFrame>,
-}
-
-impl LazyBody {
-    fn new(make: impl Future<Output = Result<Bytes, Status>> + Send + 'static) -> Self {
-        Self {
-            make: Some(Box::pin(make)),
-        }
-    }
-}
-
-impl http_body::Body for LazyBody {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
-        let Some(make) = self.make.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let made = std::task::ready!(make.as_mut().poll(cx));
-        self.make = None;
-        Poll::Ready(Some(made.map(http_body::Frame::data)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.make.is_none()
-    }
-}
-
-impl std::fmt::Debug for LazyBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LazyBody")
-            .field("made", &self.make.is_none())
-            .finish()
-    }
 }
