@@ -295,8 +295,8 @@ async fn answered(
             "the service's answer is not one uncompressed message",
         ));
     };
-    let json = match transcoder.response(message) {
-        Ok(json) => json,
+    let (json, task_id) = match transcoder.response(message) {
+        Ok(answer) => answer,
         Err(status) => return refusal(&status),
     };
     let mut response = http::Response::new(Body::new(Full::new(Bytes::from(json))));
@@ -313,9 +313,8 @@ async fn answered(
     if route.rpc == super::rpc::Method::CreateTask {
         // Created, the first time and on every replay of it alike.
         *response.status_mut() = StatusCode::CREATED;
-        if let Some(location) = transcoder
-            .task_id(message)
-            .and_then(|id| HeaderValue::from_str(&format!("/v1/tasks/{id}")).ok())
+        if let Some(location) =
+            task_id.and_then(|id| HeaderValue::from_str(&format!("/v1/tasks/{id}")).ok())
         {
             response.headers_mut().insert(header::LOCATION, location);
         }

@@ -5,7 +5,7 @@
 use std::sync::LazyLock;
 
 use prost::Message;
-use prost_reflect::{DescriptorPool, DynamicMessage, Kind, MessageDescriptor, ReflectMessage};
+use prost_reflect::{DescriptorPool, DynamicMessage, Kind, MessageDescriptor};
 use serde_json::{Map, Value};
 use tonic::Status;
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
@@ -71,8 +71,9 @@ impl Transcoder {
         Ok(message)
     }
 
-    /// The RPC's answer, `message` (encoded), as canonical JSON.
-    pub(super) fn response(&self, message: &[u8]) -> Result<Vec<u8>, Status> {
+    /// The RPC's answer, `message` (encoded), as canonical JSON, with its
+    /// `taskId` when it is a task (for `Location`): one decoding for both.
+    pub(super) fn response(&self, message: &[u8]) -> Result<(Vec<u8>, Option<String>), Status> {
         let output = self
             .output
             .clone()
@@ -82,16 +83,10 @@ impl Transcoder {
         let mut json = serde_json::to_value(&message)
             .map_err(|e| Status::internal(format!("the answer has no JSON form: {e}")))?;
         whole_numbers_as_integers(&mut json);
-        serde_json::to_vec(&json)
-            .map_err(|e| Status::internal(format!("the answer has no JSON form: {e}")))
-    }
-
-    /// The `task_id` of an answer that is a task.
-    pub(super) fn task_id(&self, message: &[u8]) -> Option<String> {
-        let output = self.output.clone()?;
-        let message = DynamicMessage::decode(output, message).ok()?;
-        let field = message.descriptor().get_field_by_name("task_id")?;
-        message.get_field(&field).as_str().map(str::to_owned)
+        let task_id = json["taskId"].as_str().map(str::to_owned);
+        let text = serde_json::to_vec(&json)
+            .map_err(|e| Status::internal(format!("the answer has no JSON form: {e}")))?;
+        Ok((text, task_id))
     }
 }
 
