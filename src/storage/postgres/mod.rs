@@ -38,9 +38,9 @@ pub struct PgStore {
     /// A connection of its own for health checks, so a pool busy with
     /// waiting requests does not look like a dead database.
     health_pool: PgPool,
-    events: TaskEvents,
-    /// Tells the other instances of the changes this one commits.
-    notifier: notify::Notifier,
+    /// Wakes the waiters of the changes this instance commits, here and,
+    /// through the database, on the other instances.
+    wakeups: batch::PoolWithWakeups,
     /// Stops the listener when the last clone of the store is dropped.
     _listener: Arc<listener::Listening>,
     description: String,
@@ -124,12 +124,11 @@ impl PgStore {
         Ok(Self {
             claims: batch::Batcher::start(batch::Claims(target.clone()), tally.clone()),
             completions: batch::Batcher::start(batch::Completions(target.clone()), tally.clone()),
-            leases: batch::Batcher::start(batch::Leases::new(target), tally.clone()),
+            leases: batch::Batcher::start(batch::Leases::new(target.clone()), tally.clone()),
+            wakeups: target,
             tally,
             pool,
             health_pool,
-            events,
-            notifier,
             _listener: Arc::new(listener),
             description: format!("postgres at {}", redact_url(&settings.url)),
         })
@@ -228,7 +227,7 @@ impl Store for PgStore {
     }
 
     fn events(&self) -> &TaskEvents {
-        &self.events
+        &self.wakeups.events
     }
 
     #[tracing::instrument(skip_all)]
@@ -326,14 +325,8 @@ impl PgStore {
     /// queued again.
     async fn announce(&self, task: Option<&TaskRecord>) {
         match task {
-            Some(task) if task.is_finished() => {
-                self.events.task_finished(task.task_id);
-                self.notifier.finished(task.task_id).await;
-            }
-            Some(_) => {
-                self.events.task_ready();
-                self.notifier.ready().await;
-            }
+            Some(task) if task.is_finished() => self.wakeups.task_finished(task.task_id).await,
+            Some(_) => self.wakeups.task_ready().await,
             None => {}
         }
     }

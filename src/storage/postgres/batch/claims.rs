@@ -45,8 +45,7 @@ impl BatchJob for Claims {
         if created {
             // This instance's pollers at once; the others through the
             // database.
-            self.0.events.task_ready();
-            self.0.notifier.ready().await;
+            self.0.task_ready().await;
         }
     }
 }

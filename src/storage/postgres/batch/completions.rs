@@ -64,8 +64,7 @@ impl Completions {
         outcome: Result<Option<TaskRecord>, StorageError>,
     ) {
         if let Ok(Some(task)) = &outcome {
-            self.0.events.task_finished(task.task_id);
-            self.0.notifier.finished(task.task_id).await;
+            self.0.task_finished(task.task_id).await;
         }
         let _ = pending.reply.send(outcome);
     }

@@ -151,3 +151,19 @@ pub(crate) struct PoolWithWakeups {
     /// This instance's waiters.
     pub(crate) events: TaskEvents,
 }
+
+impl PoolWithWakeups {
+    /// Wakes the workers that wait for a task, here at once and on every
+    /// other instance through the database: a committed change queued one.
+    pub(crate) async fn task_ready(&self) {
+        self.events.task_ready();
+        self.notifier.ready().await;
+    }
+
+    /// Wakes those who wait on `task_id`, here at once and on every other
+    /// instance through the database: a committed change ended it.
+    pub(crate) async fn task_finished(&self, task_id: uuid::Uuid) {
+        self.events.task_finished(task_id);
+        self.notifier.finished(task_id).await;
+    }
+}

@@ -168,7 +168,7 @@ impl Leases {
                 };
             if decided.picks.is_empty() {
                 if decided.left_behind {
-                    self.wake_pollers().await;
+                    self.target.task_ready().await;
                 }
                 break;
             }
@@ -207,8 +207,7 @@ impl Leases {
                 leased.expired += u64::from(candidate.running);
                 if pick.ends {
                     // Committed: its waiters, here and elsewhere, may wake.
-                    self.target.events.task_finished(task.task_id);
-                    self.target.notifier.finished(task.task_id).await;
+                    self.target.task_finished(task.task_id).await;
                 } else {
                     room.take(candidate.size);
                     leased.tasks.push(task);
@@ -217,7 +216,7 @@ impl Leases {
             if decided.left_behind {
                 // Tasks past the orders' limits stay queued, unlocked:
                 // pollers waiting here or elsewhere may take them now.
-                self.wake_pollers().await;
+                self.target.task_ready().await;
             }
             let contested = skipped.len() > skipped_before;
             let read_full = candidates.len() as i64 >= wanted;
@@ -227,19 +226,12 @@ impl Leases {
                 lease::AfterRound::GiveUp => {
                     // Tasks may still wait for these orders: a poll
                     // answered short is woken to read again.
-                    self.wake_pollers().await;
+                    self.target.task_ready().await;
                     break;
                 }
             }
         }
         Ok(done)
-    }
-
-    /// Wakes the pollers that wait for a task, on this instance and the
-    /// others.
-    async fn wake_pollers(&self) {
-        self.target.events.task_ready();
-        self.target.notifier.ready().await;
     }
 
     /// Reads the candidates for `rooms` and cuts them, apart from this
