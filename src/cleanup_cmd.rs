@@ -34,6 +34,13 @@ pub struct CleanupArgs {
 #[derive(Clone)]
 pub struct ApiKey(String);
 
+impl ApiKey {
+    /// The token.
+    pub fn token(&self) -> &str {
+        &self.0
+    }
+}
+
 impl std::str::FromStr for ApiKey {
     type Err = std::convert::Infallible;
 

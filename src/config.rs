@@ -11,6 +11,7 @@ use crate::{
     cleanup_cmd::CleanupArgs,
     domain::Limits,
     idempotency::{LegacyScope, MissingKeyPolicy},
+    mcp::McpArgs,
     queue::QueuePolicy,
     storage::DatabaseSettings,
     telemetry::LogFormat,
@@ -41,6 +42,9 @@ pub enum Command {
     Cleanup(CleanupArgs),
     /// Create, list and revoke API keys, in the database of DATABASE_URL.
     Keys(KeysArgs),
+    /// Serve MCP (the Model Context Protocol) on stdin/stdout, calling a
+    /// running server: the command a desktop agent spawns.
+    Mcp(McpArgs),
 }
 
 /// The server's flags; each can also be set by the environment variable
@@ -180,6 +184,16 @@ pub struct ServeArgs {
     /// wait) from the database for the metrics.
     #[arg(long, env = "METRICS_QUEUE_INTERVAL", default_value = "15s", value_parser = positive_duration)]
     pub metrics_queue_interval: Duration,
+    /// Where to serve MCP (the Model Context Protocol) over streamable HTTP
+    /// at /mcp, such as 127.0.0.1:8765; off when unset. Same API keys
+    /// (agent keys, as `authorization: Bearer`), same TLS.
+    #[arg(long, env = "MCP_ADDR")]
+    pub mcp_addr: Option<SocketAddr>,
+    /// The Host header values /mcp answers, comma-separated (against DNS
+    /// rebinding), besides localhost, 127.0.0.1, ::1 and MCP_ADDR's own
+    /// address; `*` answers any.
+    #[arg(long, env = "MCP_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub mcp_allowed_hosts: Vec<String>,
     /// How log lines are written to standard error: text, or one JSON
     /// object per line.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
@@ -298,6 +312,10 @@ pub struct Settings {
     pub metrics_addr: Option<SocketAddr>,
     /// How often the queue is read for the metrics.
     pub metrics_queue_interval: Duration,
+    /// Where to serve MCP over streamable HTTP, if anywhere.
+    pub mcp_addr: Option<SocketAddr>,
+    /// The Host header values MCP answers besides loopback's and its own.
+    pub mcp_allowed_hosts: Vec<String>,
 }
 
 impl From<ServeArgs> for Settings {
@@ -357,6 +375,8 @@ impl From<ServeArgs> for Settings {
             shutdown_grace: args.shutdown_grace,
             metrics_addr: args.metrics_addr,
             metrics_queue_interval: args.metrics_queue_interval,
+            mcp_addr: args.mcp_addr,
+            mcp_allowed_hosts: args.mcp_allowed_hosts,
         }
     }
 }

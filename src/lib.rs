@@ -41,6 +41,7 @@ pub mod config;
 pub mod domain;
 pub mod health;
 pub mod idempotency;
+pub mod mcp;
 pub mod metrics;
 pub mod ops_http;
 pub mod proto;

@@ -33,6 +33,13 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::Mcp(args)) => match oncely::mcp::run_stdio(&args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("oncely mcp: {}", chain(&error));
+                ExitCode::FAILURE
+            }
+        },
         Some(Command::Cleanup(args)) => match cleanup_cmd::run(&args).await {
             Ok(deleted) => {
                 let scope = match args.older_than {

@@ -6,6 +6,7 @@
 //! the refusal to serve an open server beyond loopback in `protection.rs`.
 
 mod error;
+mod mcp;
 mod protection;
 mod tls;
 mod transport;
@@ -178,6 +179,8 @@ struct Built {
     health_watcher: AbortHandle,
     /// Long polls and waits, told to answer at shutdown.
     events: crate::storage::TaskEvents,
+    /// Cancelled at shutdown: ends MCP's listener, sessions and streams.
+    mcp_shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Loads the keys and records the services need, starts the background
@@ -238,6 +241,7 @@ async fn build<S: Store>(
     let reflection_v1 = transport::reflection().build_v1()?;
     let reflection_v1alpha = transport::reflection().build_v1alpha()?;
 
+    let mcp_ring = ring.clone();
     let tasks = TaskServiceServer::new(TaskApi::new(
         store.clone(),
         ReplayCache::new(settings.replay_cache_bytes),
@@ -261,22 +265,51 @@ async fn build<S: Store>(
     if let Some(files) = &settings.tls {
         tracing::info!(mtls = files.client_ca.is_some(), "serving TLS");
     }
-    let router = transport::builder()
-        // Outermost: a JSON call becomes the RPC it names before any gate.
-        .layer(JsonApi::new(settings.max_request_bytes))
-        .layer(stack)
-        .add_service(health_service)
+    let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(tasks)
         .add_service(workers)
         .add_service(admin);
+    let mcp_shutdown = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = settings.mcp_addr {
+        if !addr.ip().is_loopback() {
+            protection::check(&mcp_ring, settings.auth, Some(addr))?;
+        }
+        let listener = mcp::bind(addr).await?;
+        let local = listener.local_addr().unwrap_or(addr);
+        // MCP's calls go through the same gates, in this process.
+        let app = crate::mcp::router(
+            crate::mcp::Tasks::in_process(tower::Layer::layer(&stack, routes.clone())),
+            mcp_ring,
+            &crate::mcp::McpHttpSettings {
+                allowed_hosts: settings.mcp_allowed_hosts.clone(),
+                max_body_bytes: settings.max_request_bytes,
+            },
+            local,
+            mcp_shutdown.child_token(),
+        );
+        mcp::start(
+            listener,
+            app,
+            settings,
+            tls.clone(),
+            mcp_shutdown.clone(),
+            background,
+        );
+    }
+    let router = transport::builder()
+        // Outermost: a JSON call becomes the RPC it names before any gate.
+        .layer(JsonApi::new(settings.max_request_bytes))
+        .layer(stack)
+        .add_routes(routes);
     Ok(Built {
         router,
         tls,
         reporter,
         health_watcher,
         events,
+        mcp_shutdown,
     })
 }
 
@@ -295,6 +328,7 @@ impl Built {
             reporter,
             health_watcher,
             events,
+            mcp_shutdown,
         } = self;
         match listener.local_addr() {
             Ok(addr) => {
@@ -310,6 +344,7 @@ impl Built {
             shutdown.await;
             // Long polls and waits answer now rather than hold the exit.
             events.drain();
+            mcp_shutdown.cancel();
             health_watcher.abort();
             health::set_all(reporter.clone(), ServingStatus::NotServing).await;
             health::clear_all(reporter).await;

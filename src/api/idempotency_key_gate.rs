@@ -7,7 +7,7 @@
 
 use std::future::Future;
 
-use oncely_client::metadata::IDEMPOTENCY_KEY;
+use oncely_client::metadata::{IDEMPOTENCY_FALLBACK, IDEMPOTENCY_KEY};
 use tonic::{Status, body::Body};
 
 use super::{
@@ -17,7 +17,7 @@ use super::{
     rpc::{Method, Rpc},
 };
 use crate::{
-    idempotency::{IdempotencyKey, IdempotencyKeyError, MissingKeyPolicy},
+    idempotency::{FingerprintAsked, IdempotencyKey, IdempotencyKeyError, MissingKeyPolicy},
     metrics::metrics,
 };
 
@@ -49,10 +49,18 @@ impl Gate for IdempotencyKeyGate {
                 request.extensions_mut().insert(key);
                 return Ok(());
             }
-            // Deduplicated by fingerprint in the service.
-            Ok(None) if self.missing_key == MissingKeyPolicy::Fingerprint => return Ok(()),
-            // No rule applied to a request without a key.
-            Ok(None) => (ServiceError::KeyMissing, None),
+            // Deduplicated by fingerprint in the service, by the policy or
+            // because the caller asked.
+            Ok(None) => match fallback_asked(request.headers()) {
+                Ok(true) => {
+                    request.extensions_mut().insert(FingerprintAsked);
+                    return Ok(());
+                }
+                Ok(false) if self.missing_key == MissingKeyPolicy::Fingerprint => return Ok(()),
+                // No rule applied to a request without a key.
+                Ok(false) => (ServiceError::KeyMissing, None),
+                Err(error) => (error, None),
+            },
             Err(error) => (error, Some("header")),
         };
         // A CreateTask refused for its key; "none": it had none.
@@ -67,6 +75,17 @@ impl Gate for IdempotencyKeyGate {
     {
         // A replay's stored bytes replace the body tonic encoded.
         answer.await.map(reply::send_stored)
+    }
+}
+
+/// Whether a keyless request asked to be deduplicated by fingerprint with
+/// `idempotency-fallback: fingerprint`; an error for any other value.
+fn fallback_asked(headers: &http::HeaderMap) -> Result<bool, ServiceError> {
+    let mut values = headers.get_all(IDEMPOTENCY_FALLBACK).iter();
+    match (values.next(), values.next()) {
+        (None, _) => Ok(false),
+        (Some(value), None) if value.as_bytes().eq_ignore_ascii_case(b"fingerprint") => Ok(true),
+        _ => Err(IdempotencyKeyError::UnknownFallback.into()),
     }
 }
 

@@ -16,8 +16,8 @@ use crate::{
         requests::MAX_PAGE_BYTES,
     },
     idempotency::{
-        self, IdempotencyKey, KeyPolicy, KeySource, Legacy, LegacyRecords, MissingKeyPolicy,
-        Outcome, ReplayCache,
+        self, FingerprintAsked, IdempotencyKey, KeyPolicy, KeySource, Legacy, LegacyRecords,
+        MissingKeyPolicy, Outcome, ReplayCache,
     },
     proto::tasks_v1::{
         CancelTaskRequest, CreateTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse,
@@ -72,10 +72,14 @@ impl<S: Store> TaskApi<S> {
     async fn create(
         &self,
         source: KeySource<'_>,
+        fingerprint_asked: bool,
         caller: Option<&Principal>,
         request: CreateTaskRequest,
     ) -> Result<Success<Task>, ServiceError> {
-        if source == KeySource::Fingerprint && self.policy.missing_key == MissingKeyPolicy::Reject {
+        if source == KeySource::Fingerprint
+            && !fingerprint_asked
+            && self.policy.missing_key == MissingKeyPolicy::Reject
+        {
             return Err(ServiceError::KeyMissing);
         }
         let task = NewTask::parse(request, &self.limits).map_err(ServiceError::InvalidRequest)?;
@@ -281,13 +285,19 @@ impl<S: Store> TaskService for TaskApi<S> {
         // policy lets keyless requests through.
         let key = request.extensions().get::<IdempotencyKey>().cloned();
         let caller = request.extensions().get::<Principal>().cloned();
+        let fingerprint_asked = request.extensions().get::<FingerprintAsked>().is_some();
         let source = key
             .as_ref()
             .map_or(KeySource::Fingerprint, KeySource::Header);
         tracing::Span::current().record("key_source", source.as_str());
         finish(
-            self.create(source, caller.as_ref(), request.into_inner())
-                .await,
+            self.create(
+                source,
+                fingerprint_asked,
+                caller.as_ref(),
+                request.into_inner(),
+            )
+            .await,
             Some(source),
         )
     }

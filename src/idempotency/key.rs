@@ -27,6 +27,9 @@ pub enum IdempotencyKeyError {
     /// The metadata holds more than one key.
     #[error("the request holds {0} idempotency-key values; send exactly one")]
     Repeated(usize),
+    /// `idempotency-fallback` names no rule oncely has.
+    #[error("idempotency-fallback may only be `fingerprint`; send that, or leave it out")]
+    UnknownFallback,
 }
 
 impl IdempotencyKey {

@@ -23,6 +23,6 @@ pub use fingerprint::Fingerprint;
 pub use key::{IdempotencyKey, IdempotencyKeyError, MAX_KEY_LEN};
 pub use legacy::LegacyRecords;
 pub use policy::{
-    CREATE_TASK_SCOPE, KEYLESS_CREATE_TASK_SCOPE, KeyPolicy, KeySource, LegacyScope,
-    MissingKeyPolicy,
+    CREATE_TASK_SCOPE, FingerprintAsked, KEYLESS_CREATE_TASK_SCOPE, KeyPolicy, KeySource,
+    LegacyScope, MissingKeyPolicy,
 };

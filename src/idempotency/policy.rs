@@ -22,6 +22,12 @@ pub enum MissingKeyPolicy {
     Fingerprint,
 }
 
+/// In a keyless CreateTask's extensions: the caller asked, with
+/// `idempotency-fallback: fingerprint`, to be deduplicated by fingerprint
+/// whatever the [`MissingKeyPolicy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FingerprintAsked;
+
 /// What to do with records written before keys were scoped by agent,
 /// which were scoped by the API key that wrote them (`"<key name> <key>"`,
 /// or the bare key without authentication).

@@ -13,6 +13,13 @@ pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 /// its content).
 pub const IDEMPOTENCY_KEY_SOURCE: &str = "idempotency-key-source";
 
+/// Request metadata: `fingerprint` asks that a CreateTask sent without
+/// `idempotency-key` be deduplicated by its content within the server's
+/// dedup window, whatever the server's `MISSING_KEY_POLICY` (for callers
+/// that may or may not have a key, such as the MCP tools). A keyed request
+/// ignores it.
+pub const IDEMPOTENCY_FALLBACK: &str = "idempotency-fallback";
+
 /// Request metadata: the API key, as `Bearer <token>`. Set it with
 /// [`OncelyClient::with_api_key`](crate::OncelyClient::with_api_key) or
 /// [`WorkerOptions::api_key`](crate::WorkerOptions::api_key).

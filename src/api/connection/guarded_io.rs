@@ -112,6 +112,13 @@ pub struct ConnectionInfo {
     pub(super) watch: Arc<Watch>,
 }
 
+impl ConnectionInfo {
+    /// The peer's address, when it could be told.
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.tcp.remote_addr
+    }
+}
+
 impl Connected for GuardedIo {
     type ConnectInfo = ConnectionInfo;
 

@@ -62,7 +62,7 @@ pub(super) fn refuse_before_reading(
 /// The `Origin` of a browser's request from a page of another origin than
 /// the server's (`Host`): a web page the user visits must not be able to
 /// create or cancel tasks on a server it can reach.
-fn cross_origin(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn cross_origin(headers: &HeaderMap) -> Option<String> {
     let origin = headers.get(header::ORIGIN)?.to_str().unwrap_or("?");
     let host = headers
         .get(header::HOST)

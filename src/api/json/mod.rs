@@ -36,6 +36,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use tonic::{Code, Status, body::Body};
 use tower::{Layer, Service};
 
+pub(crate) use admission::cross_origin;
 pub use openapi::OPENAPI_PATH;
 pub use problem::PROBLEM_JSON;
 pub use routes::{ROUTES, Route};
