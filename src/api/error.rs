@@ -93,6 +93,19 @@ pub enum ServiceError {
     Internal(#[source] StorageError),
 }
 
+/// The gRPC code's name, as the gRPC status codes document spells it
+/// (`NOT_FOUND`), for the HTTP problems and MCP's tool errors.
+pub fn code_name(code: Code) -> String {
+    format!("{code:?}")
+        .chars()
+        .enumerate()
+        .flat_map(|(i, c)| {
+            let split = i > 0 && c.is_ascii_uppercase();
+            split.then_some('_').into_iter().chain(c.to_uppercase())
+        })
+        .collect()
+}
+
 fn summary(violations: &[FieldViolation]) -> String {
     violations
         .iter()

@@ -25,7 +25,8 @@ use super::{
     },
 };
 use crate::{
-    api::ConnectionInfo,
+    api::{ConnectionInfo, code_name},
+    domain::requests::MAX_WAIT,
     proto::tasks_v1::{CreateTaskRequest, ListTasksRequest},
 };
 
@@ -131,6 +132,19 @@ impl OncelyMcp {
             Ok(args) => args,
             Err(refused) => return refused,
         };
+        if Duration::from_secs(u64::from(args.timeout_seconds)) > MAX_WAIT {
+            return tool_error(
+                &format!(
+                    "invalid argument timeout_seconds for wait_task: {} is more than the {} a \
+                     wait may take; call wait_task again to wait longer",
+                    args.timeout_seconds,
+                    MAX_WAIT.as_secs()
+                ),
+                "INVALID_ARGUMENTS",
+                Code::InvalidArgument,
+                None,
+            );
+        }
         let timeout = Duration::from_secs(u64::from(args.timeout_seconds));
         task_answer(self.tasks.wait(caller, args.task_id, timeout).await)
     }
@@ -264,7 +278,7 @@ fn refusal(status: &Status, source: KeySource) -> CallToolResult {
     let reason = status
         .get_details_error_info()
         .map(|info| info.reason)
-        .unwrap_or_else(|| format!("{:?}", status.code()).to_ascii_uppercase());
+        .unwrap_or_else(|| code_name(status.code()).to_owned());
     let retry_after = status
         .get_details_retry_info()
         .and_then(|info| info.retry_delay);
@@ -316,7 +330,7 @@ fn tool_error(
     let mut result = CallToolResult::error(vec![ContentBlock::text(message.to_owned())]);
     let mut error = json!({
         "reason": reason,
-        "code": format!("{code:?}"),
+        "code": code_name(code),
         "message": message,
         "retryable": retryable,
     });

@@ -255,7 +255,61 @@ async fn without_the_policy_a_keyless_request_is_still_refused(backend: Backend)
     assert_eq!(db.count("tasks").await, 1);
 }
 
+/// `email_request()` without a key, asking for the fingerprint rule with
+/// `idempotency-fallback: value`.
+fn asking(value: &'static str) -> tonic::Request<CreateTaskRequest> {
+    let mut call = tonic::Request::new(email_request());
+    call.metadata_mut().insert(
+        "idempotency-fallback",
+        tonic::metadata::MetadataValue::from_static(value),
+    );
+    call
+}
+
+async fn a_caller_may_ask_for_the_fingerprint_rule_under_the_reject_policy(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    // The default policy: keyless calls are refused unless they ask.
+    let app = TestApp::spawn(&db).await;
+    let mut tasks = app.tasks.clone();
+
+    let first = tasks
+        .create_task(asking("fingerprint"))
+        .await
+        .expect("first");
+    let repeat = tasks
+        .create_task(asking("fingerprint"))
+        .await
+        .expect("repeat");
+    assert_eq!(
+        (replayed(&first), source(&first)),
+        (Some("false"), Some("fingerprint"))
+    );
+    assert_eq!(
+        (replayed(&repeat), source(&repeat)),
+        (Some("true"), Some("fingerprint"))
+    );
+    assert_eq!(repeat.into_inner(), first.into_inner());
+
+    // A key wins over the fallback; another value is refused.
+    let mut keyed_call = asking("fingerprint");
+    keyed_call
+        .metadata_mut()
+        .insert("idempotency-key", new_key().parse().expect("metadata"));
+    let keyed = tasks.create_task(keyed_call).await.expect("keyed");
+    assert_eq!(source(&keyed), Some("header"));
+    let refused = tasks.create_task(asking("content")).await;
+    let status = assert_invalid(refused, "IDEMPOTENCY_KEY_INVALID");
+    assert!(
+        status.message().contains("idempotency-fallback"),
+        "{status:?}"
+    );
+    let refused = tasks.create_task(email_request()).await;
+    assert_invalid(refused, "IDEMPOTENCY_KEY_MISSING");
+    assert_eq!(db.count("tasks").await, 2);
+}
+
 conformance!(
+    a_caller_may_ask_for_the_fingerprint_rule_under_the_reject_policy,
     a_keyless_repeat_within_the_window_replays_the_first_response_byte_for_byte,
     a_keyless_repeat_after_the_window_executes_afresh,
     keyless_requests_that_differ_in_any_field_are_different_tasks,

@@ -46,6 +46,7 @@ mod keyless;
 mod layer_order;
 mod lease_cut;
 mod limits;
+mod mcp;
 mod metrics;
 mod plans;
 mod process;

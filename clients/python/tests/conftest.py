@@ -11,6 +11,11 @@ pass by skipping.
 ``keys create`` before it starts. ``ONCELY_API_KEY`` is removed from the
 environment of every test, so a key of the shell never leaks in.
 
+A server started with ``mcp=True`` also serves MCP over streamable HTTP
+(``MCP_ADDR``, port 0 as well, its address read from the log the same way):
+``mcp_server`` is one shared by the tests, ``keyed_mcp_server`` one with the
+keys of ``keyed_server``.
+
 The tests run on busy machines: they wait for evidence (:func:`eventually`,
 with a generous deadline) rather than sleep, and assert what holds however
 the threads and processes are scheduled.
@@ -44,9 +49,13 @@ under a second."""
 SERVING_MESSAGE = "serving tasks.v1.TaskService, tasks.v1.WorkerService and tasks.v1.Admin"
 """The message of the server's info event that names the address it bound
 (field ``addr``)."""
+MCP_SERVING_MESSAGE = "serving MCP (streamable HTTP) at /mcp"
+"""The message of the info event (in ``oncely::startup::mcp``) that names
+the address MCP's listener bound (field ``addr``), when ``MCP_ADDR`` is set."""
+MCP_PATH = "/mcp"
 LOG_FILTER = "warn,oncely::startup=info"
 """The servers' ``RUST_LOG``: warnings, and the start-up events (among them
-the one that names the address)."""
+the ones that name the addresses)."""
 ADDRESS_IN_USE = "Address already in use"
 
 
@@ -80,9 +89,10 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def bound_address(log: str) -> str | None:
-    """The address a server's JSON log says it serves on, if it says so
-    yet (a line still being written is skipped)."""
+def bound_address(log: str, message: str = SERVING_MESSAGE) -> str | None:
+    """The address a server's JSON log says it serves on (the ``addr`` of its
+    event with ``message``), if it says so yet (a line still being written
+    is skipped)."""
     for line in log.splitlines():
         if not line.startswith("{"):
             continue
@@ -90,7 +100,7 @@ def bound_address(log: str) -> str | None:
             event = json.loads(line)
         except ValueError:
             continue
-        if isinstance(event, dict) and event.get("message") == SERVING_MESSAGE:
+        if isinstance(event, dict) and event.get("message") == message:
             return str(event["addr"])
     return None
 
@@ -104,10 +114,22 @@ class Server:
     serve TLS (``TLS_CERT``, ``TLS_KEY`` in ``env``) with a certificate that
     CA signed. ``env`` may set ``RUST_LOG`` as long as it keeps the info
     events of ``oncely::startup``; the log is always JSON.
+
+    With ``mcp=True`` (or ``MCP_ADDR`` in ``env``) it also serves MCP over
+    streamable HTTP, by default on any free port of 127.0.0.1;
+    :attr:`mcp_address` is what that listener bound, read from the log, and
+    :attr:`mcp_url` the URL of its ``/mcp``. Without, both are None.
     """
 
     def __init__(
-        self, binary: Path, workdir: Path, env: Mapping[str, str], *, port: int = 0, tls_ca: Path | None = None
+        self,
+        binary: Path,
+        workdir: Path,
+        env: Mapping[str, str],
+        *,
+        port: int = 0,
+        tls_ca: Path | None = None,
+        mcp: bool = False,
     ) -> None:
         if env.get("LOG_FORMAT", "json") != "json":
             raise ValueError("the tests read the server's address from its JSON log: LOG_FORMAT must be json")
@@ -121,8 +143,11 @@ class Server:
             "LISTEN_ADDR": f"127.0.0.1:{port}",
             "LOG_FORMAT": "json",
             "RUST_LOG": LOG_FILTER,
+            **({"MCP_ADDR": "127.0.0.1:0"} if mcp else {}),
             **env,
         }
+        serves_mcp = bool(environment.get("MCP_ADDR"))
+        self.mcp_address: str | None = None
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             with self.log.open("wb") as log:
@@ -131,6 +156,13 @@ class Server:
                 address = self._wait_for_address(deadline)
                 if address is not None:
                     self.address = address
+                    if serves_mcp:
+                        self.mcp_address = self._wait_for_address(deadline, MCP_SERVING_MESSAGE)
+                        if self.mcp_address is None:
+                            pytest.fail(
+                                f"the oncely server exited with {self.process.returncode} while starting:\n"
+                                f"{self.log_tail()}"
+                            )
                     self._wait_until_serving(deadline)
                     return
             except BaseException:
@@ -144,21 +176,30 @@ class Server:
                 continue
             pytest.fail(f"the oncely server exited with {self.process.returncode} while starting:\n{self.log_tail()}")
 
-    def _wait_for_address(self, deadline: float) -> str | None:
-        """The address the server's log names once it serves; None when the
-        process exits first."""
+    def _wait_for_address(self, deadline: float, message: str = SERVING_MESSAGE) -> str | None:
+        """The address the server's log names (in its event with
+        ``message``) once it serves; None when the process exits first."""
         while True:
-            address = bound_address(self.log.read_text(errors="replace"))
+            address = bound_address(self.log.read_text(errors="replace"), message)
             if address is not None:
                 return address
             if self.process.poll() is not None:
                 return None
             if time.monotonic() >= deadline:
                 pytest.fail(
-                    f"the oncely server did not log its address ({SERVING_MESSAGE!r}, at info level in"
+                    f"the oncely server did not log its address ({message!r}, at info level in"
                     f" oncely::startup) after {START_TIMEOUT}s:\n{self.log_tail()}"
                 )
             time.sleep(0.05)
+
+    @property
+    def mcp_url(self) -> str:
+        """The URL of the server's MCP endpoint (streamable HTTP); fails the
+        test when the server was started without MCP."""
+        if self.mcp_address is None:
+            pytest.fail("this server was started without MCP (start it with mcp=True)")
+        scheme = "http" if self.tls_ca is None else "https"
+        return f"{scheme}://{self.mcp_address}{MCP_PATH}"
 
     def _wait_until_serving(self, deadline: float) -> None:
         request = health_pb2.HealthCheckRequest(service="tasks.v1.TaskService")
@@ -267,16 +308,30 @@ KEYS: Sequence[tuple[str, str, tuple[str, ...]]] = (
 are there to be revoked."""
 
 
+def start_keyed_server(binary: Path, workdir: Path, *, mcp: bool = False) -> KeyedServer:
+    """Creates the keys of :data:`KEYS` in a database in ``workdir``, then
+    starts a server on it (serving MCP too with ``mcp=True``)."""
+    tokens = {name: create_key(binary, workdir / "oncely.db", name, role, *scope) for name, role, scope in KEYS}
+    return KeyedServer(binary, Server(binary, workdir, {}, mcp=mcp), tokens)
+
+
 @pytest.fixture
 def keyed_server(oncely_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedServer]:
     """A server of the test's own whose database holds the keys of
     :data:`KEYS`, created before it starts, so every call but health needs
     one."""
-    workdir = tmp_path_factory.mktemp("keyed-server")
-    tokens = {name: create_key(oncely_binary, workdir / "oncely.db", name, role, *scope) for name, role, scope in KEYS}
-    running = Server(oncely_binary, workdir, {})
-    yield KeyedServer(oncely_binary, running, tokens)
-    running.stop()
+    running = start_keyed_server(oncely_binary, tmp_path_factory.mktemp("keyed-server"))
+    yield running
+    running.server.stop()
+
+
+@pytest.fixture
+def keyed_mcp_server(oncely_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedServer]:
+    """A server like ``keyed_server`` that also serves MCP over streamable
+    HTTP (its ``server.mcp_url``), where only agent keys are let in."""
+    running = start_keyed_server(oncely_binary, tmp_path_factory.mktemp("keyed-mcp-server"), mcp=True)
+    yield running
+    running.server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -300,16 +355,28 @@ def server(oncely_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     running.stop()
 
 
+@pytest.fixture(scope="session")
+def mcp_server(oncely_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with the default settings that also serves MCP over
+    streamable HTTP (:attr:`Server.mcp_url`), shared by the tests; each
+    test uses agent ids and actions of its own."""
+    running = Server(oncely_binary, tmp_path_factory.mktemp("mcp-server"), {}, mcp=True)
+    yield running
+    running.stop()
+
+
 @pytest.fixture
 def start_server(oncely_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServer]:
     """Starts servers of the test's own, with extra environment variables,
-    optionally on a given port and over TLS (see :class:`Server`):
-    ``start_server(port=..., IN_FLIGHT_WAIT="200ms")``. Returns once the
-    server is SERVING; all are stopped after the test."""
+    optionally on a given port, over TLS and serving MCP (see
+    :class:`Server`): ``start_server(port=..., IN_FLIGHT_WAIT="200ms")``.
+    Returns once the server is SERVING; all are stopped after the test."""
     started: list[Server] = []
 
-    def start(port: int = 0, tls_ca: Path | None = None, **env: str) -> Server:
-        running = Server(oncely_binary, tmp_path_factory.mktemp("server"), env, port=port, tls_ca=tls_ca)
+    def start(port: int = 0, tls_ca: Path | None = None, mcp: bool = False, **env: str) -> Server:
+        running = Server(
+            oncely_binary, tmp_path_factory.mktemp("server"), env, port=port, tls_ca=tls_ca, mcp=mcp
+        )
         started.append(running)
         return running
 

@@ -8,6 +8,8 @@ use serde_json::{Map, Value, json};
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
+use crate::api::code_name;
+
 /// The media type of a problem.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -104,28 +106,9 @@ fn problem_type(reason: Option<&str>) -> String {
     )
 }
 
-/// The gRPC code's name, as the gRPC status codes document spells it.
-fn code_name(code: Code) -> String {
-    format!("{code:?}")
-        .chars()
-        .enumerate()
-        .flat_map(|(i, c)| {
-            let split = i > 0 && c.is_ascii_uppercase();
-            split.then_some('_').into_iter().chain(c.to_uppercase())
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn codes_are_named_as_grpc_names_them() {
-        assert_eq!(code_name(Code::FailedPrecondition), "FAILED_PRECONDITION");
-        assert_eq!(code_name(Code::NotFound), "NOT_FOUND");
-        assert_eq!(code_name(Code::Ok), "OK");
-    }
 
     #[test]
     fn a_reused_key_is_unprocessable_and_a_request_in_flight_a_conflict() {

@@ -37,6 +37,9 @@ const SERVING: &str = "serving tasks.v1.TaskService, tasks.v1.WorkerService and 
 /// The line the binary logs, with the address in `addr`, once its metrics
 /// listener (METRICS_ADDR) is bound.
 const SERVING_METRICS: &str = "serving metrics on /metrics and the status page on /";
+/// The line the binary logs, with the address in `addr`, once its MCP
+/// listener (MCP_ADDR) is bound.
+const SERVING_MCP: &str = "serving MCP (streamable HTTP) at /mcp";
 /// The log directives that keep those two lines (info, in these modules).
 const ADDRESS_LINES: &str = "oncely::startup=info,oncely::ops_http=info";
 
@@ -165,6 +168,26 @@ impl BinaryServer {
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied());
         Self::spawn_with_metrics(command).await
+    }
+
+    /// Starts the binary on `db` with `env` set and MCP (MCP_ADDR) on a port
+    /// of its own; returns it and the URL of its `/mcp`.
+    pub(crate) async fn start_with_mcp(db: &TestDb, env: &[(&str, &str)]) -> (Self, String) {
+        let mut command = Command::new(BINARY);
+        command
+            .env("DATABASE_URL", &db.url)
+            .env("IDEMPOTENCY_RETENTION", "1h")
+            .env("RUST_LOG", "warn")
+            .env("MCP_ADDR", "127.0.0.1:0")
+            .envs(env.iter().copied());
+        let mut server = Self::spawn(command).await;
+        let line = server
+            .wait_for_log("the MCP listener's address", |line| {
+                line["message"] == SERVING_MCP
+            })
+            .await;
+        let addr = line["addr"].as_str().expect("an address").to_owned();
+        (server, format!("http://{addr}/mcp"))
     }
 
     /// Starts `command` (the binary, configured) with its metrics listener
