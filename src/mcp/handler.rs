@@ -7,8 +7,9 @@ use std::{sync::Arc, time::Duration};
 use rmcp::{
     ErrorData, RoleServer, ServerHandler,
     model::{
-        CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
-        ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+        CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, ContentBlock,
+        GetTaskParams, GetTaskResult, Implementation, ListToolsResult, PaginatedRequestParams,
+        ServerCapabilities, ServerConfig, Tool,
     },
     service::RequestContext,
 };
@@ -19,6 +20,7 @@ use tonic_types::StatusExt;
 
 use super::{
     calls::{Caller, Keyed, Tasks},
+    handles,
     tools::{
         self, CreateTaskArgs, CreateTaskOutput, KeySource, ListTasksArgs, ListTasksOutput,
         TaskIdArgs, TaskOutput, TaskView, WaitTaskArgs,
@@ -92,11 +94,13 @@ impl OncelyMcp {
         }
     }
 
-    async fn create_task(&self, caller: &Caller, arguments: Value) -> CallToolResult {
-        let args: CreateTaskArgs = match parse(tools::CREATE_TASK, arguments) {
-            Ok(args) => args,
-            Err(refused) => return refused,
-        };
+    /// `create_task`: the task and how it was keyed, or the tool error.
+    async fn create_task(
+        &self,
+        caller: &Caller,
+        arguments: Value,
+    ) -> Result<CreateTaskOutput, CallToolResult> {
+        let args: CreateTaskArgs = parse(tools::CREATE_TASK, arguments)?;
         let (key, source) = match (&args.idempotency_key, &caller.transport_key) {
             (Some(key), _) => (Some(key.clone()), KeySource::Argument),
             (None, Some(key)) => (Some(key.clone()), KeySource::Transport),
@@ -109,13 +113,13 @@ impl OncelyMcp {
         };
         let keyed = key.as_deref().map_or(Keyed::Fingerprint, Keyed::Key);
         match self.tasks.create(caller, keyed, message).await {
-            Ok((task, replayed)) => answer(&CreateTaskOutput {
+            Ok((task, replayed)) => Ok(CreateTaskOutput {
                 task: TaskView::of(&task),
                 replayed,
                 key_source: source,
                 idempotency_key: key,
             }),
-            Err(status) => refusal(&status, source),
+            Err(status) => Err(refusal(&status, source)),
         }
     }
 
@@ -180,12 +184,17 @@ impl OncelyMcp {
 
 impl ServerHandler for OncelyMcp {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
-            .with_server_info(
-                Implementation::new("oncely", env!("CARGO_PKG_VERSION"))
-                    .with_title("oncely: side effects exactly once"),
-            )
-            .with_instructions(INSTRUCTIONS)
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tasks()
+                .build(),
+        )
+        .with_server_info(
+            Implementation::new("oncely", env!("CARGO_PKG_VERSION"))
+                .with_title("oncely: side effects exactly once"),
+        )
+        .with_instructions(INSTRUCTIONS)
     }
 
     async fn list_tools(
@@ -194,6 +203,30 @@ impl ServerHandler for OncelyMcp {
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
         Ok(ListToolsResult::with_all_items(self.tools.to_vec()))
+    }
+
+    async fn get_task(
+        &self,
+        request: GetTaskParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<GetTaskResult, ErrorData> {
+        let caller = self.caller(&context);
+        match self.tasks.get(&caller, request.task_id).await {
+            Ok(task) => Ok(GetTaskResult::new(handles::detailed(&TaskView::of(&task)))),
+            Err(status) => Err(handles::protocol_error(&status)),
+        }
+    }
+
+    async fn cancel_task(
+        &self,
+        request: CancelTaskParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let caller = self.caller(&context);
+        match self.tasks.cancel(&caller, request.task_id).await {
+            Ok(_) => Ok(()),
+            Err(status) => Err(handles::protocol_error(&status)),
+        }
     }
 
     fn get_tool(&self, name: &str) -> Option<Tool> {
@@ -208,7 +241,21 @@ impl ServerHandler for OncelyMcp {
         let caller = self.caller(&context);
         let arguments = Value::Object(request.arguments.unwrap_or_default());
         let result = match request.name.as_ref() {
-            tools::CREATE_TASK => self.create_task(&caller, arguments).await,
+            tools::CREATE_TASK => {
+                let created = self.create_task(&caller, arguments).await;
+                // A client of the MCP tasks extension gets a task handle to
+                // poll (tasks/get) or cancel (tasks/cancel): the oncely task.
+                let handles = context
+                    .client_capabilities()
+                    .is_some_and(|capabilities| capabilities.supports_tasks());
+                match created {
+                    Ok(output) if handles => {
+                        return Ok(CallToolResponse::Task(handles::created(&output)));
+                    }
+                    Ok(output) => answer(&output),
+                    Err(refused) => refused,
+                }
+            }
             tools::GET_TASK => self.get_task(&caller, arguments).await,
             tools::WAIT_TASK => {
                 // A client that gives up cancels the wait.
@@ -250,7 +297,7 @@ fn parse<T: DeserializeOwned>(tool: &str, arguments: Value) -> Result<T, CallToo
 }
 
 /// A successful result holding `output`.
-fn answer<T: Serialize>(output: &T) -> CallToolResult {
+pub(super) fn answer<T: Serialize>(output: &T) -> CallToolResult {
     match serde_json::to_value(output) {
         Ok(value) => CallToolResult::structured(value),
         Err(error) => tool_error(
@@ -274,7 +321,7 @@ fn task_answer(result: Result<crate::proto::tasks_v1::Task, Status>) -> CallTool
 
 /// The tool error for a call the service refused, in words for the model:
 /// what happened and what to do.
-fn refusal(status: &Status, source: KeySource) -> CallToolResult {
+pub(super) fn refusal(status: &Status, source: KeySource) -> CallToolResult {
     let reason = status
         .get_details_error_info()
         .map(|info| info.reason)
@@ -317,7 +364,7 @@ fn refusal(status: &Status, source: KeySource) -> CallToolResult {
 }
 
 /// A tool error: `message` for the model, and the same facts as JSON.
-fn tool_error(
+pub(super) fn tool_error(
     message: &str,
     reason: &str,
     code: Code,

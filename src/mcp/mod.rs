@@ -19,6 +19,7 @@
 
 mod calls;
 mod handler;
+mod handles;
 mod http;
 mod stdio;
 pub mod tools;

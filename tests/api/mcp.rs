@@ -511,3 +511,102 @@ async fn an_unavailable_store_or_server_is_a_tool_error_that_says_to_retry() {
     assert_eq!(error["retryable"], true, "{error}");
     orphan.cancel().await.expect("close");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_of_the_tasks_extension_polls_and_cancels_the_oncely_task() {
+    use rmcp::model::{
+        CallToolResponse, CancelTaskParams, ClientCapabilities, ClientInfo, GetTaskParams,
+        Implementation, TaskPayload, TaskStatus,
+    };
+
+    let db = TestDb::new(Backend::Postgres).await;
+    let (server, url) = BinaryServer::start_with_mcp(&db, &[]).await;
+    let info = ClientInfo::new(
+        ClientCapabilities::builder().enable_tasks().build(),
+        Implementation::new("oncely-tests", "1"),
+    );
+    let client = info
+        .serve(http_transport(&url, None, &[]))
+        .await
+        .expect("a session declaring tasks");
+    let key = new_key();
+    let create = |key: String| {
+        let arguments = email(Some(&key)).as_object().cloned().expect("object");
+        client.call_tool_once(CallToolRequestParams::new("create_task").with_arguments(arguments))
+    };
+    let CallToolResponse::Task(first) = create(key.clone()).await.expect("create") else {
+        panic!("no task handle");
+    };
+    assert_eq!(first.task.status, TaskStatus::Working);
+    assert!(first.task.poll_interval_ms.is_some());
+    let CallToolResponse::Task(again) = create(key).await.expect("retry") else {
+        panic!("no task handle");
+    };
+    assert_eq!(
+        again.task.task_id, first.task.task_id,
+        "one task for one key"
+    );
+    let replayed = again
+        .meta
+        .as_ref()
+        .map(|meta| meta.0["io.oncely/replayed"].clone());
+    assert_eq!(replayed, Some(json!(true)));
+
+    // The handle is the oncely task: a worker completes it, and tasks/get
+    // shows the result.
+    let task_id = first.task.task_id.clone();
+    let polled = client
+        .get_task(GetTaskParams::new(task_id.clone()))
+        .await
+        .expect("tasks/get");
+    assert_eq!(polled.task.task.status, TaskStatus::Working);
+    let mut workers = WorkerServiceClient::connect(server.url())
+        .await
+        .expect("a worker");
+    let lease = lease_one(&mut workers).await;
+    workers
+        .complete_task(CompleteTaskRequest {
+            task_id: task_id.clone(),
+            lease_token: lease.lease_token,
+            result: oncely_client::json::to_struct(json!({"message_id": "m-2"})).ok(),
+        })
+        .await
+        .expect("complete");
+    let done = client
+        .get_task(GetTaskParams::new(task_id))
+        .await
+        .expect("tasks/get");
+    let TaskPayload::Completed { result } = &done.task.payload else {
+        panic!("not completed: {done:?}");
+    };
+    assert_eq!(
+        result["structuredContent"]["task"]["result"],
+        json!({"message_id": "m-2"}),
+        "{result:?}"
+    );
+
+    // tasks/cancel cancels the oncely task.
+    let CallToolResponse::Task(other) = create(new_key()).await.expect("create") else {
+        panic!("no task handle");
+    };
+    client
+        .cancel_task(CancelTaskParams::new(other.task.task_id.clone()))
+        .await
+        .expect("tasks/cancel");
+    let cancelled = client
+        .get_task(GetTaskParams::new(other.task.task_id.clone()))
+        .await
+        .expect("tasks/get");
+    assert_eq!(cancelled.task.task.status, TaskStatus::Cancelled);
+    let grpc = TestApp::connect_to(server.addr());
+    let stored = grpc.task(&other.task.task_id).await;
+    assert_eq!(
+        stored.status,
+        oncely::proto::tasks_v1::TaskStatus::Cancelled as i32
+    );
+    let unknown = client
+        .get_task(GetTaskParams::new("0190b1a4-0000-4000-8000-000000000000"))
+        .await;
+    assert!(unknown.is_err(), "{unknown:?}");
+    client.cancel().await.expect("close");
+}
