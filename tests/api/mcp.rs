@@ -515,13 +515,13 @@ async fn an_unavailable_store_or_server_is_a_tool_error_that_says_to_retry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_of_the_tasks_extension_polls_and_cancels_the_oncely_task() {
     use rmcp::model::{
-        CallToolResponse, CancelTaskParams, ClientCapabilities, ClientInfo, GetTaskParams,
+        CallToolResponse, CancelTaskParams, ClientCapabilities, ClientConfig, GetTaskParams,
         Implementation, TaskPayload, TaskStatus,
     };
 
     let db = TestDb::new(Backend::Postgres).await;
     let (server, url) = BinaryServer::start_with_mcp(&db, &[]).await;
-    let info = ClientInfo::new(
+    let info = ClientConfig::new(
         ClientCapabilities::builder().enable_tasks().build(),
         Implementation::new("oncely-tests", "1"),
     );
