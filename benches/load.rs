@@ -34,6 +34,10 @@
 //!   (`POST /v1/tasks` with `Idempotency-Key`, HTTP/1.1 with kept-alive
 //!   connections, one per caller); the replayed requests are the ones the
 //!   replay scenario created over gRPC, so every replay crosses surfaces.
+//! - `mcp-create`, `mcp-replay`: `create` and `replay` as MCP tool calls
+//!   (`create_task` with `idempotency_key`) over streamable HTTP at `/mcp`,
+//!   one MCP session (rmcp's client, HTTP/1.1 kept alive) per caller; the
+//!   replayed requests are again the ones created over gRPC.
 //! - `keyless`: CreateTask without a key, distinct parameters each call (so
 //!   each creates a task, deduplicated by fingerprint).
 //! - `lease+complete`: enough queued tasks are ensured first (not timed);
@@ -147,6 +151,8 @@ enum Scenario {
     Mixed,
     HttpCreate,
     HttpReplay,
+    McpCreate,
+    McpReplay,
     Keyless,
     LeaseComplete,
     LeaseBatch,
@@ -160,6 +166,8 @@ impl Scenario {
             Self::Mixed => "mixed",
             Self::HttpCreate => "http-create",
             Self::HttpReplay => "http-replay",
+            Self::McpCreate => "mcp-create",
+            Self::McpReplay => "mcp-replay",
             Self::Keyless => "keyless",
             Self::LeaseComplete => "lease+complete",
             Self::LeaseBatch => "lease-batch",
@@ -176,6 +184,8 @@ fn scenarios() -> Vec<Scenario> {
         Scenario::Mixed,
         Scenario::HttpCreate,
         Scenario::HttpReplay,
+        Scenario::McpCreate,
+        Scenario::McpReplay,
         Scenario::Keyless,
         Scenario::LeaseComplete,
         Scenario::LeaseBatch,
@@ -187,7 +197,7 @@ fn scenarios() -> Vec<Scenario> {
     for name in &wanted {
         assert!(
             all.iter().any(|s| s.name() == *name),
-            "unknown scenario {name}; BENCH_SCENARIOS takes create, replay, mixed, http-create, http-replay, keyless, lease+complete and lease-batch"
+            "unknown scenario {name}; BENCH_SCENARIOS takes create, replay, mixed, http-create, http-replay, mcp-create, mcp-replay, keyless, lease+complete and lease-batch"
         );
     }
     all.into_iter()
@@ -215,6 +225,8 @@ struct Shared {
     lease_batch: i32,
     /// The server's JSON API, `http://host:port`.
     http_base: String,
+    /// The server's MCP endpoint, `http://host:port/mcp`.
+    mcp_url: String,
     /// Whether the replayed requests were created.
     prefilled: std::sync::atomic::AtomicBool,
 }
@@ -241,6 +253,8 @@ struct Caller {
     worker_id: String,
     /// The JSON API's client: HTTP/1.1, a kept-alive connection.
     http: reqwest::Client,
+    /// This caller's MCP session, opened on its first MCP call.
+    mcp: Option<rmcp::service::RunningService<rmcp::RoleClient, ()>>,
 }
 
 /// What one caller saw in the measured window.
@@ -333,6 +347,7 @@ async fn run_store(store: &str, url: &str, settings: Settings) {
         large_body: "x".repeat(settings.task_bytes),
         lease_batch: settings.lease_batch,
         http_base: format!("http://{}", server.addr),
+        mcp_url: format!("http://{}/mcp", server.mcp_addr),
         prefilled: std::sync::atomic::AtomicBool::new(false),
     });
     println!(
@@ -343,7 +358,7 @@ async fn run_store(store: &str, url: &str, settings: Settings) {
     let mut create_rate = 0.0;
     for scenario in scenarios() {
         match scenario {
-            Scenario::Replay | Scenario::HttpReplay
+            Scenario::Replay | Scenario::HttpReplay | Scenario::McpReplay
                 if !shared.prefilled.swap(true, Ordering::Relaxed) =>
             {
                 prefill_replays(&channels, &shared, settings).await
@@ -629,6 +644,7 @@ impl Caller {
             workers: WorkerServiceClient::new(channel),
             worker_id: format!("bench-{index}"),
             http: reqwest::Client::new(),
+            mcp: None,
         }
     }
 
@@ -659,6 +675,19 @@ impl Caller {
                     .unwrap_or_default()
                     .to_owned();
                 self.http_create(shared, &key, i as u64, true).await
+            }
+            Scenario::McpCreate => {
+                let key = uuid::Uuid::new_v4().to_string();
+                let n = shared.counter.fetch_add(1, Ordering::Relaxed);
+                self.mcp_create(shared, &key, n, false).await
+            }
+            Scenario::McpReplay => {
+                let i = shared.next_replay.fetch_add(1, Ordering::Relaxed) as usize % REPLAY_KEYS;
+                let key = shared.replay_keys[i]
+                    .to_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                self.mcp_create(shared, &key, i as u64, true).await
             }
             Scenario::Keyless => self.keyless(shared).await,
             Scenario::LeaseComplete => self.lease_and_complete().await,
@@ -711,6 +740,69 @@ impl Caller {
         if !replay {
             shared.created.fetch_add(1, Ordering::Relaxed);
         }
+        if was_replayed == replay {
+            Outcome::Ok
+        } else {
+            Outcome::Wrong
+        }
+    }
+
+    /// The MCP tool call `create_task` of [`create_request`] `n` with
+    /// `key`: must succeed, marked replayed when `replay` says so, and only
+    /// then.
+    async fn mcp_create(&mut self, shared: &Shared, key: &str, n: u64, replay: bool) -> Outcome {
+        use rmcp::{
+            ServiceExt,
+            model::CallToolRequestParams,
+            transport::{
+                StreamableHttpClientTransport,
+                streamable_http_client::StreamableHttpClientTransportConfig,
+            },
+        };
+        if self.mcp.is_none() {
+            let transport = StreamableHttpClientTransport::from_config(
+                StreamableHttpClientTransportConfig::with_uri(shared.mcp_url.clone()),
+            );
+            match ().serve(transport).await {
+                Ok(session) => self.mcp = Some(session),
+                Err(error) => return Outcome::Error(Status::unavailable(error.to_string())),
+            }
+        }
+        let Some(session) = &self.mcp else {
+            return Outcome::Error(Status::internal("no MCP session"));
+        };
+        let arguments = serde_json::json!({
+            "agent_id": "bench",
+            "action": "send_email",
+            "parameters": {"to": "a@example.com", "n": n},
+            "idempotency_key": key,
+        });
+        let Some(arguments) = arguments.as_object().cloned() else {
+            return Outcome::Error(Status::internal("arguments are an object"));
+        };
+        let call =
+            session.call_tool(CallToolRequestParams::new("create_task").with_arguments(arguments));
+        let result = match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(error)) => return Outcome::Error(Status::unknown(error.to_string())),
+            Err(_) => return Outcome::Error(Status::deadline_exceeded("no answer")),
+        };
+        if result.is_error != Some(false) {
+            let text = result
+                .content
+                .first()
+                .and_then(|block| block.as_text())
+                .map(|text| text.text.clone())
+                .unwrap_or_default();
+            return Outcome::Error(Status::unknown(text));
+        }
+        if !replay {
+            shared.created.fetch_add(1, Ordering::Relaxed);
+        }
+        let was_replayed = result
+            .structured_content
+            .as_ref()
+            .is_some_and(|content| content["replayed"] == true);
         if was_replayed == replay {
             Outcome::Ok
         } else {

@@ -10,7 +10,13 @@ use oncely::{
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let telemetry = oncely::telemetry::init(cli.serve.log_format);
+    // The stdio MCP bridge runs inside a desktop client, whose log it
+    // shares: warnings only, unless RUST_LOG says otherwise.
+    let default_filter = match cli.command {
+        Some(Command::Mcp(_)) => "warn",
+        _ => "info",
+    };
+    let telemetry = oncely::telemetry::init_with(cli.serve.log_format, default_filter);
     let code = match cli.command {
         None | Some(Command::Serve) => match oncely::run(cli.serve.into()).await {
             Ok(()) => ExitCode::SUCCESS,

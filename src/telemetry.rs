@@ -64,7 +64,14 @@ fn otlp_configured() -> bool {
 /// the environment asks for it. Must run inside the tokio runtime (the
 /// exporter's channel lives there). A second call keeps the first set-up.
 pub fn init(format: LogFormat) -> Telemetry {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with(format, "info")
+}
+
+/// [`init`], with `default_filter` in place of `info` when `RUST_LOG` is
+/// unset.
+pub fn init_with(format: LogFormat, default_filter: &str) -> Telemetry {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let logs = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)

@@ -17,21 +17,29 @@ use tonic::transport::Channel;
 pub(crate) struct Server {
     child: Child,
     pub(crate) addr: String,
+    /// Where it serves MCP (streamable HTTP at `/mcp`).
+    pub(crate) mcp_addr: String,
+}
+
+/// A port free now, for a server to bind.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 impl Server {
     /// Starts the server on `url` with `env` on top of the benchmark's
     /// settings, and waits until it answers.
     pub(crate) async fn start(url: &str, env: &[(&str, &str)]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mcp_addr = format!("127.0.0.1:{}", free_port());
         let mut command = Command::new(env!("CARGO_BIN_EXE_oncely"));
         command
             .env("DATABASE_URL", url)
             .env("LISTEN_ADDR", &addr)
+            .env("MCP_ADDR", &mcp_addr)
             .env(
                 "RUST_LOG",
                 std::env::var("BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
@@ -45,7 +53,11 @@ impl Server {
             command.env(name, value);
         }
         let child = command.spawn().expect("start the server");
-        let server = Self { child, addr };
+        let server = Self {
+            child,
+            addr,
+            mcp_addr,
+        };
         for _ in 0..200 {
             let mut tasks = TaskServiceClient::new(server.channel());
             let probe = tasks

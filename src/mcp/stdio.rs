@@ -94,9 +94,11 @@ pub async fn run(args: &McpArgs) -> Result<(), McpError> {
     // Connects on first use and reconnects by itself.
     let channel = oncely_client::channel(server.clone(), &tls)
         .map_err(|source| McpError::Client { server, source })?;
+    // An empty key (`"ONCELY_API_KEY": ""` in a client's config) is none.
     let authorization = args
         .api_key
         .as_ref()
+        .filter(|key| !key.token().is_empty())
         .map(|key| AsciiMetadataValue::try_from(format!("Bearer {}", key.token())))
         .transpose()
         .map_err(|_| McpError::ApiKey)?;

@@ -191,7 +191,9 @@ class Endpoint:
                     async with session(streamable_http_client(self.server.mcp_url, http_client=http), mode) as tools:
                         yield tools
         except BaseException:
-            print(f"the log of `oncely mcp` (stdio):\n{self.log_tail()}")
+            # Shown with the test's failure.
+            if self.transport == "stdio":
+                print(f"the log of `oncely mcp`:\n{self.log_tail()}")
             print(f"the server's log:\n{self.server.log_tail()}")
             raise
 
@@ -243,6 +245,7 @@ def agent_endpoint(transport: str, keyed_mcp_server: KeyedServer, oncely_binary:
 
 def check_task(task: dict[str, Any], agent_id: str, action: str, parameters: dict[str, Any], status: str) -> None:
     """Checks what every task answer says of the task."""
+    assert status in STATUSES
     assert (task["agent_id"], task["action"], task["parameters"], task["status"]) == (
         agent_id,
         action,
