@@ -75,6 +75,8 @@ pub fn init_with(format: LogFormat, default_filter: &str) -> Telemetry {
     let logs = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            // Colours for a terminal only, not for a file or a client's log.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()

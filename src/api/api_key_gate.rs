@@ -98,8 +98,9 @@ fn allowed_roles(service: Option<Service>) -> Option<&'static [Role]> {
     }
 }
 
-/// The token of an `authorization: Bearer <token>` value.
-fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+/// The token of an `authorization: Bearer <token>` value (the scheme is
+/// case-blind, as HTTP's are), for every surface.
+pub(crate) fn bearer(headers: &http::HeaderMap) -> Option<&str> {
     let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme

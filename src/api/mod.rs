@@ -32,6 +32,7 @@ mod worker_service;
 
 pub use admin_service::AdminApi;
 pub use api_key_gate::ApiKeyGate;
+pub(crate) use api_key_gate::bearer;
 pub use connection::{CallGuard, ConnectionInfo, ConnectionLimits, GuardedIo, TrackCalls};
 pub use error::{ERROR_DOMAIN, IN_PROGRESS_RETRY_DELAY, ServiceError, code_name};
 pub use gate::{Gate, Gated};

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{calls::Tasks, handler::OncelyMcp};
 use crate::{
-    auth::KeyRing,
+    auth::{AuthError, KeyRing},
     domain::{Principal, Role},
 };
 
@@ -96,14 +96,17 @@ async fn admit(State(ring): State<Arc<KeyRing>>, request: Request, next: Next) -
         );
     }
     if ring.required() {
-        let token = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "));
+        let token = crate::api::bearer(request.headers());
         match ring.authenticate(token) {
             Err(error) => {
-                let mut response = refuse(StatusCode::UNAUTHORIZED, &error.to_string());
+                let message = match error {
+                    AuthError::Missing => "this server requires an API key: send the header \
+                         `Authorization: Bearer <token>` with an agent key (an operator creates \
+                         one with `oncely keys create --role agent`)"
+                        .to_owned(),
+                    other => other.to_string(),
+                };
+                let mut response = refuse(StatusCode::UNAUTHORIZED, &message);
                 response.headers_mut().insert(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer realm=\"oncely\""),
@@ -114,8 +117,8 @@ async fn admit(State(ring): State<Arc<KeyRing>>, request: Request, next: Next) -
                 return refuse(
                     StatusCode::FORBIDDEN,
                     &format!(
-                        "the key {name:?} is a {role} key; MCP takes agent keys (`oncely keys \
-                         create --name NAME --role agent --agent-id AGENT_ID`)"
+                        "the key {name:?} has the {role} role; MCP takes agent keys (`oncely \
+                         keys create --name NAME --role agent --agent-id AGENT_ID`)"
                     ),
                 );
             }

@@ -162,7 +162,7 @@ pub struct TaskOutput {
 /// The answer of `list_tasks`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct ListTasksOutput {
-    /// The tasks on this page, newest first.
+    /// The tasks on this page, oldest first.
     pub tasks: Vec<TaskView>,
     /// The token for the next page; absent on the last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -220,7 +220,8 @@ pub fn all() -> Vec<Tool> {
         tool::<ListTasksArgs, ListTasksOutput>(
             LIST_TASKS,
             "List tasks",
-            "List an agent's tasks, newest first, a page at a time.",
+            "List an agent's tasks in the order they were created, oldest first, a page \
+             at a time.",
             read_only("List tasks"),
         ),
     ]

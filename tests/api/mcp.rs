@@ -431,6 +431,19 @@ async fn agent_keys_are_bearer_tokens_and_bind_tasks_to_their_agent() {
         answer.headers()
     );
 
+    // The scheme is case-blind, as HTTP's are.
+    let initialize = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let lowercase = reqwest::Client::new()
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("authorization", format!("bearer {ada}"))
+        .body(initialize)
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(lowercase.status(), 200);
+
     let as_ada = over_http(&url, Some(&ada), &[]).await;
     let as_bob = over_http(&url, Some(&bob), &[]).await;
     let mine = ok(&call(&as_ada, "create_task", email(Some(&new_key()))).await);
