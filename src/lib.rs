@@ -11,9 +11,12 @@
 //! - The surfaces: [`api`] (the gRPC services, the gates every call passes
 //!   through in the order `api::stack` writes down, the one mapping from
 //!   errors to `Status`, and the JSON API, `api::json`, which turns HTTP
-//!   calls into the same RPCs in front of them), [`health`] (database-backed health), [`ops_http`]
+//!   calls into the same RPCs in front of them), [`health`]
+//!   (database-backed health), [`ops_http`]
 //!   (`/metrics` and the status page), [`cleanup_cmd`] and [`api_keys_cmd`]
-//!   (the `cleanup` and `keys` subcommands).
+//!   (the `cleanup` and `keys` subcommands); above them [`mcp`] (the MCP
+//!   tools, served at `/mcp` through `api`'s gates in this process, or on
+//!   stdio by `oncely mcp` over gRPC).
 //! - The decisions: [`idempotency`] (the key newtype, the fingerprint, the
 //!   create / replay / refuse decision in `create.rs`, the replay cache),
 //!   [`queue`] (leases, completion, failure with its retry policy in

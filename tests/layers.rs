@@ -26,8 +26,10 @@ const LAYERS: &[(&str, u8)] = &[
     ("ops_http", 4),
     ("cleanup_cmd", 4),
     ("api_keys_cmd", 4),
-    ("config", 5),
-    ("startup", 6),
+    // MCP's tools call the TaskService through `api`'s gates.
+    ("mcp", 5),
+    ("config", 6),
+    ("startup", 7),
 ];
 
 #[test]

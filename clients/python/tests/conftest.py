@@ -112,7 +112,9 @@ class Server:
     it bound, read from its log. A given port that is in use is tried again
     until the start deadline. With ``tls_ca``, the server is expected to
     serve TLS (``TLS_CERT``, ``TLS_KEY`` in ``env``) with a certificate that
-    CA signed. ``env`` may set ``RUST_LOG`` as long as it keeps the info
+    CA signed; a server that asks clients for a certificate (mTLS,
+    ``TLS_CLIENT_CA``) needs ``tls_identity``, the (certificate, key) PEM
+    files it is checked to be serving with. ``env`` may set ``RUST_LOG`` as long as it keeps the info
     events of ``oncely::startup``; the log is always JSON.
 
     With ``mcp=True`` (or ``MCP_ADDR`` in ``env``) it also serves MCP over
@@ -129,6 +131,7 @@ class Server:
         *,
         port: int = 0,
         tls_ca: Path | None = None,
+        tls_identity: tuple[Path, Path] | None = None,
         mcp: bool = False,
     ) -> None:
         if env.get("LOG_FORMAT", "json") != "json":
@@ -136,6 +139,7 @@ class Server:
         self.database = workdir / "oncely.db"
         self.log = workdir / "server.log"
         self.tls_ca = tls_ca
+        self.tls_identity = tls_identity
         # Only these settings: none leak in from the environment the tests run in.
         environment = {
             "PATH": os.environ.get("PATH", os.defpath),
@@ -208,7 +212,12 @@ class Server:
         if self.tls_ca is None:
             channel = grpc.insecure_channel(self.address, options=options)
         else:
-            credentials = grpc.ssl_channel_credentials(root_certificates=self.tls_ca.read_bytes())
+            certificate, key = (None, None) if self.tls_identity is None else self.tls_identity
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=self.tls_ca.read_bytes(),
+                private_key=None if key is None else key.read_bytes(),
+                certificate_chain=None if certificate is None else certificate.read_bytes(),
+            )
             channel = grpc.secure_channel(self.address, credentials, options=options)
         with channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -368,14 +377,26 @@ def mcp_server(oncely_binary: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture
 def start_server(oncely_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServer]:
     """Starts servers of the test's own, with extra environment variables,
-    optionally on a given port, over TLS and serving MCP (see
-    :class:`Server`): ``start_server(port=..., IN_FLIGHT_WAIT="200ms")``.
+    optionally on a given port, over TLS (with a client certificate of its
+    own for mTLS) and serving MCP (see :class:`Server`): ``start_server(port=..., IN_FLIGHT_WAIT="200ms")``.
     Returns once the server is SERVING; all are stopped after the test."""
     started: list[Server] = []
 
-    def start(port: int = 0, tls_ca: Path | None = None, mcp: bool = False, **env: str) -> Server:
+    def start(
+        port: int = 0,
+        tls_ca: Path | None = None,
+        tls_identity: tuple[Path, Path] | None = None,
+        mcp: bool = False,
+        **env: str,
+    ) -> Server:
         running = Server(
-            oncely_binary, tmp_path_factory.mktemp("server"), env, port=port, tls_ca=tls_ca, mcp=mcp
+            oncely_binary,
+            tmp_path_factory.mktemp("server"),
+            env,
+            port=port,
+            tls_ca=tls_ca,
+            tls_identity=tls_identity,
+            mcp=mcp,
         )
         started.append(running)
         return running

@@ -18,17 +18,26 @@ def openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
+def make_certificates(folder: Path) -> Path:
+    """A CA (``ca.pem``) and, signed by it, a server certificate for
+    127.0.0.1 (``server.pem``, ``server.key``) and a client certificate for
+    mTLS (``client.pem``, ``client.key``), in ``folder``."""
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", "1", "-subj", "/CN=oncely test CA", cwd=folder)
+    (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (folder / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name, subject in (("server", "/CN=127.0.0.1"), ("client", "/CN=agent.example")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", subject, cwd=folder)
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=folder)
+    return folder
+
+
 @pytest.fixture
 def certificates(tmp_path: Path) -> Path:
-    """A CA and a server certificate for 127.0.0.1 it signed, in tmp_path."""
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-            "-days", "1", "-subj", "/CN=oncely test CA", cwd=tmp_path)
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-            "-subj", "/CN=127.0.0.1", cwd=tmp_path)
-    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "server.pem", "-days", "1", "-extfile", "san.ext", cwd=tmp_path)
-    return tmp_path
+    """The certificates of :func:`make_certificates`, in tmp_path."""
+    return make_certificates(tmp_path)
 
 
 @pytest.fixture
