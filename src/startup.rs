@@ -179,8 +179,11 @@ struct Built {
     health_watcher: AbortHandle,
     /// Long polls and waits, told to answer at shutdown.
     events: crate::storage::TaskEvents,
-    /// Cancelled at shutdown: ends MCP's listener, sessions and streams.
-    mcp_shutdown: tokio_util::sync::CancellationToken,
+    /// MCP's listener, if any, and its sessions and streams, ended at
+    /// shutdown once the calls in flight have answered.
+    mcp: Option<mcp::Serving>,
+    mcp_sessions: tokio_util::sync::CancellationToken,
+    mcp_calls: tokio_util::task::TaskTracker,
 }
 
 /// Loads the keys and records the services need, starts the background
@@ -195,6 +198,10 @@ async fn build<S: Store>(
         .await
         .map_err(StartupError::Keys)?;
     protection::check(&ring, settings.auth, listener.local_addr().ok())?;
+    // MCP's listener is held to the same rule.
+    if let Some(addr) = settings.mcp_addr.filter(|addr| !addr.ip().is_loopback()) {
+        protection::check(&ring, settings.auth, Some(addr))?;
+    }
     if let Some(addr) = settings.metrics_addr {
         let bound = ops_http::bind(addr)
             .await
@@ -241,7 +248,6 @@ async fn build<S: Store>(
     let reflection_v1 = transport::reflection().build_v1()?;
     let reflection_v1alpha = transport::reflection().build_v1alpha()?;
 
-    let mcp_ring = ring.clone();
     let tasks = TaskServiceServer::new(TaskApi::new(
         store.clone(),
         ReplayCache::new(settings.replay_cache_bytes),
@@ -271,32 +277,25 @@ async fn build<S: Store>(
         .add_service(tasks)
         .add_service(workers)
         .add_service(admin);
-    let mcp_shutdown = tokio_util::sync::CancellationToken::new();
+    let mcp_sessions = tokio_util::sync::CancellationToken::new();
+    let mcp_calls = tokio_util::task::TaskTracker::new();
+    let mut mcp = None;
     if let Some(addr) = settings.mcp_addr {
-        if !addr.ip().is_loopback() {
-            protection::check(&mcp_ring, settings.auth, Some(addr))?;
-        }
         let listener = mcp::bind(addr).await?;
         let local = listener.local_addr().unwrap_or(addr);
         // MCP's calls go through the same gates, in this process.
         let app = crate::mcp::router(
             crate::mcp::Tasks::in_process(tower::Layer::layer(&stack, routes.clone())),
-            mcp_ring,
+            stack.api_keys().clone(),
             &crate::mcp::McpHttpSettings {
                 allowed_hosts: settings.mcp_allowed_hosts.clone(),
                 max_body_bytes: settings.max_request_bytes,
             },
             local,
-            mcp_shutdown.child_token(),
+            mcp_calls.clone(),
+            mcp_sessions.clone(),
         );
-        mcp::start(
-            listener,
-            app,
-            settings,
-            tls.clone(),
-            mcp_shutdown.clone(),
-            background,
-        );
+        mcp = Some(mcp::start(listener, app, settings, tls.clone(), background));
     }
     let router = transport::builder()
         // Outermost: a JSON call becomes the RPC it names before any gate.
@@ -309,7 +308,9 @@ async fn build<S: Store>(
         reporter,
         health_watcher,
         events,
-        mcp_shutdown,
+        mcp,
+        mcp_sessions,
+        mcp_calls,
     })
 }
 
@@ -328,7 +329,9 @@ impl Built {
             reporter,
             health_watcher,
             events,
-            mcp_shutdown,
+            mcp,
+            mcp_sessions,
+            mcp_calls,
         } = self;
         match listener.local_addr() {
             Ok(addr) => {
@@ -340,11 +343,18 @@ impl Built {
         // (and endless streams such as Health/Watch) may hold the exit.
         let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
         let incoming = transport::incoming(listener, settings.connection, tls);
+        let (mcp_stop, mcp_stopped) = match mcp {
+            Some(serving) => (Some(serving.stop_accepting), Some(serving.stopped)),
+            None => (None, None),
+        };
         let server = router.serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
+            // MCP takes no new connection; its calls in flight finish.
+            if let Some(stop) = mcp_stop {
+                stop.cancel();
+            }
             // Long polls and waits answer now rather than hold the exit.
             events.drain();
-            mcp_shutdown.cancel();
             health_watcher.abort();
             health::set_all(reporter.clone(), ServingStatus::NotServing).await;
             health::clear_all(reporter).await;
@@ -359,8 +369,21 @@ impl Built {
                 std::future::pending::<()>().await;
             }
         };
+        let everything = async move {
+            let result = server.await;
+            // Once MCP's tool calls in flight have answered (the waits among
+            // them were drained), its sessions and streams end, and then
+            // its listener closes.
+            mcp_calls.close();
+            mcp_calls.wait().await;
+            mcp_sessions.cancel();
+            if let Some(stopped) = mcp_stopped {
+                let _ = stopped.await;
+            }
+            result
+        };
         tokio::select! {
-            result = server => Ok(result?),
+            result = everything => Ok(result?),
             () = deadline => {
                 tracing::warn!(?grace, "requests still open after the shutdown grace period; stopping anyway");
                 Ok(())

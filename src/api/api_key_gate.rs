@@ -69,13 +69,41 @@ impl ApiKeyGate {
         request: &http::Request<B>,
         error: ServiceError,
     ) -> Status {
-        let limited = peer_ip(request).and_then(|ip| self.failures.check_key(&ip).err());
-        match limited {
+        match self.guessing(peer_ip(request)) {
             // Quietly: a flood of guesses must not flood the log.
-            Some(not_until) => Status::from(ServiceError::RateLimited(
-                not_until.wait_time_from(DefaultClock::default().now()),
-            )),
+            Some(limited) => Status::from(limited),
             None => reply::refuse(rpc, error, None),
+        }
+    }
+
+    /// `RateLimited` when `peer` has made more calls without a valid key
+    /// than it may; counts this one.
+    fn guessing(&self, peer: Option<IpAddr>) -> Option<ServiceError> {
+        let not_until = peer.and_then(|ip| self.failures.check_key(&ip).err())?;
+        Some(ServiceError::RateLimited(
+            not_until.wait_time_from(DefaultClock::default().now()),
+        ))
+    }
+
+    /// The door of another surface over HTTP that only `roles` may use
+    /// (MCP's `/mcp`: agent keys), by the same rules as a call: the caller
+    /// of a request with `headers` from `peer`, `None` while keys are not
+    /// required; a peer guessing keys is rate limited as on every surface.
+    pub fn admit_http(
+        &self,
+        headers: &http::HeaderMap,
+        peer: Option<IpAddr>,
+        surface: &str,
+        roles: &[Role],
+    ) -> Result<Option<Principal>, ServiceError> {
+        if !self.ring.required() {
+            return Ok(None);
+        }
+        match self.ring.authenticate(bearer(headers)) {
+            Ok(principal) => admit(&principal, surface, roles).map(|()| Some(principal)),
+            Err(error) => Err(self
+                .guessing(peer)
+                .unwrap_or(ServiceError::Unauthenticated(error))),
         }
     }
 }
@@ -99,8 +127,8 @@ fn allowed_roles(service: Option<Service>) -> Option<&'static [Role]> {
 }
 
 /// The token of an `authorization: Bearer <token>` value (the scheme is
-/// case-blind, as HTTP's are), for every surface.
-pub(crate) fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+/// case-blind, as HTTP's are).
+fn bearer(headers: &http::HeaderMap) -> Option<&str> {
     let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme

@@ -90,7 +90,9 @@ fn fallback_asked(headers: &http::HeaderMap) -> Result<bool, ServiceError> {
 }
 
 /// The request's key: `None` when it has none, an error when it is malformed.
-fn key_from_headers(headers: &http::HeaderMap) -> Result<Option<IdempotencyKey>, ServiceError> {
+pub(crate) fn key_from_headers(
+    headers: &http::HeaderMap,
+) -> Result<Option<IdempotencyKey>, ServiceError> {
     let values = headers.get_all(IDEMPOTENCY_KEY);
     let Some(first) = values.iter().next() else {
         return Ok(None);

@@ -32,11 +32,11 @@ mod worker_service;
 
 pub use admin_service::AdminApi;
 pub use api_key_gate::ApiKeyGate;
-pub(crate) use api_key_gate::bearer;
 pub use connection::{CallGuard, ConnectionInfo, ConnectionLimits, GuardedIo, TrackCalls};
 pub use error::{ERROR_DOMAIN, IN_PROGRESS_RETRY_DELAY, ServiceError, code_name};
 pub use gate::{Gate, Gated};
 pub use idempotency_key_gate::IdempotencyKeyGate;
+pub(crate) use idempotency_key_gate::key_from_headers;
 pub use oncely_client::metadata::{IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_SOURCE, IDEMPOTENT_REPLAYED};
 pub use oversize::RewriteOversize;
 pub use rate_gate::{Places, RateGate, RateLimits};

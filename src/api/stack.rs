@@ -44,6 +44,11 @@ impl CallStack {
         }
     }
 
+    /// The API key gate, for a surface's own door (MCP's `/mcp`).
+    pub fn api_keys(&self) -> &ApiKeyGate {
+        &self.api_keys
+    }
+
     /// Forgets the callers and peers whose rate buckets are full again, so
     /// that their tables do not grow without bound; call it now and then.
     pub fn forget_idle(&self) {

@@ -4,8 +4,10 @@
 
 use std::{convert::Infallible, time::Duration};
 
+use tracing::Instrument;
+
 use oncely_client::{
-    is_transient,
+    RetryPolicy, backoff, is_transient,
     metadata::{AUTHORIZATION, IDEMPOTENCY_FALLBACK, IDEMPOTENCY_KEY},
 };
 use tonic::{
@@ -14,14 +16,13 @@ use tonic::{
     metadata::{AsciiMetadataValue, MetadataMap},
     transport::Channel,
 };
-use tonic_types::StatusExt;
 use tower::util::BoxCloneSyncService;
 
-use crate::api::ConnectionInfo;
 use crate::proto::tasks_v1::{
     CancelTaskRequest, CreateTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse,
     Task, WaitTaskRequest, task_service_client::TaskServiceClient,
 };
+use crate::{api::ConnectionInfo, idempotency::IdempotencyKey};
 
 /// A gRPC service to call: the server's own stack, or a channel.
 type Grpc = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, TransportError>;
@@ -37,14 +38,16 @@ struct TransportError(#[from] tonic::transport::Error);
 #[derive(Clone)]
 pub struct Tasks {
     client: TaskServiceClient<Grpc>,
-    /// The most attempts of a call that fails transiently.
-    attempts: u32,
+    /// How a call that fails transiently is tried again (the client
+    /// library's rule: exponential backoff with full jitter, never sooner
+    /// than the server's `RetryInfo`).
+    retries: RetryPolicy,
 }
 
 impl std::fmt::Debug for Tasks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tasks")
-            .field("attempts", &self.attempts)
+            .field("retries", &self.retries)
             .finish_non_exhaustive()
     }
 }
@@ -57,15 +60,19 @@ pub struct Caller {
     /// The connection the call came on: its peer, for the gates that limit
     /// peers, and its calls, so the connection's limits count this one.
     pub connection: Option<ConnectionInfo>,
-    /// The `Idempotency-Key` of the HTTP request that carried the call.
-    pub transport_key: Option<String>,
+    /// The W3C trace context (`traceparent`, `tracestate`) of the HTTP
+    /// request that carried the call, passed on with it.
+    pub trace_context: Vec<(tonic::metadata::AsciiMetadataKey, AsciiMetadataValue)>,
+    /// The `Idempotency-Key` of the HTTP request that carried the call, or
+    /// why it is not a key.
+    pub transport_key: Option<Result<IdempotencyKey, String>>,
 }
 
 /// The key a create is sent with.
 #[derive(Debug, Clone, Copy)]
 pub enum Keyed<'a> {
     /// This key.
-    Key(&'a str),
+    Key(&'a IdempotencyKey),
     /// None: deduplicated by fingerprint.
     Fingerprint,
 }
@@ -83,12 +90,26 @@ impl Tasks {
             + 'static,
         S::Future: Send + 'static,
     {
-        let service = tower::ServiceExt::map_err(stack, |never: Infallible| -> TransportError {
+        // Each call in the span a gRPC call gets from the server (request
+        // id, method, the caller's trace context), as it has no server.
+        let spanned = tower::service_fn(move |request: http::Request<Body>| {
+            let span = request_span(&request);
+            let mut stack = stack.clone();
+            async move {
+                use tower::ServiceExt;
+                stack.ready().await?.call(request).await
+            }
+            .instrument(span)
+        });
+        let service = tower::ServiceExt::map_err(spanned, |never: Infallible| -> TransportError {
             match never {}
         });
         Self {
             client: TaskServiceClient::new(BoxCloneSyncService::new(service)),
-            attempts: 1,
+            retries: RetryPolicy {
+                max_attempts: 1,
+                ..RetryPolicy::default()
+            },
         }
     }
 
@@ -99,7 +120,10 @@ impl Tasks {
         let service = tower::ServiceExt::map_err(channel, TransportError);
         Self {
             client: TaskServiceClient::new(BoxCloneSyncService::new(service)),
-            attempts: attempts.max(1),
+            retries: RetryPolicy {
+                max_attempts: attempts.max(1),
+                ..RetryPolicy::default()
+            },
         }
     }
 
@@ -113,11 +137,9 @@ impl Tasks {
         let mut metadata = MetadataMap::new();
         match key {
             Keyed::Key(key) => {
-                let value = AsciiMetadataValue::try_from(key).map_err(|_| {
-                    Status::invalid_argument(
-                        "idempotency_key holds a character outside visible ASCII; send a UUID v4",
-                    )
-                })?;
+                // A key is visible ASCII, which metadata takes.
+                let value = AsciiMetadataValue::try_from(key.as_str())
+                    .map_err(|error| Status::invalid_argument(error.to_string()))?;
                 metadata.insert(IDEMPOTENCY_KEY, value);
             }
             Keyed::Fingerprint => {
@@ -233,6 +255,9 @@ impl Tasks {
                     .metadata_mut()
                     .insert(AUTHORIZATION, authorization.clone());
             }
+            for (name, value) in &caller.trace_context {
+                request.metadata_mut().insert(name.clone(), value.clone());
+            }
             if let Some(connection) = &caller.connection {
                 request.extensions_mut().insert(connection.clone());
             }
@@ -240,8 +265,8 @@ impl Tasks {
                 request.set_timeout(deadline);
             }
             match send(self.client.clone(), request).await {
-                Err(status) if attempt < self.attempts && is_transient(&status) => {
-                    tokio::time::sleep(backoff(attempt, &status)).await;
+                Err(status) if attempt < self.retries.max_attempts && is_transient(&status) => {
+                    tokio::time::sleep(backoff(&self.retries, attempt, &status)).await;
                 }
                 answer => return answer,
             }
@@ -249,15 +274,12 @@ impl Tasks {
     }
 }
 
-/// The wait before attempt `attempt + 1`: exponential from 100 ms to 2 s,
-/// never shorter than the server's `RetryInfo`.
-fn backoff(attempt: u32, status: &Status) -> Duration {
-    let exponential = Duration::from_millis(100)
-        .saturating_mul(1 << attempt.min(5))
-        .min(Duration::from_secs(2));
-    let asked = status
-        .get_details_retry_info()
-        .and_then(|info| info.retry_delay)
-        .unwrap_or_default();
-    exponential.max(asked)
+/// The span of an in-process call: the one the server's transport gives a
+/// gRPC call.
+fn request_span(request: &http::Request<Body>) -> tracing::Span {
+    let (service, method) = crate::api::asked(request.uri().path());
+    let mut head = http::Request::new(());
+    *head.uri_mut() = request.uri().clone();
+    *head.headers_mut() = request.headers().clone();
+    crate::telemetry::request_span(&head, service, method)
 }

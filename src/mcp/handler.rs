@@ -27,8 +27,9 @@ use super::{
     },
 };
 use crate::{
-    api::{ConnectionInfo, code_name},
+    api::{ConnectionInfo, IDEMPOTENCY_KEY, code_name},
     domain::requests::MAX_WAIT,
+    idempotency::IdempotencyKey,
     proto::tasks_v1::{CreateTaskRequest, ListTasksRequest},
 };
 
@@ -40,6 +41,10 @@ const INSTRUCTIONS: &str = "oncely performs side effects exactly once. Call crea
 
 /// The most tasks a `list_tasks` page holds.
 const MAX_PAGE_SIZE: u32 = 100;
+
+/// A tool's result: `Err` is a tool error returned early (the same
+/// `CallToolResult`, marked `isError`).
+type Answer = Result<CallToolResult, CallToolResult>;
 
 /// The oncely MCP server; see the module.
 #[derive(Debug, Clone)]
@@ -68,29 +73,38 @@ impl OncelyMcp {
         let Some(parts) = context.extensions.get::<http::request::Parts>() else {
             return self.caller.clone();
         };
-        let header = |name: &str| {
-            parts
-                .headers
-                .get(name)
-                .and_then(|value| value.to_str().ok())
-        };
+        // The header's key read as every surface reads it.
+        let mut keys = http::HeaderMap::new();
+        for value in parts.headers.get_all(IDEMPOTENCY_KEY) {
+            keys.append(IDEMPOTENCY_KEY, value.clone());
+        }
+        crate::api::json::unquote_idempotency_key(&mut keys);
         Caller {
             authorization: parts
                 .headers
                 .get(http::header::AUTHORIZATION)
-                .and_then(|value| AsciiMetadataValue::try_from(value.as_bytes()).ok()),
+                .and_then(|value| AsciiMetadataValue::try_from(value.as_bytes()).ok())
+                .map(|mut value| {
+                    value.set_sensitive(true);
+                    value
+                }),
             connection: parts
                 .extensions
                 .get::<axum::extract::ConnectInfo<ConnectionInfo>>()
                 .map(|info| info.0.clone()),
-            // The draft writes the key as a structured-field string.
-            transport_key: header(oncely_client::metadata::IDEMPOTENCY_KEY).map(|key| {
-                let key = key.trim();
-                key.strip_prefix('"')
-                    .and_then(|k| k.strip_suffix('"'))
-                    .unwrap_or(key)
-                    .to_owned()
-            }),
+            trace_context: ["traceparent", "tracestate"]
+                .into_iter()
+                .filter_map(|name| {
+                    let value = parts.headers.get(name)?;
+                    Some((
+                        tonic::metadata::AsciiMetadataKey::from_static(name),
+                        AsciiMetadataValue::try_from(value.as_bytes()).ok()?,
+                    ))
+                })
+                .collect(),
+            transport_key: crate::api::key_from_headers(&keys)
+                .map_err(|error| error.to_string())
+                .transpose(),
         }
     }
 
@@ -101,9 +115,22 @@ impl OncelyMcp {
         arguments: Value,
     ) -> Result<CreateTaskOutput, CallToolResult> {
         let args: CreateTaskArgs = parse(tools::CREATE_TASK, arguments)?;
+        let invalid = |what: &str, error: &str| {
+            tool_error(
+                &format!("{what} is invalid: {error}"),
+                "IDEMPOTENCY_KEY_INVALID",
+                Code::InvalidArgument,
+                None,
+                false,
+            )
+        };
         let (key, source) = match (&args.idempotency_key, &caller.transport_key) {
-            (Some(key), _) => (Some(key.clone()), KeySource::Argument),
-            (None, Some(key)) => (Some(key.clone()), KeySource::Transport),
+            (Some(key), _) => match IdempotencyKey::try_from(key.as_str()) {
+                Ok(key) => (Some(key), KeySource::Argument),
+                Err(error) => return Err(invalid("idempotency_key", &error.to_string())),
+            },
+            (None, Some(Ok(key))) => (Some(key.clone()), KeySource::Transport),
+            (None, Some(Err(error))) => return Err(invalid("the Idempotency-Key header", error)),
             (None, None) => (None, KeySource::Fingerprint),
         };
         let message = CreateTaskRequest {
@@ -111,33 +138,30 @@ impl OncelyMcp {
             action: args.action,
             parameters: Some(oncely_client::json::object_to_struct(&args.parameters)),
         };
-        let keyed = key.as_deref().map_or(Keyed::Fingerprint, Keyed::Key);
+        let (keyed, retry) = match &key {
+            Some(key) => (Keyed::Key(key), Retry::Key(key.as_str(), source)),
+            None => (Keyed::Fingerprint, Retry::Fingerprint),
+        };
         match self.tasks.create(caller, keyed, message).await {
             Ok((task, replayed)) => Ok(CreateTaskOutput {
                 task: TaskView::of(&task),
-                replayed,
-                key_source: source,
-                idempotency_key: key,
+                replayed: Some(replayed),
+                key_source: Some(source),
+                idempotency_key: key.map(|key| key.as_str().to_owned()),
             }),
-            Err(status) => Err(refusal(&status, source)),
+            Err(status) => Err(refusal(&status, retry)),
         }
     }
 
-    async fn get_task(&self, caller: &Caller, arguments: Value) -> CallToolResult {
-        let args: TaskIdArgs = match parse(tools::GET_TASK, arguments) {
-            Ok(args) => args,
-            Err(refused) => return refused,
-        };
-        task_answer(self.tasks.get(caller, args.task_id).await)
+    async fn get_task(&self, caller: &Caller, arguments: Value) -> Answer {
+        let args: TaskIdArgs = parse(tools::GET_TASK, arguments)?;
+        Ok(task_answer(self.tasks.get(caller, args.task_id).await))
     }
 
-    async fn wait_task(&self, caller: &Caller, arguments: Value) -> CallToolResult {
-        let args: WaitTaskArgs = match parse(tools::WAIT_TASK, arguments) {
-            Ok(args) => args,
-            Err(refused) => return refused,
-        };
+    async fn wait_task(&self, caller: &Caller, arguments: Value) -> Answer {
+        let args: WaitTaskArgs = parse(tools::WAIT_TASK, arguments)?;
         if Duration::from_secs(u64::from(args.timeout_seconds)) > MAX_WAIT {
-            return tool_error(
+            return Err(tool_error(
                 &format!(
                     "invalid argument timeout_seconds for wait_task: {} is more than the {} a \
                      wait may take; call wait_task again to wait longer",
@@ -147,38 +171,36 @@ impl OncelyMcp {
                 "INVALID_ARGUMENTS",
                 Code::InvalidArgument,
                 None,
-            );
+                false,
+            ));
         }
         let timeout = Duration::from_secs(u64::from(args.timeout_seconds));
-        task_answer(self.tasks.wait(caller, args.task_id, timeout).await)
+        Ok(task_answer(
+            self.tasks.wait(caller, args.task_id, timeout).await,
+        ))
     }
 
-    async fn cancel_task(&self, caller: &Caller, arguments: Value) -> CallToolResult {
-        let args: TaskIdArgs = match parse(tools::CANCEL_TASK, arguments) {
-            Ok(args) => args,
-            Err(refused) => return refused,
-        };
-        task_answer(self.tasks.cancel(caller, args.task_id).await)
+    async fn cancel_task(&self, caller: &Caller, arguments: Value) -> Answer {
+        let args: TaskIdArgs = parse(tools::CANCEL_TASK, arguments)?;
+        Ok(task_answer(self.tasks.cancel(caller, args.task_id).await))
     }
 
-    async fn list_tasks(&self, caller: &Caller, arguments: Value) -> CallToolResult {
-        let args: ListTasksArgs = match parse(tools::LIST_TASKS, arguments) {
-            Ok(args) => args,
-            Err(refused) => return refused,
-        };
-        let page_size = args.page_size.map_or(0, |n| n.clamp(1, MAX_PAGE_SIZE));
+    async fn list_tasks(&self, caller: &Caller, arguments: Value) -> Answer {
+        let args: ListTasksArgs = parse(tools::LIST_TASKS, arguments)?;
+        // 0 (or none) is the server's default; more than MCP's page is cut.
+        let page_size = args.page_size.map_or(0, |n| n.min(MAX_PAGE_SIZE));
         let message = ListTasksRequest {
             agent_id: args.agent_id,
             page_size: i32::try_from(page_size).unwrap_or(0),
             page_token: args.page_token.unwrap_or_default(),
         };
-        match self.tasks.list(caller, message).await {
+        Ok(match self.tasks.list(caller, message).await {
             Ok(page) => answer(&ListTasksOutput {
                 tasks: page.tasks.iter().map(TaskView::of).collect(),
                 next_page_token: Some(page.next_page_token).filter(|t| !t.is_empty()),
             }),
-            Err(status) => refusal(&status, KeySource::Argument),
-        }
+            Err(status) => refusal(&status, Retry::Plain),
+        })
     }
 }
 
@@ -256,18 +278,27 @@ impl ServerHandler for OncelyMcp {
                     Err(refused) => refused,
                 }
             }
-            tools::GET_TASK => self.get_task(&caller, arguments).await,
+            tools::GET_TASK => self
+                .get_task(&caller, arguments)
+                .await
+                .unwrap_or_else(|e| e),
             tools::WAIT_TASK => {
                 // A client that gives up cancels the wait.
                 tokio::select! {
-                    result = self.wait_task(&caller, arguments) => result,
+                    result = self.wait_task(&caller, arguments) => result.unwrap_or_else(|e| e),
                     () = context.ct.cancelled() => {
                         return Err(ErrorData::internal_error("the call was cancelled", None));
                     }
                 }
             }
-            tools::CANCEL_TASK => self.cancel_task(&caller, arguments).await,
-            tools::LIST_TASKS => self.list_tasks(&caller, arguments).await,
+            tools::CANCEL_TASK => self
+                .cancel_task(&caller, arguments)
+                .await
+                .unwrap_or_else(|e| e),
+            tools::LIST_TASKS => self
+                .list_tasks(&caller, arguments)
+                .await
+                .unwrap_or_else(|e| e),
             other => {
                 return Err(ErrorData::invalid_params(
                     format!(
@@ -292,7 +323,13 @@ fn parse<T: DeserializeOwned>(tool: &str, arguments: Value) -> Result<T, CallToo
         } else {
             format!("invalid argument {path} for {tool}: {}", error.inner())
         };
-        tool_error(&message, "INVALID_ARGUMENTS", Code::InvalidArgument, None)
+        tool_error(
+            &message,
+            "INVALID_ARGUMENTS",
+            Code::InvalidArgument,
+            None,
+            false,
+        )
     })
 }
 
@@ -305,6 +342,7 @@ pub(super) fn answer<T: Serialize>(output: &T) -> CallToolResult {
             "INTERNAL",
             Code::Internal,
             None,
+            false,
         ),
     }
 }
@@ -315,52 +353,102 @@ fn task_answer(result: Result<crate::proto::tasks_v1::Task, Status>) -> CallTool
         Ok(task) => answer(&TaskOutput {
             task: TaskView::of(&task),
         }),
-        Err(status) => refusal(&status, KeySource::Argument),
+        Err(status) => refusal(&status, Retry::Plain),
+    }
+}
+
+/// What a call was keyed by, for the words of its refusal: a model must
+/// be told to retry exactly as keeps it one task.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Retry<'a> {
+    /// A create keyed by this key, from this source.
+    Key(&'a str, KeySource),
+    /// A create deduplicated by its fingerprint.
+    Fingerprint,
+    /// A call that changes nothing, or cancels: any retry is safe.
+    Plain,
+}
+
+impl Retry<'_> {
+    /// How to retry, as a clause.
+    fn how(self) -> String {
+        match self {
+            Retry::Key(key, KeySource::Transport) => format!(
+                "retry this same call with idempotency_key {key:?} (its Idempotency-Key header's \
+                 key)"
+            ),
+            Retry::Key(key, _) => {
+                format!("retry this same call with the same idempotency_key ({key:?})")
+            }
+            Retry::Fingerprint => "retry this same call with exactly the same arguments and \
+                 no idempotency_key, within the server's dedup window (a new key would make a \
+                 second task)"
+                .to_owned(),
+            Retry::Plain => "retry this same call".to_owned(),
+        }
     }
 }
 
 /// The tool error for a call the service refused, in words for the model:
 /// what happened and what to do.
-pub(super) fn refusal(status: &Status, source: KeySource) -> CallToolResult {
+pub(super) fn refusal(status: &Status, retry: Retry<'_>) -> CallToolResult {
     let reason = status
         .get_details_error_info()
         .map(|info| info.reason)
-        .unwrap_or_else(|| code_name(status.code()).to_owned());
+        .unwrap_or_else(|| code_name(status.code()));
     let retry_after = status
         .get_details_retry_info()
         .and_then(|info| info.retry_delay);
-    let key = match source {
-        KeySource::Transport => "the Idempotency-Key header",
+    let key = match retry {
+        Retry::Key(_, KeySource::Transport) => "the Idempotency-Key header",
         _ => "idempotency_key",
     };
+    let how = retry.how();
     let message = match reason.as_str() {
         "IDEMPOTENCY_KEY_REUSED" => format!(
             "conflict: {key} was already used with different arguments (agent_id, action or \
              parameters). To retry that earlier request, send exactly its arguments; for a new \
              request, use a new idempotency_key."
         ),
-        "IDEMPOTENCY_REQUEST_IN_PROGRESS" => format!(
-            "the first call with this {key} is still running; retry this same call with the \
-             same key in a second or two."
-        ),
+        "IDEMPOTENCY_REQUEST_IN_PROGRESS" => {
+            format!("the first call with this key is still running; {how} in a second or two.")
+        }
         "IDEMPOTENCY_KEY_INVALID" => format!("{key} is invalid: {}", status.message()),
-        "DATABASE_UNAVAILABLE" => "oncely's task store is unavailable right now; retry this \
-             same call (with the same idempotency_key) in a few seconds: nothing is done twice."
-            .to_owned(),
+        "DATABASE_UNAVAILABLE" => format!(
+            "oncely's task store is unavailable right now; {how} in a few seconds: nothing is \
+             done twice."
+        ),
         _ => match status.code() {
             Code::Unavailable | Code::Unknown | Code::Cancelled => format!(
-                "oncely is unavailable right now ({}); retry this same call (with the same \
-                 idempotency_key) in a few seconds: nothing is done twice.",
+                "oncely could not be reached or answer ({}); {how} in a few seconds: nothing is \
+                 done twice.",
                 status.message()
             ),
             Code::DeadlineExceeded => format!(
-                "{}; retry this same call (with the same idempotency_key): nothing is done twice.",
+                "{}; {how}: nothing is done twice.",
                 status.message().trim_end_matches(['.', ';'])
             ),
             _ => status.message().to_owned(),
         },
     };
-    tool_error(&message, &reason, status.code(), retry_after)
+    let mut result = tool_error(
+        &message,
+        &reason,
+        status.code(),
+        retry_after,
+        oncely_client::is_transient(status),
+    );
+    if let (Retry::Key(used, _), Some(error)) = (
+        retry,
+        result
+            .structured_content
+            .as_mut()
+            .and_then(|content| content.get_mut("error"))
+            .and_then(Value::as_object_mut),
+    ) {
+        error.insert("idempotency_key".to_owned(), json!(used));
+    }
+    result
 }
 
 /// A tool error: `message` for the model, and the same facts as JSON.
@@ -369,11 +457,8 @@ pub(super) fn tool_error(
     reason: &str,
     code: Code,
     retry_after: Option<Duration>,
+    retryable: bool,
 ) -> CallToolResult {
-    let retryable = matches!(
-        code,
-        Code::Unavailable | Code::Aborted | Code::DeadlineExceeded | Code::Cancelled
-    ) || retry_after.is_some();
     let mut result = CallToolResult::error(vec![ContentBlock::text(message.to_owned())]);
     let mut error = json!({
         "reason": reason,

@@ -16,8 +16,8 @@ use serde_json::{Map, Value, json};
 use tonic::{Code, Status};
 
 use super::{
-    handler::{answer, refusal},
-    tools::{CreateTaskOutput, KeySource, Status as State, TaskOutput, TaskView},
+    handler::{Retry, answer, refusal},
+    tools::{CreateTaskOutput, Status as State, TaskView},
 };
 
 /// How often a client is asked to poll a task that has not finished.
@@ -27,14 +27,15 @@ const POLL_INTERVAL_MS: u64 = 1_000;
 /// a replay and what keyed it (in the status message and in `_meta`).
 pub(super) fn created(output: &CreateTaskOutput) -> CreateTaskResult {
     let mut task = handle(&output.task);
-    if output.replayed {
+    let replayed = output.replayed.unwrap_or(false);
+    if replayed {
         task.status_message = Some(format!(
             "{} (replayed: an earlier call with the same key created this task)",
             task.status_message.unwrap_or_default()
         ));
     }
     let mut meta = Map::new();
-    meta.insert("io.oncely/replayed".into(), json!(output.replayed));
+    meta.insert("io.oncely/replayed".into(), json!(replayed));
     meta.insert("io.oncely/key_source".into(), json!(output.key_source));
     if let Some(key) = &output.idempotency_key {
         meta.insert("io.oncely/idempotency_key".into(), json!(key));
@@ -51,7 +52,13 @@ pub(super) fn detailed(view: &TaskView) -> DetailedTask {
     let payload = match view.status {
         State::Queued | State::Running => TaskPayload::Working,
         State::Cancelled => TaskPayload::Cancelled,
-        State::Succeeded => completed(answer(&TaskOutput { task: view.clone() })),
+        // The result of the `create_task` call the handle stands for.
+        State::Succeeded => completed(answer(&CreateTaskOutput {
+            task: view.clone(),
+            replayed: None,
+            key_source: None,
+            idempotency_key: None,
+        })),
         State::Failed => {
             completed(super::handler::tool_error(
                 &format!(
@@ -59,9 +66,10 @@ pub(super) fn detailed(view: &TaskView) -> DetailedTask {
                     view.error_message.as_deref().unwrap_or("no reason given")
                 ),
                 "TASK_FAILED",
-                // Not retryable: a retry with the key replays this task.
                 Code::FailedPrecondition,
                 None,
+                // A retry with the key replays this task.
+                false,
             ))
         }
     };
@@ -71,7 +79,7 @@ pub(super) fn detailed(view: &TaskView) -> DetailedTask {
 /// The refusal of `tasks/get` or `tasks/cancel`, which are protocol
 /// requests: a JSON-RPC error carrying the tool error's words.
 pub(super) fn protocol_error(status: &Status) -> ErrorData {
-    let refused = refusal(status, KeySource::Argument);
+    let refused = refusal(status, Retry::Plain);
     let message = refused
         .content
         .first()

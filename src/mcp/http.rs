@@ -18,12 +18,14 @@ use rmcp::transport::streamable_http_server::{
     StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
 };
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
+use tokio_stream::StreamExt;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{calls::Tasks, handler::OncelyMcp};
 use crate::{
-    auth::{AuthError, KeyRing},
-    domain::{Principal, Role},
+    api::{ApiKeyGate, ConnectionInfo, ServiceError},
+    auth::AuthError,
+    domain::Role,
 };
 
 /// The path MCP is served at.
@@ -38,13 +40,16 @@ pub struct McpHttpSettings {
     pub max_body_bytes: usize,
 }
 
-/// The router serving `/mcp` with `tasks`, keys checked against `ring`;
-/// sessions and streams end when `shutdown` is cancelled.
+/// The router serving `/mcp` with `tasks`, keys checked by `keys` (the
+/// gate every call passes); each POST is tracked by `in_flight` until its
+/// answer has been sent, so that shutdown can let the calls in flight
+/// answer before `shutdown`, cancelled, ends the sessions and streams.
 pub fn router(
     tasks: Tasks,
-    ring: KeyRing,
+    keys: ApiKeyGate,
     settings: &McpHttpSettings,
     local: SocketAddr,
+    in_flight: TaskTracker,
     shutdown: CancellationToken,
 ) -> axum::Router {
     let mut config = StreamableHttpServerConfig::default()
@@ -60,9 +65,9 @@ pub fn router(
         Arc::new(LocalSessionManager::default()),
         config,
     );
-    axum::Router::new()
-        .route_service(MCP_PATH, service)
-        .layer(axum::middleware::from_fn_with_state(Arc::new(ring), admit))
+    axum::Router::new().route_service(MCP_PATH, service).layer(
+        axum::middleware::from_fn_with_state(Arc::new(Door { keys, in_flight }), admit),
+    )
 }
 
 /// The Host values answered: loopback's, the listener's own address, and
@@ -84,9 +89,17 @@ fn allowed_hosts(configured: &[String], local: SocketAddr) -> Vec<String> {
     hosts
 }
 
-/// The door: origin and API key; see the module.
-async fn admit(State(ring): State<Arc<KeyRing>>, request: Request, next: Next) -> Response {
-    if let Some(origin) = crate::api::json::cross_origin(request.headers()) {
+/// What the door checks calls with, and counts them in.
+#[derive(Debug)]
+struct Door {
+    keys: ApiKeyGate,
+    in_flight: TaskTracker,
+}
+
+/// The door: origin and API key; see the module. A POST let in holds a
+/// token of `in_flight` until its answer's body has been sent (or dropped).
+async fn admit(State(door): State<Arc<Door>>, request: Request, next: Next) -> Response {
+    if let Some(origin) = crate::api::json::cross_origin(request.headers(), request.uri()) {
         return refuse(
             StatusCode::FORBIDDEN,
             &format!(
@@ -95,37 +108,61 @@ async fn admit(State(ring): State<Arc<KeyRing>>, request: Request, next: Next) -
             ),
         );
     }
-    if ring.required() {
-        let token = crate::api::bearer(request.headers());
-        match ring.authenticate(token) {
-            Err(error) => {
-                let message = match error {
-                    AuthError::Missing => "this server requires an API key: send the header \
-                         `Authorization: Bearer <token>` with an agent key (an operator creates \
-                         one with `oncely keys create --role agent`)"
-                        .to_owned(),
-                    other => other.to_string(),
-                };
-                let mut response = refuse(StatusCode::UNAUTHORIZED, &message);
-                response.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"oncely\""),
-                );
-                return response;
-            }
-            Ok(Principal { role, name, .. }) if role != Role::Agent => {
-                return refuse(
-                    StatusCode::FORBIDDEN,
-                    &format!(
-                        "the key {name:?} has the {role} role; MCP takes agent keys (`oncely \
-                         keys create --name NAME --role agent --agent-id AGENT_ID`)"
-                    ),
-                );
-            }
-            Ok(_) => {}
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<ConnectionInfo>>()
+        .and_then(|info| info.0.peer())
+        .map(|peer| peer.ip());
+    let refused = match door
+        .keys
+        .admit_http(request.headers(), peer, "MCP", &[Role::Agent])
+    {
+        Ok(_) if request.method() == http::Method::POST => {
+            let token = door.in_flight.token();
+            let (parts, body) = next.run(request).await.into_parts();
+            let body = body.into_data_stream().map(move |chunk| {
+                // Held by the body, dropped with it.
+                let _ = &token;
+                chunk
+            });
+            return Response::from_parts(parts, axum::body::Body::from_stream(body));
         }
+        Ok(_) => return next.run(request).await,
+        Err(refused) => refused,
+    };
+    match refused {
+        ServiceError::Unauthenticated(error) => {
+            let message = match error {
+                AuthError::Missing => "this server requires an API key: send the header \
+                     `Authorization: Bearer <token>` with an agent key (an operator creates one \
+                     with `oncely keys create --role agent`)"
+                    .to_owned(),
+                other => other.to_string(),
+            };
+            let mut response = refuse(StatusCode::UNAUTHORIZED, &message);
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"oncely\""),
+            );
+            response
+        }
+        ServiceError::RateLimited(wait) => {
+            let mut response = refuse(StatusCode::TOO_MANY_REQUESTS, &refused.to_string());
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            response
+        }
+        ServiceError::PermissionDenied(message) => refuse(
+            StatusCode::FORBIDDEN,
+            &format!(
+                "{message}: MCP takes agent keys (`oncely keys create --name NAME --role agent \
+                 --agent-id AGENT_ID`)"
+            ),
+        ),
+        other => refuse(StatusCode::INTERNAL_SERVER_ERROR, &other.to_string()),
     }
-    next.run(request).await
 }
 
 /// A refusal before any JSON-RPC was read: the HTTP status, with a JSON-RPC

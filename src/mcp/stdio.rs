@@ -101,7 +101,11 @@ pub async fn run(args: &McpArgs) -> Result<(), McpError> {
         .filter(|key| !key.token().is_empty())
         .map(|key| AsciiMetadataValue::try_from(format!("Bearer {}", key.token())))
         .transpose()
-        .map_err(|_| McpError::ApiKey)?;
+        .map_err(|_| McpError::ApiKey)?
+        .map(|mut value| {
+            value.set_sensitive(true);
+            value
+        });
     let caller = Caller {
         authorization,
         ..Caller::default()

@@ -142,11 +142,15 @@ pub enum KeySource {
 pub struct CreateTaskOutput {
     /// The task.
     pub task: TaskView,
-    /// True when this call was a retry: the task is the one the first call
-    /// created, and nothing was created now.
-    pub replayed: bool,
-    /// What the call was deduplicated by.
-    pub key_source: KeySource,
+    /// True when an earlier call with this key (or an earlier attempt of
+    /// this very call) created the task, and nothing was created now. Absent
+    /// only in the result of an MCP task handle (`tasks/get`), which told it
+    /// when the handle was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replayed: Option<bool>,
+    /// What the call was deduplicated by; absent as `replayed` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_source: Option<KeySource>,
     /// The key used, to send again on a retry; absent for `fingerprint`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,

@@ -21,16 +21,27 @@ pub(super) async fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> 
         .map_err(|source| StartupError::Bind { addr, source })
 }
 
-/// Serves `app` on `listener` in `background` until `shutdown` is
-/// cancelled.
+/// The MCP listener being served, and how to stop it.
+#[derive(Debug)]
+pub(super) struct Serving {
+    /// Cancelled when shutdown starts: no new connection is taken, and the
+    /// requests in flight are finished.
+    pub(super) stop_accepting: CancellationToken,
+    /// Completes when the listener has stopped.
+    pub(super) stopped: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// Serves `app` on `listener` in `background` until `stop_accepting` is
+/// cancelled and its connections have closed.
 pub(super) fn start(
     listener: TcpListener,
     app: axum::Router,
     settings: &Settings,
     tls: Option<Arc<ServerConfig>>,
-    shutdown: CancellationToken,
     background: &mut JoinSet<()>,
-) {
+) -> Serving {
+    let stop_accepting = CancellationToken::new();
+    let (done, stopped) = tokio::sync::oneshot::channel();
     let local = listener.local_addr().ok();
     if let Some(addr) = local {
         tracing::info!(%addr, tls = tls.is_some(), "serving MCP (streamable HTTP) at {}", crate::mcp::MCP_PATH);
@@ -40,6 +51,7 @@ pub(super) fn start(
         local,
     };
     let service = app.into_make_service_with_connect_info::<ConnectionInfo>();
+    let shutdown = stop_accepting.clone();
     background.spawn(async move {
         let served = axum::serve(incoming, service)
             .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -47,7 +59,12 @@ pub(super) fn start(
         if let Err(error) = served {
             tracing::error!(%error, "the MCP listener stopped");
         }
+        let _ = done.send(());
     });
+    Serving {
+        stop_accepting,
+        stopped,
+    }
 }
 
 /// The guarded (and TLS) connections of the MCP listener, for axum.

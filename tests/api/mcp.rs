@@ -114,6 +114,23 @@ fn tool_error(result: &CallToolResult) -> (String, Value) {
     (text, error)
 }
 
+/// Leases the one queued task on the server at `grpc` and completes it
+/// with `result`, as a worker would.
+async fn complete_queued_task(grpc: &str, task_id: &str, result: Value) {
+    let mut workers = WorkerServiceClient::connect(grpc.to_owned())
+        .await
+        .expect("a worker");
+    let lease = lease_one(&mut workers).await;
+    workers
+        .complete_task(CompleteTaskRequest {
+            task_id: task_id.to_owned(),
+            lease_token: lease.lease_token,
+            result: oncely_client::json::to_struct(result).ok(),
+        })
+        .await
+        .expect("complete");
+}
+
 fn email(key: Option<&str>) -> Value {
     let mut arguments = json!({
         "agent_id": "agent-7",
@@ -184,6 +201,27 @@ async fn a_retry_is_replayed_and_a_key_reused_for_another_request_a_conflict(bac
 
 conformance!(a_retry_is_replayed_and_a_key_reused_for_another_request_a_conflict);
 
+/// A raw `initialize` POST to `url`, with `authorization` and `headers`.
+async fn initialize(
+    url: &str,
+    authorization: Option<&str>,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let mut request = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(body);
+    if let Some(authorization) = authorization {
+        request = request.header("authorization", authorization);
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.send().await.expect("an answer")
+}
+
 /// A tool of `tools` by name.
 #[track_caller]
 fn tool<'a>(tools: &'a [Tool], name: &str) -> &'a Tool {
@@ -237,7 +275,9 @@ async fn tools_have_schemas_a_model_can_fill_and_honest_annotations() {
     let hints = create.annotations.clone().expect("annotations");
     assert_eq!(hints.read_only_hint, Some(false));
     assert_eq!(hints.idempotent_hint, Some(false));
-    assert!(create.output_schema.is_some());
+    let output = Value::Object((*create.output_schema.clone().expect("an output schema")).clone());
+    // What a tasks/get result (which has the task only) must satisfy too.
+    assert_eq!(output["required"], json!(["task"]), "{output}");
     for name in ["get_task", "wait_task", "list_tasks"] {
         let hints = tool(&tools, name).annotations.clone().expect("annotations");
         assert_eq!(hints.read_only_hint, Some(true), "{name}");
@@ -327,6 +367,10 @@ async fn without_a_key_the_transport_key_or_the_fingerprint_deduplicates() {
     assert_eq!(by_header["key_source"], "transport");
     assert_eq!(by_header["idempotency_key"], key.as_str());
     assert_eq!(by_header["replayed"], false);
+    // The client's retry resends the header: the same task, replayed.
+    let retried = ok(&call(&keyed_client, "create_task", email(None)).await);
+    assert_eq!(retried["replayed"], true);
+    assert_eq!(retried["task"]["task_id"], by_header["task"]["task_id"]);
     assert_ne!(by_header["task"]["task_id"], first["task"]["task_id"]);
     // The argument wins over the header.
     let own = new_key();
@@ -372,18 +416,7 @@ async fn over_stdio_a_task_is_created_once_waited_for_and_cancelled() {
             .await
         })
     };
-    let mut workers = WorkerServiceClient::connect(grpc_url.clone())
-        .await
-        .expect("a worker");
-    let lease = lease_one(&mut workers).await;
-    workers
-        .complete_task(CompleteTaskRequest {
-            task_id: task_id.clone(),
-            lease_token: lease.lease_token,
-            result: oncely_client::json::to_struct(json!({"message_id": "m-1"})).ok(),
-        })
-        .await
-        .expect("complete");
+    complete_queued_task(&grpc_url, &task_id, json!({"message_id": "m-1"})).await;
     let waited = waiting.await.expect("join").expect("wait_task");
     let waited = ok(&waited);
     assert_eq!(waited["task"]["status"], "succeeded", "{waited}");
@@ -413,36 +446,24 @@ async fn agent_keys_are_bearer_tokens_and_bind_tasks_to_their_agent() {
         let refused = ().serve(http_transport(&url, token, &[])).await;
         assert!(refused.is_err(), "{token:?} was let in");
     }
-    let answer = reqwest::Client::new()
-        .post(&url)
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .body(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#)
-        .send()
-        .await
-        .expect("an answer");
-    assert_eq!(answer.status(), 401);
-    assert!(
-        answer
-            .headers()
-            .get("www-authenticate")
-            .is_some_and(|v| v.to_str().unwrap_or_default().starts_with("Bearer")),
-        "{:?}",
-        answer.headers()
-    );
-
-    // The scheme is case-blind, as HTTP's are.
-    let initialize = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-    let lowercase = reqwest::Client::new()
-        .post(&url)
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("authorization", format!("bearer {ada}"))
-        .body(initialize)
-        .send()
-        .await
-        .expect("an answer");
-    assert_eq!(lowercase.status(), 200);
+    for (authorization, status) in [
+        (None, 401),
+        (Some("Bearer not-a-key".to_owned()), 401),
+        (Some(format!("Bearer {worker}")), 403),
+        // The scheme is case-blind, as HTTP's are.
+        (Some(format!("bearer {ada}")), 200),
+    ] {
+        let answer = initialize(&url, authorization.as_deref(), &[]).await;
+        assert_eq!(answer.status(), status, "{authorization:?}");
+        if status == 401 {
+            let challenge = answer.headers().get("www-authenticate");
+            assert!(
+                challenge.is_some_and(|v| v.to_str().unwrap_or_default().starts_with("Bearer")),
+                "{:?}",
+                answer.headers()
+            );
+        }
+    }
 
     let as_ada = over_http(&url, Some(&ada), &[]).await;
     let as_bob = over_http(&url, Some(&bob), &[]).await;
@@ -492,8 +513,16 @@ async fn an_unavailable_store_or_server_is_a_tool_error_that_says_to_retry() {
     let key = new_key();
     proxy.cut();
     let (text, error) = tool_error(&call(&client, "create_task", email(Some(&key))).await);
-    assert!(text.contains("retry"), "{text}");
+    assert!(
+        text.contains(&format!("same idempotency_key ({key:?})")),
+        "{text}"
+    );
     assert_eq!(error["retryable"], true, "{error}");
+    assert_eq!(error["idempotency_key"], key.as_str());
+    // Keyless, the model is told to retry without a key: a key it made up
+    // now would make a second task if the first had committed.
+    let (text, _) = tool_error(&call(&client, "create_task", email(None)).await);
+    assert!(text.contains("no idempotency_key"), "{text}");
     proxy.restore();
     // The retry the model is told to make creates the task, once.
     let created = eventually(
@@ -573,18 +602,7 @@ async fn a_client_of_the_tasks_extension_polls_and_cancels_the_oncely_task() {
         .await
         .expect("tasks/get");
     assert_eq!(polled.task.task.status, TaskStatus::Working);
-    let mut workers = WorkerServiceClient::connect(server.url())
-        .await
-        .expect("a worker");
-    let lease = lease_one(&mut workers).await;
-    workers
-        .complete_task(CompleteTaskRequest {
-            task_id: task_id.clone(),
-            lease_token: lease.lease_token,
-            result: oncely_client::json::to_struct(json!({"message_id": "m-2"})).ok(),
-        })
-        .await
-        .expect("complete");
+    complete_queued_task(&server.url(), &task_id, json!({"message_id": "m-2"})).await;
     let done = client
         .get_task(GetTaskParams::new(task_id))
         .await
@@ -622,4 +640,78 @@ async fn a_client_of_the_tasks_extension_polls_and_cancels_the_oncely_task() {
         .await;
     assert!(unknown.is_err(), "{unknown:?}");
     client.cancel().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hosts_and_origins_other_than_the_servers_are_refused() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let (_server, url) = BinaryServer::start_with_mcp(&db, &[]).await;
+    let port = url
+        .trim_end_matches("/mcp")
+        .rsplit(':')
+        .next()
+        .expect("a port")
+        .to_owned();
+    // A page of another site whose name now points here (DNS rebinding).
+    let rebound = format!("evil.example:{port}");
+    let answer = initialize(&url, None, &[("host", &rebound)]).await;
+    assert_eq!(answer.status(), 403);
+    let origin = format!("http://{rebound}");
+    let answer = initialize(&url, None, &[("origin", &origin)]).await;
+    assert_eq!(answer.status(), 403);
+    assert_eq!(initialize(&url, None, &[]).await.status(), 200);
+
+    // A name the operator lists is answered.
+    let (_listed, listed_url) =
+        BinaryServer::start_with_mcp(&db, &[("MCP_ALLOWED_HOSTS", "oncely.internal")]).await;
+    let port = listed_url
+        .trim_end_matches("/mcp")
+        .rsplit(':')
+        .next()
+        .expect("a port")
+        .to_owned();
+    let host = format!("oncely.internal:{port}");
+    let answer = initialize(&listed_url, None, &[("host", &host)]).await;
+    assert_eq!(answer.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wait_in_flight_at_shutdown_is_answered_before_the_listener_closes() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut command = std::process::Command::new(BINARY);
+    command
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .env("MCP_ADDR", "127.0.0.1:0")
+        .env("SHUTDOWN_GRACE", "30s");
+    let (mut server, metrics) = BinaryServer::spawn_with_metrics(command).await;
+    let url = server.mcp_url().await;
+    let client = over_http(&url, None, &[]).await;
+    let created = ok(&call(&client, "create_task", email(Some(&new_key()))).await);
+    let arguments = json!({"task_id": created["task"]["task_id"], "timeout_seconds": 60});
+    let peer = client.peer().clone();
+    let waiting = tokio::spawn(async move {
+        peer.call_tool(
+            CallToolRequestParams::new("wait_task")
+                .with_arguments(arguments.as_object().cloned().expect("object")),
+        )
+        .await
+    });
+    crate::support::started(
+        &format!("http://{metrics}/metrics"),
+        "tasks.v1.TaskService",
+        "WaitTask",
+        1,
+    )
+    .await;
+    server.terminate();
+    // Cut at shutdown, the call would get no answer at all.
+    let answered = tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("the wait was answered, not cut off at shutdown")
+        .expect("join")
+        .expect("an answer");
+    let answered = ok(&answered);
+    assert_eq!(answered["task"]["finished"], false, "{answered}");
+    assert!(server.wait_for_exit(Duration::from_secs(60)).success());
 }

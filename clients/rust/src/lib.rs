@@ -58,5 +58,5 @@ pub mod worker;
 pub use auth::{API_KEY_ENV, api_key_from_env};
 pub use client::{Created, OncelyClient, TlsOptions, channel, is_finished};
 pub use error::ClientError;
-pub use retry::{RetryPolicy, is_transient};
+pub use retry::{RetryPolicy, backoff, is_transient};
 pub use worker::{CancelHandle, CancelReason, TaskContext, TaskError, Worker, WorkerOptions};

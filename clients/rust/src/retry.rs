@@ -66,8 +66,9 @@ pub fn is_transient(status: &Status) -> bool {
 
 /// Full jitter: a random wait up to the exponential ceiling for the
 /// `attempts`-th failure in a row, but never less than the server's
-/// `RetryInfo` delay.
-pub(crate) fn backoff(policy: &RetryPolicy, attempts: u32, status: &Status) -> Duration {
+/// `RetryInfo` delay. For callers that run their own loop (oncely's MCP
+/// bridge); the client's calls use it already.
+pub fn backoff(policy: &RetryPolicy, attempts: u32, status: &Status) -> Duration {
     let exponent = attempts.saturating_sub(1).min(16);
     let ceiling = policy
         .initial_backoff

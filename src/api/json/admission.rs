@@ -43,9 +43,10 @@ pub(super) fn refuse_before_reading(
             ));
         }
     }
-    if let Some(origin) = cross_origin(headers) {
+    if let Some(origin) = cross_origin(headers, request.uri()) {
         return Some(Status::permission_denied(format!(
-            "the JSON API does not serve web pages of other origins ({:?}); call it from              the agent's own process",
+            "the JSON API does not serve web pages of other origins ({:?}); call it from \
+             the agent's own process",
             echo(&origin)
         )));
     }
@@ -62,11 +63,13 @@ pub(super) fn refuse_before_reading(
 /// The `Origin` of a browser's request from a page of another origin than
 /// the server's (`Host`): a web page the user visits must not be able to
 /// create or cancel tasks on a server it can reach.
-pub(crate) fn cross_origin(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn cross_origin(headers: &HeaderMap, uri: &http::Uri) -> Option<String> {
     let origin = headers.get(header::ORIGIN)?.to_str().unwrap_or("?");
+    // HTTP/2 carries the host in the URI's authority, not in `Host`.
     let host = headers
         .get(header::HOST)
         .and_then(|value| value.to_str().ok())
+        .or_else(|| uri.authority().map(http::uri::Authority::as_str))
         .unwrap_or_default();
     let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
     (!origin_host.eq_ignore_ascii_case(host)).then(|| origin.to_owned())

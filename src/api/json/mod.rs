@@ -236,6 +236,12 @@ fn grpc_headers(headers: &mut HeaderMap) {
     headers.remove(header::CONTENT_LENGTH);
     headers.remove(header::ACCEPT_ENCODING);
     headers.remove("grpc-encoding");
+    unquote_idempotency_key(headers);
+}
+
+/// The `Idempotency-Key` header without the quotes the IETF draft writes
+/// it in (a structured-field string); the quotes are not part of the key.
+pub(crate) fn unquote_idempotency_key(headers: &mut HeaderMap) {
     // A single key only: several are refused by the gate, as over gRPC.
     let single = headers.get_all(IDEMPOTENCY_KEY).iter().count() == 1;
     let unquoted = headers

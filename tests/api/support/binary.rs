@@ -181,13 +181,20 @@ impl BinaryServer {
             .env("MCP_ADDR", "127.0.0.1:0")
             .envs(env.iter().copied());
         let mut server = Self::spawn(command).await;
-        let line = server
+        let url = server.mcp_url().await;
+        (server, url)
+    }
+
+    /// The URL of the binary's `/mcp` (it was started with MCP_ADDR), from
+    /// its log.
+    pub(crate) async fn mcp_url(&mut self) -> String {
+        let line = self
             .wait_for_log("the MCP listener's address", |line| {
                 line["message"] == SERVING_MCP
             })
             .await;
         let addr = line["addr"].as_str().expect("an address").to_owned();
-        (server, format!("http://{addr}/mcp"))
+        format!("http://{addr}/mcp")
     }
 
     /// Starts `command` (the binary, configured) with its metrics listener
