@@ -308,3 +308,26 @@ fn rfc3339(timestamp: Option<&prost_types::Timestamp>) -> String {
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::requests::MAX_WAIT;
+
+    #[test]
+    fn the_wait_schema_bounds_the_wait_as_the_server_does() {
+        let schema = input_schema(WAIT_TASK).expect("wait_task");
+        let timeout = &schema["properties"]["timeout_seconds"];
+        assert_eq!(timeout["maximum"], MAX_WAIT.as_secs(), "{timeout}");
+        assert_eq!(timeout["minimum"], 0);
+    }
+
+    #[test]
+    fn every_tool_takes_an_object_and_answers_one() {
+        for tool in all() {
+            assert_eq!(tool.input_schema["type"], "object", "{}", tool.name);
+            let output = tool.output_schema.expect("an output schema");
+            assert_eq!(output["type"], "object", "{}", tool.name);
+        }
+    }
+}
