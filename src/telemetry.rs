@@ -136,8 +136,9 @@ pub fn init_with(format: LogFormat, default_filter: &str) -> Telemetry {
 /// The span of one call to `service` and `method` (as its path asks for
 /// them), around everything the server does for it: a new request id, the
 /// method, and (recorded when known) the gRPC status code and the trace
-/// id. A `traceparent` in the metadata becomes its parent.
-pub fn request_span(request: &http::Request<()>, service: &str, method: &str) -> tracing::Span {
+/// id. A `traceparent` in the metadata becomes its parent. Only the path
+/// and the headers are read, whatever the body.
+pub fn request_span<B>(request: &http::Request<B>, service: &str, method: &str) -> tracing::Span {
     let path = request.uri().path();
     let request_id = uuid::Uuid::new_v4();
     let span = if EXPORTING.load(Ordering::Relaxed) {

@@ -93,7 +93,8 @@ impl Tasks {
         // Each call in the span a gRPC call gets from the server (request
         // id, method, the caller's trace context), as it has no server.
         let spanned = tower::service_fn(move |request: http::Request<Body>| {
-            let span = request_span(&request);
+            let (service, method) = crate::api::asked(request.uri().path());
+            let span = crate::telemetry::request_span(&request, service, method);
             let mut stack = stack.clone();
             async move {
                 use tower::ServiceExt;
@@ -272,14 +273,4 @@ impl Tasks {
             }
         }
     }
-}
-
-/// The span of an in-process call: the one the server's transport gives a
-/// gRPC call.
-fn request_span(request: &http::Request<Body>) -> tracing::Span {
-    let (service, method) = crate::api::asked(request.uri().path());
-    let mut head = http::Request::new(());
-    *head.uri_mut() = request.uri().clone();
-    *head.headers_mut() = request.headers().clone();
-    crate::telemetry::request_span(&head, service, method)
 }
