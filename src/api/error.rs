@@ -83,9 +83,12 @@ pub enum ServiceError {
     /// The task was cancelled.
     #[error("the task was cancelled; stop working on it")]
     TaskCancelled,
-    /// The database cannot be reached or is failing.
+    /// The database cannot be reached or is failing. The call may still
+    /// have taken effect (a commit the database made but could not confirm,
+    /// as when a failover cuts a commit that waits for its standby), so the
+    /// answer says the outcome is unknown, never that nothing happened.
     #[error(
-        "the service is temporarily unavailable; retry shortly (a CreateTask with the same idempotency-key)"
+        "the service is temporarily unavailable, and whether this call took effect is unknown; retry shortly with the same idempotency-key (a CreateTask that did take effect is then answered as a replay)"
     )]
     Unavailable(#[source] StorageError),
     /// A bug or corrupt data.

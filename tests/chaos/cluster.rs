@@ -66,12 +66,17 @@ pub(crate) enum Database {
 
 impl Database {
     /// A fresh database: on PostgreSQL, one of its own on the server of
-    /// `DATABASE_URL`; on SQLite, a file in `dir`.
-    pub(crate) async fn create(store: Store, dir: &std::path::Path) -> Result<Self, String> {
+    /// `server` (else `DATABASE_URL`); on SQLite, a file in `dir`.
+    pub(crate) async fn create(
+        store: Store,
+        dir: &std::path::Path,
+        server: Option<&str>,
+    ) -> Result<Self, String> {
         match store {
             Store::Postgres => {
-                let admin =
-                    std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_BASE_URL.to_owned());
+                let admin = server.map(str::to_owned).unwrap_or_else(|| {
+                    std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_BASE_URL.to_owned())
+                });
                 let options = PgConnectOptions::from_str(&admin)
                     .map_err(|e| format!("DATABASE_URL {admin}: {e}"))?;
                 let name = format!("oncely_chaos_{}", std::process::id());
@@ -142,8 +147,43 @@ impl Database {
         }
     }
 
-    /// Every task, as stored.
+    /// Deletes a task and its key record (a probe's, not the workload's).
+    pub(crate) async fn delete_task(&self, task_id: &str) -> Result<(), String> {
+        let Database::Postgres { pool, .. } = self else {
+            return Err("probes run on PostgreSQL only".into());
+        };
+        let id = uuid::Uuid::parse_str(task_id).map_err(|e| format!("task id {task_id}: {e}"))?;
+        let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
+        for sql in [
+            "DELETE FROM idempotency_keys WHERE task_id = $1",
+            "DELETE FROM tasks WHERE task_id = $1",
+        ] {
+            sqlx::query(sql)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| format!("delete probe task {task_id}: {e}"))?;
+        }
+        tx.commit().await.map_err(|e| e.to_string())
+    }
+
+    /// Every task, as stored; tried again for a while (after failovers,
+    /// the pool's first connections may be to a primary that is gone).
     pub(crate) async fn tasks(&self) -> Result<Vec<TaskRow>, String> {
+        let mut tries = 0;
+        loop {
+            match self.tasks_once().await {
+                Err(error) if tries < 20 => {
+                    tries += 1;
+                    eprintln!("chaos: reading the tasks: {error}; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                rows => return rows,
+            }
+        }
+    }
+
+    async fn tasks_once(&self) -> Result<Vec<TaskRow>, String> {
         match self {
             Database::Postgres { pool, .. } => read_rows(
                 sqlx::query(
@@ -223,7 +263,7 @@ where
 pub(crate) struct Instance {
     pub(crate) index: usize,
     env: Vec<(&'static str, String)>,
-    log: PathBuf,
+    pub(crate) log: PathBuf,
     child: tokio::sync::Mutex<Option<Child>>,
     /// Held by a fault while it works on this instance, so that two faults
     /// never act on one process at once.
@@ -469,8 +509,22 @@ impl Keys {
 }
 
 /// Runs `oncely keys ARGS` on the database at `url`; its standard output
-/// (a token), trimmed.
+/// (a token), trimmed. Tried again for up to a minute while it fails (the
+/// database may be failing over): a rotation that did commit and is run
+/// again rotates twice, which the grace period covers.
 async fn keys_command(url: &str, args: &[&str]) -> Result<String, String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match keys_command_once(url, args).await {
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            answer => return answer,
+        }
+    }
+}
+
+async fn keys_command_once(url: &str, args: &[&str]) -> Result<String, String> {
     let output = Command::new(BINARY)
         .arg("keys")
         .args(args)
@@ -548,7 +602,12 @@ impl Cluster {
                 ("RATE_LIMIT", "0".into()),
                 ("AUTH", "required".into()),
                 ("KEY_REFRESH_INTERVAL", "200ms".into()),
-                ("RUST_LOG", "warn".into()),
+                // The start and the listener's reconnections too, which
+                // the failover runs check.
+                (
+                    "RUST_LOG",
+                    "warn,oncely::startup=info,oncely::storage::postgres::listener=info".into(),
+                ),
             ];
             instances.push(Instance {
                 index,
@@ -595,5 +654,39 @@ impl Cluster {
         for instance in &self.instances {
             instance.stop().await;
         }
+    }
+
+    /// Each instance's LISTEN/NOTIFY listener, by its log: how often it
+    /// lost the database and found it again, and the instances whose last
+    /// process lost it and never listened again.
+    pub(crate) fn listeners(&self) -> (usize, usize, Vec<String>) {
+        const LOST: &str = "cannot listen for task notifications";
+        const BACK: &str = "listening for task notifications again";
+        const STARTED: &str = "serving tasks.v1";
+        let (mut lost, mut back, mut deaf) = (0, 0, Vec::new());
+        for instance in &self.instances {
+            let log = std::fs::read_to_string(&instance.log).unwrap_or_default();
+            // Listening, as far as the last process's log says.
+            let mut listening = true;
+            for line in log.lines() {
+                if line.contains(STARTED) {
+                    listening = true;
+                } else if line.contains(LOST) {
+                    lost += 1;
+                    listening = false;
+                } else if line.contains(BACK) {
+                    back += 1;
+                    listening = true;
+                }
+            }
+            if !listening {
+                deaf.push(format!(
+                    "instance {} lost its listener and did not listen again (see {})",
+                    instance.index,
+                    instance.log.display()
+                ));
+            }
+        }
+        (lost, back, deaf)
     }
 }

@@ -6,7 +6,7 @@ use std::{
     collections::BTreeMap,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -14,7 +14,10 @@ use std::{
 use oncely_client::proto::tasks_v1::{CleanupRequest, admin_client::AdminClient};
 use tokio::task::JoinSet;
 
-use crate::cluster::{Cluster, Store, authorized};
+use crate::{
+    cluster::{Cluster, Store, authorized},
+    patroni::Patroni,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Fault {
@@ -37,6 +40,23 @@ pub(crate) enum Fault {
     /// token once every instance takes it, the old one works for a grace
     /// period meanwhile, and retries go on under their idempotency keys.
     RotateKey,
+    /// `patronictl switchover`: the primary stops cleanly, a standby takes
+    /// over.
+    Switchover,
+    /// `patronictl failover`: a standby is promoted at once.
+    Failover,
+    /// kill -9 of the primary's postmaster; Patroni fails over.
+    KillPrimary,
+    /// Replication cut for a moment, then kill -9 of the primary's
+    /// postmaster: the standbys miss what it committed meanwhile (in the
+    /// synchronous modes, nothing acknowledged).
+    CutAndKillPrimary,
+    /// kill -9 of the primary's Patroni and postgres (its machine died):
+    /// a standby takes over once the leader key expires.
+    KillNode,
+    /// Nothing reaches the standbys for a moment (the network between
+    /// them and the primary cut): synchronous commits wait.
+    CutReplication,
 }
 
 impl Fault {
@@ -49,6 +69,14 @@ impl Fault {
             Fault::PgRestart => "restart PostgreSQL",
             Fault::Cleanup => "cleanup in parallel",
             Fault::RotateKey => "rotate an agent's API key",
+            Fault::Switchover => "patronictl switchover",
+            Fault::Failover => "patronictl failover",
+            Fault::KillPrimary => "kill -9 the primary's postmaster (failover)",
+            Fault::CutAndKillPrimary => {
+                "cut replication, then kill -9 the primary's postmaster (failover)"
+            }
+            Fault::KillNode => "kill -9 the primary's whole node (failover)",
+            Fault::CutReplication => "cut replication to the standbys",
         }
     }
 
@@ -72,6 +100,31 @@ impl Fault {
             Store::Sqlite => vec![Fault::Kill, Fault::Pause, Fault::Cleanup, Fault::RotateKey],
         }
     }
+
+    /// The faults of a Patroni cluster, injected one at a time beside the
+    /// others.
+    pub(crate) fn of_patroni() -> Vec<Fault> {
+        vec![
+            Fault::Switchover,
+            Fault::Failover,
+            Fault::KillPrimary,
+            Fault::CutAndKillPrimary,
+            Fault::KillNode,
+            Fault::CutReplication,
+        ]
+    }
+
+    /// Whether the fault hands the primary to another node.
+    fn is_failover(self) -> bool {
+        matches!(
+            self,
+            Fault::Switchover
+                | Fault::Failover
+                | Fault::KillPrimary
+                | Fault::CutAndKillPrimary
+                | Fault::KillNode
+        )
+    }
 }
 
 /// What the faults did.
@@ -83,6 +136,13 @@ pub(crate) struct Tally {
     /// Things the harness failed to do (a restart that did not come up):
     /// reported as anomalies, since the run no longer means what it says.
     pub(crate) errors: Mutex<Vec<String>>,
+    /// Primaries handed to another node, as the cluster's script saw it.
+    pub(crate) failovers: AtomicU64,
+    /// Primaries killed that Patroni restarted in place instead (no
+    /// healthy standby was a candidate yet).
+    pub(crate) restarted_in_place: AtomicU64,
+    /// What the cluster's script said of each fault, in order.
+    pub(crate) cluster_log: Mutex<Vec<String>>,
 }
 
 impl Tally {
@@ -100,6 +160,55 @@ impl Tally {
     }
 }
 
+/// Which fault comes next: each kind once, in random order, then any at
+/// random.
+struct Schedule {
+    kinds: Vec<Fault>,
+    first_round: Vec<Fault>,
+    rng: fastrand::Rng,
+}
+
+impl Schedule {
+    fn new(kinds: Vec<Fault>, seed: u64) -> Self {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut first_round = kinds.clone();
+        rng.shuffle(&mut first_round);
+        Self {
+            kinds,
+            first_round,
+            rng,
+        }
+    }
+
+    /// After a pause (random within `gap`), the next fault, counted in
+    /// `tally`; `None` once `stop` is set.
+    async fn next(
+        &mut self,
+        gap: (Duration, Duration),
+        stop: &AtomicBool,
+        tally: &Tally,
+    ) -> Option<Fault> {
+        let wait = self
+            .rng
+            .u64(gap.0.as_millis() as u64..gap.1.as_millis() as u64);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        if stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        let fault = self
+            .first_round
+            .pop()
+            .unwrap_or_else(|| self.kinds[self.rng.usize(..self.kinds.len())]);
+        *tally
+            .injected
+            .lock()
+            .expect("lock")
+            .entry(fault)
+            .or_default() += 1;
+        Some(fault)
+    }
+}
+
 /// Injects faults, one every `gap` (random within it), until `stop`; the
 /// first round injects each kind once, in random order. Waits for the
 /// faults in progress before returning.
@@ -111,25 +220,13 @@ pub(crate) async fn run(
     stop: Arc<AtomicBool>,
     seed: u64,
 ) {
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let mut first_round = kinds.clone();
-    rng.shuffle(&mut first_round);
+    let mut schedule = Schedule::new(kinds, seed);
     let mut running = JoinSet::new();
     while !stop.load(Ordering::SeqCst) {
-        let wait = rng.u64(gap.0.as_millis() as u64..gap.1.as_millis() as u64);
-        tokio::time::sleep(Duration::from_millis(wait)).await;
-        if stop.load(Ordering::SeqCst) {
+        let Some(fault) = schedule.next(gap, &stop, &tally).await else {
             break;
-        }
-        let fault = first_round
-            .pop()
-            .unwrap_or_else(|| kinds[rng.usize(..kinds.len())]);
-        *tally
-            .injected
-            .lock()
-            .expect("lock")
-            .entry(fault)
-            .or_default() += 1;
+        };
+        let rng = &mut schedule.rng;
         let (cluster, tally, seed) = (cluster.clone(), tally.clone(), rng.u64(..));
         running.spawn(async move {
             if let Err(error) = inject(&cluster, fault, &tally, seed).await {
@@ -139,6 +236,53 @@ pub(crate) async fn run(
         while running.try_join_next().is_some() {}
     }
     while running.join_next().await.is_some() {}
+}
+
+/// Injects the cluster's faults one after another until `stop`, a gap
+/// (random within `gap`) after the cluster is healthy again; the first
+/// round injects each kind once, in random order. The instance faults of
+/// [`run`] go on meanwhile.
+pub(crate) async fn run_patroni(
+    patroni: Arc<Patroni>,
+    gap: (Duration, Duration),
+    tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+    seed: u64,
+) {
+    let mut schedule = Schedule::new(Fault::of_patroni(), seed);
+    while !stop.load(Ordering::SeqCst) {
+        if let Err(error) = patroni.run(&["wait-healthy"]).await {
+            tally.errors.lock().expect("lock").push(error);
+            return;
+        }
+        let Some(fault) = schedule.next(gap, &stop, &tally).await else {
+            break;
+        };
+        let cut = format!("{:.1}", schedule.rng.u64(500..4000) as f64 / 1000.0);
+        let args: &[&str] = match fault {
+            Fault::Switchover => &["switchover"],
+            Fault::Failover => &["failover"],
+            Fault::KillPrimary => &["kill-primary"],
+            Fault::CutAndKillPrimary => &["cut-and-kill-primary", &cut],
+            Fault::KillNode => &["kill-node"],
+            _ => &["cut-replication", &cut],
+        };
+        match patroni.run(args).await {
+            Ok(Some(log)) => {
+                if fault.is_failover() {
+                    tally.failovers.fetch_add(1, Ordering::SeqCst);
+                }
+                tally.cluster_log.lock().expect("lock").push(log);
+            }
+            Ok(None) => {
+                tally.restarted_in_place.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(error) => {
+                tally.errors.lock().expect("lock").push(error);
+                return;
+            }
+        }
+    }
 }
 
 async fn inject(cluster: &Cluster, fault: Fault, tally: &Tally, seed: u64) -> Result<(), String> {
@@ -179,6 +323,14 @@ async fn inject(cluster: &Cluster, fault: Fault, tally: &Tally, seed: u64) -> Re
         }
         Fault::RotateKey => {
             cluster.keys.rotate(&cluster.instances, &mut rng).await?;
+        }
+        Fault::Switchover
+        | Fault::Failover
+        | Fault::KillPrimary
+        | Fault::CutAndKillPrimary
+        | Fault::KillNode
+        | Fault::CutReplication => {
+            return Err(format!("{} is injected by run_patroni", fault.name()));
         }
         Fault::Cleanup => {
             let mut admin = AdminClient::new(instance.channel.clone());

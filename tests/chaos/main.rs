@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! cargo test --test chaos -- [short|long] [postgres|sqlite|both] [--seed N]
+//! cargo test --test chaos -- [short|long] patroni [--replication strict|sync|async]
 //! ```
 //!
 //! On PostgreSQL, three instances share one database, each through a TCP
@@ -15,6 +16,17 @@
 //! 100 faults) is run by hand and recorded in RELIABILITY.md. Exits
 //! non-zero on any anomaly, or when a run fell short of its minimums.
 //!
+//! `patroni` runs the PostgreSQL workload on a cluster of three PostgreSQL
+//! nodes under Patroni (`scripts/patroni-cluster`, which this starts and
+//! stops; it needs root and the Debian packages patroni, etcd-server,
+//! etcd-client and haproxy), reached through haproxy, with the cluster's
+//! faults (switchovers, failovers after a kill -9 of the primary's
+//! postmaster or of its whole node, replication cut) one after another
+//! beside the instance faults. The short mode makes at least 6 failovers,
+//! the long one 50. With strict or sync replication it first checks what a
+//! create answers while no standby runs. An asynchronous run is expected to
+//! find lost acknowledged creates: it shows what the checker sees.
+//!
 //! Not part of `cargo test`'s default run (`test = false` in Cargo.toml):
 //! it restarts the database server other tests use.
 
@@ -24,6 +36,7 @@ mod cluster;
 mod db_proxy;
 mod faults;
 mod history;
+mod patroni;
 mod workload;
 
 use std::{
@@ -42,6 +55,7 @@ use crate::{
     cluster::{Cluster, Database, Store},
     faults::{Fault, Tally},
     history::{Answer, History},
+    patroni::{Patroni, Replication},
     workload::{KeyPool, Workload},
 };
 
@@ -58,6 +72,8 @@ enum Stores {
     Both,
     Postgres,
     Sqlite,
+    /// PostgreSQL under Patroni, with failovers (not part of `both`).
+    Patroni,
 }
 
 /// Randomized faults and an exactly-once checker against real instances.
@@ -78,6 +94,9 @@ struct Args {
     /// Keep the database and the servers' logs after a clean run too.
     #[arg(long)]
     keep: bool,
+    /// The Patroni cluster's replication (with `patroni`).
+    #[arg(long, value_enum, default_value = "strict")]
+    replication: Replication,
 }
 
 /// How much one run does, by mode.
@@ -93,6 +112,8 @@ struct Plan {
     workers: usize,
     /// Time between faults, at random within.
     fault_gap: (Duration, Duration),
+    /// On a Patroni cluster: primaries handed over.
+    min_failovers: u64,
 }
 
 impl Plan {
@@ -107,6 +128,7 @@ impl Plan {
                 agents: 12,
                 workers: 6,
                 fault_gap: (Duration::from_millis(1000), Duration::from_millis(3000)),
+                min_failovers: 6,
             },
             Mode::Long => Plan {
                 min_operations: 20_000,
@@ -116,6 +138,7 @@ impl Plan {
                 agents: 12,
                 workers: 6,
                 fault_gap: (Duration::from_millis(1000), Duration::from_millis(3000)),
+                min_failovers: 50,
             },
         }
     }
@@ -123,7 +146,8 @@ impl Plan {
 
 /// What one store's run did and found.
 struct Report {
-    store: Store,
+    /// The store, and on Patroni its replication.
+    label: String,
     instances: usize,
     elapsed: Duration,
     drained_in: Duration,
@@ -133,6 +157,12 @@ struct Report {
     by_status: [usize; 6],
     anomalies: Vec<Anomaly>,
     shortfall: Option<String>,
+    /// On Patroni with a synchronous replication: what a create answered
+    /// while no standby ran.
+    no_standby: Option<patroni::NoStandby>,
+    /// How often the instances' listeners lost the database and found it
+    /// again.
+    listeners: (usize, usize),
 }
 
 fn main() -> ExitCode {
@@ -141,20 +171,31 @@ fn main() -> ExitCode {
     let plan = Plan::of(args.mode);
     let stores = match args.stores {
         Stores::Both => vec![Store::Postgres, Store::Sqlite],
-        Stores::Postgres => vec![Store::Postgres],
+        Stores::Postgres | Stores::Patroni => vec![Store::Postgres],
         Stores::Sqlite => vec![Store::Sqlite],
     };
+    let patroni = (args.stores == Stores::Patroni).then_some(args.replication);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("a tokio runtime");
     println!("chaos: {:?} mode, seed {seed}", args.mode);
     let mut failed = false;
+    let mut expected_anomalies = false;
     for store in stores {
-        match runtime.block_on(run(store, plan, seed, &args)) {
+        match runtime.block_on(run(store, patroni, plan, seed, &args)) {
             Ok(report) => {
                 print_report(&report, plan);
-                failed |= !report.anomalies.is_empty() || report.shortfall.is_some();
+                // An asynchronous cluster is expected to lose acknowledged
+                // work: that run reports what the checker found.
+                let expected = patroni == Some(Replication::Async);
+                failed |= !expected && !report.anomalies.is_empty() || report.shortfall.is_some();
+                if expected && !report.anomalies.is_empty() {
+                    expected_anomalies = true;
+                    println!(
+                        "chaos: the anomalies above are those asynchronous replication allows; not a failure"
+                    );
+                }
             }
             Err(error) => {
                 println!("chaos {}: the run could not be made: {error}", store.name());
@@ -165,30 +206,54 @@ fn main() -> ExitCode {
     if failed {
         println!("chaos: FAILED (seed {seed})");
         ExitCode::FAILURE
+    } else if expected_anomalies {
+        println!("chaos: passed; the anomalies found are those asynchronous replication allows");
+        ExitCode::SUCCESS
     } else {
         println!("chaos: passed, no anomalies");
         ExitCode::SUCCESS
     }
 }
 
-async fn run(store: Store, plan: Plan, seed: u64, args: &Args) -> Result<Report, String> {
+async fn run(
+    store: Store,
+    patroni: Option<Replication>,
+    plan: Plan,
+    seed: u64,
+    args: &Args,
+) -> Result<Report, String> {
     let dir = tempfile::Builder::new()
         .prefix("oncely-chaos-")
         .tempdir()
         .map_err(|e| format!("a temporary folder: {e}"))?;
     let path = dir.path().to_owned();
     // On an error the logs stay, for the message that points at them.
-    run_in(store, plan, seed, args, dir).await.map_err(|error| {
-        if path.exists() {
-            format!("{error} (logs kept in {})", path.display())
-        } else {
-            error
+    let patroni = match patroni {
+        Some(replication) => {
+            println!(
+                "chaos patroni: bringing up a cluster ({} replication)",
+                replication.name()
+            );
+            let cluster = Patroni::up(replication).await?;
+            println!("chaos patroni: cluster up in {}", cluster.dir());
+            Some(Arc::new(cluster))
         }
-    })
+        None => None,
+    };
+    run_in(store, patroni, plan, seed, args, dir)
+        .await
+        .map_err(|error| {
+            if path.exists() {
+                format!("{error} (logs kept in {})", path.display())
+            } else {
+                error
+            }
+        })
 }
 
 async fn run_in(
     store: Store,
+    patroni: Option<Arc<Patroni>>,
     plan: Plan,
     seed: u64,
     args: &Args,
@@ -196,20 +261,40 @@ async fn run_in(
 ) -> Result<Report, String> {
     // Kept unless the run ends well (below).
     let dir = dir.keep();
-    let database = Database::create(store, &dir).await?;
-    let restart_postgres =
-        !args.no_pg_restart && database.is_local_postgres() && faults::can_restart_postgres();
+    let label = match &patroni {
+        Some(p) => format!("patroni ({})", p.replication.name()),
+        None => store.name().to_owned(),
+    };
+    let database = Database::create(store, &dir, patroni.as_ref().map(|_| patroni::URL)).await?;
+    let restart_postgres = patroni.is_none()
+        && !args.no_pg_restart
+        && database.is_local_postgres()
+        && faults::can_restart_postgres();
     let count = match store {
         Store::Postgres => 3,
         Store::Sqlite => 1,
     };
     let cluster = Arc::new(Cluster::start(database, count, &dir).await?);
     println!(
-        "chaos {}: {count} instance(s) serving; logs in {}",
-        store.name(),
+        "chaos {label}: {count} instance(s) serving; logs in {}",
         dir.display()
     );
-    if store == Store::Postgres && !restart_postgres {
+    if let Some(patroni) = &patroni {
+        // Its logs stay if the run stops midway (unkept below otherwise).
+        patroni.keep();
+    }
+    let no_standby = match &patroni {
+        Some(p) if p.replication != Replication::Async => {
+            let seen = patroni::standby_missing(&cluster, p).await?;
+            println!(
+                "chaos {label}: a create with no standby running answered {}; its retry once one was back answered {}",
+                seen.first, seen.retry
+            );
+            Some(seen)
+        }
+        _ => None,
+    };
+    if store == Store::Postgres && patroni.is_none() && !restart_postgres {
         println!("chaos postgres: PostgreSQL restarts are off (not local, or --no-pg-restart)");
     }
 
@@ -241,6 +326,16 @@ async fn run_in(
         faults_stop.clone(),
         seed ^ 0xfa17,
     ));
+    let cluster_faults = patroni.clone().map(|p| {
+        tokio::spawn(faults::run_patroni(
+            p,
+            plan.fault_gap,
+            tally.clone(),
+            faults_stop.clone(),
+            seed ^ 0xc105,
+        ))
+    });
+    let failovers = || tally.failovers.load(Ordering::SeqCst);
 
     let mut last_print = Instant::now();
     loop {
@@ -250,6 +345,7 @@ async fn run_in(
         if elapsed >= plan.min_time
             && operations >= plan.min_operations
             && tally.disruptive() >= plan.min_faults
+            && (patroni.is_none() || failovers() >= plan.min_failovers)
             || elapsed >= plan.max_time
         {
             break;
@@ -257,10 +353,10 @@ async fn run_in(
         if last_print.elapsed() >= Duration::from_secs(15) {
             last_print = Instant::now();
             println!(
-                "chaos {}: {:>4.0} s, {operations} operations, {} faults",
-                store.name(),
+                "chaos {label}: {:>4.0} s, {operations} operations, {} faults, {} failovers",
                 elapsed.as_secs_f64(),
-                tally.disruptive()
+                tally.disruptive(),
+                failovers()
             );
         }
     }
@@ -273,9 +369,18 @@ async fn run_in(
     injector
         .await
         .map_err(|e| format!("the fault injector: {e}"))?;
+    if let Some(cluster_faults) = cluster_faults {
+        cluster_faults
+            .await
+            .map_err(|e| format!("the cluster's fault injector: {e}"))?;
+    }
     let elapsed = started.elapsed();
     if restart_postgres {
         faults::ensure_postgres_up().await?;
+    }
+    if let Some(patroni) = &patroni {
+        patroni.run(&["start-nodes"]).await?;
+        patroni.run(&["wait-healthy"]).await?;
     }
     cluster.heal().await?;
     work.draining.store(true, Ordering::SeqCst);
@@ -305,6 +410,13 @@ async fn run_in(
 
     let rows = cluster.database.tasks().await?;
     let mut anomalies = checker::check(&history, &rows);
+    let listeners = cluster.listeners();
+    for detail in &listeners.2 {
+        anomalies.push(Anomaly {
+            kind: "listener not back after the faults",
+            detail: detail.clone(),
+        });
+    }
     for error in tally.errors.lock().expect("lock").iter() {
         anomalies.push(Anomaly {
             kind: "fault could not be undone",
@@ -316,19 +428,50 @@ async fn run_in(
         by_status[row.status.clamp(0, 5) as usize] += 1;
     }
     let operations = history.counts.operations();
-    let shortfall = (operations < plan.min_operations || tally.disruptive() < plan.min_faults)
+    if let Some(seen) = &no_standby {
+        if patroni
+            .as_ref()
+            .is_some_and(|p| p.replication == Replication::Strict)
+            && seen.first_ok
+        {
+            anomalies.push(Anomaly {
+                kind: "acknowledged with no standby (strict mode)",
+                detail: seen.first.clone(),
+            });
+        }
+        if !seen.first_ok && !seen.replayed {
+            anomalies.push(Anomaly {
+                kind: "a create committed while no standby ran was lost",
+                detail: format!("first {}; retry {}", seen.first, seen.retry),
+            });
+        }
+    }
+    let short_of_failovers = patroni.is_some() && failovers() < plan.min_failovers;
+    let shortfall = (operations < plan.min_operations
+        || tally.disruptive() < plan.min_faults
+        || short_of_failovers)
         .then(|| {
             format!(
-                "{operations} operations and {} faults in {:.0} s, short of {} and {}",
+                "{operations} operations, {} faults and {} failovers in {:.0} s, short of {}, {} and {}",
                 tally.disruptive(),
+                failovers(),
                 elapsed.as_secs_f64(),
                 plan.min_operations,
-                plan.min_faults
+                plan.min_faults,
+                if patroni.is_some() { plan.min_failovers } else { 0 }
             )
         });
     let keep = args.keep || !anomalies.is_empty();
+    if let Some(patroni) = &patroni {
+        if keep {
+            patroni.keep();
+            println!("chaos {label}: kept the cluster's folder {}", patroni.dir());
+        } else {
+            patroni.unkeep();
+        }
+    }
     let report = Report {
-        store,
+        label: label.clone(),
         instances: count,
         elapsed,
         drained_in,
@@ -338,18 +481,19 @@ async fn run_in(
         by_status,
         anomalies,
         shortfall,
+        no_standby,
+        listeners: (listeners.0, listeners.1),
     };
     drop(work);
     let cluster = Arc::try_unwrap(cluster).map_err(|_| "the cluster is still in use")?;
     if keep {
         match &cluster.database {
             Database::Postgres { name, .. } => println!(
-                "chaos {}: kept database {name} and the logs in {}",
-                store.name(),
+                "chaos {label}: kept database {name} and the logs in {}",
                 dir.display()
             ),
             Database::Sqlite { path, .. } => {
-                println!("chaos {}: kept {}", store.name(), path.display())
+                println!("chaos {label}: kept {}", path.display())
             }
         }
     } else {
@@ -382,7 +526,7 @@ fn answer_tally(history: &History) -> String {
 fn print_report(report: &Report, plan: Plan) {
     let c = &report.history.counts;
     let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let name = report.store.name();
+    let name = &report.label;
     println!(
         "== chaos {name}: {} instance(s), {:.0} s of faults, drained in {:.1} s",
         report.instances,
@@ -429,6 +573,38 @@ fn print_report(report: &Report, plan: Plan) {
         println!("  {count:>5}  {}", fault.name());
     }
     println!("  {:>5}  client cancels mid-call", n(&c.client_cancels));
+    let failovers = report.tally.failovers.load(Ordering::SeqCst);
+    if failovers > 0 || report.label.starts_with("patroni") {
+        println!(
+            "  failovers: {failovers} (minimum {}); {} killed primaries restarted in place instead",
+            plan.min_failovers,
+            report.tally.restarted_in_place.load(Ordering::SeqCst)
+        );
+        for line in report.tally.cluster_log.lock().expect("lock").iter() {
+            for line in line
+                .lines()
+                .filter(|l| l.contains(" in ") || l.contains("cut for"))
+            {
+                println!("         {}", line.trim_start_matches("patroni-cluster: "));
+            }
+        }
+    }
+    if report.listeners.0 > 0 {
+        println!(
+            "  listeners: lost the database {} times, listening again {} times",
+            report.listeners.0, report.listeners.1
+        );
+    }
+    if let Some(seen) = &report.no_standby {
+        println!(
+            "  with no standby running, a create answered: {}",
+            seen.first
+        );
+        println!(
+            "  its retry once a standby was back answered: {}",
+            seen.retry
+        );
+    }
     if report.anomalies.is_empty() {
         println!("anomalies: none");
     } else {
