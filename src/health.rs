@@ -1,4 +1,6 @@
-//! Health that reflects reality: SERVING only while the database answers.
+//! Health that reflects reality: SERVING only while the database answers
+//! and can commit (on PostgreSQL, a commit that waits for a synchronous
+//! standby when one is required).
 
 use std::time::Duration;
 
@@ -44,16 +46,36 @@ pub async fn watch_database<S: Store>(store: S, reporter: HealthReporter, interv
     loop {
         ticker.tick().await;
         let status = match tokio::time::timeout(timeout, store.ping()).await {
-            Ok(Ok(())) => ServingStatus::Serving,
+            Ok(Ok(())) => {
+                // Back (on a connection that survived, or a new one): where
+                // does its history stand now?
+                if !store.history().is_trusted()
+                    && let Ok(Err(error)) =
+                        tokio::time::timeout(timeout, store.check_history()).await
+                {
+                    tracing::debug!(error = %crate::telemetry::chain(&error), "cannot read where the database's history stands");
+                }
+                ServingStatus::Serving
+            }
+            // The database may come back with another history (a failover,
+            // a restore): nothing remembered of it is answered until a new
+            // connection has shown where its history stands.
             Ok(Err(error)) => {
+                store.history().distrust();
                 if last != Some(ServingStatus::NotServing) {
                     tracing::warn!(error = %crate::telemetry::chain(&error), "database health check failed");
                 }
                 ServingStatus::NotServing
             }
+            // Cannot commit now (a synchronous standby missing), or does not
+            // answer.
             Err(_) => {
+                store.history().distrust();
                 if last != Some(ServingStatus::NotServing) {
-                    tracing::warn!(?timeout, "database health check timed out");
+                    tracing::warn!(
+                        ?timeout,
+                        "database health check timed out: it does not answer, or cannot commit now"
+                    );
                 }
                 ServingStatus::NotServing
             }

@@ -162,6 +162,8 @@ pub struct Metrics {
     pub db_connections: Family<StateLabels, Gauge>,
     /// `oncely_replay_cache_hits_total`.
     pub cache_hits: Counter,
+    /// `oncely_database_history_changes_total`.
+    pub history_changes: Counter,
     /// `oncely_replay_cache_misses_total`.
     pub cache_misses: Counter,
     /// `oncely_group_commit_batch_size`.
@@ -257,6 +259,12 @@ impl Metrics {
             "Creates whose record was found in the in-memory replay cache",
             cache_hits.clone(),
         );
+        let history_changes = Counter::default();
+        registry.register(
+            "oncely_database_history_changes",
+            "Times the database was seen on another timeline or system, or with its WAL gone back (a failover, a restore): the replay cache was dropped",
+            history_changes.clone(),
+        );
         let cache_misses = Counter::default();
         registry.register(
             "oncely_replay_cache_misses",
@@ -286,6 +294,7 @@ impl Metrics {
             cleanup_deleted,
             db_connections,
             cache_hits,
+            history_changes,
             cache_misses,
             batch_sizes,
         };

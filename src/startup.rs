@@ -146,6 +146,45 @@ where
     }
 }
 
+/// Makes one of the reads startup needs once the store is open (`what`),
+/// trying again while the database is unavailable, as [`open_store`] does,
+/// for at most `settings.startup_timeout` more: a failover may begin just
+/// after the migrations (found by the chaos harness, where an instance
+/// restarted during a failover exited on its first read of the API keys).
+/// The last error past that, or any other at once. (A SIGTERM meanwhile is
+/// acted on once this wait ends.)
+async fn read_at_startup<T, F, Fut>(
+    settings: &DatabaseSettings,
+    what: &str,
+    read: F,
+) -> Result<T, StorageError>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, StorageError>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut wait = OPEN_RETRY_FIRST;
+    loop {
+        match read().await {
+            Err(error) if error.is_transient() && !error.is_misconfigured() => {
+                let left = settings.startup_timeout.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    return Err(error);
+                }
+                let pause = wait.min(left);
+                tracing::warn!(
+                    error = %crate::telemetry::chain(&error),
+                    retry_in = ?pause,
+                    "cannot read {what} yet: the database is not available; trying again"
+                );
+                tokio::time::sleep(pause).await;
+                wait = (wait * 2).min(OPEN_RETRY_MAX);
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Serves `store`; see [`serve`].
 async fn serve_with<S: Store>(
     store: S,
@@ -194,9 +233,11 @@ async fn build<S: Store>(
     settings: &Settings,
     background: &mut JoinSet<()>,
 ) -> Result<Built, StartupError> {
-    let ring = KeyRing::load(&store, settings.auth)
-        .await
-        .map_err(StartupError::Keys)?;
+    let ring = read_at_startup(&settings.database, "the API keys", || {
+        KeyRing::load(&store, settings.auth)
+    })
+    .await
+    .map_err(StartupError::Keys)?;
     protection::check(&ring, settings.auth, listener.local_addr().ok())?;
     // MCP's listener is held to the same rule.
     if let Some(addr) = settings.mcp_addr.filter(|addr| !addr.ip().is_loopback()) {
@@ -223,9 +264,13 @@ async fn build<S: Store>(
         dedup_window: settings.dedup_window,
         legacy: settings.legacy_key_scope,
     };
-    let legacy = LegacyRecords::load(&store, &policy)
-        .await
-        .map_err(StartupError::LegacyRecords)?;
+    let legacy = read_at_startup(
+        &settings.database,
+        "when records of the earlier key scope were last written",
+        || LegacyRecords::load(&store, &policy),
+    )
+    .await
+    .map_err(StartupError::LegacyRecords)?;
     if let Some(refresher) = legacy.refresh(store.clone(), policy) {
         adopt(background, refresher);
     }
@@ -250,7 +295,7 @@ async fn build<S: Store>(
 
     let tasks = TaskServiceServer::new(TaskApi::new(
         store.clone(),
-        ReplayCache::new(settings.replay_cache_bytes),
+        ReplayCache::new(settings.replay_cache_bytes, store.history()),
         policy,
         settings.limits,
         settings.queue,

@@ -150,6 +150,7 @@ impl From<StorageError> for ServiceError {
             | StorageError::LockWait(_)
             | StorageError::WriterBusy(_)
             | StorageError::WriteLocked(_)
+            | StorageError::ReadOnly
             | StorageError::Unavailable(_) => Self::Unavailable(error),
             StorageError::Internal(_) | StorageError::Corrupt(_) | StorageError::Config(_) => {
                 Self::Internal(error)

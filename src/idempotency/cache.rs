@@ -14,6 +14,14 @@
 //!
 //! The cache holds at most `REPLAY_CACHE_BYTES` of records (keys,
 //! fingerprints and responses), evicting the least useful first.
+//!
+//! All of this holds while the database keeps its history. A failover to a
+//! standby that lacked the latest commits (asynchronous replication), or a
+//! restore from a backup, takes records away; an entry of such a record
+//! would answer a task no database holds. So each entry carries the epoch
+//! of the database's history it was read in (see
+//! [`DatabaseHistory`]), and answers only in that epoch, and only while the
+//! history is trusted (not while the database is out of reach).
 
 use std::{
     sync::Arc,
@@ -22,7 +30,7 @@ use std::{
 
 use moka::{Expiry, sync::Cache};
 
-use crate::storage::StoredKey;
+use crate::storage::{DatabaseHistory, StoredKey};
 
 /// What each entry costs beyond its bytes, for the capacity.
 const ENTRY_OVERHEAD: usize = 96;
@@ -33,6 +41,17 @@ struct Entry {
     fingerprint: Vec<u8>,
     response: Vec<u8>,
     expires: Instant,
+    /// The epoch of the database's history the record was read in.
+    epoch: u64,
+}
+
+/// When a statement that reads or writes a record was sent, and in which
+/// epoch of the database's history: taken before it is sent.
+#[derive(Debug, Clone, Copy)]
+pub struct Sent {
+    at: Instant,
+    epoch: u64,
+    trusted: bool,
 }
 
 /// Expires each entry at its own instant.
@@ -64,6 +83,7 @@ impl Expiry<String, Arc<Entry>> for UntilExpiry {
 #[derive(Clone)]
 pub struct ReplayCache {
     entries: Option<Cache<String, Arc<Entry>>>,
+    history: DatabaseHistory,
 }
 
 impl std::fmt::Debug for ReplayCache {
@@ -84,8 +104,9 @@ fn name(scope: &str, key: &str) -> String {
 }
 
 impl ReplayCache {
-    /// A cache of at most `max_bytes` of records; 0 disables it.
-    pub fn new(max_bytes: u64) -> Self {
+    /// A cache of at most `max_bytes` of records (0 disables it), valid
+    /// while `history` says the database's history is unchanged.
+    pub fn new(max_bytes: u64, history: DatabaseHistory) -> Self {
         let entries = (max_bytes > 0).then(|| {
             Cache::builder()
                 .max_capacity(max_bytes)
@@ -99,7 +120,16 @@ impl ReplayCache {
                 .expire_after(UntilExpiry)
                 .build()
         });
-        Self { entries }
+        Self { entries, history }
+    }
+
+    /// Marks a statement about to be sent, for [`insert`](Self::insert).
+    pub fn sent(&self) -> Sent {
+        Sent {
+            at: Instant::now(),
+            epoch: self.history.epoch(),
+            trusted: self.history.is_trusted(),
+        }
     }
 
     /// The live record of `key` in `scope`, if cached.
@@ -114,7 +144,17 @@ impl ReplayCache {
     }
 
     fn lookup(&self, scope: &str, key: &str) -> Option<StoredKey> {
-        let entry = self.entries.as_ref()?.get(&name(scope, key))?;
+        let entries = self.entries.as_ref()?;
+        if !self.history.is_trusted() {
+            return None;
+        }
+        let entry = entries.get(&name(scope, key))?;
+        if entry.epoch != self.history.epoch() {
+            // Read in an earlier history: the database may no longer hold
+            // it. (Every entry of that epoch goes the same way.)
+            entries.invalidate(&name(scope, key));
+            return None;
+        }
         let remaining = entry.expires.checked_duration_since(Instant::now())?;
         if remaining.is_zero() {
             return None;
@@ -127,12 +167,16 @@ impl ReplayCache {
     }
 
     /// Keeps `record` of `key` in `scope`, as read or written by a
-    /// statement sent at `sent`.
-    pub fn insert(&self, scope: &str, key: &str, record: &StoredKey, sent: Instant) {
+    /// statement marked `sent`; not if the database's history changed (or
+    /// was in doubt) since.
+    pub fn insert(&self, scope: &str, key: &str, record: &StoredKey, sent: Sent) {
         let Some(entries) = &self.entries else {
             return;
         };
-        let Some(expires) = sent.checked_add(record.remaining) else {
+        if !sent.trusted || sent.epoch != self.history.epoch() {
+            return;
+        }
+        let Some(expires) = sent.at.checked_add(record.remaining) else {
             return;
         };
         entries.insert(
@@ -141,6 +185,7 @@ impl ReplayCache {
                 fingerprint: record.fingerprint.clone(),
                 response: record.response.clone(),
                 expires,
+                epoch: sent.epoch,
             }),
         );
     }
@@ -160,8 +205,8 @@ mod tests {
 
     #[test]
     fn a_record_is_served_until_its_remaining_time_from_when_it_was_sent() {
-        let cache = ReplayCache::new(1 << 20);
-        let sent = Instant::now();
+        let cache = ReplayCache::new(1 << 20, DatabaseHistory::untracked());
+        let sent = cache.sent();
         cache.insert("s", "live", &record(Duration::from_secs(60)), sent);
         cache.insert("s", "gone", &record(Duration::from_millis(1)), sent);
         std::thread::sleep(Duration::from_millis(5));
@@ -173,23 +218,71 @@ mod tests {
         assert!(cache.get("other", "live").is_none(), "scopes apart");
     }
 
+    fn identity(timeline: i64) -> crate::storage::Identity {
+        crate::storage::Identity {
+            system: "7".into(),
+            timeline: Some(timeline),
+            wal: Some(100),
+        }
+    }
+
+    #[test]
+    fn a_record_read_before_the_history_changed_is_never_answered() {
+        let history = DatabaseHistory::tracked();
+        let cache = ReplayCache::new(1 << 20, history.clone());
+        history.observe(identity(1));
+        cache.insert("s", "k", &record(Duration::from_secs(60)), cache.sent());
+        assert!(cache.get("s", "k").is_some());
+
+        // A failover to a standby: a new timeline.
+        let sent_before = cache.sent();
+        assert!(history.observe(identity(2)).is_some());
+        assert!(cache.get("s", "k").is_none(), "read on the old timeline");
+        // Nor is a record whose statement was sent before the change.
+        cache.insert("s", "late", &record(Duration::from_secs(60)), sent_before);
+        assert!(cache.get("s", "late").is_none());
+        // What is read now is answered again.
+        cache.insert("s", "k", &record(Duration::from_secs(60)), cache.sent());
+        assert!(cache.get("s", "k").is_some());
+    }
+
+    #[test]
+    fn nothing_is_answered_while_the_database_is_out_of_reach() {
+        let history = DatabaseHistory::tracked();
+        let cache = ReplayCache::new(1 << 20, history.clone());
+        cache.insert("s", "k", &record(Duration::from_secs(60)), cache.sent());
+        assert!(
+            cache.get("s", "k").is_none(),
+            "no connection has reported yet"
+        );
+        history.observe(identity(1));
+        cache.insert("s", "k", &record(Duration::from_secs(60)), cache.sent());
+        assert!(cache.get("s", "k").is_some());
+
+        history.distrust();
+        assert!(cache.get("s", "k").is_none());
+        // Back, on the same history: the entry answers again.
+        history.observe(identity(1));
+        assert!(cache.get("s", "k").is_some());
+    }
+
     #[test]
     fn a_disabled_cache_misses() {
-        let cache = ReplayCache::new(0);
-        cache.insert("s", "k", &record(Duration::from_secs(60)), Instant::now());
+        let cache = ReplayCache::new(0, DatabaseHistory::untracked());
+        cache.insert("s", "k", &record(Duration::from_secs(60)), cache.sent());
         assert!(cache.get("s", "k").is_none());
     }
 
     #[test]
     fn the_cache_holds_at_most_its_capacity() {
-        let cache = ReplayCache::new(64 * 1024);
+        let cache = ReplayCache::new(64 * 1024, DatabaseHistory::untracked());
         let big = StoredKey {
             fingerprint: vec![1; 32],
             response: vec![2; 1000],
             remaining: Duration::from_secs(60),
         };
         for i in 0..1000 {
-            cache.insert("s", &i.to_string(), &big, Instant::now());
+            cache.insert("s", &i.to_string(), &big, cache.sent());
         }
         let entries = cache.entries.as_ref().expect("enabled");
         entries.run_pending_tasks();

@@ -11,8 +11,6 @@
 //!    claim's statement not see the record committed meanwhile, one read
 //!    fetches it.
 
-use std::time::Instant;
-
 use chrono::{DateTime, SubsecRound, Utc};
 use prost::Message;
 use uuid::Uuid;
@@ -228,7 +226,7 @@ pub async fn create_task<S: Store>(
         return Ok(target.answer(stored));
     }
     if legacy.live {
-        let sent = Instant::now();
+        let sent = replays.sent();
         let keys = target.legacy_keys(legacy.owners);
         if let Some(stored) = store
             .find_legacy_key(target.scope, &keys, &task.agent_id, target.retention)
@@ -241,7 +239,7 @@ pub async fn create_task<S: Store>(
     for _ in 0..MAX_CLAIM_ATTEMPTS {
         // The stores keep microseconds; the response says what they keep.
         let creation = Creation::new(task, Utc::now().trunc_subsecs(6));
-        let sent = Instant::now();
+        let sent = replays.sent();
         let claim = target.claim(task, &creation, legacy.twins);
         let stored = match store.claim_key(claim).await {
             Ok(Claimed::Created) => {
@@ -256,7 +254,7 @@ pub async fn create_task<S: Store>(
             Ok(Claimed::Held(stored)) if !stored.remaining.is_zero() => stored,
             // A record that has expired answers nothing: read again.
             Ok(Claimed::Held(_) | Claimed::Unseen) => {
-                let sent = Instant::now();
+                let sent = replays.sent();
                 let lookup = store
                     .find_key(target.scope, &target.key, target.retention)
                     .await?;

@@ -30,6 +30,9 @@ pub enum StorageError {
     /// the store cannot tell).
     #[error("another connection held the database's write lock for {0:?}")]
     WriteLocked(std::time::Duration),
+    /// The database answers but takes no writes now (it is read-only).
+    #[error("the database takes no writes (it is read-only)")]
+    ReadOnly,
     /// The configuration names a store that cannot be used.
     #[error("{0}")]
     Config(String),

@@ -16,13 +16,15 @@
 //! - `grouping.rs`: how both split a batch into statements.
 //! - `error.rs`: [`StorageError`] and the database error codes it reads.
 //! - `events.rs`: the wake-ups a store raises; `settings.rs`: how to reach
-//!   the database.
+//!   the database; `history.rs`: whether the database's history changed
+//!   under this instance (a failover, a restore).
 
 #[macro_use]
 mod task_row;
 mod error;
 mod events;
 mod grouping;
+mod history;
 mod idempotency_records;
 pub mod postgres;
 mod queue_types;
@@ -36,6 +38,7 @@ use uuid::Uuid;
 
 pub use error::StorageError;
 pub use events::TaskEvents;
+pub use history::{DatabaseHistory, Identity};
 pub use idempotency_records::{Claimed, KeyClaim, KeyLookup, StoredKey};
 pub use postgres::PgStore;
 pub use queue_types::{

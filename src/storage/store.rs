@@ -123,8 +123,22 @@ pub trait Store: Clone + Send + Sync + fmt::Debug + 'static {
         }
     }
 
-    /// Checks that the database answers.
+    /// Checks that the database answers and can commit now (on PostgreSQL,
+    /// a commit that waits for a synchronous standby, if one is required).
     fn ping(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// What this instance knows of the database's history: whether what it
+    /// remembers of the database (the replay cache) may still be answered.
+    fn history(&self) -> super::DatabaseHistory {
+        super::DatabaseHistory::untracked()
+    }
+
+    /// Reads where the database's history stands now (new connections do
+    /// so by themselves), so that a database back after a blip with the
+    /// same history is trusted again.
+    fn check_history(&self) -> impl Future<Output = Result<(), StorageError>> + Send {
+        async { Ok(()) }
+    }
 
     /// Tasks by status and the wait of the oldest task ready to lease, for
     /// the metrics and the status page. Counts every task: read it at a

@@ -78,6 +78,55 @@ async fn health_flips_when_the_database_goes_away_and_comes_back() {
     );
 }
 
+/// While the database is out of reach, a replay is not answered from the
+/// instance's memory (the database may come back with another history: a
+/// failover that lost commits); once it is back with the same history, the
+/// key replays again.
+#[tokio::test]
+async fn nothing_is_answered_from_memory_while_the_database_is_out_of_reach() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let proxy = PgProxy::start(&db).await;
+    let app = TestApp::spawn_with(test_settings(&db.url_via(proxy.port))).await;
+    let key = new_key();
+    let first = app
+        .create(Some(&key), email_request())
+        .await
+        .expect("create");
+
+    proxy.cut();
+    app.wait_for_health(ServingStatus::NotServing).await;
+    let status = app
+        .create(Some(&key), email_request())
+        .await
+        .expect_err("no replay from memory while the database is away");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    proxy.restore();
+    app.wait_for_health(ServingStatus::Serving).await;
+    let replay = app
+        .create(Some(&key), email_request())
+        .await
+        .expect("replayed once the database is back");
+    assert_eq!(replayed(&replay), Some("true"));
+    assert_eq!(replay.into_inner(), first.into_inner());
+}
+
+/// Health says whether a create can commit now, not only whether the
+/// database answers a query: a database that takes no writes (a standby
+/// after a failover, one set read-only) is NOT_SERVING, and SERVING again
+/// once it takes writes. (`SELECT 1` answered all along.)
+#[tokio::test]
+async fn health_is_not_serving_while_the_database_cannot_commit() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let app = TestApp::spawn(&db).await;
+    app.wait_for_health(ServingStatus::Serving).await;
+
+    db.set_read_only(true).await;
+    app.wait_for_health(ServingStatus::NotServing).await;
+    db.set_read_only(false).await;
+    app.wait_for_health(ServingStatus::Serving).await;
+}
+
 #[tokio::test]
 async fn an_unreachable_database_is_unavailable_and_a_retry_later_executes_afresh() {
     let db = TestDb::new(Backend::Postgres).await;

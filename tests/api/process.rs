@@ -161,6 +161,37 @@ async fn the_binary_waits_for_a_database_that_is_not_up_yet() {
     assert_eq!(db.count("tasks").await, 1);
 }
 
+/// The reads startup makes once the store is open (the API keys first)
+/// wait for a database that is unavailable too, and the server then
+/// serves. Found by the chaos harness on a Patroni cluster: an instance
+/// restarted during a failover found the database after its migrations,
+/// then exited on its first read of the API keys, which found no primary.
+/// Here the read waits on a lock the test holds on the keys' table until
+/// the lock timeout, which is as unavailable as a failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn startup_reads_wait_for_an_unavailable_database_too() {
+    let db = TestDb::new(Backend::Postgres).await;
+    db.migrate_before(i64::MAX).await;
+    let lock = db.lock_table("api_keys").await;
+    let mut command = Command::new(BINARY);
+    command
+        .env("DATABASE_URL", &db.url)
+        .env("IN_FLIGHT_WAIT", "200ms")
+        .env("RUST_LOG", "warn");
+    let mut server = BinaryServer::launch(command);
+    server
+        .wait_for_log("startup to find the API keys unreadable", |line| {
+            line["message"]
+                == "cannot read the API keys yet: the database is not available; trying again"
+        })
+        .await;
+
+    lock.rollback().await.expect("release the lock");
+    server.wait_until_serving().await;
+    let created = server.create_raw(&new_key()).await;
+    assert_eq!(replayed(&created), Some("false"));
+}
+
 /// Runs `command` to its end, at most `within`; its status and standard
 /// error, and how long it ran.
 fn run_to_end(

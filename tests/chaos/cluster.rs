@@ -147,6 +147,33 @@ impl Database {
         }
     }
 
+    /// Whether the database holds the task (tried again for a while: after
+    /// a failover, the pool's first connections may be to a primary that
+    /// is gone).
+    pub(crate) async fn holds_task(&self, task_id: &str) -> Result<bool, String> {
+        let Database::Postgres { pool, .. } = self else {
+            return Err("probes run on PostgreSQL only".into());
+        };
+        let id = uuid::Uuid::parse_str(task_id).map_err(|e| format!("task id {task_id}: {e}"))?;
+        let mut tries = 0;
+        loop {
+            match sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM tasks WHERE task_id = $1)",
+            )
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            {
+                Ok(held) => return Ok(held),
+                Err(error) if tries >= 40 => return Err(format!("read task {task_id}: {error}")),
+                Err(_) => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
     /// Deletes a task and its key record (a probe's, not the workload's).
     pub(crate) async fn delete_task(&self, task_id: &str) -> Result<(), String> {
         let Database::Postgres { pool, .. } = self else {
@@ -324,6 +351,18 @@ impl Instance {
                 ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// What the health check answers now (`None`: no answer within a
+    /// second).
+    pub(crate) async fn health(&self) -> Option<ServingStatus> {
+        let mut health = HealthClient::new(self.channel.clone());
+        let mut request = tonic::Request::new(HealthCheckRequest::default());
+        request.set_timeout(Duration::from_millis(500));
+        match tokio::time::timeout(Duration::from_secs(1), health.check(request)).await {
+            Ok(Ok(answer)) => Some(answer.get_ref().status()),
+            _ => None,
         }
     }
 

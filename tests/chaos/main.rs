@@ -65,6 +65,10 @@ enum Mode {
     Short,
     /// At least 20,000 operations and 100 faults per store (by hand).
     Long,
+    /// On `patroni`: only the probes made before the workload (a create
+    /// with no standby, start-up with no primary, a lost write), no
+    /// workload.
+    Probes,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -140,6 +144,16 @@ impl Plan {
                 fault_gap: (Duration::from_millis(1000), Duration::from_millis(3000)),
                 min_failovers: 50,
             },
+            Mode::Probes => Plan {
+                min_operations: 0,
+                min_faults: 0,
+                min_time: Duration::ZERO,
+                max_time: secs(60),
+                agents: 0,
+                workers: 0,
+                fault_gap: (Duration::from_millis(1000), Duration::from_millis(3000)),
+                min_failovers: 0,
+            },
         }
     }
 }
@@ -160,6 +174,12 @@ struct Report {
     /// On Patroni with a synchronous replication: what a create answered
     /// while no standby ran.
     no_standby: Option<patroni::NoStandby>,
+    /// On Patroni: health and start-up while no node was primary.
+    no_primary: Option<patroni::NoPrimary>,
+    /// On Patroni: a write kept off the standbys, then the primary lost.
+    lost_write: Option<patroni::LostWrite>,
+    /// Anomalies of the probes (a failure whatever the replication).
+    probe_anomalies: usize,
     /// How often the instances' listeners lost the database and found it
     /// again.
     listeners: (usize, usize),
@@ -189,8 +209,10 @@ fn main() -> ExitCode {
                 // An asynchronous cluster is expected to lose acknowledged
                 // work: that run reports what the checker found.
                 let expected = patroni == Some(Replication::Async);
-                failed |= !expected && !report.anomalies.is_empty() || report.shortfall.is_some();
-                if expected && !report.anomalies.is_empty() {
+                failed |= !expected && !report.anomalies.is_empty()
+                    || report.probe_anomalies > 0
+                    || report.shortfall.is_some();
+                if expected && report.anomalies.len() > report.probe_anomalies {
                     expected_anomalies = true;
                     println!(
                         "chaos: the anomalies above are those asynchronous replication allows; not a failure"
@@ -293,6 +315,32 @@ async fn run_in(
             Some(seen)
         }
         _ => None,
+    };
+    let no_primary = match &patroni {
+        Some(p) => {
+            let seen = patroni::start_without_primary(&cluster, p.clone()).await?;
+            println!(
+                "chaos {label}: with no primary, a running instance said NOT_SERVING {:.1} s after the node was killed; an instance started then served {:.1} s later ({})",
+                seen.not_serving_after.as_secs_f64(),
+                seen.serving_after.as_secs_f64(),
+                seen.failover
+            );
+            Some(seen)
+        }
+        None => None,
+    };
+    let lost_write = match &patroni {
+        Some(p) => {
+            let seen = patroni::lost_write(&cluster, p).await?;
+            println!(
+                "chaos {label}: a create while replication was cut answered {}; then {}; an acknowledged create lost: {}",
+                seen.first,
+                seen.retries.join(", "),
+                if seen.lost { "yes" } else { "no" }
+            );
+            Some(seen)
+        }
+        None => None,
     };
     if store == Store::Postgres && patroni.is_none() && !restart_postgres {
         println!("chaos postgres: PostgreSQL restarts are off (not local, or --no-pg-restart)");
@@ -446,6 +494,17 @@ async fn run_in(
             });
         }
     }
+    // The probes' broken promises fail a run whatever the replication.
+    let before = anomalies.len();
+    if let Some(seen) = &lost_write {
+        for detail in &seen.anomalies {
+            anomalies.push(Anomaly {
+                kind: "lost write answered wrong",
+                detail: detail.clone(),
+            });
+        }
+    }
+    let probe_anomalies = anomalies.len() - before;
     let short_of_failovers = patroni.is_some() && failovers() < plan.min_failovers;
     let shortfall = (operations < plan.min_operations
         || tally.disruptive() < plan.min_faults
@@ -482,6 +541,9 @@ async fn run_in(
         anomalies,
         shortfall,
         no_standby,
+        no_primary,
+        lost_write,
+        probe_anomalies,
         listeners: (listeners.0, listeners.1),
     };
     drop(work);
@@ -593,6 +655,22 @@ fn print_report(report: &Report, plan: Plan) {
         println!(
             "  listeners: lost the database {} times, listening again {} times",
             report.listeners.0, report.listeners.1
+        );
+    }
+    if let Some(seen) = &report.no_primary {
+        println!(
+            "  with no primary: NOT_SERVING {:.1} s after the kill; an instance started then served {:.1} s later ({})",
+            seen.not_serving_after.as_secs_f64(),
+            seen.serving_after.as_secs_f64(),
+            seen.failover
+        );
+    }
+    if let Some(seen) = &report.lost_write {
+        println!("  a create while replication was cut: {}", seen.first);
+        println!(
+            "  retried after the failover: {}; acknowledged and lost: {}",
+            seen.retries.join(", "),
+            if seen.lost { "yes" } else { "no" }
         );
     }
     if let Some(seen) = &report.no_standby {

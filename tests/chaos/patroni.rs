@@ -5,7 +5,10 @@
 
 use std::{
     process::Stdio,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -124,6 +127,38 @@ impl Patroni {
         }
     }
 
+    /// Starts a subcommand of the script on this cluster, reading its log
+    /// (standard error) as it comes.
+    pub(crate) fn spawn(&self, args: &[&str]) -> Result<Running, String> {
+        use tokio::io::AsyncBufReadExt;
+
+        let mut child = Command::new(SCRIPT)
+            .args(args)
+            .env("PATRONI_DIR", &self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("run {SCRIPT}: {e}"))?;
+        let stderr = child.stderr.take().ok_or("no standard error to read")?;
+        let (sender, lines) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut reader = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Running {
+            child,
+            lines,
+            log: Vec::new(),
+            what: args.join(" "),
+        })
+    }
+
     /// Keeps the cluster's folder when it is stopped, for its logs.
     pub(crate) fn keep(&self) {
         self.keep.store(true, Ordering::SeqCst);
@@ -189,20 +224,7 @@ pub(crate) async fn standby_missing(
     patroni: &Patroni,
 ) -> Result<NoStandby, String> {
     let key = Uuid::new_v4().to_string();
-    let request = |deadline: Duration| {
-        let parameters = serde_json::json!({ "probe": "standby-missing", "key": key });
-        let mut message = tonic::Request::new(CreateTaskRequest {
-            agent_id: "chaos-agent-0".into(),
-            action: "chaos.standby-missing".into(),
-            parameters: Some(json::to_struct(parameters).expect("an object")),
-        });
-        message.set_timeout(deadline);
-        message.metadata_mut().insert(
-            IDEMPOTENCY_KEY,
-            key.parse().expect("a UUID is ASCII metadata"),
-        );
-        authorized(message, &cluster.keys.agent(&mut fastrand::Rng::new()))
-    };
+    let request = |deadline| probe_request(cluster, "standby-missing", &key, deadline);
     let mut client = TaskServiceClient::new(cluster.instances[0].channel.clone());
 
     patroni.run(&["kill-replicas"]).await?;
@@ -270,4 +292,285 @@ pub(crate) async fn standby_missing(
         retry,
         replayed,
     })
+}
+
+/// What [`start_without_primary`] saw.
+pub(crate) struct NoPrimary {
+    /// How long after the primary's node was killed another instance's
+    /// health check said NOT_SERVING.
+    pub(crate) not_serving_after: Duration,
+    /// How long the instance started meanwhile took to serve.
+    pub(crate) serving_after: Duration,
+    /// What the cluster's script said of the failover.
+    pub(crate) failover: String,
+}
+
+/// The primary's whole node killed: while no node is primary, a running
+/// instance's health check must say NOT_SERVING, and an instance started
+/// then must wait for the new primary and serve (no restart by hand).
+pub(crate) async fn start_without_primary(
+    cluster: &Cluster,
+    patroni: Arc<Patroni>,
+) -> Result<NoPrimary, String> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    let (watcher, starting) = (&cluster.instances[0], &cluster.instances[2]);
+    starting.kill().await;
+    let killed = Instant::now();
+    let failover = tokio::spawn({
+        let patroni = patroni.clone();
+        async move { patroni.run(&["kill-node"]).await }
+    });
+    // The outage, as the running instance reports it.
+    let not_serving_after = loop {
+        if watcher.health().await == Some(ServingStatus::NotServing) {
+            break killed.elapsed();
+        }
+        if killed.elapsed() > Duration::from_secs(30) {
+            let _ = failover.await;
+            let _ = starting.spawn().await;
+            return Err(
+                "instance 0 answered SERVING all through the 30 s after the primary's node was killed"
+                    .into(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let spawned = Instant::now();
+    starting.spawn().await?;
+    let failover = failover
+        .await
+        .map_err(|e| format!("the kill-node task: {e}"))??
+        .unwrap_or_default();
+    starting.wait_serving(Duration::from_secs(90)).await?;
+    let serving_after = spawned.elapsed();
+    watcher.wait_serving(Duration::from_secs(30)).await?;
+    Ok(NoPrimary {
+        not_serving_after,
+        serving_after,
+        failover: failover
+            .lines()
+            .filter(|l| l.contains(" in "))
+            .map(|l| l.trim_start_matches("patroni-cluster: "))
+            .collect(),
+    })
+}
+
+/// What [`lost_write`] saw.
+pub(crate) struct LostWrite {
+    /// What the create sent while the primary's replication was cut
+    /// answered.
+    pub(crate) first: String,
+    /// Whether that answer was OK and its task is gone: an acknowledged
+    /// create lost.
+    pub(crate) lost: bool,
+    /// What the retries through each instance answered, in order.
+    pub(crate) retries: Vec<String>,
+    /// Broken promises: instances that disagree, a task the database does
+    /// not hold, an acknowledged create lost where the replication allows
+    /// none.
+    pub(crate) anomalies: Vec<String>,
+}
+
+/// A write kept off the standbys, then the primary lost: its replication
+/// cut (walsenders SIGSTOPped, so that not even the WAL already in the
+/// socket arrives), a create through instance A (and its replay, from A's
+/// memory), the primary killed while still cut, a standby promoted. Then
+/// the same key is retried through A and through B, until both answer:
+/// they must give one answer, a task the new primary holds. With
+/// asynchronous replication the first create was acknowledged and is lost
+/// (the retries create it anew); with synchronous replication it waited
+/// for a standby and was never acknowledged, so nothing acknowledged is
+/// lost. The probe's task is deleted afterwards.
+pub(crate) async fn lost_write(cluster: &Cluster, patroni: &Patroni) -> Result<LostWrite, String> {
+    let key = Uuid::new_v4().to_string();
+    let request = |deadline| probe_request(cluster, "lost-write", &key, deadline);
+    let client = |index: usize| TaskServiceClient::new(cluster.instances[index].channel.clone());
+    let answer = |outcome: Result<
+        tonic::Response<oncely_client::proto::tasks_v1::Task>,
+        tonic::Status,
+    >| match outcome {
+        Ok(response) => {
+            let replayed = response
+                .metadata()
+                .get(IDEMPOTENT_REPLAYED)
+                .is_some_and(|v| v == "true");
+            Ok((response.into_inner().task_id, replayed))
+        }
+        Err(status) => Err(format!("{:?}: {}", status.code(), status.message())),
+    };
+
+    // The cut lasts long enough for the create and its replay, and ends
+    // with the kill.
+    let mut script = patroni.spawn(&["cut-and-kill-primary", "4"])?;
+    script
+        .wait_for_line("cut for", Duration::from_secs(120))
+        .await?;
+    let first = answer(client(0).create_task(request(Duration::from_secs(2))).await);
+    let replay = answer(client(0).create_task(request(Duration::from_secs(2))).await);
+    let failover = script.finish().await?;
+
+    // Retried through A, B, then A again, each until it answers.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut retries = Vec::new();
+    let mut answers = Vec::new();
+    for index in [0, 1, 0] {
+        loop {
+            match answer(
+                client(index)
+                    .create_task(request(Duration::from_secs(5)))
+                    .await,
+            ) {
+                Ok((task_id, replayed)) => {
+                    retries.push(format!(
+                        "instance {index}: task {task_id}{}",
+                        if replayed { " (replayed)" } else { "" }
+                    ));
+                    answers.push(task_id);
+                    break;
+                }
+                Err(why) if Instant::now() > deadline => {
+                    return Err(format!(
+                        "instance {index} still answered {why} 90 s after the failover"
+                    ));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
+
+    let mut anomalies = Vec::new();
+    let final_task = answers[0].clone();
+    if answers.iter().any(|a| *a != final_task) {
+        anomalies.push(format!(
+            "the instances answered one key with different tasks after the failover: {}",
+            retries.join("; ")
+        ));
+    }
+    let held = cluster.database.holds_task(&final_task).await?;
+    if !held {
+        anomalies.push(format!(
+            "task {final_task} was answered after the failover, but the database does not hold it"
+        ));
+    }
+    let lost = matches!(&first, Ok((task_id, _)) if *task_id != final_task);
+    if lost && patroni.replication != Replication::Async {
+        anomalies.push(format!(
+            "an acknowledged create was lost with {} replication",
+            patroni.replication.name()
+        ));
+    }
+    for task_id in answers.iter().collect::<std::collections::BTreeSet<_>>() {
+        if cluster.database.holds_task(task_id).await? {
+            cluster.database.delete_task(task_id).await?;
+        }
+    }
+    let describe = |outcome: &Result<(String, bool), String>| match outcome {
+        Ok((task_id, replayed)) => format!(
+            "OK with task {task_id}{}",
+            if *replayed { " (replayed)" } else { "" }
+        ),
+        Err(why) => why.clone(),
+    };
+    Ok(LostWrite {
+        first: format!(
+            "{}, its replay through the same instance {} ({failover})",
+            describe(&first),
+            describe(&replay)
+        ),
+        lost,
+        retries,
+        anomalies,
+    })
+}
+
+/// A subcommand of the script running, its log read as it comes.
+pub(crate) struct Running {
+    child: tokio::process::Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    log: Vec<String>,
+    what: String,
+}
+
+impl Running {
+    /// Waits until the script logs a line containing `text`.
+    pub(crate) async fn wait_for_line(
+        &mut self,
+        text: &str,
+        within: Duration,
+    ) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(line)) => {
+                    let found = line.contains(text);
+                    self.log.push(line);
+                    if found {
+                        return Ok(());
+                    }
+                }
+                Ok(None) => {
+                    return Err(format!(
+                        "patroni-cluster {} ended without logging {text:?}: {}",
+                        self.what,
+                        self.log.join("; ")
+                    ));
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "patroni-cluster {} did not log {text:?} within {within:?}",
+                        self.what
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Waits for the script to end; its last line, or why it failed.
+    pub(crate) async fn finish(mut self) -> Result<String, String> {
+        let status = self
+            .child
+            .wait()
+            .await
+            .map_err(|e| format!("patroni-cluster {}: {e}", self.what))?;
+        while let Some(line) = self.lines.recv().await {
+            self.log.push(line);
+        }
+        let last = self
+            .log
+            .last()
+            .map(|l| l.trim_start_matches("patroni-cluster: ").to_owned())
+            .unwrap_or_default();
+        if status.success() {
+            Ok(last)
+        } else {
+            Err(format!(
+                "patroni-cluster {}: {status}: {}",
+                self.what,
+                self.log.join("; ")
+            ))
+        }
+    }
+}
+
+/// A probe's create: its own action and agent, `key` as its idempotency
+/// key, sent through either agent key with `deadline`.
+fn probe_request(
+    cluster: &Cluster,
+    probe: &str,
+    key: &str,
+    deadline: Duration,
+) -> tonic::Request<CreateTaskRequest> {
+    let parameters = serde_json::json!({ "probe": probe, "key": key });
+    let mut message = tonic::Request::new(CreateTaskRequest {
+        agent_id: "chaos-agent-0".into(),
+        action: format!("chaos.{probe}"),
+        parameters: Some(json::to_struct(parameters).expect("an object")),
+    });
+    message.set_timeout(deadline);
+    message.metadata_mut().insert(
+        IDEMPOTENCY_KEY,
+        key.parse().expect("a UUID is ASCII metadata"),
+    );
+    authorized(message, &cluster.keys.agent(&mut fastrand::Rng::new()))
 }

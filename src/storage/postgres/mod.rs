@@ -18,8 +18,8 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    Claimed, DatabaseSettings, FailureOutcome, GroupCommits, KeyClaim, KeyLookup, LeaseOrder,
-    LeasedTasks, StorageError, Store, StoredKey, TaskEvents, TaskPage, redact_url,
+    Claimed, DatabaseHistory, DatabaseSettings, FailureOutcome, GroupCommits, KeyClaim, KeyLookup,
+    LeaseOrder, LeasedTasks, StorageError, Store, StoredKey, TaskEvents, TaskPage, redact_url,
 };
 use crate::domain::{ApiKeyRecord, Completion, Failure, LeaseRef, TaskRecord};
 
@@ -41,6 +41,9 @@ pub struct PgStore {
     /// Wakes the waiters of the changes this instance commits, here and,
     /// through the database, on the other instances.
     wakeups: batch::PoolWithWakeups,
+    /// Whether the database's history changed under this instance, as
+    /// every new connection reports it.
+    history: DatabaseHistory,
     /// Stops the listener when the last clone of the store is dropped.
     _listener: Arc<listener::Listening>,
     description: String,
@@ -89,7 +92,10 @@ impl PgStore {
         // on every execution, which was a sixth of its CPU under load. The
         // generic plans reach rows through their indexes whatever the
         // tables held when they were made (tests/api/plans.rs).
-        let pool = PgPoolOptions::new()
+        // Every connection, the listener's too when it reconnects, reports
+        // where the database's history stands (a failover, a restore).
+        let history = DatabaseHistory::tracked();
+        let pool = observing(PgPoolOptions::new(), &history)
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.acquire_timeout)
             .connect_lazy_with(
@@ -102,13 +108,13 @@ impl PgStore {
                     ])
                     .application_name("oncely"),
             );
-        let health_pool = PgPoolOptions::new()
+        let health_pool = observing(PgPoolOptions::new(), &history)
             .max_connections(1)
             .acquire_timeout(settings.acquire_timeout)
             .connect_lazy_with(options.clone().application_name("oncely-health"));
         // The listener holds a connection for good: one of its own, so the
         // requests keep the whole pool.
-        let listener_pool = PgPoolOptions::new()
+        let listener_pool = observing(PgPoolOptions::new(), &history)
             .max_connections(1)
             .acquire_timeout(settings.acquire_timeout)
             .connect_lazy_with(options.application_name("oncely-listener"));
@@ -129,10 +135,44 @@ impl PgStore {
             tally,
             pool,
             health_pool,
+            history,
             _listener: Arc::new(listener),
             description: format!("postgres at {}", redact_url(&settings.url)),
         })
     }
+}
+
+/// `options` with every new connection reporting the database's identity
+/// to `history`. A connection that cannot tell (an error) is used anyway:
+/// it changes nothing, and leaves an untrusted history untrusted.
+fn observing(options: PgPoolOptions, history: &DatabaseHistory) -> PgPoolOptions {
+    let history = history.clone();
+    options.after_connect(move |conn, _| {
+        let history = history.clone();
+        Box::pin(async move {
+            if let Err(error) = read_history(&mut *conn, &history).await {
+                tracing::debug!(%error, "cannot read where the database's history stands");
+            }
+            Ok(())
+        })
+    })
+}
+
+/// Reads where the database's history stands on `db` and reports it to
+/// `history`; a change is counted and logged, once.
+async fn read_history(
+    db: impl sqlx::PgExecutor<'_>,
+    history: &DatabaseHistory,
+) -> Result<(), StorageError> {
+    let identity = queries::identity(db).await?;
+    if let Some(change) = history.observe(identity) {
+        crate::metrics::metrics().history_changes.inc();
+        tracing::warn!(
+            %change,
+            "the database's history changed (a failover or a restore): what this instance remembered of it is dropped, and answers come from the database"
+        );
+    }
+    Ok(())
 }
 
 impl Store for PgStore {
@@ -206,6 +246,14 @@ impl Store for PgStore {
 
     async fn ping(&self) -> Result<(), StorageError> {
         queries::ping(&self.health_pool).await
+    }
+
+    fn history(&self) -> DatabaseHistory {
+        self.history.clone()
+    }
+
+    async fn check_history(&self) -> Result<(), StorageError> {
+        read_history(&self.health_pool, &self.history).await
     }
 
     async fn queue_stats(&self) -> Result<super::QueueStats, StorageError> {

@@ -290,11 +290,22 @@ impl TestDb {
     /// A transaction holding `tasks` locked against every other statement
     /// (PostgreSQL), until it is dropped or ends.
     pub(crate) async fn lock_tasks_table(&self) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        self.lock_table("tasks").await
+    }
+
+    /// A transaction holding `table` locked against every other statement
+    /// (PostgreSQL), until it is dropped or ends.
+    pub(crate) async fn lock_table(
+        &self,
+        table: &str,
+    ) -> sqlx::Transaction<'static, sqlx::Postgres> {
         let mut lock = self.pg_pool().begin().await.expect("begin");
-        sqlx::query("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
-            .execute(&mut *lock)
-            .await
-            .expect("lock");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+        )))
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
         lock
     }
 

@@ -12,7 +12,7 @@
 use sqlx::{PgExecutor, Row, postgres::PgRow, types::Json};
 use uuid::Uuid;
 
-use super::super::{StorageError, object};
+use super::super::{Identity, StorageError, object};
 use crate::domain::TaskRecord;
 
 /// The advisory lock under which tasks are numbered: creates hold it
@@ -42,10 +42,44 @@ pub use lifecycle::{
 pub use tasks::{get_task, list_settled_tasks, list_tasks, queue_stats, recent_failures};
 pub use twins::claim_keys_with_twins;
 
-/// Checks that the database answers.
+/// Checks that the database answers and can commit now.
 pub async fn ping(db: impl PgExecutor<'_>) -> Result<(), StorageError> {
-    sqlx::query("SELECT 1").execute(db).await?;
-    Ok(())
+    // A transactional logical message writes WAL and takes a transaction
+    // id, so its commit is a real one: flushed and, when the database
+    // requires a synchronous standby, waiting for it, like a create's. It
+    // needs no table and touches no row (no lock, no contention between
+    // instances); logical decoding, if anyone runs it, sees the prefix. A
+    // standby refuses it; a database set read-only would not, so that is
+    // asked too.
+    sqlx::query(
+        "SELECT pg_logical_emit_message(true, 'oncely-health', '') \
+         WHERE current_setting('transaction_read_only') = 'off'",
+    )
+    .fetch_optional(db)
+    .await?
+    .map(|_| ())
+    .ok_or(StorageError::ReadOnly)
+}
+
+/// Where the database's history stands, as `db` sees it (see
+/// [`crate::storage::DatabaseHistory`]); timeline and WAL position only on
+/// a primary.
+pub async fn identity(db: impl PgExecutor<'_>) -> Result<Identity, StorageError> {
+    let (system, timeline, wal): (String, Option<i64>, Option<i64>) = sqlx::query_as(
+        "SELECT system_identifier::text, \
+                CASE WHEN pg_is_in_recovery() THEN NULL ELSE \
+                    ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int4::int8 END, \
+                CASE WHEN pg_is_in_recovery() THEN NULL ELSE \
+                    (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8 END \
+         FROM pg_control_system()",
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(Identity {
+        system,
+        timeline,
+        wal,
+    })
 }
 
 fn task_record(row: &PgRow) -> Result<TaskRecord, StorageError> {
