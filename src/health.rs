@@ -47,13 +47,23 @@ pub async fn watch_database<S: Store>(store: S, reporter: HealthReporter, interv
         ticker.tick().await;
         let status = match tokio::time::timeout(timeout, store.ping()).await {
             Ok(Ok(())) => {
-                // Back (on a connection that survived, or a new one): where
-                // does its history stand now?
-                if !store.history().is_trusted()
-                    && let Ok(Err(error)) =
-                        tokio::time::timeout(timeout, store.check_history()).await
-                {
-                    tracing::debug!(error = %crate::telemetry::chain(&error), "cannot read where the database's history stands");
+                let history = store.history();
+                // Back (on a connection that survived, or a new one), or
+                // trust ran out (the process was paused): where does the
+                // database's history stand now?
+                let known = history.is_trusted()
+                    || match tokio::time::timeout(timeout, store.check_history()).await {
+                        Ok(Ok(())) => true,
+                        Ok(Err(error)) => {
+                            tracing::debug!(error = %crate::telemetry::chain(&error), "cannot read where the database's history stands");
+                            false
+                        }
+                        Err(_) => false,
+                    };
+                // What is remembered stays trusted until a little after the
+                // next check should have answered.
+                if known {
+                    history.confirm(interval + timeout * 2);
                 }
                 ServingStatus::Serving
             }

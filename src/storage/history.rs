@@ -10,13 +10,24 @@
 //! another timeline, or a WAL position behind one seen on the same timeline
 //! is a change of history: the epoch moves on, and the replay cache, whose
 //! entries carry the epoch they were read in, answers from none of them
-//! again. While the database cannot be reached, nothing remembered is
-//! trusted either, until a new connection shows where history stands.
+//! again. Trust is also a lease: it lasts a little longer than the health
+//! check's period, each answer of the health check (or a new connection)
+//! renews it, and a failed check ends it. So an instance that could not see
+//! the database for a while (it was out of reach, or the process itself
+//! was paused through a failover) answers nothing from memory until it has
+//! looked again.
 
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicBool, AtomicU64, Ordering},
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
+
+/// How long trust lasts when nothing has said otherwise (the health check
+/// sets it from its period).
+const DEFAULT_TRUST: Duration = Duration::from_secs(3);
 
 /// Where the database's history stands, as one connection saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,8 +53,26 @@ pub struct DatabaseHistory {
 #[derive(Debug)]
 struct Inner {
     epoch: AtomicU64,
-    trusted: AtomicBool,
+    /// Trusted until this many nanoseconds after `origin` (0: not).
+    trusted_until: AtomicU64,
+    /// How long a renewal of trust lasts, in nanoseconds.
+    trust_for: AtomicU64,
+    origin: Instant,
     seen: Mutex<Option<Identity>>,
+}
+
+impl Inner {
+    fn now(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn renew(&self) {
+        let until = self
+            .now()
+            .saturating_add(self.trust_for.load(Ordering::SeqCst))
+            .max(1);
+        self.trusted_until.store(until, Ordering::SeqCst);
+    }
 }
 
 impl DatabaseHistory {
@@ -53,7 +82,11 @@ impl DatabaseHistory {
         Self {
             inner: Some(Arc::new(Inner {
                 epoch: AtomicU64::new(0),
-                trusted: AtomicBool::new(false),
+                trusted_until: AtomicU64::new(0),
+                trust_for: AtomicU64::new(
+                    u64::try_from(DEFAULT_TRUST.as_nanos()).unwrap_or(u64::MAX),
+                ),
+                origin: Instant::now(),
                 seen: Mutex::new(None),
             })),
         }
@@ -72,19 +105,36 @@ impl DatabaseHistory {
     }
 
     /// Whether what was read in the current epoch may be answered from
-    /// memory: not while the database cannot be reached (it may come back
-    /// with another history), nor before any connection has been made.
+    /// memory: only while trust lasts (see the module's notes), never
+    /// before any connection has been made.
     pub fn is_trusted(&self) -> bool {
         self.inner
             .as_ref()
-            .is_none_or(|inner| inner.trusted.load(Ordering::SeqCst))
+            .is_none_or(|inner| inner.now() < inner.trusted_until.load(Ordering::SeqCst))
+    }
+
+    /// The database answered on a connection whose history was read: trust
+    /// lasts `trust_for` more (and each renewal from now on as long).
+    pub fn confirm(&self, trust_for: Duration) {
+        if let Some(inner) = &self.inner {
+            let nanos = u64::try_from(trust_for.as_nanos()).unwrap_or(u64::MAX);
+            inner.trust_for.store(nanos, Ordering::SeqCst);
+            if inner
+                .seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+            {
+                inner.renew();
+            }
+        }
     }
 
     /// The database could not be reached: trust nothing remembered until a
-    /// new connection has shown where its history stands.
+    /// connection has shown where its history stands.
     pub fn distrust(&self) {
         if let Some(inner) = &self.inner {
-            inner.trusted.store(false, Ordering::SeqCst);
+            inner.trusted_until.store(0, Ordering::SeqCst);
         }
     }
 
@@ -108,7 +158,7 @@ impl DatabaseHistory {
         if change.is_some() {
             inner.epoch.fetch_add(1, Ordering::SeqCst);
         }
-        inner.trusted.store(true, Ordering::SeqCst);
+        inner.renew();
         change
     }
 }
@@ -184,6 +234,23 @@ mod tests {
         assert_eq!(history.observe(at("7", Some(1), Some(120))), None);
         assert!(history.is_trusted());
         assert_eq!(history.epoch(), 0);
+    }
+
+    #[test]
+    fn trust_lasts_as_long_as_it_is_renewed() {
+        let history = DatabaseHistory::tracked();
+        history.confirm(Duration::from_secs(60));
+        assert!(!history.is_trusted(), "no connection has reported yet");
+        history.observe(at("7", Some(1), Some(100)));
+        assert!(history.is_trusted());
+
+        // Renewals that last next to nothing: a paused process, a check
+        // that stopped answering.
+        history.confirm(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!history.is_trusted(), "not renewed in time");
+        history.confirm(Duration::from_secs(60));
+        assert!(history.is_trusted());
     }
 
     #[test]

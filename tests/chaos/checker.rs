@@ -24,6 +24,33 @@ const QUEUED: i64 = 1;
 const RUNNING: i64 = 2;
 const SUCCEEDED: i64 = 3;
 
+/// What a database that loses acknowledged commits (asynchronous
+/// replication failing over, a restore from backup) makes the checker see
+/// even though oncely did all it could: work acknowledged on the old
+/// history is gone, and a retry makes it again. Every other kind, and
+/// above all an answer naming a task the database no longer held when the
+/// call was made, is oncely's own fault whatever the database.
+pub(crate) const LOST_COMMITS_EXPLAIN: &[&str] = &[
+    "acknowledged create missing",
+    "created twice",
+    "replay differs from the first answer",
+    "duplicate task",
+    "stored task differs from the request",
+    "valid request refused",
+    "reused key refused with the wrong code",
+    "reused key accepted",
+    "completion lost",
+    "completed twice",
+    "completed under a superseded lease",
+    "completion answered another result",
+    "two leases of one attempt",
+    "leases overlap",
+    "lease times go backwards",
+    "attempts undercounted",
+    "result from no lease",
+    "stored result is not the acknowledged one",
+];
+
 /// How far apart two of the server's clock readings may be and still be
 /// read as ordered: timestamps go through the database at microseconds.
 const CLOCK_SLACK_US: i128 = 1_000;
@@ -144,6 +171,42 @@ pub(crate) fn check(history: &History, rows: &[TaskRow]) -> Vec<Anomaly> {
             found(
                 "created twice",
                 format!("{key:?} was answered {count} times as newly created"),
+            );
+        }
+    }
+
+    // Once an answer named the task the database keeps, the database held
+    // it (and the key's record pointing to it) from then on: a call sent
+    // after that which answers another task answered from something other
+    // than the database, such as memory of a history since lost.
+    let mut kept_since = HashMap::new();
+    for attempt in creates.iter() {
+        if let Answer::Ok(answer) = &attempt.answer
+            && !attempt.variant
+            && let Some(stored) = by_key.get(&attempt.key)
+            && stored.iter().any(|t| t.task_id == answer.task.task_id)
+        {
+            let since = kept_since.entry(attempt.key).or_insert(attempt.received);
+            *since = (*since).min(attempt.received);
+        }
+    }
+    for attempt in creates.iter() {
+        if let Answer::Ok(answer) = &attempt.answer
+            && !attempt.variant
+            && let Some(since) = kept_since.get(&attempt.key)
+            && attempt.sent > *since
+            && !by_key[&attempt.key]
+                .iter()
+                .any(|t| t.task_id == answer.task.task_id)
+        {
+            found(
+                "answered a task the database no longer held",
+                format!(
+                    "{:?} was answered with task {}, though the task the database keeps was acknowledged {:?} before the call",
+                    attempt.key,
+                    answer.task.task_id,
+                    attempt.sent - *since,
+                ),
             );
         }
     }

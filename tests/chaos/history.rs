@@ -7,6 +7,7 @@ use std::{
         Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    time::Instant,
 };
 
 use oncely_client::proto::tasks_v1::{CreateTaskRequest, Task};
@@ -52,6 +53,9 @@ pub(crate) struct CreateAttempt {
     /// server must refuse.
     pub(crate) variant: bool,
     pub(crate) answer: Answer<Created>,
+    /// When the attempt was sent, and when its answer came back.
+    pub(crate) sent: Instant,
+    pub(crate) received: Instant,
 }
 
 /// An OK CreateTask answer.

@@ -290,6 +290,7 @@ async fn create(work: &Workload, rng: &mut fastrand::Rng, slot: Slot, variant: b
             );
         }
         let mut client = work.task_client(instance);
+        let sent = std::time::Instant::now();
         let answer = call(&work.history, deadline, cancel, async move {
             let response = client.create_task(message).await?;
             let replayed = response
@@ -302,6 +303,7 @@ async fn create(work: &Workload, rng: &mut fastrand::Rng, slot: Slot, variant: b
             }))
         })
         .await;
+        let received = std::time::Instant::now();
         let settled = !matches!(answer, Answer::Unknown(_));
         if let Answer::Unknown(why) = &answer
             && why.starts_with("cancelled")
@@ -322,6 +324,8 @@ async fn create(work: &Workload, rng: &mut fastrand::Rng, slot: Slot, variant: b
                 key: slot.key,
                 variant,
                 answer,
+                sent,
+                received,
             });
         // A variant is sent once: its point is the refusal.
         if settled || variant {
@@ -386,7 +390,7 @@ async fn handle(work: &Workload, rng: &mut fastrand::Rng, mut instance: usize, l
     let counts = &work.history.counts;
     let Some(task) = lease.task else { return };
     let token = lease.lease_token.clone();
-    let received = Instant::now();
+    let received = std::time::Instant::now();
     bump(&counts.leases);
     work.history.grants.lock().expect("lock").push(Grant {
         task_id: task.task_id.clone(),
