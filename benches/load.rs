@@ -25,6 +25,9 @@
 //! Each store gets one server (`MISSING_KEY_POLICY=fingerprint`, so keyless
 //! calls are accepted) and these scenarios, in order:
 //!
+//! - `health`: `grpc.health.v1.Health/Check` of `tasks.v1.TaskService`, the
+//!   cheapest call the server answers: the yardstick of a replay, which
+//!   never reaches the database either.
 //! - `create`: CreateTask with a fresh key each call.
 //! - `replay`: 1,000 tasks are created first (not timed); each call then
 //!   re-sends one of those 1,000 requests, round-robin, and must be answered
@@ -90,6 +93,9 @@ use tonic::{
     metadata::{AsciiMetadataValue, MetadataMap},
     transport::Channel,
 };
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 /// The uncounted run before each scenario's measurement.
 const WARMUP: Duration = Duration::from_secs(1);
@@ -146,6 +152,7 @@ impl Settings {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
+    Health,
     Create,
     Replay,
     Mixed,
@@ -161,6 +168,7 @@ enum Scenario {
 impl Scenario {
     fn name(self) -> &'static str {
         match self {
+            Self::Health => "health",
             Self::Create => "create",
             Self::Replay => "replay",
             Self::Mixed => "mixed",
@@ -179,6 +187,7 @@ impl Scenario {
 /// all, always in the order above.
 fn scenarios() -> Vec<Scenario> {
     let all = [
+        Scenario::Health,
         Scenario::Create,
         Scenario::Replay,
         Scenario::Mixed,
@@ -197,7 +206,7 @@ fn scenarios() -> Vec<Scenario> {
     for name in &wanted {
         assert!(
             all.iter().any(|s| s.name() == *name),
-            "unknown scenario {name}; BENCH_SCENARIOS takes create, replay, mixed, http-create, http-replay, mcp-create, mcp-replay, keyless, lease+complete and lease-batch"
+            "unknown scenario {name}; BENCH_SCENARIOS takes health, create, replay, mixed, http-create, http-replay, mcp-create, mcp-replay, keyless, lease+complete and lease-batch"
         );
     }
     all.into_iter()
@@ -250,6 +259,7 @@ struct Caller {
     calls: u64,
     tasks: TaskServiceClient<Channel>,
     workers: WorkerServiceClient<Channel>,
+    health: HealthClient<Channel>,
     worker_id: String,
     /// The JSON API's client: HTTP/1.1, a kept-alive connection.
     http: reqwest::Client,
@@ -641,6 +651,7 @@ impl Caller {
             index,
             calls: 0,
             tasks: TaskServiceClient::new(channel.clone()),
+            health: HealthClient::new(channel.clone()),
             workers: WorkerServiceClient::new(channel),
             worker_id: format!("bench-{index}"),
             http: reqwest::Client::new(),
@@ -651,6 +662,7 @@ impl Caller {
     /// One operation of `scenario`, with how many tasks it counts for.
     async fn call(&mut self, scenario: Scenario, shared: &Shared) -> (Outcome, usize) {
         let outcome = match scenario {
+            Scenario::Health => self.health().await,
             Scenario::Create => self.create(shared).await,
             Scenario::Replay => self.replay(shared).await,
             Scenario::Mixed => {
@@ -830,6 +842,18 @@ impl Caller {
         let request = keyed(shared.replay_keys[i].clone(), i as u64);
         match timed(self.tasks.create_task(request)).await {
             Ok(response) if replayed(response.metadata()) => Outcome::Ok,
+            Ok(_) => Outcome::Wrong,
+            Err(status) => Outcome::Error(status),
+        }
+    }
+
+    /// A health check of the task service: must say SERVING.
+    async fn health(&mut self) -> Outcome {
+        let request = HealthCheckRequest {
+            service: "tasks.v1.TaskService".into(),
+        };
+        match timed(self.health.check(request)).await {
+            Ok(response) if response.get_ref().status() == ServingStatus::Serving => Outcome::Ok,
             Ok(_) => Outcome::Wrong,
             Err(status) => Outcome::Error(status),
         }
