@@ -2,7 +2,10 @@
 //! the final database, and lists every anomaly. It does not trust the
 //! server's own account of anything it can check from both sides.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    time::Instant,
+};
 
 use oncely_client::json;
 use tonic::Code;
@@ -109,6 +112,10 @@ pub(crate) fn check(history: &History, rows: &[TaskRow]) -> Vec<Anomaly> {
     let creates = history.creates.lock().expect("lock");
     let mut first_answer = HashMap::new();
     let mut created = HashMap::<KeyRef, u32>::new();
+    // Per key, when an answer first named the task the database keeps; and
+    // the OK answers naming a task it does not.
+    let mut kept_since = HashMap::new();
+    let mut unheld = Vec::new();
     for attempt in creates.iter() {
         let answer = match &attempt.answer {
             Answer::Ok(answer) => answer,
@@ -140,7 +147,14 @@ pub(crate) fn check(history: &History, rows: &[TaskRow]) -> Vec<Anomaly> {
             continue;
         }
         let stored = by_key.get(&attempt.key).map(Vec::as_slice).unwrap_or(&[]);
-        if !stored.iter().any(|t| t.task_id == answer.task.task_id) {
+        if stored.iter().any(|t| t.task_id == answer.task.task_id) {
+            kept_since
+                .entry(attempt.key)
+                .and_modify(|since: &mut Instant| {
+                    *since = (*since).min(attempt.received);
+                })
+                .or_insert(attempt.received);
+        } else {
             found(
                 "acknowledged create missing",
                 format!(
@@ -148,6 +162,7 @@ pub(crate) fn check(history: &History, rows: &[TaskRow]) -> Vec<Anomaly> {
                     attempt.key, answer.task.task_id
                 ),
             );
+            unheld.push((attempt, &answer.task.task_id));
         }
         if !answer.replayed {
             *created.entry(attempt.key).or_default() += 1;
@@ -179,32 +194,15 @@ pub(crate) fn check(history: &History, rows: &[TaskRow]) -> Vec<Anomaly> {
     // it (and the key's record pointing to it) from then on: a call sent
     // after that which answers another task answered from something other
     // than the database, such as memory of a history since lost.
-    let mut kept_since = HashMap::new();
-    for attempt in creates.iter() {
-        if let Answer::Ok(answer) = &attempt.answer
-            && !attempt.variant
-            && let Some(stored) = by_key.get(&attempt.key)
-            && stored.iter().any(|t| t.task_id == answer.task.task_id)
-        {
-            let since = kept_since.entry(attempt.key).or_insert(attempt.received);
-            *since = (*since).min(attempt.received);
-        }
-    }
-    for attempt in creates.iter() {
-        if let Answer::Ok(answer) = &attempt.answer
-            && !attempt.variant
-            && let Some(since) = kept_since.get(&attempt.key)
+    for (attempt, task_id) in unheld {
+        if let Some(since) = kept_since.get(&attempt.key)
             && attempt.sent > *since
-            && !by_key[&attempt.key]
-                .iter()
-                .any(|t| t.task_id == answer.task.task_id)
         {
             found(
                 "answered a task the database no longer held",
                 format!(
-                    "{:?} was answered with task {}, though the task the database keeps was acknowledged {:?} before the call",
+                    "{:?} was answered with task {task_id}, though the task the database keeps was acknowledged {:?} before the call",
                     attempt.key,
-                    answer.task.task_id,
                     attempt.sent - *since,
                 ),
             );

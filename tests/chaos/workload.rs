@@ -390,7 +390,7 @@ async fn handle(work: &Workload, rng: &mut fastrand::Rng, mut instance: usize, l
     let counts = &work.history.counts;
     let Some(task) = lease.task else { return };
     let token = lease.lease_token.clone();
-    let received = std::time::Instant::now();
+    let received = Instant::now();
     bump(&counts.leases);
     work.history.grants.lock().expect("lock").push(Grant {
         task_id: task.task_id.clone(),
