@@ -56,11 +56,11 @@
 //!   A worker whose long poll comes back empty stops; the window ends when
 //!   all have.
 //!
-//! Per scenario it prints a line for people and a `RESULT` line for
+//! Per scenario it prints two lines for people and a `RESULT` line for
 //! scripts, e.g.
 //!
 //! ```text
-//! RESULT store=postgres scenario=create ops=12345 rate=4115.0 p50_ms=6.1 p99_ms=14.2 p999_ms=30.0 errors=0 wrong=0 rss_mib=23.4 peak_rss_mib=30.1
+//! RESULT store=postgres scenario=create ops=12345 rate=4115.0 p50_ms=6.1 p99_ms=14.2 p999_ms=30.0 errors=0 wrong=0 rss_mib=23.4 peak_rss_mib=30.1 cpu_server=48.2 cpu_load=21.0 cpu_postgres=27.5 cpu_other=1.9 cpu_idle=1.4
 //! ```
 //!
 //! `ops` counts successful calls started in the measured window; `rate` is
@@ -69,7 +69,12 @@
 //! stops the run; `wrong` counts answers that succeeded but contradicted
 //! the scenario (a replay not marked replayed, a fresh create marked
 //! replayed). `rss_mib` is the server's resident memory after the scenario,
-//! `peak_rss_mib` its high-water mark so far. Nothing here is asserted.
+//! `peak_rss_mib` its high-water mark so far. The `cpu_*` figures split
+//! the whole machine's CPU time in the window (all cores together, in
+//! percent, from `/proc`): the server, this load generator, every
+//! `postgres` process, the rest, and idle; with two shared cores, they
+//! show which of the three a scenario is waiting for. Nothing here is
+//! asserted.
 
 mod common;
 
@@ -381,8 +386,8 @@ async fn run_store(store: &str, url: &str, settings: Settings) {
             }
             _ => {}
         }
-        let (tally, window) = drive(scenario, &channels, &shared, settings).await;
-        let rate = report(store, scenario, tally, window, &server);
+        let (tally, window, cpu) = drive(scenario, &channels, &shared, settings, &server).await;
+        let rate = report(store, scenario, tally, window, cpu, &server);
         if scenario == Scenario::Create {
             create_rate = rate;
         }
@@ -390,15 +395,24 @@ async fn run_store(store: &str, url: &str, settings: Settings) {
 }
 
 /// Runs `scenario` with every caller for the warm-up and the measured
-/// window; returns what was seen in the window and how long it was.
+/// window; returns what was seen in the window, how long it was, and where
+/// the machine's CPU went in it.
 async fn drive(
     scenario: Scenario,
     channels: &[Channel],
     shared: &Arc<Shared>,
     settings: Settings,
-) -> (Tally, Duration) {
+    server: &common::Server,
+) -> (Tally, Duration, common::CpuSplit) {
     let measure_from = Instant::now() + WARMUP;
     let deadline = measure_from + Duration::from_secs(settings.seconds);
+    let cpu_from = {
+        let sample = tokio::time::sleep_until(measure_from.into());
+        async move {
+            sample.await;
+            common::CpuSample::take(server)
+        }
+    };
     let callers: Vec<_> = (0..settings.concurrency)
         .map(|index| {
             let mut caller = Caller::new(index, channels);
@@ -433,17 +447,19 @@ async fn drive(
             })
         })
         .collect();
+    let cpu_from = cpu_from.await;
     let mut all = Tally::default();
     for caller in callers {
         all.merge(caller.await.expect("a caller panicked"));
     }
+    let cpu = cpu_from.until(&common::CpuSample::take(server));
     // The window ends at the deadline, or earlier when every worker found
     // the queue empty.
     let end = match all.drained_at {
         Some(drained) if all.drained == settings.concurrency => drained.min(deadline),
         _ => deadline,
     };
-    (all, end.saturating_duration_since(measure_from))
+    (all, end.saturating_duration_since(measure_from), cpu)
 }
 
 /// Prints the scenario's two lines; returns its rate.
@@ -452,6 +468,7 @@ fn report(
     scenario: Scenario,
     mut tally: Tally,
     window: Duration,
+    cpu: common::CpuSplit,
     server: &common::Server,
 ) -> f64 {
     tally.latencies.sort_unstable();
@@ -489,9 +506,10 @@ fn report(
         line += "   (the queue ran dry)";
     }
     println!("{line}");
+    println!("{:<25} {cpu}", "");
     println!(
-        "RESULT store={store} scenario={name} ops={ops} rate={rate:.1} p50_ms={p50:.2} p99_ms={p99:.2} p999_ms={p999:.2} errors={errors} wrong={} rss_mib={rss:.1} peak_rss_mib={peak:.1}",
-        tally.wrong
+        "RESULT store={store} scenario={name} ops={ops} rate={rate:.1} p50_ms={p50:.2} p99_ms={p99:.2} p999_ms={p999:.2} errors={errors} wrong={} rss_mib={rss:.1} peak_rss_mib={peak:.1} cpu_server={:.1} cpu_load={:.1} cpu_postgres={:.1} cpu_other={:.1} cpu_idle={:.1}",
+        tally.wrong, cpu.server, cpu.load, cpu.postgres, cpu.other, cpu.idle
     );
     rate
 }

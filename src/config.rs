@@ -133,11 +133,14 @@ pub struct ServeArgs {
     #[arg(long, env = "KEY_REFRESH_INTERVAL", default_value = "2s", value_parser = positive_duration)]
     pub key_refresh_interval: Duration,
     /// Calls per second each caller (an API key; without keys, a peer
-    /// address) may make; 0 for no limit.
-    #[arg(long, env = "RATE_LIMIT", default_value_t = 1000)]
+    /// address) may make; 0 for no limit. One key often serves a whole
+    /// platform of agents, so the default is above what one instance
+    /// commits, not a share of it: the share is MAX_IN_FLIGHT_PER_CALLER's
+    /// (docs/configuration.md, "One key, many agents").
+    #[arg(long, env = "RATE_LIMIT", default_value_t = 10_000)]
     pub rate_limit: u32,
     /// How many calls a caller may make at once beyond its rate.
-    #[arg(long, env = "RATE_BURST", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "RATE_BURST", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_burst: u32,
     /// The most calls the server works on at once (long polls included);
     /// past it, calls are shed with RESOURCE_EXHAUSTED.

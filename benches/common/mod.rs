@@ -174,3 +174,118 @@ pub(crate) fn stores() -> Vec<String> {
         .filter(|store| !store.is_empty())
         .collect()
 }
+
+/// Where the machine's CPU time went between two [`CpuSample`]s: shares of
+/// all cores' time, in percent.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CpuSplit {
+    pub(crate) server: f64,
+    pub(crate) load: f64,
+    pub(crate) postgres: f64,
+    pub(crate) other: f64,
+    pub(crate) idle: f64,
+}
+
+impl std::fmt::Display for CpuSplit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CPU: server {:.0}%, load generator {:.0}%, PostgreSQL {:.0}%, other {:.0}%, idle {:.0}%",
+            self.server, self.load, self.postgres, self.other, self.idle
+        )
+    }
+}
+
+/// CPU time so far (in the kernel's clock ticks, from `/proc`) of the
+/// server, this process, every `postgres` process, and the whole machine.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CpuSample {
+    server: u64,
+    load: u64,
+    postgres: u64,
+    busy: u64,
+    total: u64,
+}
+
+impl CpuSample {
+    /// Reads it now; what cannot be read counts as zero.
+    pub(crate) fn take(server: &Server) -> Self {
+        let (busy, total) = machine_ticks();
+        Self {
+            server: process_ticks(&server.child.id().to_string()).unwrap_or(0),
+            load: process_ticks("self").unwrap_or(0),
+            postgres: postgres_ticks(),
+            busy,
+            total,
+        }
+    }
+
+    /// The split of the time from `self` to `later`.
+    pub(crate) fn until(&self, later: &Self) -> CpuSplit {
+        let total = later.total.saturating_sub(self.total).max(1) as f64;
+        let share = |a: u64, b: u64| b.saturating_sub(a) as f64 * 100.0 / total;
+        let server = share(self.server, later.server);
+        let load = share(self.load, later.load);
+        let postgres = share(self.postgres, later.postgres);
+        let busy = share(self.busy, later.busy);
+        CpuSplit {
+            server,
+            load,
+            postgres,
+            other: (busy - server - load - postgres).max(0.0),
+            idle: (100.0 - busy).max(0.0),
+        }
+    }
+}
+
+/// User and system time of `/proc/<pid>/stat`, in clock ticks.
+fn process_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces: count from after it.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // Fields 14 and 15 of the line (utime, stime); the state, field 3, is
+    // the first after the name.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// The CPU time of every process named `postgres` (the server and its
+/// backends; a backend that exits takes its time with it).
+fn postgres_ticks() -> u64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().into_string().ok()?;
+            pid.bytes().all(|b| b.is_ascii_digit()).then_some(pid)
+        })
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == "postgres")
+        })
+        .filter_map(|pid| process_ticks(&pid))
+        .sum()
+}
+
+/// The whole machine's busy and total clock ticks (`/proc/stat`; idle and
+/// I/O wait count as not busy).
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().find(|line| line.starts_with("cpu ")) else {
+        return (0, 0);
+    };
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already in user's).
+    let ticks: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let total: u64 = ticks.iter().sum();
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}

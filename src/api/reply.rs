@@ -21,9 +21,9 @@ use oncely_client::metadata::{IDEMPOTENCY_KEY_SOURCE, IDEMPOTENT_REPLAYED};
 pub(super) enum Success<T> {
     /// CreateTask created the task.
     Created(T),
-    /// CreateTask answered with the first request's stored response: the
-    /// message as this build reads it (for the logs), and the bytes as
-    /// stored, which are what is sent.
+    /// CreateTask answered with the first request's stored response: what
+    /// the service read of it (the task's id, for the logs), and the bytes
+    /// as stored, which are what is sent.
     Replayed(T, Vec<u8>),
     /// Any other RPC succeeded.
     Ok(T),
@@ -109,9 +109,9 @@ pub(super) fn finish<T: prost::Message>(
         Ok(done) => {
             let (message, stored, outcome, replayed) = match done {
                 Success::Created(message) => (message, None, "created", Some("false")),
-                // The decoded message stays in the response, so that a caller
-                // without the idempotency key gate still gets the task; the gate
-                // drops its encoding unread and sends the stored bytes.
+                // The idempotency key gate, under which every service runs,
+                // drops the message's encoding unread and sends the stored
+                // bytes.
                 Success::Replayed(message, stored) => {
                     (message, Some(stored), "replayed", Some("true"))
                 }

@@ -76,7 +76,7 @@ impl SqliteStore {
         // knows the lock is held (see writer::run_batch).
         let writer_options = options.clone().busy_timeout(std::time::Duration::ZERO);
         let connection = SqliteConnection::connect_with(&writer_options).await?;
-        let writer = Writer::start(writer_options, connection, settings.in_flight_wait);
+        let writer = Writer::start(writer_options, connection, settings.in_flight_wait)?;
         let readers = SqlitePoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.acquire_timeout)
@@ -105,6 +105,11 @@ fn connect_options(settings: &DatabaseSettings) -> Result<SqliteConnectOptions, 
         // FULL: a commit the client was told about survives power loss, or
         // a retry after it would run the side effect again.
         .synchronous(SqliteSynchronous::Full)
+        // Statement journals (kept while a statement of a batch's
+        // transaction may still be undone) in memory, not in a new temp
+        // file per transaction: the writer's batches wrote each page they
+        // touched to one.
+        .pragma("temp_store", "memory")
         .foreign_keys(true)
         .busy_timeout(settings.in_flight_wait))
 }

@@ -45,30 +45,47 @@ impl std::fmt::Debug for dyn WriteJob {
 }
 
 impl Writer {
-    /// Starts the writer task on `connection`; `options` reopen it after a
-    /// failure. The task ends when every handle is dropped.
+    /// Starts the writer task on `connection`, on a thread of its own;
+    /// `options` reopen it after a failure. The task ends when every
+    /// handle is dropped.
+    ///
+    /// The thread is the writer's own so that, while the server's runtime
+    /// is busy with calls, the writer never waits in its queue of ready
+    /// tasks: every statement of a batch is a round trip to SQLite's
+    /// thread, and the write lock is held from the first to the commit.
     pub(crate) fn start(
         options: SqliteConnectOptions,
         connection: SqliteConnection,
         wait: Duration,
-    ) -> Self {
+    ) -> Result<Self, StorageError> {
         let (jobs, queue) = mpsc::channel(WRITE_QUEUE);
         let healthy = Arc::new(AtomicBool::new(true));
         let locked_out = Arc::new(Mutex::new(None));
-        tokio::spawn(run(
+        let writer = run(
             options,
             connection,
             queue,
             healthy.clone(),
             locked_out.clone(),
             wait,
-        ));
-        Self {
+        );
+        let cannot = |error: std::io::Error| {
+            StorageError::Config(format!("cannot start the SQLite writer's thread: {error}"))
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(cannot)?;
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || runtime.block_on(writer))
+            .map_err(cannot)?;
+        Ok(Self {
             jobs,
             healthy,
             locked_out,
             wait,
-        }
+        })
     }
 
     /// Runs `work` on the writer's connection and waits for its answer, at

@@ -2,7 +2,8 @@
 //!
 //! SQLite lets one transaction write at a time. Rather than let pooled
 //! connections race for the write lock (and surface "database is locked"),
-//! every write is a job sent to one writer task that owns one connection.
+//! every write is a job sent to one writer task that owns one connection
+//! (on a thread of its own, see [`Writer::start`]).
 //! Because the writer task, not the request, runs each transaction, a
 //! cancelled request cannot leave one half done.
 //!
