@@ -463,6 +463,14 @@ mod tests {
     }
 
     #[test]
+    fn the_default_rate_is_a_ceiling_for_one_key_of_many_agents() {
+        // docs/configuration.md, "One key, many agents".
+        let default = Cli::try_parse_from(["oncely"]).unwrap().serve;
+        assert_eq!((default.rate_limit, default.rate_burst), (10_000, 20_000));
+        assert_eq!(default.max_in_flight_per_caller, 256);
+    }
+
+    #[test]
     fn the_cli_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();

@@ -38,6 +38,27 @@ async fn first_request_creates_a_queued_task_and_its_key_record_together(backend
     assert_eq!(db.count("tasks").await, 1);
 }
 
+/// Task ids are UUID v7: made one after another, they sort in the order
+/// they were made, so each store's indexes of task ids take a new task on
+/// their last page (BENCHMARKS.md, issue 24).
+async fn task_ids_are_uuid_v7_in_the_order_tasks_were_created(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+
+    let first = app.create_with_key(&new_key()).await.into_inner();
+    let second = app.create_with_key(&new_key()).await.into_inner();
+
+    let id = |task: &oncely::proto::tasks_v1::Task| {
+        uuid::Uuid::parse_str(&task.task_id).expect("a task id is a UUID")
+    };
+    let (first, second) = (id(&first), id(&second));
+    assert_eq!(first.get_version_num(), 7, "{first}");
+    assert_eq!(second.get_version_num(), 7, "{second}");
+    // One process makes its v7 ids in increasing order, within one
+    // millisecond too (the uuid crate's counter).
+    assert!(first < second, "{first} then {second}");
+}
+
 async fn retry_with_same_key_returns_the_first_response_byte_for_byte(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
@@ -637,6 +658,7 @@ conformance!(
     costly_request_shapes_get_clean_errors_while_health_is_answered,
     a_failing_write_stores_nothing_reveals_no_internals_and_the_next_request_works,
     first_request_creates_a_queued_task_and_its_key_record_together,
+    task_ids_are_uuid_v7_in_the_order_tasks_were_created,
     retry_with_same_key_returns_the_first_response_byte_for_byte,
     same_key_with_a_different_request_is_refused_and_the_original_still_replays,
     the_same_key_for_another_agent_is_that_agents_own,
