@@ -406,13 +406,6 @@ async fn drive(
 ) -> (Tally, Duration, common::CpuSplit) {
     let measure_from = Instant::now() + WARMUP;
     let deadline = measure_from + Duration::from_secs(settings.seconds);
-    let cpu_from = {
-        let sample = tokio::time::sleep_until(measure_from.into());
-        async move {
-            sample.await;
-            common::CpuSample::take(server)
-        }
-    };
     let callers: Vec<_> = (0..settings.concurrency)
         .map(|index| {
             let mut caller = Caller::new(index, channels);
@@ -447,7 +440,9 @@ async fn drive(
             })
         })
         .collect();
-    let cpu_from = cpu_from.await;
+    // The callers run on their own: the CPU is sampled as the window opens.
+    tokio::time::sleep_until(measure_from.into()).await;
+    let cpu_from = common::CpuSample::take(server);
     let mut all = Tally::default();
     for caller in callers {
         all.merge(caller.await.expect("a caller panicked"));
@@ -462,7 +457,8 @@ async fn drive(
     (all, end.saturating_duration_since(measure_from), cpu)
 }
 
-/// Prints the scenario's two lines; returns its rate.
+/// Prints the scenario's lines (for people, then `RESULT`); returns its
+/// rate.
 fn report(
     store: &str,
     scenario: Scenario,
