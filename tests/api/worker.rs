@@ -415,6 +415,124 @@ async fn completions_at_once_each_get_their_own_outcome(backend: Backend) {
     assert_eq!(db.count_tasks_with_status(TaskStatus::Running).await, 1);
 }
 
+/// A completion the database refuses, sent at once with others that share
+/// its batch, fails alone: the others are done, each with its own result,
+/// and its task keeps its lease.
+async fn a_completion_the_database_refuses_fails_alone_in_its_batch(backend: Backend) {
+    const TASKS: usize = 16;
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    for _ in 0..TASKS {
+        app.create_email().await;
+    }
+    let leases = lease(&app, TASKS as i32, 30.0, 0.0).await;
+    assert_eq!(leases.len(), TASKS);
+    db.refuse_task_updates_where("CAST(NEW.result AS TEXT) LIKE '%refuse-me%'")
+        .await;
+    let refused = 5;
+
+    let barrier = Arc::new(tokio::sync::Barrier::new(TASKS));
+    let mut sent = Vec::new();
+    for (i, leased) in leases.into_iter().enumerate() {
+        let mut workers = workers(&app);
+        let barrier = barrier.clone();
+        let result = if i == refused {
+            json!({"n": i, "note": "refuse-me"})
+        } else {
+            json!({"n": i})
+        };
+        sent.push(tokio::spawn(async move {
+            let request = CompleteTaskRequest {
+                task_id: task_id(&leased),
+                lease_token: leased.lease_token.clone(),
+                result: Some(oncely_client::json::to_struct(result).expect("an object")),
+            };
+            barrier.wait().await;
+            let answer = workers.complete_task(request).await.map(|r| r.into_inner());
+            (i, task_id(&leased), answer)
+        }));
+    }
+
+    for call in sent {
+        let (i, id, answer) = call.await.expect("join");
+        if i == refused {
+            let error = answer.expect_err("the refused completion fails");
+            // The database's error, which the caller is not shown.
+            assert_eq!(error.code(), Code::Internal, "{error:?}");
+            continue;
+        }
+        let task = answer.unwrap_or_else(|e| panic!("completion {i}: {e:?}"));
+        assert_eq!(task.task_id, id);
+        assert_eq!(task.status(), TaskStatus::Succeeded);
+        let result = oncely_client::json::from_struct(task.result.as_ref().expect("a result"));
+        assert_eq!(serde_json::Value::Object(result), json!({"n": i}));
+    }
+    assert_eq!(
+        db.count_tasks_with_status(TaskStatus::Succeeded).await,
+        TASKS as i64 - 1
+    );
+    assert_eq!(db.count_tasks_with_status(TaskStatus::Running).await, 1);
+}
+
+/// Polls sent at once share a batch; one the database refuses to lease to
+/// fails alone, and the others each get their task.
+async fn a_lease_the_database_refuses_fails_alone_in_its_batch(backend: Backend) {
+    const POLLS: usize = 8;
+    let db = TestDb::new(backend).await;
+    let app = TestApp::spawn(&db).await;
+    for _ in 0..POLLS {
+        app.create_email().await;
+    }
+    db.refuse_task_updates_where("NEW.worker_id = 'refused-worker'")
+        .await;
+
+    let barrier = Arc::new(tokio::sync::Barrier::new(POLLS));
+    let mut sent = Vec::new();
+    for i in 0..POLLS {
+        let mut workers = workers(&app);
+        let barrier = barrier.clone();
+        let worker_id = if i == 0 {
+            "refused-worker".to_owned()
+        } else {
+            format!("worker-{i}")
+        };
+        sent.push(tokio::spawn(async move {
+            let request = LeaseTasksRequest {
+                worker_id,
+                max_tasks: 1,
+                ..Default::default()
+            };
+            barrier.wait().await;
+            (
+                i,
+                workers
+                    .lease_tasks(request)
+                    .await
+                    .map(|r| r.into_inner().leases),
+            )
+        }));
+    }
+
+    let mut leased = HashSet::new();
+    for call in sent {
+        let (i, answer) = call.await.expect("join");
+        if i == 0 {
+            let error = answer.expect_err("the refused lease fails");
+            // The database's error, which the caller is not shown.
+            assert_eq!(error.code(), Code::Internal, "{error:?}");
+            continue;
+        }
+        let leases = answer.unwrap_or_else(|e| panic!("poll {i}: {e:?}"));
+        assert_eq!(leases.len(), 1, "poll {i} gets one task");
+        assert!(leased.insert(task_id(&leases[0])), "a task leased twice");
+    }
+    assert_eq!(
+        db.count_tasks_with_status(TaskStatus::Running).await,
+        POLLS as i64 - 1
+    );
+    assert_eq!(db.count_tasks_with_status(TaskStatus::Queued).await, 1);
+}
+
 async fn a_retryable_failure_is_leased_again_after_its_backoff(backend: Backend) {
     let db = TestDb::new(backend).await;
     let app = TestApp::spawn(&db).await;
@@ -980,6 +1098,8 @@ conformance!(
     renewing_a_lease_extends_it,
     a_repeated_completion_returns_the_same_task,
     completions_at_once_each_get_their_own_outcome,
+    a_completion_the_database_refuses_fails_alone_in_its_batch,
+    a_lease_the_database_refuses_fails_alone_in_its_batch,
     a_retryable_failure_is_leased_again_after_its_backoff,
     the_server_backoff_is_random_up_to_a_doubling_capped_ceiling,
     a_task_failed_without_delay_wakes_a_waiting_worker,

@@ -233,12 +233,7 @@ impl Store for SqliteStore {
         if !queries::any_leasable(&self.readers, &order).await? {
             return Ok(LeasedTasks::default());
         }
-        let done = self
-            .writer
-            .run(move |connection| {
-                Box::pin(async move { queries::lease_in_transaction(connection, &order).await })
-            })
-            .await?;
+        let done = self.writer.lease(order).await?;
         for task_id in done.ended {
             self.events.task_finished(task_id);
         }
@@ -268,13 +263,7 @@ impl Store for SqliteStore {
         &self,
         completion: &Completion,
     ) -> Result<Option<TaskRecord>, StorageError> {
-        let completion = completion.clone();
-        let task = self
-            .writer
-            .run(move |connection| {
-                Box::pin(async move { queries::complete_task(connection, &completion).await })
-            })
-            .await?;
+        let task = self.writer.complete(completion.clone()).await?;
         self.announce(task.as_ref());
         Ok(task)
     }

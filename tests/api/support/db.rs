@@ -458,6 +458,35 @@ impl TestDb {
         .expect("read the key record")
     }
 
+    /// Makes the database refuse, with an error, every update of a task
+    /// whose new row meets `condition` (SQL over `NEW`, written alike for
+    /// both databases), as a failing constraint would.
+    pub(crate) async fn refuse_task_updates_where(&self, condition: &str) {
+        let statements = match self.backend() {
+            Backend::Sqlite => vec![format!(
+                "CREATE TRIGGER refuse_task_updates BEFORE UPDATE ON tasks WHEN {condition} \
+                 BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+            )],
+            Backend::Postgres => vec![
+                format!(
+                    "CREATE FUNCTION refuse_task_updates() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                     BEGIN IF {condition} THEN RAISE EXCEPTION 'refused by the test'; END IF; \
+                     RETURN NEW; END $$"
+                ),
+                "CREATE TRIGGER refuse_task_updates BEFORE UPDATE ON tasks \
+                 FOR EACH ROW EXECUTE FUNCTION refuse_task_updates()"
+                    .to_owned(),
+            ],
+        };
+        for sql in statements {
+            on_pool!(self, |pool| sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .execute(pool)
+                .await
+                .map(drop))
+            .expect("create the trigger");
+        }
+    }
+
     /// Renames a table, to make the server's statements fail.
     pub(crate) async fn rename_table(&self, from: &str, to: &str) {
         let sql = sqlx::AssertSqlSafe(format!("ALTER TABLE {from} RENAME TO {to}"));

@@ -2,7 +2,7 @@
 //! completions, failures and cancellations. Writes take the writer's
 //! connection.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use sqlx::{SqliteConnection, SqliteExecutor};
 use uuid::Uuid;
@@ -26,6 +26,16 @@ pub struct LeaseRow {
     max_bytes: i64,
     lease_duration: i64,
     max_attempts: i32,
+}
+
+impl LeaseRow {
+    /// Whether one read and one statement can serve both: the same actions
+    /// on the same terms.
+    pub fn same_shape(&self, other: &Self) -> bool {
+        self.actions == other.actions
+            && self.lease_duration == other.lease_duration
+            && self.max_attempts == other.max_attempts
+    }
 }
 
 impl From<&LeaseOrder<'_>> for LeaseRow {
@@ -72,34 +82,62 @@ pub async fn any_leasable(
     Ok(found.is_some())
 }
 
-/// Leases tasks for one order inside the writer's transaction (the single
-/// writer's, so no two callers get one task): reads the oldest leasable
-/// tasks, lets [`cut`] decide which the order takes, as on PostgreSQL, and
-/// leases those (or ends them FAILED), reading again while tasks ended
-/// FAILED filled the read.
+/// Leases tasks for `orders` inside the writer's transaction (the single
+/// writer's, so no two callers get one task), answered in their order.
+/// The orders are of one shape ([`LeaseRow::same_shape`]): each round reads
+/// the oldest leasable tasks once for all of them, lets [`cut`] decide
+/// which each takes, as on PostgreSQL, and leases those (or ends them
+/// FAILED) in one statement, reading again while tasks ended FAILED filled
+/// the read.
 pub async fn lease_in_transaction(
     connection: &mut SqliteConnection,
-    order: &LeaseRow,
-) -> Result<TransactionLeases, StorageError> {
-    let mut done = TransactionLeases::default();
-    let mut rooms = [Room::new(order.max_tasks, order.max_bytes)];
+    orders: &[&LeaseRow],
+) -> Result<Vec<TransactionLeases>, StorageError> {
+    let mut done: Vec<TransactionLeases> = orders
+        .iter()
+        .map(|_| TransactionLeases::default())
+        .collect();
+    let Some(shape) = orders.first() else {
+        return Ok(done);
+    };
+    let mut rooms: Vec<Room> = orders
+        .iter()
+        .map(|order| Room::new(order.max_tasks, order.max_bytes))
+        .collect();
     let mut rounds = lease::Rounds::default();
     loop {
         let wanted = lease::candidates_wanted(&rooms);
-        let candidates = lease_candidates(&mut *connection, order, wanted).await?;
-        let cut = cut(&rooms, &candidates, order.max_attempts);
-        done.left_behind |= cut.left_behind;
+        let candidates = lease_candidates(&mut *connection, shape, wanted).await?;
+        let cut = cut(&rooms, &candidates, shape.max_attempts);
+        if cut.left_behind {
+            // One wake-up is enough for the pollers waiting.
+            done[0].left_behind = true;
+        }
+        let picks: Vec<Picked<'_>> = cut
+            .picks
+            .iter()
+            .map(|pick| Picked {
+                candidate: &candidates[pick.candidate],
+                worker_id: &orders[pick.order].worker_id,
+                ends: pick.ends,
+            })
+            .collect();
+        let mut changed = lease_picks(&mut *connection, shape, &picks).await?;
         for pick in &cut.picks {
             let candidate = &candidates[pick.candidate];
-            let message = candidate.message(order.max_attempts);
-            done.granted.expired += u64::from(candidate.running);
+            let order = &mut done[pick.order];
+            order.granted.expired += u64::from(candidate.running);
+            let task = changed.remove(&candidate.task_id).ok_or_else(|| {
+                StorageError::Corrupt(format!(
+                    "task {} was read leasable but not updated",
+                    candidate.task_id
+                ))
+            })?;
             if pick.ends {
-                end_expired(&mut *connection, candidate, message).await?;
-                done.ended.push(candidate.task_id);
+                order.ended.push(task.task_id);
             } else {
-                let task = lease_one(&mut *connection, order, candidate, message).await?;
-                rooms[0].take(candidate.size);
-                done.granted.tasks.push(task);
+                rooms[pick.order].take(candidate.size);
+                order.granted.tasks.push(task);
             }
         }
         // One writer: no other statement takes picks first.
@@ -107,9 +145,9 @@ pub async fn lease_in_transaction(
             lease::AfterRound::Again => {}
             lease::AfterRound::Done => break,
             lease::AfterRound::GiveUp => {
-                // Tasks may still wait for this order: wake the poll to
+                // Tasks may still wait for these orders: wake the poll to
                 // read again.
-                done.left_behind = true;
+                done[0].left_behind = true;
                 break;
             }
         }
@@ -149,53 +187,68 @@ async fn lease_candidates(
         .collect()
 }
 
-/// Ends FAILED (4) a task whose last allowed lease ran out.
-async fn end_expired(
-    connection: &mut SqliteConnection,
-    candidate: &Candidate,
-    message: Option<String>,
-) -> Result<(), StorageError> {
-    sqlx::query(concat!(
-        "UPDATE tasks SET status = ",
-        status!(failed),
-        ", error_message = coalesce(?2, error_message), update_time = ",
-        now!(),
-        " WHERE task_id = ?1"
-    ))
-    .bind(candidate.task_id.to_string())
-    .bind(message)
-    .execute(connection)
-    .await?;
-    Ok(())
+/// A candidate [`cut`] gave an order.
+struct Picked<'a> {
+    candidate: &'a Candidate,
+    /// The worker of the order that takes it.
+    worker_id: &'a str,
+    /// Whether its last allowed lease ran out: it ends FAILED (4) instead
+    /// of being leased (2).
+    ends: bool,
 }
 
-/// Leases (2) one task to the order's worker with a new token.
-async fn lease_one(
+/// Leases each of `picks` to its worker with a new token, or ends it
+/// FAILED, in one statement; the changed tasks by id.
+async fn lease_picks(
     connection: &mut SqliteConnection,
-    order: &LeaseRow,
-    candidate: &Candidate,
-    message: Option<String>,
-) -> Result<TaskRecord, StorageError> {
-    let row = sqlx::query(concat!(
-        "UPDATE tasks SET status = ",
+    shape: &LeaseRow,
+    picks: &[Picked<'_>],
+) -> Result<HashMap<Uuid, TaskRecord>, StorageError> {
+    if picks.is_empty() {
+        return Ok(HashMap::new());
+    }
+    // Each pick as [task id, ends, message or null, new token, worker].
+    let picks = serde_json::Value::from(
+        picks
+            .iter()
+            .map(|pick| {
+                serde_json::json!([
+                    pick.candidate.task_id.to_string(),
+                    pick.ends,
+                    pick.candidate.message(shape.max_attempts),
+                    Uuid::new_v4().to_string(),
+                    pick.worker_id,
+                ])
+            })
+            .collect::<Vec<_>>(),
+    );
+    let rows = sqlx::query(concat!(
+        "UPDATE tasks SET \
+             status = CASE WHEN p.value ->> 1 THEN ",
+        status!(failed),
+        " ELSE ",
         status!(running),
-        ", error_message = coalesce(?2, error_message), \
-             attempt = attempt + 1, lease_token = ?3, worker_id = ?4, \
-             available_at = ",
+        " END, \
+             error_message = coalesce(p.value ->> 2, error_message), \
+             attempt = CASE WHEN p.value ->> 1 THEN attempt ELSE attempt + 1 END, \
+             lease_token = CASE WHEN p.value ->> 1 THEN lease_token ELSE p.value ->> 3 END, \
+             worker_id = CASE WHEN p.value ->> 1 THEN worker_id ELSE p.value ->> 4 END, \
+             available_at = CASE WHEN p.value ->> 1 THEN available_at ELSE ",
         now!(),
-        " + ?5, update_time = ",
+        " + ?2 END, \
+             update_time = ",
         now!(),
-        " WHERE task_id = ?1 RETURNING ",
+        " FROM json_each(?1) AS p WHERE tasks.task_id = p.value ->> 0 \
+         RETURNING ",
         task_columns!()
     ))
-    .bind(candidate.task_id.to_string())
-    .bind(message)
-    .bind(Uuid::new_v4().to_string())
-    .bind(&order.worker_id)
-    .bind(order.lease_duration)
-    .fetch_one(connection)
+    .bind(picks.to_string())
+    .bind(shape.lease_duration)
+    .fetch_all(connection)
     .await?;
-    task_record(&row)
+    rows.iter()
+        .map(|row| task_record(row).map(|task| (task.task_id, task)))
+        .collect()
 }
 
 /// Extends a lease that is still the task's current one.
@@ -245,6 +298,51 @@ pub async fn complete_task(
     .await?
     .map(|row| task_record(&row))
     .transpose()
+}
+
+/// [`complete_task`] for many completions of distinct tasks in one
+/// statement, answered in their order: each task whose lease is current is
+/// SUCCEEDED, the others are left alone and answer `None`.
+pub async fn complete_tasks(
+    connection: &mut SqliteConnection,
+    completions: &[&Completion],
+) -> Result<Vec<Option<TaskRecord>>, StorageError> {
+    // Each completion as [task id, lease token, result].
+    let input = serde_json::Value::from(
+        completions
+            .iter()
+            .map(|c| {
+                serde_json::json!([
+                    c.lease.task_id.0.to_string(),
+                    c.lease.token.to_string(),
+                    c.result_json,
+                ])
+            })
+            .collect::<Vec<_>>(),
+    );
+    let rows = sqlx::query(concat!(
+        "UPDATE tasks SET status = ",
+        status!(succeeded),
+        ", result = c.value ->> 2, error_message = '', update_time = ",
+        now!(),
+        " FROM json_each(?1) AS c \
+         WHERE tasks.task_id = c.value ->> 0 AND tasks.lease_token = c.value ->> 1 \
+           AND tasks.status = ",
+        status!(running),
+        " RETURNING ",
+        task_columns!()
+    ))
+    .bind(input.to_string())
+    .fetch_all(connection)
+    .await?;
+    let mut done: HashMap<Uuid, TaskRecord> = rows
+        .iter()
+        .map(|row| task_record(row).map(|task| (task.task_id, task)))
+        .collect::<Result<_, _>>()?;
+    Ok(completions
+        .iter()
+        .map(|c| done.remove(&c.lease.task_id.0))
+        .collect())
 }
 
 /// Writes a failed attempt's `outcome` (decided by `queue::retry`), if the

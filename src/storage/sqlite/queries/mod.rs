@@ -35,8 +35,8 @@ pub use idempotency_keys::{
     legacy_key_records_at, mark_legacy_key_records, now_minus,
 };
 pub use lifecycle::{
-    LeaseRow, TransactionLeases, any_leasable, cancel_task, complete_task, fail_task,
-    lease_in_transaction, renew_lease,
+    LeaseRow, TransactionLeases, any_leasable, cancel_task, complete_task, complete_tasks,
+    fail_task, lease_in_transaction, renew_lease,
 };
 pub use tasks::{get_task, list_tasks, queue_stats, recent_failures};
 

@@ -12,12 +12,14 @@ use std::{
 use sqlx::{SqliteConnection, sqlite::SqliteConnectOptions};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::domain::{Completion, TaskRecord};
+
 use super::{
     super::{
         super::{Claimed, StorageError},
-        queries::ClaimRow,
+        queries::{ClaimRow, LeaseRow, TransactionLeases},
     },
-    jobs::{Claim, ConnFuture, Item, Work, WriteJob},
+    jobs::{ConnFuture, Item, Queued, Work, WriteJob},
     transaction::run,
 };
 
@@ -110,7 +112,38 @@ impl Writer {
     /// Waits as [`Writer::run`] does.
     pub(crate) async fn claim(&self, row: ClaimRow) -> Result<Claimed, StorageError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Item::Claim(Claim { row, reply }), answer).await
+        let claim = Queued {
+            request: row,
+            reply,
+        };
+        self.send(Item::Claim(claim), answer).await
+    }
+
+    /// Completes a task in the writer's next batch, in one statement with
+    /// the batch's other completions; the task, if the lease was current.
+    /// Waits as [`Writer::run`] does.
+    pub(crate) async fn complete(
+        &self,
+        completion: Completion,
+    ) -> Result<Option<TaskRecord>, StorageError> {
+        let (reply, answer) = oneshot::channel();
+        let completing = Queued {
+            request: completion,
+            reply,
+        };
+        self.send(Item::Complete(completing), answer).await
+    }
+
+    /// Leases for `order` in the writer's next batch: the batch's orders
+    /// of one shape read their candidates together and are leased in one
+    /// statement. Waits as [`Writer::run`] does.
+    pub(crate) async fn lease(&self, order: LeaseRow) -> Result<TransactionLeases, StorageError> {
+        let (reply, answer) = oneshot::channel();
+        let leasing = Queued {
+            request: order,
+            reply,
+        };
+        self.send(Item::Lease(leasing), answer).await
     }
 
     /// Queues `item` and waits for its `answer`, at most the wait bound.

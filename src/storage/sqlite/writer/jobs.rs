@@ -11,8 +11,9 @@ use super::super::{
         Claimed, StorageError,
         error::{SQLITE_BUSY, SQLITE_LOCKED, sqlite_code_of},
     },
-    queries::ClaimRow,
+    queries::{ClaimRow, LeaseRow, TransactionLeases},
 };
+use crate::domain::{Completion, TaskRecord};
 
 /// A future that borrows the writer's connection.
 pub(crate) type ConnFuture<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
@@ -51,7 +52,7 @@ pub(super) struct Work<T, F> {
     pub(super) reply: oneshot::Sender<Result<T, StorageError>>,
 }
 
-/// A [`Work`]'s result and where it goes.
+/// A result and where it goes, held until its transaction has ended.
 pub(super) struct WorkAnswer<T> {
     result: Result<T, StorageError>,
     reply: oneshot::Sender<Result<T, StorageError>>,
@@ -110,14 +111,40 @@ pub(super) fn not_committed(error: &sqlx::Error) -> StorageError {
     }
 }
 
-/// A claim waiting for its batch, and where its answer goes.
+/// A request the writer runs together with the others of its kind in its
+/// batch, and where its answer goes.
 #[derive(Debug)]
-pub(super) struct Claim {
-    /// The claim, as SQLite stores it.
-    pub(super) row: ClaimRow,
+pub(super) struct Queued<R, T> {
+    /// What is asked.
+    pub(super) request: R,
     /// Where its outcome goes.
-    pub(super) reply: oneshot::Sender<Result<Claimed, StorageError>>,
+    pub(super) reply: oneshot::Sender<Result<T, StorageError>>,
 }
+
+impl<R, T: Send + 'static> Queued<R, T> {
+    /// Its `result`, to be sent once the transaction has ended.
+    pub(super) fn answer(self, result: Result<T, StorageError>) -> Box<dyn Answer> {
+        Box::new(WorkAnswer {
+            result,
+            reply: self.reply,
+        })
+    }
+
+    /// Answers with `error`, the request not run.
+    pub(super) fn refuse(self, error: StorageError) {
+        let _ = self.reply.send(Err(error));
+    }
+}
+
+/// A claim of a key, committed with the claims queued with it.
+pub(super) type Claim = Queued<ClaimRow, Claimed>;
+
+/// A completion, run in one statement with the others of its batch.
+pub(super) type Completing = Queued<Completion, Option<TaskRecord>>;
+
+/// A lease order, sharing its batch's reads and writes with the orders of
+/// the same shape.
+pub(super) type Leasing = Queued<LeaseRow, TransactionLeases>;
 
 /// What the writer is asked to do.
 pub(super) enum Item {
@@ -125,6 +152,10 @@ pub(super) enum Item {
     Job(Box<dyn WriteJob>),
     /// A claim, committed with the claims queued with it.
     Claim(Claim),
+    /// A completion, in one statement with its batch's others.
+    Complete(Completing),
+    /// A lease order, read and written with its batch's others.
+    Lease(Leasing),
 }
 
 /// The answer of a job that could not be started.

@@ -1,8 +1,9 @@
 //! The writer task: what is queued runs in batches, each in one IMMEDIATE
-//! transaction, claims together and every other job in a savepoint of its
-//! own.
+//! transaction: claims together, completions together, lease orders of one
+//! shape together, and every other job in a savepoint of its own.
 
 use std::{
+    collections::HashSet,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
@@ -18,11 +19,11 @@ use super::{
         super::{
             Claimed, StorageError,
             error::{SQLITE_ERROR, sqlite_code_of},
-            grouping::by_retention,
+            grouping::{by_retention, groups},
         },
         queries::{self, ClaimRow},
     },
-    jobs::{Answer, Claim, Item, Refused, WriteJob, is_busy, not_committed},
+    jobs::{Answer, Claim, Completing, Item, Leasing, Refused, WriteJob, is_busy, not_committed},
 };
 
 /// The most claims and jobs committed in one transaction.
@@ -48,17 +49,11 @@ pub(super) async fn run(
     // Every item queued now joins the batch, up to the cap; none: every
     // sender is gone.
     while queue.recv_many(&mut items, MAX_BATCH).await > 0 {
-        let mut claims = Vec::new();
-        let mut jobs = Vec::new();
+        let mut batch = Batch::default();
         for item in items.drain(..) {
-            match item {
-                Item::Claim(claim) if !claim.reply.is_closed() => claims.push(claim),
-                Item::Job(job) if !job.abandoned() => jobs.push(job),
-                // Callers that stopped waiting: nothing to do.
-                Item::Claim(_) | Item::Job(_) => {}
-            }
+            batch.push(item);
         }
-        if claims.is_empty() && jobs.is_empty() {
+        if batch.is_empty() {
             continue;
         }
         let conn = match connection.as_mut() {
@@ -68,12 +63,12 @@ pub(super) async fn run(
                 Err(error) => {
                     tracing::warn!(%error, "cannot reopen the SQLite writer connection");
                     healthy.store(false, Ordering::SeqCst);
-                    refuse_batch(claims, jobs, &error);
+                    batch.refuse(&error);
                     continue;
                 }
             },
         };
-        let ok = run_batch(conn, &locked_out, lock_wait, claims, jobs).await;
+        let ok = run_batch(conn, &locked_out, lock_wait, batch).await;
         let working = ok || recover(conn).await;
         if !working {
             tracing::warn!("the SQLite writer connection is broken; reopening it");
@@ -85,6 +80,51 @@ pub(super) async fn run(
     }
     if let Some(conn) = connection {
         let _ = conn.close().await;
+    }
+}
+
+/// What one batch holds, by kind; callers that stopped waiting left out.
+#[derive(Default)]
+struct Batch {
+    claims: Vec<Claim>,
+    completions: Vec<Completing>,
+    leases: Vec<Leasing>,
+    jobs: Vec<Box<dyn WriteJob>>,
+}
+
+impl Batch {
+    fn push(&mut self, item: Item) {
+        match item {
+            Item::Claim(claim) if !claim.reply.is_closed() => self.claims.push(claim),
+            Item::Complete(completing) if !completing.reply.is_closed() => {
+                self.completions.push(completing);
+            }
+            Item::Lease(leasing) if !leasing.reply.is_closed() => self.leases.push(leasing),
+            Item::Job(job) if !job.abandoned() => self.jobs.push(job),
+            // Callers that stopped waiting: nothing to do.
+            Item::Claim(_) | Item::Complete(_) | Item::Lease(_) | Item::Job(_) => {}
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.claims.is_empty()
+            && self.completions.is_empty()
+            && self.leases.is_empty()
+            && self.jobs.is_empty()
+    }
+
+    /// Answers the whole batch, which could not be run, with `error`.
+    fn refuse(self, error: &sqlx::Error) {
+        answer_all(self.claims, error);
+        for completing in self.completions {
+            completing.refuse(not_committed(error));
+        }
+        for leasing in self.leases {
+            leasing.refuse(not_committed(error));
+        }
+        for job in self.jobs {
+            job.refuse(not_committed(error));
+        }
     }
 }
 
@@ -111,15 +151,15 @@ async fn begin_waiting(
     Ok(begun)
 }
 
-/// Runs one batch in one IMMEDIATE transaction: the claims together, then
+/// Runs one batch in one IMMEDIATE transaction: the claims together, the
+/// completions together, the lease orders of each shape together, then
 /// each job in a savepoint of its own; answers everyone once the
 /// transaction has ended. Returns whether it committed.
 async fn run_batch(
     connection: &mut SqliteConnection,
     locked_out: &Mutex<Option<Instant>>,
     lock_wait: Duration,
-    claims: Vec<Claim>,
-    jobs: Vec<Box<dyn WriteJob>>,
+    batch: Batch,
 ) -> bool {
     // IMMEDIATE takes the write lock now. The connection's busy timeout is
     // zero, so a first BEGIN answers at once: with the lock free it takes
@@ -140,9 +180,15 @@ async fn run_batch(
         *locked() = None;
     }
     if let Err(error) = begun {
-        refuse_batch(claims, jobs, &error);
+        batch.refuse(&error);
         return false;
     }
+    let Batch {
+        claims,
+        completions,
+        leases,
+        jobs,
+    } = batch;
     let outcomes = if claims.is_empty() {
         Vec::new()
     } else {
@@ -153,33 +199,37 @@ async fn run_batch(
                 // each in a savepoint, so that one failure is its own.
                 tracing::debug!(%error, claims = claims.len(), "a batch of claims failed; claiming one by one");
                 if let Err(error) = restart(connection).await {
-                    refuse_batch(claims, jobs, &error);
+                    let rest = Batch {
+                        claims,
+                        completions,
+                        leases,
+                        jobs,
+                    };
+                    rest.refuse(&error);
                     return false;
                 }
                 let mut outcomes = Vec::with_capacity(claims.len());
                 for claim in &claims {
-                    outcomes.push(claim_in_savepoint(connection, &claim.row).await);
+                    outcomes.push(claim_in_savepoint(connection, &claim.request).await);
                 }
                 outcomes
             }
         }
     };
-    let mut answers = Vec::with_capacity(jobs.len());
-    let mut jobs = jobs.into_iter();
-    while let Some(job) = jobs.next() {
-        let (answer, intact) = job_in_savepoint(connection, job).await;
-        answers.push(answer);
-        if !intact {
-            // The transaction is gone (SQLite ends it by itself after some
-            // errors): the rest would run outside it. Refuse them instead.
-            for job in jobs.by_ref() {
-                answers.push(Box::new(Refused(Some((
-                    job,
-                    StorageError::from(sqlx::Error::Protocol(
-                        "the write's transaction ended early".into(),
-                    )),
-                )))));
-            }
+    let mut answers = Vec::with_capacity(completions.len() + leases.len() + jobs.len());
+    // Whether the transaction is still there: SQLite ends it by itself
+    // after some errors, and what is left would then run outside it, so it
+    // is refused instead.
+    let mut intact = true;
+    complete_together(connection, completions, &mut intact, &mut answers).await;
+    lease_together(connection, leases, &mut intact, &mut answers).await;
+    for job in jobs {
+        if intact {
+            let (answer, still) = job_in_savepoint(connection, job).await;
+            answers.push(answer);
+            intact = still;
+        } else {
+            answers.push(Box::new(Refused(Some((job, ended_early())))));
         }
     }
     let committed = sqlx::query("COMMIT").execute(&mut *connection).await;
@@ -209,21 +259,143 @@ async fn job_in_savepoint(
     connection: &mut SqliteConnection,
     job: Box<dyn WriteJob>,
 ) -> (Box<dyn Answer>, bool) {
-    if let Err(error) = sqlx::query("SAVEPOINT job").execute(&mut *connection).await {
+    if let Err(error) = savepoint(connection).await {
         return (
             Box::new(Refused(Some((job, StorageError::from(error))))),
             false,
         );
     }
     let answer = job.run(connection).await;
-    let end = if answer.failed() {
-        "ROLLBACK TO job; RELEASE job"
-    } else {
-        "RELEASE job"
-    };
-    // If this fails the transaction is gone, and COMMIT fails too.
-    let intact = sqlx::query(end).execute(&mut *connection).await.is_ok();
+    let intact = end_savepoint(connection, answer.failed()).await;
     (answer, intact)
+}
+
+/// Opens the savepoint a part of the batch runs in.
+async fn savepoint(connection: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SAVEPOINT part")
+        .execute(&mut *connection)
+        .await
+        .map(drop)
+}
+
+/// Ends the part's savepoint, undoing the part if it `failed`; whether the
+/// transaction is still there (if this fails it is gone, and COMMIT fails
+/// too).
+async fn end_savepoint(connection: &mut SqliteConnection, failed: bool) -> bool {
+    let end = if failed {
+        "ROLLBACK TO part; RELEASE part"
+    } else {
+        "RELEASE part"
+    };
+    sqlx::query(end).execute(&mut *connection).await.is_ok()
+}
+
+/// The error of what was not run because the transaction had ended.
+fn ended_early() -> StorageError {
+    StorageError::from(sqlx::Error::Protocol(
+        "the write's transaction ended early".into(),
+    ))
+}
+
+/// The batch's completions: the first of each task together, in one
+/// statement (in a savepoint); if it fails, one by one, each in a
+/// savepoint of its own, so that one failure is its own. A repeat of a
+/// task (a retry racing its first attempt) goes after, on its own, and
+/// finds the task as the batch left it.
+async fn complete_together(
+    connection: &mut SqliteConnection,
+    completions: Vec<Completing>,
+    intact: &mut bool,
+    answers: &mut Vec<Box<dyn Answer>>,
+) {
+    let mut seen = HashSet::new();
+    let (mut leaders, repeats): (Vec<_>, Vec<_>) = completions
+        .into_iter()
+        .partition(|c| seen.insert(c.request.lease.task_id));
+    if leaders.len() > 1 && *intact {
+        *intact = savepoint(connection).await.is_ok();
+        if *intact {
+            let requests: Vec<_> = leaders.iter().map(|c| &c.request).collect();
+            let together = queries::complete_tasks(connection, &requests).await;
+            *intact = end_savepoint(connection, together.is_err()).await;
+            match together {
+                Ok(outcomes) => {
+                    for (completing, outcome) in leaders.drain(..).zip(outcomes) {
+                        answers.push(completing.answer(Ok(outcome)));
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(%error, completions = leaders.len(), "a batch of completions failed; completing one by one");
+                }
+            }
+        }
+    }
+    for completing in leaders.into_iter().chain(repeats) {
+        let outcome = match alone(connection, intact).await {
+            Ok(()) => {
+                let outcome = queries::complete_task(connection, &completing.request).await;
+                *intact = end_savepoint(connection, outcome.is_err()).await;
+                outcome
+            }
+            Err(error) => Err(error),
+        };
+        answers.push(completing.answer(outcome));
+    }
+}
+
+/// The batch's lease orders: those of one shape together (one read and one
+/// write per round for all of them, in a savepoint); if that fails, one by
+/// one, each in a savepoint of its own.
+async fn lease_together(
+    connection: &mut SqliteConnection,
+    leases: Vec<Leasing>,
+    intact: &mut bool,
+    answers: &mut Vec<Box<dyn Answer>>,
+) {
+    for mut group in groups(leases, |a, b| a.request.same_shape(&b.request)) {
+        if group.len() > 1 && *intact {
+            *intact = savepoint(connection).await.is_ok();
+            if *intact {
+                let orders: Vec<_> = group.iter().map(|l| &l.request).collect();
+                let together = queries::lease_in_transaction(connection, &orders).await;
+                *intact = end_savepoint(connection, together.is_err()).await;
+                match together {
+                    Ok(done) => {
+                        for (leasing, leased) in group.drain(..).zip(done) {
+                            answers.push(leasing.answer(Ok(leased)));
+                        }
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, orders = group.len(), "a batch of lease orders failed; leasing one by one");
+                    }
+                }
+            }
+        }
+        for leasing in group {
+            let outcome = match alone(connection, intact).await {
+                Ok(()) => {
+                    let outcome =
+                        queries::lease_in_transaction(connection, &[&leasing.request]).await;
+                    *intact = end_savepoint(connection, outcome.is_err()).await;
+                    outcome.map(|mut done| done.pop().unwrap_or_default())
+                }
+                Err(error) => Err(error),
+            };
+            answers.push(leasing.answer(outcome));
+        }
+    }
+}
+
+/// Opens the savepoint of one request run on its own, if the transaction
+/// is still there (an error otherwise, and then it is gone).
+async fn alone(connection: &mut SqliteConnection, intact: &mut bool) -> Result<(), StorageError> {
+    if !*intact {
+        return Err(ended_early());
+    }
+    savepoint(connection).await.map_err(|error| {
+        *intact = false;
+        StorageError::from(error)
+    })
 }
 
 /// Every claim of the batch in a few statements, one group per retention
@@ -233,9 +405,10 @@ async fn claim_together(
     batch: &[Claim],
 ) -> Result<Vec<Result<Claimed, StorageError>>, StorageError> {
     let mut outcomes: Vec<Option<Claimed>> = vec![None; batch.len()];
-    for (retention, group) in by_retention(batch.iter().enumerate(), |(_, c)| c.row.retention()) {
+    for (retention, group) in by_retention(batch.iter().enumerate(), |(_, c)| c.request.retention())
+    {
         let (indices, rows): (Vec<usize>, Vec<&ClaimRow>) =
-            group.into_iter().map(|(i, c)| (i, &c.row)).unzip();
+            group.into_iter().map(|(i, c)| (i, &c.request)).unzip();
         for chunk in indices.chunks(CHUNK).zip(rows.chunks(CHUNK)) {
             let claimed = queries::claim_keys(connection, chunk.1, retention).await?;
             for (index, outcome) in chunk.0.iter().zip(claimed) {
@@ -286,14 +459,6 @@ async fn claim_in_savepoint(
 fn answer_all(batch: Vec<Claim>, error: &sqlx::Error) {
     for claim in batch {
         let _ = claim.reply.send(Err(not_committed(error)));
-    }
-}
-
-/// Answers a whole batch that could not be run.
-fn refuse_batch(claims: Vec<Claim>, jobs: Vec<Box<dyn WriteJob>>, error: &sqlx::Error) {
-    answer_all(claims, error);
-    for job in jobs {
-        job.refuse(not_committed(error));
     }
 }
 
