@@ -3,8 +3,9 @@
 //!
 //! A store reads the oldest leasable tasks ([`Candidate`]s: their size and
 //! state, not their parameters), [`cut`] decides which order takes each,
-//! and the store then locks and leases exactly those, fenced on the state
-//! it read. So a statement never locks a task it will not hand out: tasks
+//! and the store then locks and leases exactly those (PostgreSQL fenced on
+//! the state it read; SQLite's single writer reads and writes in one
+//! transaction no one else writes in). So a statement never locks a task it will not hand out: tasks
 //! past a byte limit stay unlocked for every other statement and instance
 //! (locking them first, as a `LIMIT n FOR UPDATE SKIP LOCKED` of all the
 //! orders wanted, hid them from everyone until the statement committed).

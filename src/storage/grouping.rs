@@ -1,7 +1,7 @@
 //! How a batch is split into the groups one statement can serve, for both
 //! stores' group commit: claims by retention (keyed and keyless records
 //! keep theirs, and a claim statement takes one retention as a parameter),
-//! PostgreSQL's lease orders by their terms.
+//! lease orders by their terms.
 
 /// Splits `items` into groups whose members are all `same` as the group's
 /// first; each group keeps arrival order, and the groups are in the order

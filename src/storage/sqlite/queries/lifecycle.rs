@@ -110,8 +110,11 @@ pub async fn lease_in_transaction(
         let candidates = lease_candidates(&mut *connection, shape, wanted).await?;
         let cut = cut(&rooms, &candidates, shape.max_attempts);
         if cut.left_behind {
-            // One wake-up is enough for the pollers waiting.
-            done[0].left_behind = true;
+            // Every order's caller wakes the pollers waiting: one that
+            // gave up would not.
+            for order in &mut done {
+                order.left_behind = true;
+            }
         }
         let picks: Vec<Picked<'_>> = cut
             .picks
@@ -145,9 +148,11 @@ pub async fn lease_in_transaction(
             lease::AfterRound::Again => {}
             lease::AfterRound::Done => break,
             lease::AfterRound::GiveUp => {
-                // Tasks may still wait for these orders: wake the poll to
+                // Tasks may still wait for these orders: wake the polls to
                 // read again.
-                done[0].left_behind = true;
+                for order in &mut done {
+                    order.left_behind = true;
+                }
                 break;
             }
         }

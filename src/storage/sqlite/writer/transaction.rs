@@ -32,6 +32,11 @@ const MAX_BATCH: usize = 256;
 /// The most claims in one statement (SQLite binds at most 32,766 values).
 const CHUNK: usize = 128;
 
+/// The most bytes of results one statement of completions carries (a
+/// result may be up to the request size limit): their JSON is one bound
+/// string, made and parsed whole.
+const COMPLETION_BYTES: usize = 1024 * 1024;
+
 /// Runs what is queued in batches, each in one transaction, until every
 /// sender is gone. After a failed batch it makes sure no transaction is
 /// left open; a connection that no longer works is dropped and reopened
@@ -189,6 +194,11 @@ async fn run_batch(
         leases,
         jobs,
     } = batch;
+    // Whether the transaction is still there: SQLite ends it by itself
+    // after some errors, and what is left would then run outside it (a
+    // SAVEPOINT would begin a transaction of its own), so it is refused
+    // instead.
+    let mut intact = true;
     let outcomes = if claims.is_empty() {
         Vec::new()
     } else {
@@ -210,17 +220,13 @@ async fn run_batch(
                 }
                 let mut outcomes = Vec::with_capacity(claims.len());
                 for claim in &claims {
-                    outcomes.push(claim_in_savepoint(connection, &claim.request).await);
+                    outcomes.push(claim_alone(connection, &claim.request, &mut intact).await);
                 }
                 outcomes
             }
         }
     };
     let mut answers = Vec::with_capacity(completions.len() + leases.len() + jobs.len());
-    // Whether the transaction is still there: SQLite ends it by itself
-    // after some errors, and what is left would then run outside it, so it
-    // is refused instead.
-    let mut intact = true;
     complete_together(connection, completions, &mut intact, &mut answers).await;
     lease_together(connection, leases, &mut intact, &mut answers).await;
     for job in jobs {
@@ -298,10 +304,11 @@ fn ended_early() -> StorageError {
 }
 
 /// The batch's completions: the first of each task together, in one
-/// statement (in a savepoint); if it fails, one by one, each in a
-/// savepoint of its own, so that one failure is its own. A repeat of a
-/// task (a retry racing its first attempt) goes after, on its own, and
-/// finds the task as the batch left it.
+/// statement per [`COMPLETION_BYTES`] of results (in a savepoint); if one
+/// fails, its completions one by one, each in a savepoint of its own, so
+/// that one failure is its own. A repeat of a task (a retry racing its
+/// first attempt) goes after, on its own, and finds the task as the batch
+/// left it.
 async fn complete_together(
     connection: &mut SqliteConnection,
     completions: Vec<Completing>,
@@ -312,25 +319,34 @@ async fn complete_together(
     let (mut leaders, repeats): (Vec<_>, Vec<_>) = completions
         .into_iter()
         .partition(|c| seen.insert(c.request.lease.task_id));
-    if leaders.len() > 1 && *intact {
+    let mut one_by_one = Vec::new();
+    while !leaders.is_empty() {
+        let mut chunk: Vec<Completing> = leaders.drain(..chunk_len(&leaders)).collect();
+        if chunk.len() == 1 || !*intact {
+            one_by_one.append(&mut chunk);
+            continue;
+        }
         *intact = savepoint(connection).await.is_ok();
-        if *intact {
-            let requests: Vec<_> = leaders.iter().map(|c| &c.request).collect();
-            let together = queries::complete_tasks(connection, &requests).await;
-            *intact = end_savepoint(connection, together.is_err()).await;
-            match together {
-                Ok(outcomes) => {
-                    for (completing, outcome) in leaders.drain(..).zip(outcomes) {
-                        answers.push(completing.answer(Ok(outcome)));
-                    }
+        if !*intact {
+            one_by_one.append(&mut chunk);
+            continue;
+        }
+        let requests: Vec<_> = chunk.iter().map(|c| &c.request).collect();
+        let together = queries::complete_tasks(connection, &requests).await;
+        *intact = end_savepoint(connection, together.is_err()).await;
+        match together {
+            Ok(outcomes) => {
+                for (completing, outcome) in chunk.into_iter().zip(outcomes) {
+                    answers.push(completing.answer(Ok(outcome)));
                 }
-                Err(error) => {
-                    tracing::debug!(%error, completions = leaders.len(), "a batch of completions failed; completing one by one");
-                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, completions = chunk.len(), "a batch of completions failed; completing one by one");
+                one_by_one.append(&mut chunk);
             }
         }
     }
-    for completing in leaders.into_iter().chain(repeats) {
+    for completing in one_by_one.into_iter().chain(repeats) {
         let outcome = match alone(connection, intact).await {
             Ok(()) => {
                 let outcome = queries::complete_task(connection, &completing.request).await;
@@ -341,6 +357,20 @@ async fn complete_together(
         };
         answers.push(completing.answer(outcome));
     }
+}
+
+/// How many of `completions`, from the first, go in one statement: as many
+/// as carry at most [`COMPLETION_BYTES`] of results, and at least one.
+fn chunk_len(completions: &[Completing]) -> usize {
+    let mut bytes = 0;
+    completions
+        .iter()
+        .take_while(|c| {
+            bytes += c.request.result_json.len();
+            bytes <= COMPLETION_BYTES
+        })
+        .count()
+        .max(1)
 }
 
 /// The batch's lease orders: those of one shape together (one read and one
@@ -372,6 +402,10 @@ async fn lease_together(
             }
         }
         for leasing in group {
+            if leasing.reply.is_closed() {
+                // Its caller gave up: lease nothing it would not receive.
+                continue;
+            }
             let outcome = match alone(connection, intact).await {
                 Ok(()) => {
                     let outcome =
@@ -432,27 +466,15 @@ async fn restart(connection: &mut SqliteConnection) -> Result<(), sqlx::Error> {
 }
 
 /// One claim inside the batch's transaction, undone alone if it fails.
-async fn claim_in_savepoint(
+async fn claim_alone(
     connection: &mut SqliteConnection,
     row: &ClaimRow,
+    intact: &mut bool,
 ) -> Result<Claimed, StorageError> {
-    sqlx::query("SAVEPOINT claim")
-        .execute(&mut *connection)
-        .await?;
-    match queries::claim_key(connection, row).await {
-        Ok(outcome) => {
-            sqlx::query("RELEASE claim")
-                .execute(&mut *connection)
-                .await?;
-            Ok(outcome)
-        }
-        Err(error) => {
-            sqlx::query("ROLLBACK TO claim; RELEASE claim")
-                .execute(&mut *connection)
-                .await?;
-            Err(error)
-        }
-    }
+    alone(connection, intact).await?;
+    let outcome = queries::claim_key(connection, row).await;
+    *intact = end_savepoint(connection, outcome.is_err()).await;
+    outcome
 }
 
 /// Answers every claim of a batch that could not be committed.
@@ -476,4 +498,42 @@ async fn recover(connection: &mut SqliteConnection) -> bool {
         .execute(&mut *connection)
         .await
         .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::oneshot;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::domain::{Completion, LeaseRef, TaskId};
+
+    fn completing(result_bytes: usize) -> Completing {
+        let (reply, _) = oneshot::channel();
+        Completing {
+            request: Completion {
+                lease: LeaseRef {
+                    task_id: TaskId(Uuid::new_v4()),
+                    token: Uuid::new_v4(),
+                },
+                result: serde_json::Map::new(),
+                result_json: "x".repeat(result_bytes),
+            },
+            reply,
+        }
+    }
+
+    #[test]
+    fn a_statement_of_completions_carries_at_most_its_bytes_of_results_and_at_least_one() {
+        let sizes = |sizes: &[usize]| sizes.iter().map(|&n| completing(n)).collect::<Vec<_>>();
+        let mb = COMPLETION_BYTES;
+        assert_eq!(chunk_len(&sizes(&[10; 300])), 300);
+        assert_eq!(chunk_len(&sizes(&[mb / 2, mb / 2, 1])), 2);
+        assert_eq!(chunk_len(&sizes(&[mb / 2 + 1, mb / 2])), 1);
+        assert_eq!(
+            chunk_len(&sizes(&[2 * mb, 1])),
+            1,
+            "a result past the bound goes alone"
+        );
+    }
 }
