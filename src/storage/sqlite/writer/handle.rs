@@ -111,12 +111,7 @@ impl Writer {
     /// writer gets to it is committed in one transaction, with one fsync.
     /// Waits as [`Writer::run`] does.
     pub(crate) async fn claim(&self, row: ClaimRow) -> Result<Claimed, StorageError> {
-        let (reply, answer) = oneshot::channel();
-        let claim = Queued {
-            request: row,
-            reply,
-        };
-        self.send(Item::Claim(claim), answer).await
+        self.queue(row, Item::Claim).await
     }
 
     /// Completes a task in the writer's next batch, in one statement with
@@ -126,24 +121,26 @@ impl Writer {
         &self,
         completion: Completion,
     ) -> Result<Option<TaskRecord>, StorageError> {
-        let (reply, answer) = oneshot::channel();
-        let completing = Queued {
-            request: completion,
-            reply,
-        };
-        self.send(Item::Complete(completing), answer).await
+        self.queue(completion, Item::Complete).await
     }
 
     /// Leases for `order` in the writer's next batch: the batch's orders
     /// of one shape read their candidates together and are leased in one
     /// statement. Waits as [`Writer::run`] does.
     pub(crate) async fn lease(&self, order: LeaseRow) -> Result<TransactionLeases, StorageError> {
+        self.queue(order, Item::Lease).await
+    }
+
+    /// Queues `request` as the item `kind` makes of it, to be run with the
+    /// others of its kind in the writer's next batch, and waits for its
+    /// answer as [`Writer::run`] does.
+    async fn queue<R, T>(
+        &self,
+        request: R,
+        kind: fn(Queued<R, T>) -> Item,
+    ) -> Result<T, StorageError> {
         let (reply, answer) = oneshot::channel();
-        let leasing = Queued {
-            request: order,
-            reply,
-        };
-        self.send(Item::Lease(leasing), answer).await
+        self.send(kind(Queued { request, reply }), answer).await
     }
 
     /// Queues `item` and waits for its `answer`, at most the wait bound.

@@ -23,7 +23,9 @@ use super::{
         },
         queries::{self, ClaimRow},
     },
-    jobs::{Answer, Claim, Completing, Item, Leasing, Refused, WriteJob, is_busy, not_committed},
+    jobs::{
+        Answer, Claim, Completing, Item, Leasing, Queued, Refused, WriteJob, is_busy, not_committed,
+    },
 };
 
 /// The most claims and jobs committed in one transaction.
@@ -121,12 +123,8 @@ impl Batch {
     /// Answers the whole batch, which could not be run, with `error`.
     fn refuse(self, error: &sqlx::Error) {
         answer_all(self.claims, error);
-        for completing in self.completions {
-            completing.refuse(not_committed(error));
-        }
-        for leasing in self.leases {
-            leasing.refuse(not_committed(error));
-        }
+        answer_all(self.completions, error);
+        answer_all(self.leases, error);
         for job in self.jobs {
             job.refuse(not_committed(error));
         }
@@ -477,10 +475,10 @@ async fn claim_alone(
     outcome
 }
 
-/// Answers every claim of a batch that could not be committed.
-fn answer_all(batch: Vec<Claim>, error: &sqlx::Error) {
-    for claim in batch {
-        let _ = claim.reply.send(Err(not_committed(error)));
+/// Answers every request of `batch`, which could not be committed.
+fn answer_all<R, T: Send + 'static>(batch: Vec<Queued<R, T>>, error: &sqlx::Error) {
+    for queued in batch {
+        queued.refuse(not_committed(error));
     }
 }
 
