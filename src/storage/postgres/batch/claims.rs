@@ -31,6 +31,9 @@ pub(crate) struct Claims(pub(crate) PoolWithWakeups);
 
 impl BatchJob for Claims {
     const NAME: &'static str = "claims";
+    /// Two: a create's latency is mostly its commit's flush, which a
+    /// second batch overlaps (one lane: creates no faster, with more idle).
+    const LANES: usize = 2;
     type Item = KeyClaim;
     type Answer = Claimed;
 

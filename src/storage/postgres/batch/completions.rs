@@ -14,6 +14,10 @@ pub(crate) struct Completions(pub(crate) PoolWithWakeups);
 
 impl BatchJob for Completions {
     const NAME: &'static str = "completions";
+    /// One: lease + complete pairs are bound by PostgreSQL's CPU, and two
+    /// lanes halved the batches, so each completion paid more of its
+    /// statement's and commit's fixed cost (BENCHMARKS.md, issue 24).
+    const LANES: usize = 1;
     type Item = Completion;
     type Answer = Option<TaskRecord>;
 

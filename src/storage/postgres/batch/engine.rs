@@ -14,8 +14,6 @@ use super::super::{
     notify::Notifier,
 };
 
-/// How many batches of one kind may be in the database at once.
-const LANES: usize = 2;
 /// The most items in one statement.
 const MAX_BATCH: usize = 256;
 /// How many items may wait for a lane before callers wait to enqueue.
@@ -67,6 +65,11 @@ pub(crate) trait BatchJob: Send + Sync + 'static {
     type Answer: Send + 'static;
     /// The job's name in the batch-size metric.
     const NAME: &'static str;
+    /// How many of its batches may be in the database at once. One lane
+    /// makes the largest batches (everything that arrived while the last
+    /// one ran), and so the fewest statements and commits per item; more
+    /// lanes overlap one batch's round trips with another's.
+    const LANES: usize;
 
     /// Sends one batch and answers each of its items.
     fn send(
@@ -110,7 +113,7 @@ impl<J: BatchJob> Batcher<J> {
     }
 }
 
-/// Takes items as they come and sends them in batches, at most `LANES`
+/// Takes items as they come and sends them in batches, at most `J::LANES`
 /// batches at once. An item whose caller stopped waiting is dropped before
 /// its batch is sent: nothing was written, and a retry starts afresh.
 async fn run<J: BatchJob>(
@@ -118,7 +121,7 @@ async fn run<J: BatchJob>(
     mut items: mpsc::Receiver<Pending<J::Item, J::Answer>>,
     tally: Tally,
 ) {
-    let lanes = Arc::new(Semaphore::new(LANES));
+    let lanes = Arc::new(Semaphore::new(J::LANES));
     loop {
         let Ok(lane) = lanes.clone().acquire_owned().await else {
             return;
