@@ -5,10 +5,11 @@
 //! state, not their parameters), [`cut`] decides which order takes each,
 //! and the store then locks and leases exactly those (PostgreSQL fenced on
 //! the state it read; SQLite's single writer reads and writes in one
-//! transaction no one else writes in). So a statement never locks a task it will not hand out: tasks
-//! past a byte limit stay unlocked for every other statement and instance
-//! (locking them first, as a `LIMIT n FOR UPDATE SKIP LOCKED` of all the
-//! orders wanted, hid them from everyone until the statement committed).
+//! transaction no one else writes in). So a statement never locks a task
+//! it will not hand out: tasks past a byte limit stay unlocked for every
+//! other statement and instance (locking them first, as a `LIMIT n FOR
+//! UPDATE SKIP LOCKED` of all the orders wanted, hid them from everyone
+//! until the statement committed).
 //!
 //! The orders take the candidates in turn, oldest first: each takes a run
 //! of them up to its task limit and its byte limit (an answer's first task

@@ -2,11 +2,7 @@
 //! same terms share a statement, and `domain::lease::cut` decides which
 //! tasks each takes before any is locked.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, time::Duration};
 
 use uuid::Uuid;
 
@@ -19,7 +15,7 @@ use super::{
 };
 use crate::domain::{
     TaskRecord,
-    lease::{self, Candidate, Room, cut},
+    lease::{self, Room, cut},
 };
 
 /// A lease order that can wait in a queue: [`LeaseOrder`], owned.
@@ -61,31 +57,22 @@ impl LeaseRequest {
 #[derive(Debug)]
 pub(crate) struct Leases {
     target: PoolWithWakeups,
-    /// Held while a batch reads its candidates and chooses, so that this
-    /// instance's batches in flight (with more than one lane) choose apart
-    /// instead of racing for the same oldest rows.
-    choosing: tokio::sync::Mutex<()>,
-    /// The tasks chosen by this instance's batches whose statement has not
-    /// ended: left out of the candidates the next batch reads.
-    in_flight: Arc<std::sync::Mutex<HashSet<Uuid>>>,
 }
 
 impl Leases {
     /// The lease job, writing through `target` and waking its waiters.
     pub(crate) fn new(target: PoolWithWakeups) -> Self {
-        Self {
-            target,
-            choosing: tokio::sync::Mutex::new(()),
-            in_flight: Arc::default(),
-        }
+        Self { target }
     }
 }
 
 impl BatchJob for Leases {
     const NAME: &'static str = "leases";
-    /// One, as for completions: a second lane's batch waited for this
-    /// one's candidate read anyway (`choosing`), and split the orders in
-    /// two statements where one would do (BENCHMARKS.md, issue 24).
+    /// One, as for completions: two lanes split the orders in two
+    /// statements where one would do (BENCHMARKS.md, issue 24). So this
+    /// instance's batches never race each other for the oldest rows; one
+    /// that another instance took first is skipped (`SKIP LOCKED`, then
+    /// left out of the next round's read).
     const LANES: usize = 1;
     type Item = LeaseRequest;
     type Answer = LeasedTasks;
@@ -165,11 +152,18 @@ impl Leases {
         let mut rounds = lease::Rounds::default();
         loop {
             let wanted = lease::candidates_wanted(&rooms);
-            let (candidates, decided, _reserved) =
-                match self.choose(shape, &rooms, wanted, &skipped).await {
-                    Ok(chosen) => chosen,
-                    Err(error) => return Err((error, done)),
-                };
+            let candidates = match queries::lease_candidates(
+                &self.target.pool,
+                &shape.actions,
+                wanted,
+                &skipped,
+            )
+            .await
+            {
+                Ok(candidates) => candidates,
+                Err(error) => return Err((error, done)),
+            };
+            let decided = cut(&rooms, &candidates, shape.max_attempts);
             if decided.picks.is_empty() {
                 if decided.left_behind {
                     self.target.task_ready().await;
@@ -236,60 +230,5 @@ impl Leases {
             }
         }
         Ok(done)
-    }
-
-    /// Reads the candidates for `rooms` and cuts them, apart from this
-    /// instance's other batches in flight; the picks are reserved until
-    /// the returned guard is dropped.
-    async fn choose(
-        &self,
-        shape: &LeaseRequest,
-        rooms: &[Room],
-        wanted: i64,
-        skipped: &[Uuid],
-    ) -> Result<(Vec<Candidate>, lease::Cut, Reserved), StorageError> {
-        let _choosing = self.choosing.lock().await;
-        let excluded: Vec<Uuid> = {
-            let in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-            in_flight.iter().chain(skipped).copied().collect()
-        };
-        let candidates =
-            queries::lease_candidates(&self.target.pool, &shape.actions, wanted, &excluded).await?;
-        let cut = cut(rooms, &candidates, shape.max_attempts);
-        let reserved = Reserved::new(
-            self.in_flight.clone(),
-            cut.picks
-                .iter()
-                .map(|pick| candidates[pick.candidate].task_id)
-                .collect(),
-        );
-        Ok((candidates, cut, reserved))
-    }
-}
-
-/// Tasks one batch chose, held out of this instance's other batches'
-/// reads until dropped (after its statement ended, whatever its outcome).
-#[derive(Debug)]
-struct Reserved {
-    in_flight: Arc<std::sync::Mutex<HashSet<Uuid>>>,
-    tasks: Vec<Uuid>,
-}
-
-impl Reserved {
-    fn new(in_flight: Arc<std::sync::Mutex<HashSet<Uuid>>>, tasks: Vec<Uuid>) -> Self {
-        in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(tasks.iter().copied());
-        Self { in_flight, tasks }
-    }
-}
-
-impl Drop for Reserved {
-    fn drop(&mut self) {
-        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        for task in &self.tasks {
-            in_flight.remove(task);
-        }
     }
 }
