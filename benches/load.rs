@@ -1,6 +1,6 @@
-//! The load generator: the real server binary (release build) driven over
-//! gRPC on loopback by many concurrent callers, one scenario after another,
-//! on each store.
+//! The load generator: the real server binary (the same build: release's
+//! settings under `cargo bench`) driven over gRPC on loopback by many
+//! concurrent callers, one scenario after another, on each store.
 //!
 //! ```sh
 //! cargo bench --bench load                          # 10 s per scenario, both stores

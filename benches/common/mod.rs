@@ -1,5 +1,6 @@
-//! What the benchmarks share: the release server on a free port, a
-//! PostgreSQL database of their own, percentiles and the server's memory.
+//! What the benchmarks share: the server binary of the same build
+//! (release's settings under `cargo bench`) on a free port, a PostgreSQL
+//! database of their own, percentiles and the server's memory.
 
 // Each benchmark uses part of this module.
 #![allow(dead_code)]
@@ -13,7 +14,7 @@ use oncely::proto::tasks_v1::task_service_client::TaskServiceClient;
 use sqlx::Connection;
 use tonic::transport::Channel;
 
-/// The release binary, serving on a free port.
+/// The server binary of the same build, serving on a free port.
 pub(crate) struct Server {
     child: Child,
     pub(crate) addr: String,
